@@ -1,0 +1,52 @@
+# maescale — set-up, tests and demo. Every target works on a fresh machine:
+# the virtual environment is created (or refreshed when pyproject.toml changes)
+# on demand, and a second run is a fast no-op.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Extras installed for the test suite; later features add theirs here.
+TEST_EXTRAS ?= dev
+STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
+# Debian packages the tests need (installed with apt-get when missing; later
+# features add theirs, e.g. prometheus, libturbojpeg0-dev).
+APT_PACKAGES ?=
+
+.PHONY: venv test test-fast demo bench-encoder gpu-check-dry-run clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$([ $$(id -u) = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first and pinned: on this machine it is the CPU build on local disk.
+	@# GPU users: install your CUDA torch into .venv before running make.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[$(TEST_EXTRAS)]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: venv
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+demo: venv
+	$(VENV)/bin/mae demo
+
+bench-encoder: venv
+	$(VENV)/bin/mae bench encoder --model mae_vit_base_patch16 --batch 4 --steps 5
+
+gpu-check-dry-run: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash infra/gpu_check.sh --dry-run
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

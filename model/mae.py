@@ -1,0 +1,292 @@
+"""Masked Autoencoder with a ViT backbone (He et al., CVPR 2022).
+
+The asymmetric design: the encoder sees only the visible ~25% of patches; a light
+decoder sees every position (encoded visible tokens plus a shared mask token) and
+regresses the pixels of the masked patches. ``MaskTokenBaselineMAE`` is the
+"encoder w/ [M]" row of the paper's Table 2 — the same encoder run on all tokens —
+kept here so the speedup the asymmetry buys can be measured, not assumed.
+
+Parameter names and tensor layouts (patchify order, position-embedding axes) match
+the official release, so its checkpoints load with strict key checking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.vit import LAYER_NORM_EPS, Block, PatchEmbed, sincos_pos_embed_2d
+
+NORM_PIX_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """Architecture of one MAE: encoder ViT plus lightweight decoder."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                    "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MAEConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.img_size % self.patch_size != 0:
+            raise ValueError(f"MAEConfig.img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if getattr(self, dim) % getattr(self, heads) != 0:
+                raise ValueError(f"MAEConfig.{dim} ({getattr(self, dim)}) must be divisible by {heads} ({getattr(self, heads)})")
+            if getattr(self, dim) % 4 != 0:
+                raise ValueError(f"MAEConfig.{dim} must be divisible by 4 for the 2-D sin-cos embedding")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+
+def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
+    """Patches the encoder keeps per sample: int(L * (1 - r)), as the official code."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE: visible-only ViT encoder, lightweight decoder, norm-pix MSE on masked patches."""
+
+    def __init__(self, cfg: MAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.grad_checkpointing = False
+
+        # encoder
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        # Fixed sin-cos embeddings: persistent buffers, so they sit in the state dict
+        # under the official names but are never trained or decayed.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.embed_dim, cfg.grid_size)[None])  # (1, 1+L, D)
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+
+        # decoder
+        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(cfg.decoder_embed_dim, cfg.grid_size)[None])
+        self.decoder_blocks = nn.ModuleList(
+            Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=LAYER_NORM_EPS)
+        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_dim)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Init as the official release: xavier-uniform Linear (and the patch conv
+        viewed as a Linear), zero biases, unit LayerNorm, tokens ~ N(0, 0.02)."""
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for token in self.learned_tokens():
+            nn.init.normal_(token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    def learned_tokens(self) -> list[nn.Parameter]:
+        return [self.cls_token, self.mask_token]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay besides biases and norms."""
+        return {"cls_token", "mask_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (memory for compute)."""
+        self.grad_checkpointing = enable
+
+    # ---------------------------------------------------------------- layout
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), patch pixels ordered (row, col, channel)."""
+        p, h = self.cfg.patch_size, self.cfg.grid_size
+        N, C = imgs.shape[:2]
+        x = imgs.reshape(N, C, h, p, h, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(N, h * h, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W); the inverse of ``patchify``."""
+        p, h, C = self.cfg.patch_size, self.cfg.grid_size, self.cfg.in_chans
+        N = x.shape[0]
+        x = x.reshape(N, h, h, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(N, C, h * p, h * p)
+
+    # --------------------------------------------------------------- masking
+    def mask_indices(
+        self, batch: int, mask_ratio: float, noise: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random masking by argsort of uniform noise.
+
+        Returns ids_keep (N, len_keep), mask (N, L) with 1 = masked in original
+        patch order, and ids_restore (N, L) that undoes the shuffle.
+        """
+        L = self.cfg.num_patches
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if noise is None:
+            noise = torch.rand(batch, L, device=device)
+        elif noise.shape != (batch, L):
+            raise ValueError(f"noise must have shape {(batch, L)}, got {tuple(noise.shape)}")
+        len_keep = num_visible_patches(L, mask_ratio)
+        ids_shuffle = torch.argsort(noise, dim=1)  # small noise = keep
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        mask = torch.ones(batch, L, device=device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return ids_keep, mask, ids_restore
+
+    def random_masking(
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep a random subset of tokens: (N, L, D) -> (N, len_keep, D), mask, ids_restore."""
+        N, _, D = x.shape
+        ids_keep, mask, ids_restore = self.mask_indices(N, mask_ratio, noise, x.device)
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        return x_masked, mask, ids_restore
+
+    # --------------------------------------------------------------- forward
+    def _check_images(self, imgs: torch.Tensor) -> None:
+        expected = (self.cfg.in_chans, self.cfg.img_size, self.cfg.img_size)
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def _with_cls(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) -> latent (N, 1 + len_keep, D), mask (N, L), ids_restore (N, L)."""
+        self._check_images(imgs)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (N, L, D)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        x = self._run_blocks(self.blocks, self._with_cls(x))
+        return self.norm(x), mask, ids_restore
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encode every patch in order, no masking: (N, C, H, W) -> (N, 1 + L, D).
+
+        What a linear probe or fine-tuning reads.
+        """
+        self._check_images(imgs)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self._run_blocks(self.blocks, self._with_cls(x))
+        return self.norm(x)
+
+    def _decoder_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Append mask tokens and unshuffle: (N, 1 + keep, Dd) -> (N, 1 + L, Dd)."""
+        N, T, Dd = x.shape
+        mask_tokens = self.mask_token.expand(N, ids_restore.shape[1] + 1 - T, -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))
+        return torch.cat([x[:, :1], x_], dim=1)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (N, T, D) -> predicted patch pixels (N, L, p*p*C)."""
+        x = self._decoder_tokens(self.decoder_embed(latent), ids_restore)
+        x = self._run_blocks(self.decoder_blocks, x + self.decoder_pos_embed)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:]  # drop cls
+
+    def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Regression targets (N, L, p*p*C) in fp32; per-patch normalized with norm-pix."""
+        target = self.patchify(imgs.float())
+        if self.cfg.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the official release
+            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
+        return target
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over masked patches only (visible ones carry no loss)."""
+        target = self.patch_targets(imgs)
+        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (N, L)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L))."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+class MaskTokenBaselineMAE(MaskedAutoencoderViT):
+    """The paper's "encoder w/ [M]" baseline (Table 2).
+
+    Identical to MAE except that the encoder processes all L tokens, masked
+    positions replaced by a learned encoder-side mask token. Same decoder and loss;
+    same parameter names plus ``encoder_mask_token``. It exists to measure the
+    speedup of the visible-only encoder on real hardware.
+    """
+
+    def __init__(self, cfg: MAEConfig) -> None:
+        super().__init__(cfg)
+        self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        nn.init.normal_(self.encoder_mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"encoder_mask_token"}
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) -> latent (N, 1 + L, D) in patch order, mask (N, L), ids_restore (N, L)."""
+        self._check_images(imgs)
+        x = self.patch_embed(imgs)  # (N, L, D)
+        _, mask, ids_restore = self.mask_indices(x.shape[0], mask_ratio, noise, x.device)
+        x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
+        x = self._run_blocks(self.blocks, self._with_cls(x + self.pos_embed[:, 1:]))
+        return self.norm(x), mask, ids_restore
+
+    def _decoder_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        return x  # already every position, in patch order
+
+
+def _init_linear_and_norm(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

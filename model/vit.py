@@ -1,0 +1,135 @@
+"""Vision Transformer building blocks for MAE.
+
+Parameter names follow the official MAE release (which used timm's ViT), so its
+checkpoints load with strict key checking:
+``patch_embed.proj``, ``blocks.N.norm1|attn.qkv|attn.proj|norm2|mlp.fc1|mlp.fc2``.
+
+Attention uses ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+on GPU, a fused CPU kernel otherwise). Nothing here branches on data, so a block
+compiles with ``torch.compile`` as a single graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-6
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with one strided convolution.
+
+    (B, C, H, W) -> (B, L, D) with L = (H / p) * (W / p).
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (bias on, as in MAE)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def sincos_pos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Fixed 1-D sin-cos embedding: (M,) positions -> (M, dim) as [sin | cos].
+
+    Frequencies are 1 / 10000^(i / (dim/2)) for i in [0, dim/2).
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
+    exponents = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    inv_freq = 1.0 / (10000.0**exponents)  # (dim/2,)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, laid out as the official MAE release.
+
+    Patch p = row * grid_size + col gets ``[emb_1d(col) | emb_1d(row)]``: the first
+    half of the channels encodes the column (width) coordinate, the second half the
+    row. With ``cls_token`` a zero row is prepended. Returns (1 + L, dim) float32.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos embedding dim must be divisible by 4, got {dim}")
+    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (L,) row of patch p
+    cols = torch.arange(grid_size).repeat(grid_size)  # (L,) column of patch p
+    emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols), sincos_pos_embed_1d(dim // 2, rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float()
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubically resize a (1, prefix + g*g, D) position embedding to another grid.
+
+    Used when loading a checkpoint trained at one resolution into a model built for
+    another (fine-tuning at 448 from a 224 pretrain). Prefix tokens (cls) are kept.
+    """
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = math.isqrt(grid_tokens.shape[1])
+    if old_grid * old_grid != grid_tokens.shape[1]:
+        raise ValueError(f"position embedding has {grid_tokens.shape[1]} grid tokens, not a square grid")
+    if old_grid == new_grid:
+        return pos_embed
+    dim = grid_tokens.shape[-1]
+    grid = grid_tokens.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)

@@ -1,0 +1,19 @@
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_STEPS": "2"}
+    out = subprocess.run(["bash", str(ROOT / "infra" / "gpu_check.sh"), "--dry-run"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    summaries = re.findall(r"^SUMMARY (\S+) cpu: speedup ([\d.]+)x \(FLOP ratio ([\d.]+)x", out.stdout, re.M)
+    assert [s[0] for s in summaries] == ["mae_vit_test_patch4", "mae_vit_tiny_patch16"]
+    assert all(float(s[1]) > 0 and float(s[2]) > 2 for s in summaries)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [
+        "encoder_mae_vit_test_patch4_fp32.json", "encoder_mae_vit_tiny_patch16_fp32.json"]

@@ -1,0 +1,233 @@
+"""`mae bench encoder`: the speedup MAE's visible-only encoder buys, measured.
+
+Times full training steps (forward, backward, AdamW step) of MAE and of the
+mask-token baseline ("encoder w/ [M]", the paper's Table 2) on the same weights,
+batch, dtype and device, interleaved A B A B ... after warm-up so drift (thermal,
+other load) hits both alike. Reports median and spread, the measured ratio next
+to the analytic FLOP ratio, memory, images/sec and MFU where the card's peak is
+known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model.flops import encoder_speedup_flop_ratio, train_step_flops
+from model.mae import MaskedAutoencoderViT
+from model.registry import create_model, list_models
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Dense bf16 tensor-core peak (FLOP/s) by device-name substring, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+@dataclass(frozen=True)
+class EncoderBenchConfig:
+    model: str = "mae_vit_base_patch16"
+    batch: int = 8
+    steps: int = 10
+    warmup: int = 3
+    dtype: str = "bf16"
+    device: str = "auto"
+    compile: bool = False
+    mask_ratio: float = 0.75
+    grad_checkpointing: bool = False
+    seed: int = 0
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in list_models():
+            raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(list_models())}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class VariantResult:
+    name: str
+    step_times_s: list[float]
+    median_s: float
+    p25_s: float
+    p75_s: float
+    images_per_s: float
+    train_flops_per_step: float
+    achieved_flops: float
+    mfu: float | None
+    activation_bytes: int  # tensors saved for backward in one step
+    peak_memory_bytes: int | None  # device allocator peak during timed steps (CUDA only)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+    return device
+
+
+def peak_flops_for(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(model: MaskedAutoencoderViT, cfg: EncoderBenchConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One full training step: forward, backward, AdamW update."""
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.dtype == "bf16" else nullcontext())
+
+    def step(imgs: torch.Tensor, noise: torch.Tensor) -> None:
+        with autocast:
+            loss, _, _ = forward(imgs, cfg.mask_ratio, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _saved_activation_bytes(step: Callable[[torch.Tensor, torch.Tensor], None], imgs: torch.Tensor, noise: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward during one step."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(imgs, noise)
+    return sum(seen.values())
+
+
+def run_encoder_bench(cfg: EncoderBenchConfig) -> dict[str, object]:
+    """Run the interleaved benchmark and return a JSON-ready report."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    mae = create_model(cfg.model)
+    baseline = create_model(cfg.model, baseline=True)
+    baseline.load_state_dict(mae.state_dict(), strict=False)  # same weights; baseline adds its mask token
+    variants = {}
+    for name, model in (("mae", mae), ("mask_token_baseline", baseline)):
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        variants[name] = _make_step(model.to(device).train(), cfg, device)
+
+    mcfg = mae.cfg
+    imgs = torch.randn(cfg.batch, mcfg.in_chans, mcfg.img_size, mcfg.img_size, device=device)
+    noise_gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, int] = {name: 0 for name in variants}
+    for i in range(cfg.warmup + cfg.steps):
+        for name, step in variants.items():  # interleaved: A B A B ...
+            noise = torch.rand(cfg.batch, mcfg.num_patches, generator=noise_gen).to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _synchronize(device)
+            t0 = time.perf_counter()
+            step(imgs, noise)
+            _synchronize(device)
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+
+    noise = torch.rand(cfg.batch, mcfg.num_patches, generator=noise_gen).to(device)
+    peak = peak_flops_for(device, cfg.peak_flops)
+    results = {}
+    for name, step in variants.items():
+        flops = train_step_flops(mcfg, cfg.batch, cfg.mask_ratio, baseline=name != "mae")
+        median = statistics.median(times[name])
+        q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [median] * 3
+        results[name] = VariantResult(
+            name=name, step_times_s=times[name], median_s=median, p25_s=q[0], p75_s=q[2],
+            images_per_s=cfg.batch / median, train_flops_per_step=flops, achieved_flops=flops / median,
+            mfu=(flops / median / peak) if peak else None,
+            activation_bytes=_saved_activation_bytes(step, imgs, noise),
+            peak_memory_bytes=peaks[name] if device.type == "cuda" else None,
+        )
+    return {
+        "config": asdict(cfg),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": {k: asdict(v) for k, v in results.items()},
+        "measured_speedup": results["mask_token_baseline"].median_s / results["mae"].median_s,
+        "flop_ratio": encoder_speedup_flop_ratio(mcfg, cfg.mask_ratio),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def format_report(report: dict[str, object]) -> str:
+    cfg = report["config"]
+    lines = [
+        f"mae bench encoder: {cfg['model']} batch={cfg['batch']} dtype={cfg['dtype']} compile={cfg['compile']} "
+        f"device={report['device']} threads={report['threads']} steps={cfg['steps']} (+{cfg['warmup']} warm-up)",
+        f"{'variant':<22}{'median ms':>11}{'p25-p75 ms':>17}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'saved act MiB':>15}{'peak MiB':>10}",
+    ]
+    for r in report["results"].values():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        peak = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "-"
+        lines.append(
+            f"{r['name']:<22}{r['median_s'] * 1e3:>11.1f}{r['p25_s'] * 1e3:>8.1f}-{r['p75_s'] * 1e3:<8.1f}"
+            f"{r['images_per_s']:>9.1f}{r['achieved_flops'] / 1e12:>9.2f}{mfu:>7}"
+            f"{r['activation_bytes'] / 2**20:>15.1f}{peak:>10}"
+        )
+    lines.append(f"measured speedup (baseline / MAE step time): {report['measured_speedup']:.2f}x   "
+                 f"analytic FLOP ratio: {report['flop_ratio']:.2f}x")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = EncoderBenchConfig()
+    p.add_argument("--model", default=d.model, help=f"registry name ({', '.join(list_models())})")
+    p.add_argument("--batch", type=int, default=d.batch, help="micro-batch per step")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype, help="bf16 = autocast, fp32 = plain")
+    p.add_argument("--device", default=d.device, help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1' ...")
+    p.add_argument("--compile", action="store_true", help="wrap both models in torch.compile")
+    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU if the card is not known")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = EncoderBenchConfig(
+        model=args.model, batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
+        device=args.device, compile=args.compile, mask_ratio=args.mask_ratio,
+        grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+    )
+    report = run_encoder_bench(cfg)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0

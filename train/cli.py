@@ -1,0 +1,56 @@
+"""The `mae` console script: one entry point, subcommands loaded on demand.
+
+Each subcommand lives in the module that owns the work and exposes
+``add_arguments(parser)`` and ``run(args) -> exit code``; importing the CLI pulls in
+no heavy optional library (DALI, FFCV, DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (command path, module, help). Modules are imported only when their command runs.
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("bench", "encoder"), "train.bench_encoder", "time MAE vs the mask-token encoder baseline"),
+    (("models",), "train.models_cmd", "list registered model sizes with parameter counts"),
+    (("demo",), "train.demo", "the end-to-end demo (see README)"),
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae", description="Masked Autoencoder pretraining at scale.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", required=True)}
+    for path, module, help_text in COMMANDS:
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix not in groups:
+                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} subcommands")
+                groups[prefix] = sub.add_subparsers(dest="_".join(prefix), required=True)
+        sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
+        sub.set_defaults(_module=module)
+        # Argument definitions are cheap to import; the work itself is lazy in run().
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return importlib.import_module(args._module).run(args)
+    except (UserError, ValueError, OSError) as e:
+        print(f"mae: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
