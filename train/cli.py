@@ -14,7 +14,10 @@ import sys
 
 # (command path, module, help). Modules are imported only when their command runs.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("shard",), "pipeline.shard_cmd", "write images as webdataset tar shards + manifest to a folder or bucket"),
+    (("inspect",), "pipeline.shard_cmd:inspect", "summarize (and --verify) a shard dataset"),
     (("bench", "encoder"), "train.bench_encoder", "time MAE vs the mask-token encoder baseline"),
+    (("bench", "pipeline"), "pipeline.bench", "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("models",), "train.models_cmd", "list registered model sizes with parameter counts"),
     (("demo",), "train.demo", "the end-to-end demo (see README)"),
 ]
@@ -37,8 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
         sub.set_defaults(_module=module)
         # Argument definitions are cheap to import; the work itself is lazy in run().
-        importlib.import_module(module).add_arguments(sub)
+        _entry(module, "add_arguments")(sub)
     return parser
+
+
+def _entry(module: str, name: str):
+    """'pkg.mod' -> pkg.mod.<name>; 'pkg.mod:variant' -> pkg.mod.<name>_<variant>
+    (with add_arguments -> add_<variant>_arguments)."""
+    path, _, variant = module.partition(":")
+    mod = importlib.import_module(path)
+    if not variant:
+        return getattr(mod, name)
+    return getattr(mod, f"add_{variant}_arguments" if name == "add_arguments" else f"{name}_{variant}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return importlib.import_module(args._module).run(args)
-    except (UserError, ValueError, OSError) as e:
+        return _entry(args._module, "run")(args)
+    except (UserError, ValueError, OSError, ImportError) as e:
         print(f"mae: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,236 @@
+"""`mae bench pipeline`: the data path measured side by side, in one run.
+
+(a) bucket read bandwidth: plain ``s3fs cat`` of every shard vs the reader's
+    verified, cached fetch of the same shard, interleaved shard by shard, against a
+    real S3 server (SeaweedFS on loopback, or ``--url`` for your own bucket);
+(b) decode: the ``cpu`` backend's images/sec and CPU-ms per image vs a baseline
+    like the official MAE loader (one JPEG file per image, PIL decode, crop then
+    bicubic resize, flip, float normalize in DataLoader workers), same images,
+    same worker count, runs alternated;
+(c) memory: peak RSS of a process streaming the whole bucket dataset through a
+    cache several times smaller than the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.augment import AugmentConfig, crop_and_flip, sample_rng
+from pipeline.loader import LoaderConfig, build_loader
+from pipeline.storage import ShardStore, StorageConfig, filesystem, join
+
+MiB = 2**20
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished (waited-for) children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class PerFileBaseline(Dataset):
+    """The official MAE recipe on per-file JPEGs: PIL open, RGB, RandomResizedCrop
+    (crop, then bicubic resize), flip, ToTensor, Normalize — in each worker."""
+
+    def __init__(self, paths: list[Path], aug: AugmentConfig) -> None:
+        self.paths, self.aug = paths, aug
+        self.mean = torch.tensor(aug.mean).view(3, 1, 1)
+        self.std = torch.tensor(aug.std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.paths[i], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        (x, y, w, h), flip = crop_and_flip(img.size[0], img.size[1], self.aug, sample_rng(0, 0, i))
+        img = img.crop((x, y, x + w, y + h)).resize((self.aug.img_size,) * 2, Image.BICUBIC)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)
+        return (t - self.mean) / self.std
+
+
+def _timed(iterable) -> dict[str, float]:
+    cpu0, t0, n = _cpu_seconds(), time.perf_counter(), 0
+    for batch in iterable:
+        n += len(batch.keys) if hasattr(batch, "keys") else len(batch)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
+
+
+def bench_decode(shards_url: str, files: list[Path], batch: int, workers: int, rounds: int) -> dict[str, object]:
+    """Per-file PIL baseline vs the cpu backend twice: uint8 out (what a GPU run pays
+    on the host: normalization happens on the device) and normalized on the host
+    (a CPU-only run)."""
+    runs: dict[str, list[dict[str, float]]] = {"per_file_pil_baseline": [], "cpu_backend_uint8": [],
+                                               "cpu_backend_host_normalize": []}
+    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers)
+    for _ in range(rounds):  # alternate A B C A B C so drift hits all alike
+        base = DataLoader(PerFileBaseline(files, cfg.augment), batch_size=batch, num_workers=workers,
+                          shuffle=True, persistent_workers=False)
+        runs["per_file_pil_baseline"].append(_timed(base))
+        runs["cpu_backend_uint8"].append(_timed(build_loader(replace(cfg, normalize=False), rank=0, world_size=1)))
+        runs["cpu_backend_host_normalize"].append(_timed(build_loader(cfg, rank=0, world_size=1)))
+    out: dict[str, object] = {}
+    for name, rs in runs.items():
+        out[name] = {k: statistics.median(r[k] for r in rs) for k in ("images_per_s", "cpu_ms_per_image")}
+        out[name]["runs"] = rs
+    b = out["per_file_pil_baseline"]
+    for name in ("cpu_backend_uint8", "cpu_backend_host_normalize"):
+        out[name]["cpu_per_image_reduction"] = b["cpu_ms_per_image"] / out[name]["cpu_ms_per_image"]
+        out[name]["throughput_ratio"] = out[name]["images_per_s"] / b["images_per_s"]
+    return out
+
+
+def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) -> dict[str, object]:
+    """Raw ``cat`` (to memory), raw ``cat`` + write to local disk, and the reader's
+    verified fetch into an empty cache — shard by shard, interleaved."""
+    fs, root = filesystem(url, storage)
+    shards = ShardStore(url, storage).read_manifest().shards
+    seconds = {"raw_cat": 0.0, "raw_cat_to_disk": 0.0, "reader": 0.0}
+    cpu = dict.fromkeys(seconds, 0.0)
+    total = 0
+    for r in range(rounds):
+        store = ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/{r}", cache_limit_bytes=2**40))
+        for shard in shards:
+            steps = {"raw_cat": lambda: _check_len(fs.cat_file(join(root, shard.name)), shard),
+                     "raw_cat_to_disk": lambda: Path(f"{cache_dir}/raw.tar").write_bytes(
+                         _check_len(fs.cat_file(join(root, shard.name)), shard)),
+                     "reader": lambda: store.local_path(shard)}
+            for name, step in steps.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                step()
+                seconds[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+            total += shard.bytes
+    out: dict[str, object] = {"bytes": total}
+    for name in seconds:
+        out[f"{name}_MiB_s"] = total / seconds[name] / MiB
+        out[f"{name}_client_cpu_ms_per_MiB"] = 1e3 * cpu[name] / (total / MiB)
+    out["reader_vs_raw"] = out["reader_MiB_s"] / out["raw_cat_MiB_s"]
+    out["reader_vs_raw_to_disk"] = out["reader_MiB_s"] / out["raw_cat_to_disk_MiB_s"]
+    return out
+
+
+def _check_len(data: bytes, shard) -> bytes:
+    if len(data) != shard.bytes:
+        raise OSError(f"{shard.name}: read {len(data)} bytes, manifest says {shard.bytes}")
+    return data
+
+
+RSS_CHILD = """
+import json, resource, sys
+from pipeline.loader import LoaderConfig, build_loader
+from pipeline.plan import PlanConfig
+from pipeline.storage import StorageConfig
+url, cache, limit, endpoint = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+storage = StorageConfig(options={"endpoint_url": endpoint}, cache_dir=cache, cache_limit_bytes=limit, prefetch_shards=1)
+loader = build_loader(LoaderConfig(url=url, batch_size=32, num_workers=2, storage=storage,
+                                   plan=PlanConfig(window_shards=1)), 0, 1)
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+n, trace, total = 0, [], len(loader)
+for i, b in enumerate(loader):
+    n += len(b.keys)
+    if (i + 1) % max(1, total // 4) == 0:
+        trace.append(round(rss_mib()))
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"images": n, "main_peak_rss_MiB": me.ru_maxrss / 1024, "worker_peak_rss_MiB": kids.ru_maxrss / 1024,
+                  "main_rss_trace_MiB": trace}))
+"""
+
+
+def bench_rss(url: str, endpoint: str, env: dict[str, str], cache_limit: int, dataset_bytes: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="mae-rss-cache-") as cache:
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, url, cache, str(cache_limit), endpoint],
+                             capture_output=True, text=True, env={**os.environ, **env})
+        if out.returncode != 0:
+            raise RuntimeError(f"RSS streaming run failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["cache_final_MiB"] = sum(p.stat().st_size for p in Path(cache).glob("*.tar")) / MiB
+    result.update({"dataset_MiB": dataset_bytes / MiB, "cache_limit_MiB": cache_limit / MiB})
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=2000, help="ImageNet-like JPEGs to generate from bundled photos")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for both decode paths")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the decode comparison")
+    p.add_argument("--shard-size", type=int, default=16 * MiB)
+    p.add_argument("--workdir", default=None, help="keep generated data here (default: a temp dir)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from infra.s3_server import SeaweedS3
+    from pipeline.sample_photos import write_photo_folder
+    from pipeline.writer import ShardWriterConfig, write_shards
+
+    with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp:
+        work = Path(args.workdir or tmp)
+        src = work / "src"
+        files = sorted(src.rglob("*.jpg")) if src.exists() else []
+        if len(files) != args.images:
+            files = write_photo_folder(src, args.images, labelled=True)
+        shard_cfg = ShardWriterConfig(shard_bytes=args.shard_size, workers=2)
+        write_shards(str(src), str(work / "shards"), shard_cfg)
+        report: dict[str, object] = {"images": len(files), "torch_threads": torch.get_num_threads(),
+                                     "cpus": os.cpu_count()}
+        with SeaweedS3() as s3:
+            s3.create_bucket("bench")
+            storage = StorageConfig(options={"endpoint_url": s3.endpoint_url, "key": s3.access_key,
+                                             "secret": s3.secret_key})
+            summary = write_shards(str(src), "s3://bench/shards", ShardWriterConfig(
+                shard_bytes=args.shard_size, workers=2, storage=storage))
+            report["read"] = bench_read("s3://bench/shards", storage, str(work / "read-cache"), args.rounds)
+            report["rss"] = bench_rss("s3://bench/shards", s3.endpoint_url, s3.env(),
+                                      cache_limit=max(summary.manifest.total_bytes // 5, 2 * args.shard_size),
+                                      dataset_bytes=summary.manifest.total_bytes)
+        report["decode"] = bench_decode(str(work / "shards"), files, args.batch, args.workers, args.rounds)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def format_report(r: dict) -> str:
+    rd, dc, rss = r["read"], r["decode"], r["rss"]
+    b = dc["per_file_pil_baseline"]
+    lines = [
+        f"mae bench pipeline: {r['images']} JPEGs (~500x375, q90), {r['cpus']} CPUs",
+        "(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs):",
+    ]
+    for name, label in (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
+                        ("reader", "reader (ranged, verified, cached)")):
+        lines.append(f"    {label:<36}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
+                     f"{rd[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
+    lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat, {rd['reader_vs_raw_to_disk']:.0%} of cat+write")
+    lines.append(f"(b) decode + RandomResizedCrop 224 + flip, {b['runs'][0]['images']} images/run, median of "
+                 f"{len(b['runs'])} alternated runs:")
+    lines.append(f"    {'per-file PIL baseline (official MAE)':<36}{b['images_per_s']:8.1f} img/s "
+                 f"{b['cpu_ms_per_image']:6.2f} CPU-ms/img")
+    for name, label in (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
+                        ("cpu_backend_host_normalize", "cpu backend, normalized on host")):
+        c = dc[name]
+        lines.append(f"    {label:<36}{c['images_per_s']:8.1f} img/s {c['cpu_ms_per_image']:6.2f} CPU-ms/img"
+                     f"  -> {c['cpu_per_image_reduction']:.2f}x less CPU/img, {c['throughput_ratio']:.2f}x img/s")
+    lines.append(f"(c) streaming {rss['dataset_MiB']:.0f} MiB through a {rss['cache_limit_MiB']:.0f} MiB cache: "
+                 f"main peak RSS {rss['main_peak_rss_MiB']:.0f} MiB, worker peak {rss['worker_peak_rss_MiB']:.0f} MiB, "
+                 f"cache at end {rss['cache_final_MiB']:.0f} MiB, {rss['images']} images; main RSS at each "
+                 f"quarter {rss['main_rss_trace_MiB']} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Image validation and decoding shared by the shard writer and the `cpu` backend.
+
+Every image is judged once by the same rules: at write time (so bad files never
+reach a shard) and again at read time (shards from elsewhere, bit rot). A bad image
+gets a short, stable *reason* used in logs, manifests and metrics labels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Reasons an image is rejected. Mode reasons (cmyk, grayscale, 16bit) only reject
+# under ``mode_policy='skip'``; by default those images are converted to RGB.
+REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small",
+           "cmyk", "grayscale", "16bit", "unsupported_mode")
+MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grayscale",
+                "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
+CONVERTIBLE_MODES = {"RGB", "RGBA", "P", "PA", "RGBX", "YCbCr"}
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What counts as a usable image."""
+
+    min_side: int = 8
+    max_pixels: int = 100_000_000  # header-checked before decoding: decompression bombs
+    mode_policy: str = "convert"  # 'convert' CMYK/grayscale/16-bit to RGB, or 'skip' them
+
+    def __post_init__(self) -> None:
+        if self.mode_policy not in ("convert", "skip"):
+            raise ValueError(f"ImagePolicy.mode_policy must be 'convert' or 'skip', got {self.mode_policy!r}")
+        if self.min_side < 1 or self.max_pixels < 1:
+            raise ValueError("ImagePolicy.min_side and max_pixels must be positive")
+
+
+class BadImage(Exception):
+    """An image that cannot be used; ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def open_image(data: bytes, policy: ImagePolicy) -> tuple[Image.Image, str | None]:
+    """Open and header-check an image (no pixel decode yet).
+
+    Returns the lazily-decoding PIL image and the mode reason it will be converted
+    for (``None`` for RGB). Raises ``BadImage``.
+    """
+    if not data:
+        raise BadImage("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("decompression_bomb", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise BadImage("not_an_image") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(_decode_failure_reason(e), str(e)) from e
+    w, h = img.size
+    if w * h > policy.max_pixels:
+        raise BadImage("decompression_bomb", f"{w}x{h} exceeds {policy.max_pixels} pixels")
+    if min(w, h) < policy.min_side:
+        raise BadImage("too_small", f"{w}x{h}")
+    mode_reason = MODE_REASONS.get(img.mode)
+    if mode_reason is None and img.mode not in CONVERTIBLE_MODES:
+        raise BadImage("unsupported_mode", img.mode)
+    if mode_reason is not None and policy.mode_policy == "skip":
+        raise BadImage(mode_reason, img.mode)
+    return img, mode_reason
+
+
+def load_pixels(img: Image.Image) -> Image.Image:
+    """Decode the pixels, mapping decoder failures to reasons; returns RGB."""
+    try:
+        img.load()
+    except OSError as e:
+        raise BadImage(_decode_failure_reason(e), str(e)) from e
+    except (SyntaxError, ValueError, IndexError, EOFError) as e:
+        raise BadImage("corrupt", str(e)) from e
+    return to_rgb(img)
+
+
+def _decode_failure_reason(e: Exception) -> str:
+    text = str(e).lower()
+    return "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):  # 16/32-bit integer: scale the top 8 bits, not clip
+        arr = np.asarray(img, dtype=np.uint32)
+        shift = 8 if arr.max(initial=0) > 255 else 0
+        gray = (arr >> shift).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return img.convert("RGB")
+
+
+def validate_image(data: bytes, policy: ImagePolicy) -> tuple[int, int, str | None]:
+    """Fully decode once to prove the image is usable: (width, height, converted-from reason)."""
+    img, mode_reason = open_image(data, policy)
+    rgb = load_pixels(img)
+    return rgb.size[0], rgb.size[1], mode_reason
+
+
+def reencode_jpeg(data: bytes, policy: ImagePolicy, max_side: int | None, quality: int) -> bytes:
+    """Decode, shrink so the longer side is at most ``max_side``, re-encode as RGB JPEG."""
+    img, _ = open_image(data, policy)
+    if max_side:
+        img.draft("RGB", (max_side, max_side))
+    rgb = load_pixels(img)
+    if max_side and max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

@@ -1,0 +1,336 @@
+"""`mae shard SRC DEST`: images to webdataset tar shards plus a manifest.
+
+Sources: a local or fsspec folder (class subfolders give labels, a flat folder
+none), or a text file listing paths/URLs (optionally ``<path>\\t<class>``).
+Shards are planned before any image is read — contiguous runs of the (seeded,
+shuffled) source list filling a target byte size — so a rerun plans the same
+shards and skips those already written and verified. Each shard is written to a
+local temporary file, uploaded atomically, and described by a small sidecar
+record; the manifest is written last, so it never points at a partial shard.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+
+from fsspec.implementations.local import LocalFileSystem
+from tqdm import tqdm
+
+from pipeline.images import BadImage, ImagePolicy, reencode_jpeg, validate_image
+from pipeline.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
+from pipeline.storage import (ShardFetchError, StorageConfig, filesystem, join, redact, sha256_file, split_url,
+                              with_retries)
+from pipeline.tar_shards import TarShardWriter
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+RECORD_SUFFIX = ".record.json"
+
+
+@dataclass(frozen=True)
+class ShardWriterConfig:
+    shard_bytes: int = 256 * 2**20
+    max_samples_per_shard: int | None = None
+    workers: int = 1
+    shuffle: bool = True  # mix classes across shards; the sample plan shuffles again per epoch
+    seed: int = 0
+    reencode: bool = False
+    max_side: int | None = None
+    jpeg_quality: int = 90
+    with_meta: bool = True  # <key>.json with the source path
+    policy: ImagePolicy = field(default_factory=ImagePolicy)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if self.shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be positive, got {self.shard_bytes}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.max_side is not None and not self.reencode:
+            raise ValueError("max_side only applies with reencode=True")
+
+    def options(self) -> dict[str, object]:
+        """What decides shard contents (recorded in the manifest, part of the resume key)."""
+        return {"shard_bytes": self.shard_bytes, "max_samples_per_shard": self.max_samples_per_shard,
+                "shuffle": self.shuffle, "seed": self.seed, "reencode": self.reencode, "max_side": self.max_side,
+                "jpeg_quality": self.jpeg_quality if self.reencode else None, "with_meta": self.with_meta,
+                "policy": asdict(self.policy)}
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    url: str  # what fsspec opens
+    rel: str  # stable name for keys, logs and rejects
+    size: int
+    label: int | None
+
+
+@dataclass
+class ShardJob:
+    index: int
+    name: str
+    items: list[tuple[int, SourceItem]]  # (global position, item)
+    digest: str
+
+
+@dataclass
+class WriteSummary:
+    manifest: ShardManifest
+    written: int = 0
+    skipped_existing: int = 0
+    converted: Counter = field(default_factory=Counter)
+
+    def format(self) -> str:
+        m = self.manifest
+        reasons = Counter(r.reason for r in m.rejects)
+        lines = [f"{m.total_samples} samples in {len(m.shards)} shards ({m.total_bytes / 2**20:.1f} MiB); "
+                 f"{self.written} written, {self.skipped_existing} already complete",
+                 f"classes: {len(m.classes)}" + (f" ({', '.join(m.classes[:8])}{' ...' if len(m.classes) > 8 else ''})"
+                                                 if m.classes else " (unlabelled)")]
+        if m.rejects:
+            lines.append(f"rejected {len(m.rejects)}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+            lines += [f"  {r.source}: {r.reason}" for r in m.rejects[:20]]
+            if len(m.rejects) > 20:
+                lines.append(f"  ... {len(m.rejects) - 20} more in the manifest")
+        if self.converted:
+            lines.append("converted to RGB: " + ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------- sources
+def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
+    """All images under ``src`` (sorted by name) and the class names."""
+    fs, path = filesystem(src, storage)
+    protocol = split_url(src)[0]
+
+    def url(p: str) -> str:
+        return p if protocol == "file" else f"{protocol}://{p}"
+
+    if fs.isfile(path):
+        return _list_from_text(fs.cat_file(path).decode("utf-8"), storage)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"source {redact(src)} is neither a folder nor a list file")
+    found = fs.find(path, detail=True)
+    files = sorted((PurePosixPath(p).relative_to(path).as_posix(), info["size"]) for p, info in found.items()
+                   if _is_image(p) and info.get("type", "file") == "file")
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {redact(src)}")
+    depths = {rel.count("/") for rel, _ in files}
+    if depths == {0}:
+        return [SourceItem(url(join(path, rel)), rel, size, None) for rel, size in files], []
+    if depths == {1}:
+        classes = sorted({rel.split("/", 1)[0] for rel, _ in files})
+        index = {c: i for i, c in enumerate(classes)}
+        return [SourceItem(url(join(path, rel)), rel, size, index[rel.split("/", 1)[0]]) for rel, size in files], classes
+    raise ValueError(f"{redact(src)} mixes layouts (images at depths {sorted(depths)}); use either a flat folder "
+                     "or one subfolder per class")
+
+
+def _is_image(path: str) -> bool:
+    return "." in path.rsplit("/", 1)[-1] and path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
+    entries = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, cls = line.partition("\t")
+        entries.append((path.strip(), cls.strip() or None, n))
+    labelled = {cls is not None for _, cls, _ in entries}
+    if labelled == {True, False}:
+        raise ValueError("list file mixes labelled (<path>\\t<class>) and unlabelled lines")
+    classes = sorted({cls for _, cls, _ in entries if cls is not None})
+    index = {c: i for i, c in enumerate(classes)}
+
+    def item(entry: tuple[str, str | None, int]) -> SourceItem:
+        path, cls, n = entry
+        fs, p = filesystem(path, storage)
+        try:
+            size = fs.size(p)
+        except FileNotFoundError:
+            size = -1  # rejected as missing when its shard is written
+        return SourceItem(path, f"{n:08d}:{path.rsplit('/', 1)[-1]}", size, index[cls] if cls else None)
+
+    with cf.ThreadPoolExecutor(16) as pool:  # one HEAD per object: do them in parallel
+        return list(pool.map(item, entries)), classes
+
+
+# ------------------------------------------------------------- planning
+def plan_shards(items: list[SourceItem], cfg: ShardWriterConfig) -> list[ShardJob]:
+    order = list(range(len(items)))
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(order)
+    jobs: list[ShardJob] = []
+    current: list[tuple[int, SourceItem]] = []
+    size = 0
+    options = json.dumps(cfg.options(), sort_keys=True)
+
+    def close() -> None:
+        lines = [options] + [f"{pos}\t{it.rel}\t{it.size}\t{it.label}" for pos, it in current]
+        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        jobs.append(ShardJob(len(jobs), f"shard-{len(jobs):06d}.tar", list(current), digest))
+
+    for pos in order:
+        it = items[pos]
+        full = current and (size + max(it.size, 0) > cfg.shard_bytes
+                            or (cfg.max_samples_per_shard and len(current) >= cfg.max_samples_per_shard))
+        if full:
+            close()
+            current, size = [], 0
+        current.append((pos, it))
+        size += max(it.size, 0)
+    if current:
+        close()
+    return jobs
+
+
+def sample_key(position: int, rel: str) -> str:
+    stem = rel.rsplit("/", 1)[-1].split(".", 1)[0]
+    return f"{position:08d}_{re.sub(r'[^A-Za-z0-9_-]+', '_', stem)[:80]}"
+
+
+# -------------------------------------------------------------- writing
+def _read_source(item: SourceItem, storage: StorageConfig) -> bytes:
+    fs, path = filesystem(item.url, storage)
+    return with_retries(f"source {item.rel}", item.url, lambda: fs.cat_file(path), storage.retry)
+
+
+def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterConfig) -> dict:
+    """Write one shard (runs in a worker process). Returns its sidecar record."""
+    rejects: list[dict[str, str]] = []
+    converted: Counter = Counter()
+    samples = 0
+    with tempfile.TemporaryDirectory(prefix="mae-shard-") as tmpdir:
+        local = os.path.join(tmpdir, job.name)
+        with open(local, "wb") as f:
+            tar = TarShardWriter(f)
+            for pos, item in job.items:
+                try:
+                    data = _read_source(item, cfg.storage)
+                    if cfg.reencode:
+                        data, ext = reencode_jpeg(data, cfg.policy, cfg.max_side, cfg.jpeg_quality), "jpg"
+                    else:
+                        ext = item.rel.rsplit(".", 1)[-1].lower()
+                    _, _, mode_reason = validate_image(data, cfg.policy)
+                except BadImage as e:
+                    rejects.append({"source": item.rel, "reason": e.reason})
+                    log.warning("rejected %s: %s", item.rel, e)
+                    continue
+                except ShardFetchError as e:
+                    rejects.append({"source": item.rel, "reason": "unreadable"})
+                    log.warning("rejected %s: %s", item.rel, e)
+                    continue
+                if mode_reason:
+                    converted[mode_reason] += 1
+                members = {ext: data}
+                if item.label is not None:
+                    members["cls"] = str(item.label).encode()
+                if cfg.with_meta:
+                    meta = {"source": item.rel, **({"class": classes[item.label]} if item.label is not None else {})}
+                    members["json"] = json.dumps(meta).encode()
+                tar.add(sample_key(pos, item.rel), members)
+                samples += 1
+            tar.close()
+        record = {"name": job.name, "samples": samples, "bytes": os.path.getsize(local), "sha256": sha256_file(local),
+                  "sources_digest": job.digest, "rejects": rejects, "converted": dict(converted)}
+        fs, root = filesystem(dest, cfg.storage)
+        _atomic_put(fs, local, join(root, job.name), cfg)
+    _atomic_pipe(fs, join(root, job.name + RECORD_SUFFIX), json.dumps(record).encode(), cfg)
+    return record
+
+
+def _atomic_put(fs, local: str, remote: str, cfg: ShardWriterConfig) -> None:
+    """Local: copy to a temporary name and rename. Object stores: one PUT is atomic."""
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{remote}.tmp-{os.getpid()}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, remote)
+    else:
+        with_retries(f"upload {PurePosixPath(remote).name}", remote, lambda: fs.put_file(local, remote), cfg.storage.retry)
+
+
+def _atomic_pipe(fs, remote: str, data: bytes, cfg: ShardWriterConfig) -> None:
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(data)
+    try:
+        _atomic_put(fs, f.name, remote, cfg)
+    finally:
+        os.unlink(f.name)
+
+
+def _existing_record(fs, root: str, job: ShardJob) -> dict | None:
+    """The sidecar of a shard already written from the same sources and options,
+    if the shard on storage still matches it byte for byte."""
+    try:
+        record = json.loads(fs.cat_file(join(root, job.name + RECORD_SUFFIX)))
+        if record.get("sources_digest") != job.digest or fs.size(join(root, job.name)) != record["bytes"]:
+            return None
+        digest = hashlib.sha256()
+        with fs.open(join(root, job.name), "rb", block_size=8 * 2**20) as f:
+            while chunk := f.read(8 * 2**20):
+                digest.update(chunk)
+        return record if digest.hexdigest() == record["sha256"] else None
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
+    """Shard ``src`` into ``dest``; resumable and safe to interrupt."""
+    items, classes = list_sources(src, cfg.storage)
+    jobs = plan_shards(items, cfg)
+    fs, root = filesystem(dest, cfg.storage)
+    fs.makedirs(root, exist_ok=True)
+    records: dict[int, dict] = {}
+    todo = []
+    for job in jobs:
+        existing = _existing_record(fs, root, job)
+        if existing is not None:
+            records[job.index] = existing
+        else:
+            todo.append(job)
+    summary = WriteSummary(ShardManifest([]), skipped_existing=len(records))
+    log.info("%d images -> %d shards (%d already complete)", len(items), len(jobs), len(records))
+    bar = tqdm(total=len(jobs), initial=len(records), unit="shard", disable=not sys.stderr.isatty(), desc="mae shard")
+    try:
+        if cfg.workers == 1 or len(todo) <= 1:
+            for job in todo:
+                records[job.index] = write_shard(job, dest, classes, cfg)
+                bar.update()
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fsspec's IO thread does not survive fork
+            with cf.ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx) as pool:
+                futures = {pool.submit(write_shard, job, dest, classes, cfg): job for job in todo}
+                for fut in cf.as_completed(futures):
+                    records[futures[fut].index] = fut.result()
+                    bar.update()
+    finally:
+        bar.close()
+    summary.written = len(todo)
+    shards, rejects = [], []
+    for job in jobs:
+        rec = records[job.index]
+        summary.converted.update(rec.get("converted", {}))
+        rejects += [Reject(**r) for r in rec["rejects"]]
+        if rec["samples"]:
+            shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"]))
+    manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
+    _atomic_pipe(fs, join(root, MANIFEST_NAME), manifest.to_json().encode(), cfg)
+    summary.manifest = manifest
+    return summary
