@@ -68,3 +68,12 @@ def test_wrong_credentials_are_a_clear_error_without_the_secret(photos, seaweed,
 def test_missing_dataset_is_not_found(s3_env, tmp_path):
     with pytest.raises(ShardFetchError, match="manifest .* not found"):
         ShardStore("s3://creds/nothing-here", StorageConfig(cache_dir=str(tmp_path))).read_manifest()
+
+
+def test_shard_from_a_bucket_prefix_to_local(photos, s3_env, tmp_path):
+    client = s3_env.client()
+    s3_env.create_bucket("raw-images")
+    for p in photos.rglob("*.jpg"):
+        client.upload_file(str(p), "raw-images", f"photos/{p.relative_to(photos).as_posix()}")
+    m = write_shards("s3://raw-images/photos", str(tmp_path / "out"), ShardWriterConfig()).manifest
+    assert m.total_samples == 45 and m.classes == sorted(p.name for p in photos.iterdir())
