@@ -111,13 +111,17 @@ def _make_step(model: MaskedAutoencoderViT, cfg: EncoderBenchConfig, device: tor
     return step
 
 
-def _saved_activation_bytes(step: Callable[[torch.Tensor, torch.Tensor], None], imgs: torch.Tensor, noise: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves for backward during one step."""
+def saved_activation_bytes(step: Callable[[torch.Tensor, torch.Tensor], None], imgs: torch.Tensor,
+                           noise: torch.Tensor, model: torch.nn.Module) -> int:
+    """Bytes of distinct storages autograd saves for backward during one step,
+    parameters excluded (a Linear saves its weight too; that is not activation)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -132,8 +136,8 @@ def run_encoder_bench(cfg: EncoderBenchConfig) -> dict[str, object]:
     mae = create_model(cfg.model)
     baseline = create_model(cfg.model, baseline=True)
     baseline.load_state_dict(mae.state_dict(), strict=False)  # same weights; baseline adds its mask token
-    variants = {}
-    for name, model in (("mae", mae), ("mask_token_baseline", baseline)):
+    variants, models = {}, {"mae": mae, "mask_token_baseline": baseline}
+    for name, model in models.items():
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         variants[name] = _make_step(model.to(device).train(), cfg, device)
 
@@ -167,7 +171,7 @@ def run_encoder_bench(cfg: EncoderBenchConfig) -> dict[str, object]:
             name=name, step_times_s=times[name], median_s=median, p25_s=q[0], p75_s=q[2],
             images_per_s=cfg.batch / median, train_flops_per_step=flops, achieved_flops=flops / median,
             mfu=(flops / median / peak) if peak else None,
-            activation_bytes=_saved_activation_bytes(step, imgs, noise),
+            activation_bytes=saved_activation_bytes(step, imgs, noise, models[name]),
             peak_memory_bytes=peaks[name] if device.type == "cuda" else None,
         )
     return {

@@ -16,6 +16,10 @@ import sys
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("shard",), "pipeline.shard_cmd", "write images as webdataset tar shards + manifest to a folder or bucket"),
     (("inspect",), "pipeline.shard_cmd:inspect", "summarize (and --verify) a shard dataset"),
+    (("pretrain",), "train.pretrain:cli", "pretrain an MAE (one process; use deepspeed/torchrun for more)"),
+    (("export",), "train.export", "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
+    (("plan",), "train.plan_cmd", "model-state and activation memory per GPU for each ZeRO stage"),
+    (("bench", "train"), "train.bench_train", "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
     (("bench", "encoder"), "train.bench_encoder", "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), "pipeline.bench", "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("models",), "train.models_cmd", "list registered model sizes with parameter counts"),

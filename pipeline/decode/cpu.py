@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -136,6 +137,18 @@ class _RankEpoch(IterableDataset):
         return stacked, torch.tensor(labels, dtype=torch.int64), keys, torch.tensor(kept, dtype=torch.int64), len(ids), skips, converted
 
 
+WORKER_STOP_GRACE_S = 60
+
+
+def _defer_stop_signals(worker_id: int) -> None:
+    """Preemption (SIGTERM) and Ctrl-C reach every process of a job. The trainer
+    handles them — finishes the step, saves, shuts its workers down — so a worker
+    must not die first: on SIGTERM it only schedules its own exit (SIGALRM) after
+    a grace period, in case nobody shuts it down."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_STOP_GRACE_S))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class CpuLoader(PlannedLoader):
     """The reference decode path (PIL in DataLoader worker processes)."""
 
@@ -143,9 +156,15 @@ class CpuLoader(PlannedLoader):
         dataset = _RankEpoch(self, ids, epoch)
         workers = self.config.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            pin_memory=self.device.type == "cuda",
+                            pin_memory=self.device.type == "cuda", worker_init_fn=_defer_stop_signals,
                             prefetch_factor=2 if workers else None, persistent_workers=False)
-        for images, labels, keys, kept, planned, skips, converted in loader:
-            self.stats.converted.update(converted)
-            yield images, labels, keys, kept, planned, skips
+        it = iter(loader)
+        try:
+            for images, labels, keys, kept, planned, skips, converted in it:
+                self.stats.converted.update(converted)
+                yield images, labels, keys, kept, planned, skips
+        finally:  # also on close() or an exception upstream: stop workers now, gracefully
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 

@@ -1,0 +1,246 @@
+"""The DeepSpeed trainer on CPU: gloo, 2 processes, under torchrun, the DeepSpeed
+launcher and a plain process; ZeRO 0-3 parity, kill -9 and SIGTERM resume, NaN
+skipping, mismatched resume, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.sample_photos import write_photo_folder
+from pipeline.writer import ShardWriterConfig, write_shards
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """96 real-photo crops (64x48) in small shards: 6 micro-batches of 8 per rank."""
+    root = tmp_path_factory.mktemp("train-data")
+    write_photo_folder(root / "src", 96, size=(64, 48), seed=3)
+    write_shards(str(root / "src"), str(root / "shards"), ShardWriterConfig(shard_bytes=60_000))
+    return root / "shards"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(shards: Path, run: Path, *extra: str) -> list[str]:
+    return [f"data.url={shards}", "data.micro_batch=8", "data.num_workers=1", f"schedule.max_steps={STEPS}",
+            "optim.lr=1.0e-3", "schedule.warmup_epochs=0.5", f"checkpoint.dir={run / 'ckpt'}",
+            f"log.metrics_file={run / 'metrics.jsonl'}", "checkpoint.every_steps=4", *extra]
+
+
+def _torchrun(shards: Path, run: Path, *extra: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(_port()), "-m", "train.pretrain", "--config", "tiny_cpu", *_overrides(shards, run, *extra)]
+
+
+def _run(cmd: list[str], run: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    run.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    (run / "log.txt").write_text(out.stdout + out.stderr)
+    return out
+
+
+def _metrics(run: Path) -> dict[int, dict]:
+    """Per step, the last record written (a resumed run rewrites the steps after its checkpoint)."""
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        records[rec["step"]] = rec
+    return records
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "ckpt" / "run_summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stage_runs(shards, tmp_path_factory) -> dict[int, Path]:
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        run = tmp_path_factory.mktemp(f"stage{stage}")
+        out = _run(_torchrun(shards, run, f"deepspeed.stage={stage}"), run)
+        assert out.returncode == 0, out.stderr[-4000:]
+        runs[stage] = run
+    return runs
+
+
+def test_zero_stages_match_stage_0(stage_runs):
+    ref = _metrics(stage_runs[0])
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ref.values())
+    for stage in (1, 2, 3):
+        got = _metrics(stage_runs[stage])
+        for step in ref:
+            assert got[step]["ids"] == ref[step]["ids"]  # same data order
+            assert abs(got[step]["loss"] - ref[step]["loss"]) < 1e-5, (stage, step)
+    # it trains: the lr warms up and the loss moves
+    assert ref[1]["lr"] == 0.0 and ref[STEPS]["lr"] > 0
+    assert ref[1]["loss"] != ref[STEPS]["loss"]
+
+
+def test_checkpoints_keep_the_last_k_and_latest_points_at_a_complete_one(stage_runs):
+    ckpt = stage_runs[2] / "ckpt"
+    tags = sorted(p.name for p in ckpt.glob("step*"))
+    assert tags == ["step000000004", "step000000008"]  # every 4 steps + the end, keep_last=2
+    assert (ckpt / "latest").read_text() == "step000000008"
+    assert (ckpt / "step000000008" / "COMPLETE").exists()
+    meta = json.loads((ckpt / "step000000008" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["model"] == "mae_vit_test_patch4" and meta["step"] == 8
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_export_reproduces_the_trained_loss(stage, stage_runs, tmp_path):
+    from model.weights import load_mae_state_dict
+    from train.config import load_config
+    from train.pretrain import probe_batch
+    from train.weights_io import read_state_dict
+
+    out = subprocess.run([sys.executable, "-m", "train.cli", "export", str(stage_runs[stage] / "ckpt"),
+                          str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from model.registry import create_model
+
+    model = create_model("mae_vit_test_patch4")
+    assert load_mae_state_dict(model, read_state_dict(tmp_path / "export" / "mae.safetensors")) == "full"
+    encoder = create_model("mae_vit_test_patch4")
+    assert load_mae_state_dict(encoder, read_state_dict(tmp_path / "export" / "encoder.safetensors")) == "encoder"
+    imgs, noise = probe_batch(load_config("tiny_cpu"))
+    model.eval()
+    with torch.no_grad():
+        loss = model(imgs, 0.75, noise)[0].item()
+    assert loss == pytest.approx(_summary(stage_runs[stage])["final_probe_loss"], abs=1e-6)
+
+
+def test_kill_9_then_restart_continues_identically(shards, stage_runs, tmp_path):
+    ref = _metrics(stage_runs[2])
+    run = tmp_path / "killed"
+    run.mkdir()
+    cmd = _torchrun(shards, run, "deepspeed.stage=2", "checkpoint.every_steps=3")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
+    proc.wait()
+    killed_at = max(_metrics(run))
+    assert 5 <= killed_at < STEPS
+    out = _run(cmd, run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stderr
+    got = _metrics(run)
+    for step in range(1, STEPS + 1):
+        assert got[step]["ids"] == ref[step]["ids"], step  # data order continues, nothing repeated or skipped
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step
+
+
+def test_sigterm_saves_and_exits_then_resumes(shards, tmp_path):
+    run = tmp_path / "preempted"
+    run.mkdir()
+    cmd = _torchrun(shards, run, "schedule.max_steps=200", "checkpoint.every_steps=1000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and len(_metrics(run)) >= 3):
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=90)
+    assert time.monotonic() - t0 < 60
+    summary = _summary(run)
+    assert summary["stopped_by_signal"] == "SIGTERM", output[-3000:]
+    stopped = summary["step"]
+    assert (run / "ckpt" / f"step{stopped:09d}" / "COMPLETE").exists()
+    assert (run / "ckpt" / "latest").read_text() == f"step{stopped:09d}"
+    out = _run(_torchrun(shards, run, f"schedule.max_steps={stopped + 2}", "checkpoint.every_steps=1000"), run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"(step {stopped})" in out.stderr and _summary(run)["step"] == stopped + 2
+
+
+def test_a_poisoned_batch_is_skipped_and_counted(shards, tmp_path):
+    run = tmp_path / "nan"
+    out = _run(_torchrun(shards, run, "faults.inject_nonfinite_at=[2]"), run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = _summary(run)
+    assert summary["nonfinite_skipped"] == 1 and summary["step"] == STEPS
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run).values())
+    assert "non-finite loss at step 2" in out.stderr
+
+
+def test_k_non_finite_in_a_row_stop_with_the_checkpoint_intact(shards, tmp_path):
+    run = tmp_path / "nan3"
+    out = _run(_torchrun(shards, run, "faults.inject_nonfinite_at=[5,6,7]", "faults.max_nonfinite_in_row=3",
+                         "checkpoint.every_steps=2"), run)
+    assert out.returncode != 0
+    assert "3 non-finite losses in a row, the last at step 5" in out.stderr
+    assert (run / "ckpt" / "latest").read_text() == "step000000004"
+    assert (run / "ckpt" / "step000000004" / "COMPLETE").exists()
+
+
+def test_mismatched_resume_is_refused(shards, stage_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "mismatch"
+    shutil.copytree(stage_runs[2] / "ckpt", run / "ckpt")
+    out = _run(_torchrun(shards, run, "deepspeed.stage=3", "schedule.max_steps=12"), run)
+    assert out.returncode != 0 and "changes the model or optimizer state" in out.stderr
+    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "model.name=mae_vit_tiny_patch16",
+                         "schedule.max_steps=12"), run)
+    assert out.returncode != 0 and "is of model mae_vit_test_patch4, this run is mae_vit_tiny_patch16" in out.stderr
+
+
+def test_two_nodes_on_loopback_partition_by_global_rank(shards, stage_runs, tmp_path):
+    run = tmp_path / "nodes"
+    run.mkdir()
+    port = _port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "train.pretrain", "--config", "tiny_cpu", *_overrides(shards, run, "deepspeed.stage=2")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    ref, got = _metrics(stage_runs[2]), _metrics(run)
+    for step in ref:  # same global ranks -> same data and the same losses as 1 node x 2
+        assert got[step]["ids"] == ref[step]["ids"]
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6)
+
+
+def test_deepspeed_launcher_runs_the_same_training(shards, stage_runs, tmp_path):
+    run = tmp_path / "dslauncher"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_port()), "--module", "train.pretrain",
+           "--config", "tiny_cpu", *_overrides(shards, run, "deepspeed.stage=2")]
+    out = _run(cmd, run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ref, got = _metrics(stage_runs[2]), _metrics(run)
+    assert [got[s]["loss"] for s in ref] == pytest.approx([ref[s]["loss"] for s in ref], abs=1e-6)
+
+
+def test_single_process_mae_pretrain(shards, tmp_path):
+    run = tmp_path / "single"
+    out = _run([sys.executable, "-m", "train.cli", "pretrain", "--config", "tiny_cpu",
+                *_overrides(shards, run, "schedule.max_steps=3")], run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = _summary(run)
+    assert summary["step"] == 3 and summary["derived"]["world_size"] == 1
+    assert summary["derived"]["global_batch"] == 8
