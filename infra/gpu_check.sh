@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# GPU run book check: the encoder speedup MAE buys, measured on this card.
+# GPU run book check, on one GPU:
+#   1. the encoder speedup MAE buys (mae bench encoder, ViT-L/16 and ViT-H/14, bf16);
+#   2. a short ZeRO-2 and ZeRO-3 bf16 pretraining of ViT-L on synthetic GPU tensors
+#      through the real trainer (DeepSpeed engine): images/sec, MFU, peak memory.
 #
-#   bash infra/gpu_check.sh             # ViT-L/16 and ViT-H/14, bf16, on the GPU
-#   bash infra/gpu_check.sh --dry-run   # the same steps with a tiny model on CPU
+#   bash infra/gpu_check.sh             # on the GPU
+#   bash infra/gpu_check.sh --dry-run   # the same steps with tiny models on CPU
 #
-# Runs from a checkout with only torch installed (PYTHONPATH = repo root), prints
-# each benchmark's table and a summary line per model: measured speedup vs the
-# analytic FLOP ratio, images/sec and MFU. Env: PYTHON, GPU_CHECK_STEPS,
-# GPU_CHECK_COMPILE=1 (torch.compile both variants), GPU_CHECK_OUT (JSON dir).
+# Runs from a checkout (PYTHONPATH = repo root) with torch installed; part 2 needs
+# DeepSpeed and its few pure-Python deps: if they are missing and wheels lie in
+# .whl/ (see docs/BENCHMARKS.md), they are installed into a private folder first.
+# Env: PYTHON, GPU_CHECK_STEPS, GPU_CHECK_COMPILE=1, GPU_CHECK_OUT (JSON dir).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -46,4 +49,41 @@ print(f"SUMMARY {r['config']['model']} {r['device']}: speedup {r['measured_speed
       f"(FLOP ratio {r['flop_ratio']:.2f}x, {verdict} target), MAE {mae['images_per_s']:.1f} img/s, MFU {mfu}")
 PYEOF
 done
-echo "gpu_check: JSON reports in $out"
+
+# ---- 2. the trainer: ZeRO-2 and ZeRO-3 on synthetic device tensors
+if ! "$PY" -c "import deepspeed" 2>/dev/null && ls "$here"/.whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/gpu-check-site "$here"/.whl/*.whl
+  export PYTHONPATH="/tmp/gpu-check-site:$PYTHONPATH"
+fi
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  echo "SKIP trainer check: DeepSpeed is not importable (pip install deepspeed, or put its wheels in .whl/)"
+else
+  if [ "${1:-}" = "--dry-run" ]; then
+    train_args=(--config tiny_cpu data.img_size=32 data.micro_batch=8 deepspeed.precision=fp32 schedule.max_steps=6)
+  else
+    train_args=(--config vit_l data.micro_batch=64 optim.accum_steps=1 deepspeed.precision=bf16
+                schedule.max_steps=${GPU_CHECK_TRAIN_STEPS:-30})
+  fi
+  for stage in 2 3; do
+    run="$out/train_zero$stage"
+    echo "== train.pretrain ${train_args[*]} deepspeed.stage=$stage data.backend=synthetic (torchrun, 1 process)"
+    "$PY" -m torch.distributed.run --nproc_per_node 1 --master_port $((29500 + stage)) -m train.pretrain \
+      "${train_args[@]}" deepspeed.stage=$stage data.backend=synthetic schedule.warmup_epochs=0 \
+      checkpoint.enabled=false checkpoint.dir="$run" log.metrics_file="$run/metrics.jsonl" log.every_steps=10 \
+      >"$run.log" 2>&1 || { tail -40 "$run.log"; exit 1; }
+    "$PY" - "$run" "$stage" <<'PYEOF'
+import json, statistics, sys
+run, stage = sys.argv[1], sys.argv[2]
+summary = json.load(open(f"{run}/run_summary.json"))
+steps = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+steady = [s["step_time_s"] for s in steps[len(steps) // 3:]] or [s["step_time_s"] for s in steps]
+img_s = summary["derived"]["global_batch"] / statistics.median(steady)
+mfu = summary["mfu"] * img_s / summary["images_per_s"] if summary["mfu"] else None
+peak = summary["peak_memory_bytes"]
+print(f"SUMMARY train ZeRO-{stage}: {img_s:.1f} img/s steady (median step of the last 2/3), "
+      f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'}, peak memory "
+      f"{f'{peak / 2**30:.1f} GiB' if peak else 'n/a (CPU)'}, final loss {summary['losses'][-1]:.4f}")
+PYEOF
+  done
+fi
+echo "gpu_check: JSON reports and logs in $out"

@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # (dali, ffcv) register here as they land.
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "cpu": ("pipeline.decode.cpu", "CpuLoader", None),
+    "synthetic": ("pipeline.decode.synthetic", "SyntheticLoader", None),  # trainer benchmarks only
 }
 
 

@@ -118,6 +118,7 @@ class CheckpointConfig:
     dir: str = "runs/mae"
     every_steps: int = 1000
     keep_last: int = 3
+    enabled: bool = True  # false: never save (benchmarks)
     resume: bool = True  # resume from the latest complete checkpoint in dir, if any
 
     def __post_init__(self) -> None:

@@ -67,9 +67,9 @@ def deepspeed_json(cfg: RunConfig) -> dict[str, Any]:
         zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True,
                     reduce_bucket_size=5e7, allgather_bucket_size=5e7)
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": cfg.optim.accum_steps,
@@ -80,6 +80,8 @@ def deepspeed_json(cfg: RunConfig) -> dict[str, Any]:
     }
     if cfg.optim.grad_clip:
         config["gradient_clipping"] = cfg.optim.grad_clip
+    if ds.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False  # keep our torch AdamW (param groups, per-step lr)
     return _merge(config, ds.raw)
 
 

@@ -2,11 +2,14 @@
 
 Model states per GPU for each ZeRO stage, counted for this trainer's recipe
 (bf16 autocast over fp32 master weights: 4 B weights + 4 B grads + 8 B AdamW per
-parameter, the part a stage shards divided by the GPU count), next to DeepSpeed's
-own estimators (which assume 16-bit weights); parameters counted on a meta-device
-model. Activations per GPU from the tensors autograd keeps per block (36 bytes per
-token x width under bf16 autocast, 64 in fp32; checkpointing keeps only each
-block's fp32 input plus one block's activations during recompute).
+parameter, the part a stage shards divided by the GPU count, plus 2 B of autocast
+weight copies), next to DeepSpeed's own estimators (which assume 16-bit weights);
+parameters counted on a meta-device model. Activations per GPU from the tensors
+autograd keeps per block (36 bytes per token x width under bf16 autocast, 64 in
+fp32 — checked against what autograd really saves; checkpointing keeps only each
+block's fp32 input plus one block's activations during recompute). Transient
+buffers of the backward pass and allocator fragmentation are not modelled: plan
+against 90% of the card and confirm with a short run (infra/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ def count_params(name: str, img_size: int) -> tuple[int, int]:
     return total, largest
 
 
-def model_states_per_gpu(params: int, stage: int, gpus: int) -> float:
+def model_states_per_gpu(params: int, stage: int, gpus: int, dtype: str = "fp32") -> float:
+    """fp32 weights, grads and AdamW moments, sharded per stage; under bf16 autocast
+    plus the 16-bit weight copies autocast keeps for the step (not sharded)."""
     weights, grads, adam = 4.0 * params, 4.0 * params, 8.0 * params
+    return _sharded(weights, grads, adam, stage, gpus) + (2.0 * params if dtype == "bf16" else 0.0)
+
+
+def _sharded(weights: float, grads: float, adam: float, stage: int, gpus: int) -> float:
     if stage == 0:
         return weights + grads + adam
     if stage == 1:
@@ -97,7 +106,7 @@ def plan(args: argparse.Namespace) -> dict:
     usable = 0.9 * args.gpu_mem * GiB  # allocator fragmentation, CUDA context, buffers
     rows = []
     for stage in range(4):
-        states = model_states_per_gpu(params, stage, gpus)
+        states = model_states_per_gpu(params, stage, gpus, args.dtype)
         ds = deepspeed_estimate(params, largest, stage, args.gpus, args.nodes)
         max_mb = {ck: int(max(0, usable - states) // per_sample[ck]) for ck in (False, True)}
         rows.append({"stage": stage, "model_states": states, "deepspeed": ds,

@@ -52,6 +52,9 @@ class RunResult:
     stopped_by_signal: str | None = None
     nonfinite_skipped: int = 0
     images: int = 0
+    images_per_s: float = 0.0  # all ranks, over the whole run (first steps included)
+    peak_memory_bytes: int | None = None  # CUDA allocator peak on rank 0
+    mfu: float | None = None  # model FLOPs / peak bf16 FLOPs of the card, where known
     wall_s: float = 0.0
     data_wait_s: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -114,7 +117,10 @@ class _Trainer:
         self.ckpt = CheckpointManager(cfg, self.rank, self.world)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.deepspeed.precision == "bf16" else nullcontext())
-        self.metrics_file = open(cfg.log.metrics_file, "a") if cfg.log.metrics_file and self.rank == 0 else None
+        self.metrics_file = None
+        if cfg.log.metrics_file and self.rank == 0:
+            Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = open(cfg.log.metrics_file, "a")
         self.result = RunResult()
         if self.rank == 0:
             log.info("world %d, global batch %d (micro %d x accum %d x world), lr %.3g (blr %.3g), "
@@ -149,16 +155,31 @@ class _Trainer:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
         r = self.result
         self.t_start = time.perf_counter()
-        self._in_a_row, self._micro = 0, 0
+        self._in_a_row, self._micro, self._window = 0, 0, []
         while r.step < self.d.total_steps and r.stopped_by_signal is None:
             with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
                 for batch, wait, t0 in _timed(it):
                     if self._micro_step(batch, wait, t0, stop) or r.step >= self.d.total_steps:
                         break
         r.epoch, r.wall_s = self.loader.epoch, time.perf_counter() - self.t_start
+        self._throughput()
         if r.stopped_by_signal is None:
             r.final_probe_loss = self.probe_loss()
         return r
+
+    def _throughput(self) -> None:
+        from model.flops import train_step_flops
+        from train.bench_encoder import peak_flops_for
+
+        r = self.result
+        r.images_per_s = r.images / max(r.wall_s, 1e-9)
+        if self.device.type == "cuda":
+            r.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+            peak = peak_flops_for(self.device, None)
+            mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.img_size)
+            if peak:
+                per_image = train_step_flops(mcfg, 1, self.cfg.model.mask_ratio)
+                r.mfu = per_image * r.images_per_s / (peak * self.world)
 
     def _micro_step(self, batch, wait: float, t0: float, stop: StopSignal) -> bool:
         """Forward, agree across ranks, backward/step; returns True to stop now."""
@@ -185,17 +206,20 @@ class _Trainer:
         self.engine.step()
         r.images += len(batch.keys) * self.world
         r.data_wait_s += wait
+        self._window.append(mean_loss)
         if not boundary:
             return False
+        step_loss = sum(self._window) / len(self._window)  # mean over the accumulation window
+        self._window = []
         r.step += 1
-        r.losses.append(mean_loss)
-        self._log_step(mean_loss, batch, wait, t0)
-        saved = r.step % cfg.checkpoint.every_steps == 0 or r.step == self.d.total_steps
+        r.losses.append(step_loss)
+        self._log_step(step_loss, batch, wait, t0)
+        saved = cfg.checkpoint.enabled and (r.step % cfg.checkpoint.every_steps == 0 or r.step == self.d.total_steps)
         if saved:
             self.save()
         if stopping:  # a signal on any rank: all ranks save this same step and leave
             r.stopped_by_signal = stop.received or "signal on another rank"
-            if not saved:
+            if not saved and cfg.checkpoint.enabled:
                 self.save()
             return True
         return False

@@ -244,3 +244,30 @@ def test_single_process_mae_pretrain(shards, tmp_path):
     summary = _summary(run)
     assert summary["step"] == 3 and summary["derived"]["world_size"] == 1
     assert summary["derived"]["global_batch"] == 8
+
+
+def test_accumulation_matches_a_larger_micro_batch(shards, stage_runs, tmp_path):
+    run = tmp_path / "accum"
+    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "data.micro_batch=4", "optim.accum_steps=2"), run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref, got = _metrics(stage_runs[2]), _metrics(run)
+    assert _summary(run)["derived"]["global_batch"] == 16
+    for step in ref:  # 2 x 4 per rank is the same data and gradient as 1 x 8
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-5), step
+
+
+def test_sigint_in_a_single_process_saves_and_exits(shards, tmp_path):
+    run = tmp_path / "ctrl-c"
+    run.mkdir()
+    cmd = [sys.executable, "-m", "train.cli", "pretrain", "--config", "tiny_cpu",
+           *_overrides(shards, run, "schedule.max_steps=500", "checkpoint.every_steps=1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    summary = _summary(run)
+    assert summary["stopped_by_signal"] == "SIGINT"
+    assert (run / "ckpt" / f"step{summary['step']:09d}" / "COMPLETE").exists()

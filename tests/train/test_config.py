@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from model.registry import create_model
+from train.config import ConfigError, RunConfig, derived, list_presets, load_config, reference_table
+from train.engine import deepspeed_json
+from train.recipe import lr_at, param_groups
+
+
+def test_presets_load_and_reach_the_papers_batch_on_8_gpus():
+    assert {"tiny_cpu", "vit_b", "vit_l", "vit_h"} <= set(list_presets())
+    for name, model in (("vit_b", "mae_vit_base_patch16"), ("vit_l", "mae_vit_large_patch16"),
+                        ("vit_h", "mae_vit_huge_patch14")):
+        cfg = load_config(name)
+        assert cfg.model.name == model
+        d = derived(cfg, world_size=8, micro_batches_per_epoch=1000)
+        assert d.global_batch == 4096
+        assert d.lr == pytest.approx(1.5e-4 * 4096 / 256)
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip is None
+
+
+def test_overrides_and_derived_values_are_not_written_back():
+    cfg = load_config("tiny_cpu", ["optim.lr=1e-3", "data.micro_batch=4", "optim.accum_steps=3",
+                                   "deepspeed.raw={zero_optimization: {reduce_bucket_size: 100}}"])
+    d = derived(cfg, world_size=2, micro_batches_per_epoch=30)
+    assert d.global_batch == 4 * 3 * 2 and d.lr == 1e-3 and d.steps_per_epoch == 10
+    assert cfg.optim.lr == 1e-3 and cfg.optim.blr == 1.5e-4  # nothing derived stored
+    assert d.total_steps == 20 * 10 and d.warmup_steps == 2 * 10
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key optim.lrr"),
+    ("nope.x=1", "unknown config key nope"),
+    ("deepspeed.stage=4", "deepspeed.stage must be 0, 1, 2 or 3"),
+    ("data.micro_batch=many", "data.micro_batch = 'many' does not fit"),
+    ("model.name=vit_tiny", "model.name 'vit_tiny' is not registered"),
+    ("deepspeed.offload_params=true", "offload_params needs deepspeed.stage=3"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("justakey", "not of the form a.b=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_config("tiny_cpu", [override])
+
+
+def test_unknown_preset_or_file():
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config("vit_gigantic")
+
+
+def test_yaml_file_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: mae_vit_test_patch4\ndata:\n  img_size: 32\n  micro_batch: 2\n")
+    cfg = load_config(str(path), ["seed=7"])
+    assert cfg.model.name == "mae_vit_test_patch4" and cfg.data.micro_batch == 2 and cfg.seed == 7
+
+
+def test_deepspeed_json_is_generated_from_the_config():
+    cfg = load_config("vit_h", ["optim.grad_clip=1.0", "deepspeed.offload_optimizer=true",
+                                "deepspeed.raw={zero_optimization: {stage3_max_live_parameters: 1000}, zero_force_ds_cpu_optimizer: false}"])
+    ds = deepspeed_json(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 16
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # raw merged deep
+    assert ds["zero_optimization"]["contiguous_gradients"] is True  # generated keys kept
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_fingerprint_tracks_what_breaks_the_optimizer_state():
+    a = load_config("tiny_cpu")
+    assert a.fingerprint() == load_config("tiny_cpu", ["optim.lr=0.5", "schedule.epochs=3"]).fingerprint()
+    assert a.fingerprint() != load_config("tiny_cpu", ["deepspeed.stage=3"]).fingerprint()
+    assert a.fingerprint() != load_config("tiny_cpu", ["model.name=mae_vit_tiny_patch16"]).fingerprint()
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    cfg = load_config("tiny_cpu", ["optim.lr=1.0", "optim.min_lr=0.1"])
+    d = derived(cfg, 1, 100)  # 100 steps/epoch, 20 epochs, 2 warmup epochs
+    assert lr_at(0, cfg, d) == 0.0
+    assert lr_at(100, cfg, d) == pytest.approx(0.5)
+    assert lr_at(200, cfg, d) == pytest.approx(1.0)
+    mid = 200 + (2000 - 200) // 2
+    assert lr_at(mid, cfg, d) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(2000, cfg, d) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = create_model("mae_vit_test_patch4")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert not any(n == "pos_embed" for n in no_decay_names | {names[id(p)] for p in decay["params"]})
+
+
+def test_reference_table_lists_every_key():
+    table = reference_table()
+    for key in ("data.url", "model.grad_checkpointing", "optim.blr", "deepspeed.raw", "checkpoint.keep_last",
+                "faults.max_nonfinite_in_row", "schedule.warmup_epochs"):
+        assert f"`{key}`" in table
+    assert isinstance(RunConfig(), RunConfig) and torch  # defaults construct
