@@ -7,11 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # Extras installed for the test suite; later features add theirs here.
-TEST_EXTRAS ?= dev,s3,demo,deepspeed
+TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics
 STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # Debian packages the tests need (installed with apt-get when missing; later
 # features add theirs, e.g. prometheus, libturbojpeg0-dev).
-APT_PACKAGES ?=
+APT_PACKAGES ?= prometheus
 
 .PHONY: venv test test-fast demo bench-encoder gpu-check-dry-run clean
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from infra.metrics import sink
 from pipeline.augment import AugmentConfig
 from pipeline.images import ImagePolicy
 from pipeline.manifest import ShardManifest
@@ -219,6 +220,7 @@ class PlannedLoader:
             self.segments[-1][1] += planned
             for key, reason in skips:
                 self.stats.skipped[reason] += 1
+                sink().inc("mae_pipeline_samples_skipped_total", backend=self.config.backend, reason=reason)
                 log.warning("skipped corrupt sample %s: %s", key, reason)
             epoch_skipped += len(skips)
             if epoch_skipped > budget:

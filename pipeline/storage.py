@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 
+from infra.metrics import sink
 from pipeline.cache import ShardCache
 from pipeline.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
 
@@ -160,6 +161,15 @@ def _check_digest(actual: str, shard: ShardInfo) -> None:
         raise _ChecksumMismatch(f"sha256 {actual[:12]}… != manifest {shard.sha256[:12]}…")
 
 
+_EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry": "mae_shard_fetch_retries_total",
+                  "fetch_error": "mae_shard_fetch_errors_total", "cache_hit": "mae_shard_cache_hits_total",
+                  "cache_miss": "mae_shard_cache_misses_total"}
+
+
+def _to_metrics(event: str, n: int) -> None:
+    sink().inc(_EVENT_METRICS[event], n)
+
+
 class _PartialShard:
     """Ranges of a shard on disk so far, and the sha256 of its contiguous prefix.
     Out-of-order ranges wait in memory (at most ``parallel_ranges`` of them) until
@@ -205,7 +215,7 @@ class ShardStore:
         self.local = split_url(self.url)[0] == "file"
         self._verified: set[str] = set()
         self._partial: dict[str, _PartialShard] = {}  # downloads interrupted by a retryable error
-        self._on_event = on_event or (lambda name, n: None)
+        self._on_event = on_event or _to_metrics
         cache_dir = self.config.cache_dir or os.path.join(
             os.environ.get("MAESCALE_CACHE", os.path.expanduser("~/.cache/maescale")), "shards")
         self.cache = None if self.local else ShardCache(cache_dir, self.config.cache_limit_bytes)

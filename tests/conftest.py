@@ -18,3 +18,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    """A real S3 server (SeaweedFS) on loopback, credentials checked."""
+    from infra.s3_server import SeaweedS3
+
+    with SeaweedS3() as s3:
+        yield s3

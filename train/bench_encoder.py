@@ -42,6 +42,7 @@ class EncoderBenchConfig:
     grad_checkpointing: bool = False
     seed: int = 0
     peak_flops: float | None = None
+    img_size: int | None = None  # None: the model's own
 
     def __post_init__(self) -> None:
         if self.model not in list_models():
@@ -133,8 +134,9 @@ def run_encoder_bench(cfg: EncoderBenchConfig) -> dict[str, object]:
     """Run the interleaved benchmark and return a JSON-ready report."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    mae = create_model(cfg.model)
-    baseline = create_model(cfg.model, baseline=True)
+    size = {"img_size": cfg.img_size} if cfg.img_size else {}
+    mae = create_model(cfg.model, **size)
+    baseline = create_model(cfg.model, baseline=True, **size)
     baseline.load_state_dict(mae.state_dict(), strict=False)  # same weights; baseline adds its mask token
     variants, models = {}, {"mae": mae, "mask_token_baseline": baseline}
     for name, model in models.items():

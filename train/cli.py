@@ -20,6 +20,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("export",), "train.export", "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
     (("plan",), "train.plan_cmd", "model-state and activation memory per GPU for each ZeRO stage"),
     (("bench", "train"), "train.bench_train", "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
+    (("bench", "metrics"), "train.bench_metrics", "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), "train.bench_encoder", "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), "pipeline.bench", "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("models",), "train.models_cmd", "list registered model sizes with parameter counts"),

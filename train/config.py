@@ -140,6 +140,24 @@ class LogConfig:
 
 
 @dataclass
+class MetricsConfig:
+    enabled: bool = False  # a Prometheus endpoint per rank at bind:port_base + local_rank
+    port_base: int = 9400
+    bind: str = "127.0.0.1"  # 0.0.0.0 to be scraped from other hosts
+    multiproc_dir: str | None = None  # prometheus_client multiprocess files (default: a temp dir)
+    file_sd_dir: str | None = None  # local rank 0 writes a Prometheus file_sd target file here
+    linger_s: float = 0.0  # keep the endpoint up this long after training (short runs: last scrape)
+    measure_speedup: bool | None = None  # time MAE vs the mask-token baseline at start (None: on a GPU)
+    speedup_steps: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port_base <= 65535:
+            raise ConfigError(f"metrics.port_base must be a TCP port, got {self.port_base}")
+        if self.speedup_steps < 1:
+            raise ConfigError("metrics.speedup_steps must be >= 1")
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +167,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from infra.metrics import NullSink, install, sink
+from model.flops import encoder_speedup_flop_ratio
 from model.registry import create_model, model_config
 from pipeline.augment import AugmentConfig
 from pipeline.images import ImagePolicy
@@ -36,9 +38,11 @@ from train.checkpoint import CheckpointManager, ResumeError
 from train.config import Derived, RunConfig, derived, load_config
 from train.engine import build_engine, device_for, init_distributed, set_lr
 from train.recipe import lr_at
+from train.step_metrics import EncoderTimer, record_memory
 
 log = logging.getLogger("train.pretrain")
 PROBE_SEED = 1234
+GAUGE_INTERVAL_S = 1.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,11 +112,14 @@ class _Trainer:
         self.rank, self.local_rank, self.world = init_distributed(cfg)
         self.device = device_for(self.local_rank)
         torch.manual_seed(cfg.seed * 1000 + self.rank)
+        self.prometheus = self._start_metrics()  # before the loader: its workers inherit the sink
         self.loader = build_loader(loader_config(cfg, self.device), self.rank, self.world)
         model = create_model(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
         model.set_grad_checkpointing(cfg.model.grad_checkpointing)
         self.d: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.micro_batch)
+        self._measure_speedup()
         self.engine = build_engine(cfg, model, self.d.lr)
+        self.encoder_timer = EncoderTimer(self.engine.module, self.device)
         self.forward = torch.compile(self.engine) if cfg.model.compile else self.engine
         self.ckpt = CheckpointManager(cfg, self.rank, self.world)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -129,6 +136,41 @@ class _Trainer:
                      cfg.optim.blr, self.d.steps_per_epoch, self.d.total_steps, self.d.warmup_steps,
                      cfg.deepspeed.stage, cfg.deepspeed.precision)
 
+    def _start_metrics(self):
+        m = self.cfg.metrics
+        if not m.enabled:
+            return None
+        from infra.prometheus_sink import PrometheusSink
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        prom = PrometheusSink(self.rank, self.local_rank, local_world, m.port_base, m.bind, m.multiproc_dir,
+                              backend=self.cfg.data.backend)
+        install(prom)
+        if m.file_sd_dir and self.local_rank == 0:
+            prom.write_file_sd(m.file_sd_dir, m.port_base)
+        mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.img_size)
+        sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
+        return prom
+
+    def _measure_speedup(self) -> None:
+        """Time a few steps of MAE vs the mask-token baseline on this run's model,
+        micro-batch and device; export the ratio (the paper's Table 2, measured)."""
+        m = self.cfg.metrics
+        if not (m.measure_speedup if m.measure_speedup is not None else self.device.type == "cuda"):
+            return
+        from train.bench_encoder import EncoderBenchConfig, run_encoder_bench
+
+        report = run_encoder_bench(EncoderBenchConfig(
+            model=self.cfg.model.name, batch=self.cfg.data.micro_batch, steps=m.speedup_steps, warmup=1,
+            dtype="bf16" if self.cfg.deepspeed.precision == "bf16" else "fp32", device=str(self.device),
+            mask_ratio=self.cfg.model.mask_ratio, seed=self.cfg.seed, img_size=self.cfg.data.img_size))
+        sink().set("mae_encoder_speedup_ratio", report["measured_speedup"])
+        if self.rank == 0:
+            log.info("encoder speedup on this run's model and device: %.2fx measured, %.2fx FLOP ratio",
+                     report["measured_speedup"], report["flop_ratio"])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def resume(self) -> None:
         if not self.cfg.checkpoint.resume:
             return
@@ -141,7 +183,7 @@ class _Trainer:
     def save(self) -> None:
         state = {"step": self.result.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
                  "config": json.dumps(self.cfg.to_dict()), "derived": json.dumps(asdict(self.d))}
-        self.ckpt.save(self.engine, self.result.step, state)
+        sink().observe("mae_checkpoint_save_duration_seconds", self.ckpt.save(self.engine, self.result.step, state))
 
     def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
         """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
@@ -155,13 +197,15 @@ class _Trainer:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
         r = self.result
         self.t_start = time.perf_counter()
-        self._in_a_row, self._micro, self._window = 0, 0, []
+        self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
         while r.step < self.d.total_steps and r.stopped_by_signal is None:
             with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
                 for batch, wait, t0 in _timed(it):
                     if self._micro_step(batch, wait, t0, stop) or r.step >= self.d.total_steps:
                         break
         r.epoch, r.wall_s = self.loader.epoch, time.perf_counter() - self.t_start
+        if r.losses:
+            self._record_step(r.losses[-1], force=True)
         self._throughput()
         if r.stopped_by_signal is None:
             r.final_probe_loss = self.probe_loss()
@@ -193,6 +237,7 @@ class _Trainer:
         mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
         if nonfinite:  # every rank skips this micro-batch together: no update, no hang
             r.nonfinite_skipped += 1
+            sink().inc("mae_nonfinite_steps_skipped_total")
             self._in_a_row += 1
             log.warning("non-finite loss at step %d (micro-step %d): update skipped (%d in a row)",
                         r.step, self._micro - 1, self._in_a_row)
@@ -207,6 +252,7 @@ class _Trainer:
         r.images += len(batch.keys) * self.world
         r.data_wait_s += wait
         self._window.append(mean_loss)
+        self._record_micro_step(len(batch.keys), wait, t0)
         if not boundary:
             return False
         step_loss = sum(self._window) / len(self._window)  # mean over the accumulation window
@@ -214,6 +260,7 @@ class _Trainer:
         r.step += 1
         r.losses.append(step_loss)
         self._log_step(step_loss, batch, wait, t0)
+        self._record_step(step_loss)
         saved = cfg.checkpoint.enabled and (r.step % cfg.checkpoint.every_steps == 0 or r.step == self.d.total_steps)
         if saved:
             self.save()
@@ -223,6 +270,24 @@ class _Trainer:
                 self.save()
             return True
         return False
+
+    def _record_micro_step(self, images: int, wait: float, t0: float) -> None:
+        sink().inc("mae_trainer_images_total", images)
+        sink().observe("mae_data_wait_seconds", wait)
+        sink().observe("mae_step_duration_seconds", time.perf_counter() - t0)
+        self.encoder_timer.flush()
+
+    def _record_step(self, loss: float, force: bool = False) -> None:
+        """Gauges, at most once a second (scrapes are 1-15 s apart) and at the end."""
+        now = time.perf_counter()
+        if not force and now - self._gauges_at < GAUGE_INTERVAL_S:
+            return
+        self._gauges_at = now
+        sink().set("mae_loss", loss)
+        sink().set("mae_learning_rate", lr_at(self.result.step - 1, self.cfg, self.d))
+        sink().set("mae_step", self.result.step)
+        sink().set("mae_epoch", self.loader.epoch)
+        record_memory(self.device)
 
     def _log_step(self, loss: float, batch, wait: float, t0: float) -> None:
         r = self.result
@@ -249,6 +314,11 @@ class _Trainer:
     def close(self) -> None:
         if self.metrics_file:
             self.metrics_file.close()
+        if self.prometheus is not None:
+            if self.cfg.metrics.linger_s > 0:  # let the last values be scraped
+                time.sleep(self.cfg.metrics.linger_s)
+            self.prometheus.close()
+            install(NullSink())
 
 
 def _timed(it):

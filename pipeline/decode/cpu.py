@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from infra.metrics import sink
 from pipeline.augment import sample_rng
 from pipeline.decode.crop import decode_crop
 from pipeline.images import BadImage
@@ -134,6 +135,7 @@ class _RankEpoch(IterableDataset):
             kept.append(gid)
         S = cfg.augment.img_size
         stacked = torch.stack(images) if images else torch.empty(0, 3, S, S, dtype=torch.uint8)
+        sink().inc("mae_pipeline_images_decoded_total", len(images), backend="cpu")
         return stacked, torch.tensor(labels, dtype=torch.int64), keys, torch.tensor(kept, dtype=torch.int64), len(ids), skips, converted
 
 
@@ -147,6 +149,7 @@ def _defer_stop_signals(worker_id: int) -> None:
     a grace period, in case nobody shuts it down."""
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_STOP_GRACE_S))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sink().worker_init()
 
 
 class CpuLoader(PlannedLoader):
@@ -162,6 +165,8 @@ class CpuLoader(PlannedLoader):
         try:
             for images, labels, keys, kept, planned, skips, converted in it:
                 self.stats.converted.update(converted)
+                for reason in converted:
+                    sink().inc("mae_pipeline_samples_converted_total", reason=reason)
                 yield images, labels, keys, kept, planned, skips
         finally:  # also on close() or an exception upstream: stop workers now, gracefully
             shutdown = getattr(it, "_shutdown_workers", None)

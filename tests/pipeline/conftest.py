@@ -36,15 +36,6 @@ def photos(photo_folder, tmp_path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
-def seaweed():
-    """A real S3 server (SeaweedFS) on loopback, credentials checked."""
-    from infra.s3_server import SeaweedS3
-
-    with SeaweedS3() as s3:
-        yield s3
-
-
 @pytest.fixture
 def s3_env(seaweed, monkeypatch):
     """The standard AWS environment pointing at the SeaweedFS server."""

@@ -1,0 +1,98 @@
+"""Prometheus implementation of the metrics sink: one HTTP endpoint per rank.
+
+Each rank's main process serves ``bind:port_base + local_rank``; its DataLoader
+workers write through prometheus_client's multiprocess mode into a directory of
+that rank, and the endpoint sums them (counters and histograms across processes;
+gauges report the most recent value). ``PROMETHEUS_MULTIPROC_DIR`` is set before
+prometheus_client is first used, and workers mark themselves dead on exit
+(``multiprocessing.util.Finalize``: atexit does not run in DataLoader workers).
+
+Label values are limited to rank, backend and reason — never paths, URLs or
+anything a credential could hide in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from infra.metrics import METRICS, MetricSpec
+
+log = logging.getLogger(__name__)
+
+
+class PrometheusSink:
+    def __init__(self, rank: int, local_rank: int, local_world_size: int, port_base: int = 9400,
+                 bind: str = "127.0.0.1", multiproc_dir: str | None = None, backend: str = "cpu") -> None:
+        self.rank, self.port = str(rank), port_base + local_rank
+        directory = Path(multiproc_dir or tempfile.mkdtemp(prefix="mae-prom-")) / f"rank{rank}"
+        shutil.rmtree(directory, ignore_errors=True)  # stale files of an earlier run would be summed in
+        directory.mkdir(parents=True)
+        self.directory = directory
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
+            from prometheus_client.multiprocess import MultiProcessCollector
+        except ImportError as e:
+            raise ImportError("metrics need prometheus-client: pip install 'maescale[metrics]'") from e
+        values.ValueClass = values.get_value_class()  # in case something imported it before the env was set
+        self._metrics = {}
+        for spec in METRICS.values():
+            self._metrics[spec.name] = _make(spec, Counter, Gauge, Histogram)
+        for spec in METRICS.values():  # series that exist from the start read 0, not "no data"
+            if spec.kind == "counter" and set(spec.labels) <= {"rank", "backend"}:
+                extra = {"backend": backend} if "backend" in spec.labels else {}
+                self._metrics[spec.name].labels(rank=self.rank, **extra)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(directory))
+        self.server, self._thread = start_http_server(self.port, addr=bind, registry=registry)
+        self.bind, self.local_world_size = bind, local_world_size
+        log.info("metrics endpoint http://%s:%d/metrics (rank %s)", bind, self.port, self.rank)
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self._metrics[name].labels(rank=self.rank, **labels).inc(value)
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self._metrics[name].labels(rank=self.rank, **labels).set(value)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self._metrics[name].labels(rank=self.rank, **labels).observe(value)
+
+    def worker_init(self) -> None:
+        """In a forked DataLoader worker: drop this pid's live gauges when it exits."""
+        from multiprocessing.util import Finalize
+
+        from prometheus_client import multiprocess
+
+        Finalize(None, multiprocess.mark_process_dead, args=(os.getpid(), str(self.directory)), exitpriority=16)
+
+    def write_file_sd(self, directory: str | os.PathLike[str], port_base: int) -> Path:
+        """A Prometheus file_sd target file for this node's ranks (written by local rank 0)."""
+        host = self.bind if self.bind not in ("0.0.0.0", "::") else socket.getfqdn()
+        targets = [{"targets": [f"{host}:{port_base + i}" for i in range(self.local_world_size)],
+                    "labels": {"job": "maescale", "node": socket.gethostname()}}]
+        path = Path(directory) / f"maescale-{socket.gethostname()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(targets))
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _make(spec: MetricSpec, Counter, Gauge, Histogram):
+    # registry=None: in multiprocess mode the endpoint's MultiProcessCollector reads the files
+    name = spec.name[: -len("_total")] if spec.kind == "counter" else spec.name
+    if spec.kind == "counter":
+        return Counter(name, spec.help, spec.labels, registry=None)
+    if spec.kind == "gauge":
+        return Gauge(name, spec.help, spec.labels, registry=None, multiprocess_mode="mostrecent")
+    return Histogram(name, spec.help, spec.labels, registry=None, buckets=spec.buckets)

@@ -1,0 +1,205 @@
+"""A short training run scraped by a real Prometheus; the dashboard's every query
+answered by it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from infra.metrics import METRICS
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "infra" / "grafana" / "maescale-dashboard.json"
+# metrics only a GPU run has; on CPU their queries are rightly empty
+GPU_ONLY = ("mae_device_memory_allocated_bytes", "mae_device_memory_reserved_bytes")
+EPOCHS, STEPS_PER_EPOCH = 16, 13  # 97 samples (one corrupt) in micro-batches of 8
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    def __init__(self, root: Path, sd_dir: Path) -> None:
+        self.port = _port()
+        config = root / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: maescale\n    file_sd_configs:\n"
+            f"      - files: ['{sd_dir}/*.json']\n        refresh_interval: 1s\n")
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("the prometheus binary is missing: `make test` installs Debian's prometheus package")
+        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=subprocess.DEVNULL, stderr=open(root / "prometheus.log", "wb"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("prometheus did not become ready")
+
+    def api(self, path: str, **params) -> dict:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def value(self, expr: str, at: float) -> float:
+        result = self.api("query", query=expr, time=at)["result"]
+        assert result, f"no data for {expr}"
+        return float(result[0]["value"][1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def scraped_run(tmp_path_factory, seaweed):
+    """A tiny pretraining run from S3 shards (one corrupt image), 2 DataLoader
+    workers, metrics on, discovered through file_sd and scraped every second."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest_helpers import corrupt_dataset
+
+    root = tmp_path_factory.mktemp("prom")
+    sd_dir = root / "sd"
+    sd_dir.mkdir()
+    prom = Prometheus(root, sd_dir)
+    seaweed.create_bucket("metrics")
+    corrupt_dataset(root / "data", seaweed, "metrics", "ds")
+    env = {**os.environ, **seaweed.env()}  # the S3 secret the run must never expose
+    port = _port()
+    cmd = [sys.executable, "-m", "train.cli", "pretrain", "--config", "tiny_cpu", "data.url=s3://metrics/ds",
+           "data.micro_batch=8", "data.num_workers=2", f"data.cache_dir={root / 'cache'}",
+           "data.max_corrupt_fraction=0.2", f"schedule.max_steps={EPOCHS * STEPS_PER_EPOCH}",
+           f"checkpoint.dir={root / 'ckpt'}", "checkpoint.every_steps=50", "metrics.enabled=true",
+           f"metrics.port_base={port}", f"metrics.file_sd_dir={sd_dir}", "metrics.linger_s=4",
+           "metrics.measure_speedup=true", f"metrics.multiproc_dir={root / 'mp'}"]
+    t0 = time.time()
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    t1 = time.time()
+    assert out.returncode == 0, out.stderr[-4000:]
+    time.sleep(1.5)
+    summary = json.loads((root / "ckpt" / "run_summary.json").read_text())
+    yield prom, t0, t1, summary, out
+    prom.stop()
+
+
+def test_images_rate_and_counts_match_the_run(scraped_run):
+    prom, t0, t1, summary, _ = scraped_run
+    trainer = prom.value("max_over_time(mae_trainer_images_total[10m])", t1)
+    assert trainer == summary["images"] == EPOCHS * 96
+    # counters of the 2 worker processes, summed by the endpoint: whole epochs -> nothing decoded in vain
+    assert prom.value("max_over_time(mae_pipeline_images_decoded_total[10m])", t1) == trainer
+    assert prom.value("max_over_time(rate(mae_trainer_images_total[5s])[10m:1s])", t1) > 0
+    assert prom.value("max_over_time(mae_step_duration_seconds_count[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
+    assert prom.value("max_over_time(mae_data_wait_seconds_count[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
+    assert prom.value("max_over_time(mae_step[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
+    assert prom.value('max_over_time(mae_pipeline_samples_skipped_total{reason="truncated"}[10m])', t1) == EPOCHS
+    assert prom.value("max_over_time(mae_shard_cache_misses_total[10m])", t1) >= 1
+    assert prom.value("max_over_time(mae_shard_cache_hits_total[10m])", t1) >= 1
+    assert prom.value("max_over_time(mae_shard_bytes_fetched_total[10m])", t1) > 0
+    assert 1 < prom.value("max_over_time(mae_encoder_speedup_flop_ratio[10m])", t1) < 5
+    assert prom.value("max_over_time(mae_encoder_speedup_ratio[10m])", t1) > 0
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def _concrete(expr: str) -> str:
+    return expr.replace("$__rate_interval", "5s").replace('"$job"', '".*"')
+
+
+def test_dashboard_json_is_importable():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["templating"]["list"][0] == {**dash["templating"]["list"][0], "type": "datasource", "query": "prometheus"}
+    titles = [p["title"] for p in dash["panels"]]
+    assert len(titles) == len(set(titles)) >= 10
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] == "${datasource}" and p["targets"]
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_dashboard_query_passes_promtool(tmp_path):
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"maescale:panel_query_{i}", "expr": _concrete(e)} for i, e in enumerate(_dashboard_exprs())]}]}
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))  # JSON is YAML
+    out = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(_dashboard_exprs())} rules found" in out.stdout
+
+
+def test_every_dashboard_panel_and_query_returns_data(scraped_run):
+    import torch
+
+    prom, t0, t1, _, _ = scraped_run
+    empty = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        panel_values = 0
+        for target in panel["targets"]:
+            result = prom.api("query_range", query=_concrete(target["expr"]), start=t0, end=t1 + 5, step=1)["result"]
+            values = [v for series in result for _, v in series["values"] if v not in ("NaN", "+Inf", "-Inf")]
+            panel_values += len(values)
+            gpu_only = any(m in target["expr"] for m in GPU_ONLY) and not torch.cuda.is_available()
+            if not values and not gpu_only:
+                empty.append(target["expr"])
+        assert panel_values, f"panel {panel['title']!r} has no data"
+    assert not empty, f"dashboard queries without data: {empty}"
+
+
+def test_metric_names_follow_the_conventions(scraped_run):
+    prom = scraped_run[0]
+    names = [n for n in prom.api("label/__name__/values") if n.startswith("mae_")]
+    specs = set(METRICS)
+    for spec in METRICS.values():
+        assert re.fullmatch(r"mae_[a-z0-9_]+", spec.name)
+        assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
+        if spec.kind == "histogram":
+            assert spec.name.endswith("_seconds")
+        assert set(spec.labels) <= {"rank", "backend", "reason"}  # low cardinality only
+    for name in names:  # everything scraped is declared (histograms add _bucket/_sum/_count)
+        assert re.sub(r"_(bucket|sum|count)$", "", name) in specs or name in specs, name
+
+
+def test_no_secret_or_url_in_any_label_or_value(scraped_run, seaweed):
+    prom, _, t1, _, out = scraped_run
+    series = prom.api("series", **{"match[]": '{__name__=~"mae_.*"}'}, start=t1 - 600, end=t1 + 5)
+    assert series
+    for labels in series:
+        for value in labels.values():
+            assert seaweed.secret_key not in value and "://" not in value and "@" not in value
+    assert seaweed.secret_key not in out.stdout + out.stderr
+
+
+def test_metrics_doc_lists_every_metric():
+    doc = (ROOT / "docs" / "METRICS.md").read_text()
+    for name, spec in METRICS.items():
+        assert f"| `{name}` | {spec.kind} |" in doc, name
+
+
+def test_library_code_reports_nothing_by_default():
+    from infra.metrics import NullSink, sink
+
+    assert isinstance(sink(), NullSink)

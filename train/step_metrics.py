@@ -1,0 +1,64 @@
+"""What the trainer reports to the metrics sink each step, kept out of the loop."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from infra.metrics import sink
+
+
+class EncoderTimer:
+    """Times the encoder forward (patch embedding to final norm) with hooks: CUDA
+    events on a GPU, read one step late so the loop never waits on the device;
+    wall time on CPU."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pending: list = []
+        self._start = None
+        self._handles = [model.patch_embed.register_forward_pre_hook(self._begin),
+                         model.norm.register_forward_hook(self._end)]
+
+    def _begin(self, module, args) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def _end(self, module, args, output) -> None:
+        if self._start is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            sink().observe("mae_encoder_forward_duration_seconds", time.perf_counter() - self._start)
+        self._start = None
+
+    def flush(self) -> None:
+        """Report the CUDA timings that have completed."""
+        keep = []
+        for start, end in self._pending:
+            if end.query():
+                sink().observe("mae_encoder_forward_duration_seconds", start.elapsed_time(end) / 1e3)
+            else:
+                keep.append((start, end))
+        self._pending = keep
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def record_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        sink().set("mae_device_memory_allocated_bytes", torch.cuda.memory_allocated(device))
+        sink().set("mae_device_memory_reserved_bytes", torch.cuda.memory_reserved(device))
+    with open("/proc/self/statm") as f:
+        sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
