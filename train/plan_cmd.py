@@ -138,6 +138,6 @@ def run(args: argparse.Namespace) -> int:
               "(lowest stage = least communication)")
     else:
         ck = next((row["stage"] for row in r["rows"] if row["total"][True] <= r["usable"]), None)
-        print(f"-> nothing fits without checkpointing; " + (f"stage {ck} with model.grad_checkpointing=true" if ck is not None
+        print("-> nothing fits without checkpointing; " + (f"stage {ck} with model.grad_checkpointing=true" if ck is not None
               else "lower the micro-batch (raise accumulation) or add GPUs"))
     return 0

@@ -27,7 +27,7 @@ from infra.metrics import sink
 from pipeline.augment import sample_rng
 from pipeline.decode.crop import decode_crop
 from pipeline.images import BadImage
-from pipeline.loader import LoaderConfig, PlannedLoader
+from pipeline.loader import PlannedLoader
 from pipeline.manifest import ShardInfo
 from pipeline.storage import ShardStore
 from pipeline.tar_shards import SampleIndex, ShardFormatError, index_tar, read_members

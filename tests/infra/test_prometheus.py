@@ -203,3 +203,44 @@ def test_library_code_reports_nothing_by_default():
     from infra.metrics import NullSink, sink
 
     assert isinstance(sink(), NullSink)
+
+
+def test_each_rank_serves_its_own_endpoint_and_file_sd_lists_them(tmp_path):
+    from pipeline.sample_photos import write_photo_folder
+    from pipeline.writer import ShardWriterConfig, write_shards
+
+    write_photo_folder(tmp_path / "src", 48, size=(64, 48))
+    write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), ShardWriterConfig(shard_bytes=60_000))
+    base = _port()
+    while True:  # two consecutive free ports
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+            break
+        except OSError:
+            base = _port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           "-m", "train.pretrain", "--config", "tiny_cpu", f"data.url={tmp_path / 'shards'}", "data.micro_batch=8",
+           "data.num_workers=1", "schedule.max_steps=30", f"checkpoint.dir={tmp_path / 'ckpt'}",
+           "checkpoint.enabled=false", "metrics.enabled=true", f"metrics.port_base={base}", "metrics.linger_s=6",
+           f"metrics.file_sd_dir={tmp_path / 'sd'}", f"metrics.multiproc_dir={tmp_path / 'mp'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(seen) < 2:
+            for local_rank in (0, 1):
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{base + local_rank}/metrics", timeout=1).read().decode()
+                except OSError:
+                    continue
+                step = re.search(r'^mae_step\{rank="(\d)"\} (\d+)', text, re.M)
+                if step and int(step.group(2)) == 30:
+                    seen[local_rank] = step.group(1)
+            time.sleep(0.3)
+        assert seen == {0: "0", 1: "1"}, seen  # port base + local rank serves that rank
+        targets = json.loads(next((tmp_path / "sd").glob("maescale-*.json")).read_text())
+        assert targets[0]["targets"] == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
+    finally:
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]

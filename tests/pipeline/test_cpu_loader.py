@@ -163,7 +163,7 @@ def test_each_corrupt_kind_is_skipped_counted_and_named(corrupt_ds, caplog):
     assert ids == list(range(0, 14, 2))  # every good sample, in plan order
     assert loader.stats.skipped == {reason: 1 for reason in CORRUPT}
     for reason in CORRUPT:
-        assert any(f"shard-000000.tar/" in r.message and f"_{reason}: {reason}" in r.message for r in caplog.records)
+        assert any("shard-000000.tar/" in r.message and f"_{reason}: {reason}" in r.message for r in caplog.records)
 
 
 def test_convert_policy_keeps_mode_outliers(corrupt_ds):
