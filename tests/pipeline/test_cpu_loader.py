@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes, numbered_shards, write_raw_shards
+from shard_helpers import jpeg_bytes, numbered_shards, write_raw_shards
 from PIL import Image
 
 from pipeline.augment import AugmentConfig, random_resized_crop_box, sample_rng

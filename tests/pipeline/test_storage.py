@@ -3,7 +3,7 @@ import threading
 import time
 
 import pytest
-from conftest import numbered_shards
+from shard_helpers import numbered_shards
 
 from pipeline.cache import ShardCache
 from pipeline.loader import LoaderConfig, build_loader

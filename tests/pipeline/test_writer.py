@@ -5,7 +5,7 @@ import sys
 import tarfile
 
 import pytest
-from conftest import jpeg_bytes, read_json
+from shard_helpers import jpeg_bytes, read_json
 
 from pipeline.images import ImagePolicy
 from pipeline.manifest import ShardManifest
