@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,7 +93,3 @@ class ShardCache:
         if total > self.limit_bytes:
             log.debug("shard cache over its limit (%d > %d bytes): entries in use", total, self.limit_bytes)
         return freed
-
-
-def unique_suffix() -> str:
-    return uuid.uuid4().hex[:12]

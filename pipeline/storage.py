@@ -348,9 +348,10 @@ def with_retries(what: str, url: str, fn: Callable[[], Any], policy: RetryPolicy
     raise AssertionError("unreachable")
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
+def sha256_file(path: str | os.PathLike[str], fs: fsspec.AbstractFileSystem | None = None) -> str:
+    """sha256 of a local file, or of ``path`` on ``fs``, read in large blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (fs.open(path, "rb", block_size=READ_BLOCK) if fs is not None else open(path, "rb")) as f:
         while chunk := f.read(READ_BLOCK):
             digest.update(chunk)
     return digest.hexdigest()

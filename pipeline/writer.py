@@ -282,11 +282,7 @@ def _existing_record(fs, root: str, job: ShardJob) -> dict | None:
         record = json.loads(fs.cat_file(join(root, job.name + RECORD_SUFFIX)))
         if record.get("sources_digest") != job.digest or fs.size(join(root, job.name)) != record["bytes"]:
             return None
-        digest = hashlib.sha256()
-        with fs.open(join(root, job.name), "rb", block_size=8 * 2**20) as f:
-            while chunk := f.read(8 * 2**20):
-                digest.update(chunk)
-        return record if digest.hexdigest() == record["sha256"] else None
+        return record if sha256_file(join(root, job.name), fs) == record["sha256"] else None
     except (FileNotFoundError, KeyError, ValueError):
         return None
 

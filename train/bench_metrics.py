@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import tempfile
 from pathlib import Path
 
 from train.config import load_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train.engine import free_port
 
 
 def sink_cost_per_step(iterations: int = 20000) -> float:
@@ -27,7 +21,7 @@ def sink_cost_per_step(iterations: int = 20000) -> float:
     from infra.prometheus_sink import PrometheusSink
 
     with tempfile.TemporaryDirectory(prefix="mae-sink-cost-") as tmp:
-        prom = PrometheusSink(0, 0, 1, _free_port(), multiproc_dir=tmp)
+        prom = PrometheusSink(0, 0, 1, free_port(), multiproc_dir=tmp)
         try:
             t0 = time.perf_counter()
             for _ in range(iterations):
@@ -66,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                     f"data.url={root / 'shards'}", "data.micro_batch=8", f"data.num_workers={args.workers}",
                     f"schedule.max_steps={args.steps}", "checkpoint.enabled=false", f"checkpoint.dir={run_dir}",
                     f"log.metrics_file={run_dir / 'steps.jsonl'}", "log.every_steps=100000",
-                    f"metrics.enabled={str(mode == 'on').lower()}", f"metrics.port_base={_free_port()}",
+                    f"metrics.enabled={str(mode == 'on').lower()}", f"metrics.port_base={free_port()}",
                     "metrics.measure_speedup=false"])
                 pretrain(cfg)
                 times = [json.loads(line)["step_time_s"] for line in open(run_dir / "steps.jsonl")]

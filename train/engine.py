@@ -22,7 +22,8 @@ from train.recipe import param_groups
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +38,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, int]:
         raise ImportError("the trainer needs DeepSpeed: pip install 'maescale[deepspeed]'") from e
     if "RANK" not in os.environ:  # plain `python -m train.pretrain` / `mae pretrain`
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
