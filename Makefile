@@ -7,11 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # Extras installed for the test suite; later features add theirs here.
-TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics
+TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics,dali,ffcv
 STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # Debian packages the tests need (installed with apt-get when missing; later
-# features add theirs, e.g. prometheus, libturbojpeg0-dev).
-APT_PACKAGES ?= prometheus
+# features add theirs). FFCV builds from source against libturbojpeg and OpenCV 4.
+APT_PACKAGES ?= prometheus pkg-config g++ libturbojpeg0-dev libopencv-dev
 
 .PHONY: venv test test-fast demo bench-encoder gpu-check-dry-run clean
 

@@ -29,8 +29,10 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                "(all DataLoader workers)", ("rank", "backend")),
     MetricSpec("mae_pipeline_samples_skipped_total", "counter", "Corrupt samples skipped, by reason",
                ("rank", "backend", "reason")),
-    MetricSpec("mae_pipeline_samples_converted_total", "counter", "Images converted to RGB (CMYK, grayscale, 16-bit)",
+    MetricSpec("mae_pipeline_samples_converted_total", "counter", "Images converted to RGB (CMYK, grayscale, 16-bit; dali: non-JPEG re-encoded)",
                ("rank", "reason")),
+    MetricSpec("mae_pipeline_rebuilds_total", "counter", "Decode pipelines rebuilt after a sample failed to decode "
+               "(dali)", ("rank", "backend")),
     MetricSpec("mae_shard_bytes_fetched_total", "counter", "Shard bytes fetched from storage into the local cache"),
     MetricSpec("mae_shard_fetch_retries_total", "counter", "Shard fetch attempts retried after a transient failure"),
     MetricSpec("mae_shard_fetch_errors_total", "counter", "Shard fetches failed for good"),

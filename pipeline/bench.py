@@ -3,10 +3,10 @@
 (a) bucket read bandwidth: plain ``s3fs cat`` of every shard vs the reader's
     verified, cached fetch of the same shard, interleaved shard by shard, against a
     real S3 server (SeaweedFS on loopback, or ``--url`` for your own bucket);
-(b) decode: the ``cpu`` backend's images/sec and CPU-ms per image vs a baseline
-    like the official MAE loader (one JPEG file per image, PIL decode, crop then
-    bicubic resize, flip, float normalize in DataLoader workers), same images,
-    same worker count, runs alternated;
+(b) decode: each backend's (``--backend cpu|dali|ffcv|all``) images/sec and
+    CPU-ms per image vs a baseline like the official MAE loader (one JPEG file per
+    image, PIL decode, crop then bicubic resize, flip, float normalize in
+    DataLoader workers), same images, same worker count, runs alternated;
 (c) memory: peak RSS of a process streaming the whole bucket dataset through a
     cache several times smaller than the data.
 """
@@ -70,31 +70,53 @@ def _timed(iterable) -> dict[str, float]:
     cpu0, t0, n = _cpu_seconds(), time.perf_counter(), 0
     for batch in iterable:
         n += len(batch.keys) if hasattr(batch, "keys") else len(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     return {"images": n, "wall_s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
 
 
-def bench_decode(shards_url: str, files: list[Path], batch: int, workers: int, rounds: int) -> dict[str, object]:
-    """Per-file PIL baseline vs the cpu backend twice: uint8 out (what a GPU run pays
-    on the host: normalization happens on the device) and normalized on the host
-    (a CPU-only run)."""
-    runs: dict[str, list[dict[str, float]]] = {"per_file_pil_baseline": [], "cpu_backend_uint8": [],
-                                               "cpu_backend_host_normalize": []}
-    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers)
+DECODE_BACKENDS = ("cpu", "dali", "ffcv")
+
+
+def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batch: int, workers: int, rounds: int,
+                 backends: tuple[str, ...] = ("cpu",), device: str = "cpu") -> dict[str, object]:
+    """The per-file PIL baseline vs each backend, same images, same worker/thread
+    count, alternated round by round. ``cpu`` runs twice: uint8 out (what a GPU run
+    pays on the host: normalization happens on the device) and normalized on the
+    host (a CPU-only run); ``dali`` and ``ffcv`` normalize themselves. FFCV's
+    one-off JIT warm-up is reported apart (one untimed epoch first)."""
+    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers, device=device)
+    runners: dict[str, object] = {"per_file_pil_baseline": lambda: DataLoader(
+        PerFileBaseline(files, cfg.augment), batch_size=batch, num_workers=workers, shuffle=True,
+        persistent_workers=False)}
+    if "cpu" in backends:
+        runners["cpu_backend_uint8"] = lambda: build_loader(replace(cfg, normalize=False), rank=0, world_size=1)
+        runners["cpu_backend_host_normalize"] = lambda: build_loader(cfg, rank=0, world_size=1)
+    if "dali" in backends:
+        runners["dali_backend"] = lambda: build_loader(replace(cfg, backend="dali"), rank=0, world_size=1)
+    warmup = {}
+    if "ffcv" in backends:
+        ffcv = build_loader(replace(cfg, backend="ffcv", url=beton_url), rank=0, world_size=1)
+        t0 = time.perf_counter()
+        for _ in ffcv:  # JIT compile: once per process
+            pass
+        warmup["ffcv_first_epoch_s"] = time.perf_counter() - t0
+        warmup["ffcv_jit_first_batch_s"] = ffcv.stats.warmup_s
+        runners["ffcv_backend"] = lambda: ffcv
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     for _ in range(rounds):  # alternate A B C A B C so drift hits all alike
-        base = DataLoader(PerFileBaseline(files, cfg.augment), batch_size=batch, num_workers=workers,
-                          shuffle=True, persistent_workers=False)
-        runs["per_file_pil_baseline"].append(_timed(base))
-        runs["cpu_backend_uint8"].append(_timed(build_loader(replace(cfg, normalize=False), rank=0, world_size=1)))
-        runs["cpu_backend_host_normalize"].append(_timed(build_loader(cfg, rank=0, world_size=1)))
-    out: dict[str, object] = {}
+        for name, make in runners.items():
+            runs[name].append(_timed(make()))
+    out: dict[str, object] = {"warmup": warmup}
     for name, rs in runs.items():
         out[name] = {k: statistics.median(r[k] for r in rs) for k in ("images_per_s", "cpu_ms_per_image")}
         out[name]["runs"] = rs
     b = out["per_file_pil_baseline"]
-    for name in ("cpu_backend_uint8", "cpu_backend_host_normalize"):
-        out[name]["cpu_per_image_reduction"] = b["cpu_ms_per_image"] / out[name]["cpu_ms_per_image"]
-        out[name]["throughput_ratio"] = out[name]["images_per_s"] / b["images_per_s"]
+    for name in runs:
+        if name != "per_file_pil_baseline":
+            out[name]["cpu_per_image_reduction"] = b["cpu_ms_per_image"] / out[name]["cpu_ms_per_image"]
+            out[name]["throughput_ratio"] = out[name]["images_per_s"] / b["images_per_s"]
     return out
 
 
@@ -177,62 +199,103 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the decode comparison")
     p.add_argument("--shard-size", type=int, default=16 * MiB)
     p.add_argument("--workdir", default=None, help="keep generated data here (default: a temp dir)")
+    p.add_argument("--backend", default="cpu", choices=[*DECODE_BACKENDS, "all"],
+                   help="decode backends to compare with the baseline (all: cpu, dali, ffcv)")
+    p.add_argument("--device", default="cpu", help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
+    p.add_argument("--parts", default="read,decode,rss",
+                   help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from infra.s3_server import SeaweedS3
     from pipeline.sample_photos import write_photo_folder
     from pipeline.writer import ShardWriterConfig, write_shards
 
+    parts = set(args.parts.split(","))
+    if not parts <= {"read", "decode", "rss"}:
+        raise SystemExit(f"--parts: unknown {sorted(parts - {'read', 'decode', 'rss'})}; valid: read, decode, rss")
     with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp:
         work = Path(args.workdir or tmp)
         src = work / "src"
         files = sorted(src.rglob("*.jpg")) if src.exists() else []
         if len(files) != args.images:
             files = write_photo_folder(src, args.images, labelled=True)
-        shard_cfg = ShardWriterConfig(shard_bytes=args.shard_size, workers=2)
-        write_shards(str(src), str(work / "shards"), shard_cfg)
         report: dict[str, object] = {"images": len(files), "torch_threads": torch.get_num_threads(),
-                                     "cpus": os.cpu_count()}
-        with SeaweedS3() as s3:
-            s3.create_bucket("bench")
-            storage = StorageConfig(options={"endpoint_url": s3.endpoint_url, "key": s3.access_key,
-                                             "secret": s3.secret_key})
-            summary = write_shards(str(src), "s3://bench/shards", ShardWriterConfig(
-                shard_bytes=args.shard_size, workers=2, storage=storage))
-            report["read"] = bench_read("s3://bench/shards", storage, str(work / "read-cache"), args.rounds)
-            report["rss"] = bench_rss("s3://bench/shards", s3.endpoint_url, s3.env(),
-                                      cache_limit=max(summary.manifest.total_bytes // 5, 2 * args.shard_size),
-                                      dataset_bytes=summary.manifest.total_bytes)
-        report["decode"] = bench_decode(str(work / "shards"), files, args.batch, args.workers, args.rounds)
+                                     "cpus": os.cpu_count(), "device": args.device}
+        if parts & {"read", "rss"}:
+            report.update(_bench_s3(args, src, work, parts))
+        if "decode" in parts:
+            shard_cfg = ShardWriterConfig(shard_bytes=args.shard_size, workers=2)
+            write_shards(str(src), str(work / "shards"), shard_cfg)
+            backends = DECODE_BACKENDS if args.backend == "all" else (args.backend,)
+            beton = None
+            if "ffcv" in backends:
+                from pipeline.beton import BetonOptions, write_beton
+
+                write_beton(str(src), str(work / "beton"), shard_cfg, BetonOptions(workers=2))
+                beton = str(work / "beton")
+            report["decode"] = bench_decode(str(work / "shards"), beton, files, args.batch, args.workers,
+                                            args.rounds, backends, args.device)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
+def _bench_s3(args: argparse.Namespace, src: Path, work: Path, parts: set[str]) -> dict[str, object]:
+    from infra.s3_server import SeaweedS3
+    from pipeline.writer import ShardWriterConfig, write_shards
+
+    out: dict[str, object] = {}
+    with SeaweedS3() as s3:
+        s3.create_bucket("bench")
+        storage = StorageConfig(options={"endpoint_url": s3.endpoint_url, "key": s3.access_key,
+                                         "secret": s3.secret_key})
+        summary = write_shards(str(src), "s3://bench/shards", ShardWriterConfig(
+            shard_bytes=args.shard_size, workers=2, storage=storage))
+        if "read" in parts:
+            out["read"] = bench_read("s3://bench/shards", storage, str(work / "read-cache"), args.rounds)
+        if "rss" in parts:
+            out["rss"] = bench_rss("s3://bench/shards", s3.endpoint_url, s3.env(),
+                                   cache_limit=max(summary.manifest.total_bytes // 5, 2 * args.shard_size),
+                                   dataset_bytes=summary.manifest.total_bytes)
+    return out
+
+
+DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
+                 ("cpu_backend_host_normalize", "cpu backend, normalized on host"),
+                 ("dali_backend", "dali backend, normalized"),
+                 ("ffcv_backend", "ffcv backend, normalized"))
+
+
 def format_report(r: dict) -> str:
-    rd, dc, rss = r["read"], r["decode"], r["rss"]
-    b = dc["per_file_pil_baseline"]
-    lines = [
-        f"mae bench pipeline: {r['images']} JPEGs (~500x375, q90), {r['cpus']} CPUs",
-        "(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs):",
-    ]
-    for name, label in (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
-                        ("reader", "reader (ranged, verified, cached)")):
-        lines.append(f"    {label:<36}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
-                     f"{rd[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
-    lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat, {rd['reader_vs_raw_to_disk']:.0%} of cat+write")
-    lines.append(f"(b) decode + RandomResizedCrop 224 + flip, {b['runs'][0]['images']} images/run, median of "
-                 f"{len(b['runs'])} alternated runs:")
-    lines.append(f"    {'per-file PIL baseline (official MAE)':<36}{b['images_per_s']:8.1f} img/s "
-                 f"{b['cpu_ms_per_image']:6.2f} CPU-ms/img")
-    for name, label in (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
-                        ("cpu_backend_host_normalize", "cpu backend, normalized on host")):
-        c = dc[name]
-        lines.append(f"    {label:<36}{c['images_per_s']:8.1f} img/s {c['cpu_ms_per_image']:6.2f} CPU-ms/img"
-                     f"  -> {c['cpu_per_image_reduction']:.2f}x less CPU/img, {c['throughput_ratio']:.2f}x img/s")
-    lines.append(f"(c) streaming {rss['dataset_MiB']:.0f} MiB through a {rss['cache_limit_MiB']:.0f} MiB cache: "
-                 f"main peak RSS {rss['main_peak_rss_MiB']:.0f} MiB, worker peak {rss['worker_peak_rss_MiB']:.0f} MiB, "
-                 f"cache at end {rss['cache_final_MiB']:.0f} MiB, {rss['images']} images; main RSS at each "
-                 f"quarter {rss['main_rss_trace_MiB']} MiB")
+    lines = [f"mae bench pipeline: {r['images']} JPEGs (~500x375, q90), {r['cpus']} CPUs, device {r['device']}"]
+    if "read" in r:
+        rd = r["read"]
+        lines.append("(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs):")
+        for name, label in (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
+                            ("reader", "reader (ranged, verified, cached)")):
+            lines.append(f"    {label:<36}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
+                         f"{rd[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
+        lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat, "
+                     f"{rd['reader_vs_raw_to_disk']:.0%} of cat+write")
+    if "decode" in r:
+        dc = r["decode"]
+        b = dc["per_file_pil_baseline"]
+        lines.append(f"(b) decode + RandomResizedCrop 224 + flip, {b['runs'][0]['images']} images/run, median of "
+                     f"{len(b['runs'])} alternated runs (CPU-ms/img = CPU cores per 1,000 img/s):")
+        lines.append(f"    {'per-file PIL baseline (official MAE)':<36}{b['images_per_s']:8.1f} img/s "
+                     f"{b['cpu_ms_per_image']:6.2f} CPU-ms/img")
+        for name, label in DECODE_LABELS:
+            if name in dc:
+                c = dc[name]
+                lines.append(f"    {label:<36}{c['images_per_s']:8.1f} img/s {c['cpu_ms_per_image']:6.2f} CPU-ms/img"
+                             f"  -> {c['cpu_per_image_reduction']:.2f}x less CPU/img, "
+                             f"{c['throughput_ratio']:.2f}x img/s")
+        for name, secs in dc["warmup"].items():
+            lines.append(f"    warm-up, not in the numbers above: {name} {secs:.1f} s")
+    if "rss" in r:
+        rss = r["rss"]
+        lines.append(f"(c) streaming {rss['dataset_MiB']:.0f} MiB through a {rss['cache_limit_MiB']:.0f} MiB cache: "
+                     f"main peak RSS {rss['main_peak_rss_MiB']:.0f} MiB, worker peak "
+                     f"{rss['worker_peak_rss_MiB']:.0f} MiB, cache at end {rss['cache_final_MiB']:.0f} MiB, "
+                     f"{rss['images']} images; main RSS at each quarter {rss['main_rss_trace_MiB']} MiB")
     return "\n".join(lines)

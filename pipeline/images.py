@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 # Reasons an image is rejected. Mode reasons (cmyk, grayscale, 16bit) only reject
 # under ``mode_policy='skip'``; by default those images are converted to RGB.
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small",
-           "cmyk", "grayscale", "16bit", "unsupported_mode")
+           "cmyk", "grayscale", "16bit", "unsupported_mode", "decode_failed")
 MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grayscale",
                 "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
 CONVERTIBLE_MODES = {"RGB", "RGBA", "P", "PA", "RGBX", "YCbCr"}

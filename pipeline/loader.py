@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# name -> (module, class, pip extra that provides its library). GPU backends
-# (dali, ffcv) register here as they land.
+# name -> (module, class, pip extra that provides its library).
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "cpu": ("pipeline.decode.cpu", "CpuLoader", None),
+    "dali": ("pipeline.decode.dali", "DaliLoader", "dali"),
+    "ffcv": ("pipeline.decode.ffcv", "FfcvLoader", "ffcv"),
     "synthetic": ("pipeline.decode.synthetic", "SyntheticLoader", None),  # trainer benchmarks only
 }
 
@@ -59,6 +60,11 @@ class LoaderConfig:
     device: str = "cpu"
     dtype: str = "float32"
     normalize: bool = True  # False: uint8 images (normalize inside the model / compiled graph)
+    # dali: 'plan' takes crop boxes and flips from the sample plan's keyed RNG (the cpu
+    # backend's exact crops; unchanged by resume or a pipeline rebuild), 'random' uses
+    # DALI's own fn.decoders.image_random_crop and coin_flip.
+    dali_crop: str = "plan"
+    hw_decoder_load: float = 0.65  # dali on A100/H100: share of JPEGs sent to the hardware decoder
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -73,6 +79,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_corrupt_fraction <= 1:
             raise ValueError(f"LoaderConfig.max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
+        if self.dali_crop not in ("plan", "random"):
+            raise ValueError(f"LoaderConfig.dali_crop must be 'plan' or 'random', got {self.dali_crop!r}")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"LoaderConfig.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.dtype not in DTYPES:
             raise ValueError(f"LoaderConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -91,6 +101,7 @@ class LoaderStats:
     batches: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     converted: Counter = field(default_factory=Counter)  # mode reason -> count (converted to RGB)
+    warmup_s: float = 0.0  # time to this process's first batch (ffcv: numba JIT compile)
 
 
 @runtime_checkable
@@ -124,7 +135,10 @@ def fix_malloc_mmap_threshold(threshold: int = 4 * 2**20) -> bool:
 
 
 def dist_rank_world() -> tuple[int, int]:
-    """Global rank and world size from the launcher's environment (1 process: 0, 1)."""
+    """Global rank and world size: the initialised process group's, else the
+    launcher's environment (1 process: 0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -150,9 +164,14 @@ def dataset_fingerprint(manifest: ShardManifest) -> str:
 class PlannedLoader:
     """Position tracking, resume, normalization and corrupt-sample accounting shared
     by the backends. A backend implements ``_batches(ids, epoch)``, yielding
-    ``(uint8 images (b,3,S,S), labels, keys, ids, planned, skips)`` per planned batch
-    in plan order; ``planned`` is the batch's size in the plan and ``skips`` lists
-    ``(key, reason)`` of samples dropped from it."""
+    ``(images, labels, keys, ids, planned, skips, converted)`` per planned batch in
+    plan order: uint8 images (b,3,S,S) — or final ones when ``normalizes`` is set —,
+    ``planned`` the batch's size in the plan, ``skips`` the ``(key, reason)`` of
+    samples dropped from it and ``converted`` the mode reasons of images converted
+    to RGB."""
+
+    normalizes = False  # the backend yields images normalized, on device, in the dtype
+    dataset_format = "tar"  # manifest options["format"] this backend reads
 
     def __init__(self, config: LoaderConfig, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
@@ -162,6 +181,11 @@ class PlannedLoader:
         self.manifest = self.store.read_manifest()
         if not self.manifest.shards:
             raise ValueError(f"dataset {config.url} has no samples")
+        fmt = self.manifest.options.get("format", "tar")
+        if fmt != self.dataset_format:
+            raise ValueError(f"dataset {config.url} is in {fmt!r} format, which the {config.backend!r} backend does not "
+                             f"read; use backend {'ffcv' if fmt == 'beton' else 'cpu or dali'} or re-shard with "
+                             f"`mae shard --format {self.dataset_format}`")
         self.plan = SamplePlan([s.samples for s in self.manifest.shards], config.plan)
         self.fingerprint = dataset_fingerprint(self.manifest)
         self.stats = LoaderStats()
@@ -216,8 +240,11 @@ class PlannedLoader:
         end = consumed + (len(ids) - consumed) // bs * bs if self.config.drop_last else len(ids)
         budget = int(self.config.max_corrupt_fraction * len(ids))
         epoch_skipped = 0
-        for images, labels, keys, batch_ids, planned, skips in self._batches(ids[consumed:end], self.epoch):
+        for images, labels, keys, batch_ids, planned, skips, converted in self._batches(ids[consumed:end], self.epoch):
             self.segments[-1][1] += planned
+            self.stats.converted.update(converted)
+            for reason in converted:
+                sink().inc("mae_pipeline_samples_converted_total", reason=reason)
             for key, reason in skips:
                 self.stats.skipped[reason] += 1
                 sink().inc("mae_pipeline_samples_skipped_total", backend=self.config.backend, reason=reason)
@@ -232,7 +259,8 @@ class PlannedLoader:
                 continue
             self.stats.images += len(keys)
             self.stats.batches += 1
-            images = self.normalize(images) if self.config.normalize else images.to(self.device, non_blocking=True)
+            if not self.normalizes:
+                images = self.normalize(images) if self.config.normalize else images.to(self.device, non_blocking=True)
             yield Batch(images, labels, keys, batch_ids)
         self.epoch, self.segments = self.epoch + 1, [[self.world_size, 0]]
 

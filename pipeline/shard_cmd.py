@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-meta", action="store_true", help="no <key>.json with the source path")
     p.add_argument("--mode-policy", choices=["convert", "skip"], default="convert",
                    help="CMYK/grayscale/16-bit images: convert to RGB when read, or reject")
+    p.add_argument("--format", choices=["tar", "beton"], default="tar",
+                   help="tar: webdataset shards (cpu, dali backends); beton: one FFCV file (ffcv backend)")
+    p.add_argument("--stall-timeout", type=float, default=300.0,
+                   help="beton: kill FFCV's writer when its output has not grown for this many seconds")
     p.add_argument("--min-side", type=int, default=ImagePolicy.min_side)
     p.add_argument("--max-pixels", type=int, default=ImagePolicy.max_pixels, help="decompression-bomb guard")
     add_storage_arguments(p)
@@ -58,11 +62,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = ShardWriterConfig(
         shard_bytes=args.shard_size, max_samples_per_shard=args.max_samples_per_shard, workers=args.workers,
-        shuffle=not args.no_shuffle, seed=args.seed, reencode=args.reencode, max_side=args.max_side,
+        shuffle=not args.no_shuffle, seed=args.seed, reencode=args.reencode,
+        max_side=args.max_side if args.format == "tar" or args.reencode else None,
         jpeg_quality=args.quality, with_meta=not args.no_meta,
         policy=ImagePolicy(min_side=args.min_side, max_pixels=args.max_pixels, mode_policy=args.mode_policy),
         storage=storage_config(args))
-    summary = write_shards(args.src, args.dest, cfg)
+    if args.format == "beton":
+        from pipeline.beton import BetonOptions, write_beton
+
+        summary = write_beton(args.src, args.dest, cfg, BetonOptions(
+            jpeg_quality=args.quality, max_side=args.max_side, workers=args.workers,
+            stall_timeout_s=args.stall_timeout))
+    else:
+        summary = write_shards(args.src, args.dest, cfg)
     print(summary.format())
     print(f"manifest: {redact(args.dest.rstrip('/'))}/manifest.json")
     return 0

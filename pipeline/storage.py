@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
+from tqdm import tqdm
 
 from infra.metrics import sink
 from pipeline.cache import ShardCache
@@ -233,8 +235,9 @@ class ShardStore:
         data = self._with_retries(f"manifest {where}", lambda: self.fs.cat_file(join(self.root, MANIFEST_NAME)))
         return ShardManifest.from_json(data, where)
 
-    def local_path(self, shard: ShardInfo) -> Path:
-        """A local file holding the verified shard (downloads on a cache miss)."""
+    def local_path(self, shard: ShardInfo, progress: bool = False) -> Path:
+        """A local file holding the verified shard (downloads on a cache miss, with
+        a progress bar on a terminal when ``progress``)."""
         if self.local:
             path = Path(join(self.root, shard.name))
             if shard.name not in self._verified:
@@ -253,7 +256,9 @@ class ShardStore:
                 return hit
             tmp = self.cache.temp_path(shard.sha256)
             try:
-                self._with_retries(f"shard {shard.name}", lambda: self._download(shard, tmp))
+                with tqdm(total=shard.bytes, unit="B", unit_scale=True, desc=f"staging {shard.name}",
+                          disable=not (progress and sys.stderr.isatty())) as bar:
+                    self._with_retries(f"shard {shard.name}", lambda: self._download(shard, tmp, bar.update))
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -281,7 +286,7 @@ class ShardStore:
             raise FileNotFoundError(f"{path} does not exist")
         _check_digest(sha256_file(path), shard)
 
-    def _download(self, shard: ShardInfo, tmp: Path) -> None:
+    def _download(self, shard: ShardInfo, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
         """Fetch one shard into ``tmp`` as parallel ranged GETs, each written at its
         offset, hashing in order as the prefix completes (no second read). A retry
         fetches only the ranges that have not arrived; a checksum mismatch starts over."""
@@ -304,7 +309,10 @@ class ShardStore:
                 futures = [pool.submit(fetch, r) for r in ranges if r[0] not in state.arrived]
                 for fut in cf.as_completed(futures):
                     try:
-                        state.add(*fut.result())
+                        start, data = fut.result()
+                        state.add(start, data)
+                        if on_bytes is not None:
+                            on_bytes(len(data))
                     except Exception as e:  # the first one is raised below, for the retry logic
                         errors.append(e)
             if errors:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
+from pipeline.images import BadImage
+
 
 class ShardFormatError(ValueError):
     """A shard is not a well-formed, safe webdataset tar."""
@@ -101,3 +103,17 @@ class TarShardWriter:
 def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     for sample in index_tar(fileobj, shard):
         yield sample.key, read_members(fileobj, sample)
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def image_member(members: dict[str, bytes]) -> bytes:
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        raise BadImage("not_an_image", "no image member")
+    return members[ext]
+
+
+def label_of(members: dict[str, bytes]) -> int:
+    return int(members["cls"]) if "cls" in members else -1

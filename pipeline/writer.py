@@ -33,10 +33,10 @@ from pipeline.images import BadImage, ImagePolicy, reencode_jpeg, validate_image
 from pipeline.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
 from pipeline.storage import (ShardFetchError, StorageConfig, filesystem, join, redact, sha256_file, split_url,
                               with_retries)
-from pipeline.tar_shards import TarShardWriter
+from pipeline.tar_shards import IMAGE_EXTS, TarShardWriter
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+IMAGE_EXTENSIONS = set(IMAGE_EXTS)
 RECORD_SUFFIX = ".record.json"
 
 
@@ -251,12 +251,12 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
         record = {"name": job.name, "samples": samples, "bytes": os.path.getsize(local), "sha256": sha256_file(local),
                   "sources_digest": job.digest, "rejects": rejects, "converted": dict(converted)}
         fs, root = filesystem(dest, cfg.storage)
-        _atomic_put(fs, local, join(root, job.name), cfg)
-    _atomic_pipe(fs, join(root, job.name + RECORD_SUFFIX), json.dumps(record).encode(), cfg)
+        atomic_put(fs, local, join(root, job.name), cfg)
+    atomic_pipe(fs, join(root, job.name + RECORD_SUFFIX), json.dumps(record).encode(), cfg)
     return record
 
 
-def _atomic_put(fs, local: str, remote: str, cfg: ShardWriterConfig) -> None:
+def atomic_put(fs, local: str, remote: str, cfg: ShardWriterConfig) -> None:
     """Local: copy to a temporary name and rename. Object stores: one PUT is atomic."""
     if isinstance(fs, LocalFileSystem):
         tmp = f"{remote}.tmp-{os.getpid()}"
@@ -266,11 +266,11 @@ def _atomic_put(fs, local: str, remote: str, cfg: ShardWriterConfig) -> None:
         with_retries(f"upload {PurePosixPath(remote).name}", remote, lambda: fs.put_file(local, remote), cfg.storage.retry)
 
 
-def _atomic_pipe(fs, remote: str, data: bytes, cfg: ShardWriterConfig) -> None:
+def atomic_pipe(fs, remote: str, data: bytes, cfg: ShardWriterConfig) -> None:
     with tempfile.NamedTemporaryFile(delete=False) as f:
         f.write(data)
     try:
-        _atomic_put(fs, f.name, remote, cfg)
+        atomic_put(fs, f.name, remote, cfg)
     finally:
         os.unlink(f.name)
 
@@ -327,6 +327,6 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
         if rec["samples"]:
             shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"]))
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
-    _atomic_pipe(fs, join(root, MANIFEST_NAME), manifest.to_json().encode(), cfg)
+    atomic_pipe(fs, join(root, MANIFEST_NAME), manifest.to_json().encode(), cfg)
     summary.manifest = manifest
     return summary

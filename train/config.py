@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     url: str = "shards"  # dataset folder or URL with manifest.json
-    backend: str = "cpu"
+    backend: str = "cpu"  # cpu | dali | ffcv (ffcv reads a .beton dataset: mae shard --format beton)
+    dali_crop: str = "plan"  # dali: crops from the sample plan (= cpu's) or 'random' (DALI's own RNG)
+    hw_decoder_load: float = 0.65  # dali on A100/H100: share of JPEGs for the hardware decoder
     micro_batch: int = 64  # per process (GPU) per micro-step
     num_workers: int = 8
     img_size: int = 224
@@ -47,6 +49,10 @@ class DataConfig:
         _positive(self, "micro_batch", "img_size", "window_shards", "cache_limit_gb")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.backend not in ("cpu", "dali", "ffcv", "synthetic"):
+            raise ConfigError(f"data.backend must be cpu, dali or ffcv, got {self.backend!r}")
+        if self.dali_crop not in ("plan", "random"):
+            raise ConfigError(f"data.dali_crop must be 'plan' or 'random', got {self.dali_crop!r}")
 
 
 @dataclass

@@ -92,6 +92,7 @@ def loader_config(cfg: RunConfig, device: torch.device) -> LoaderConfig:
     storage = StorageConfig(options={"endpoint_url": d.endpoint_url} if d.endpoint_url else {},
                             cache_dir=d.cache_dir, cache_limit_bytes=int(d.cache_limit_gb * 2**30))
     return LoaderConfig(url=d.url, batch_size=d.micro_batch, backend=d.backend, num_workers=d.num_workers,
+                        dali_crop=d.dali_crop, hw_decoder_load=d.hw_decoder_load,
                         max_corrupt_fraction=d.max_corrupt_fraction, device=str(device),
                         augment=AugmentConfig(img_size=d.img_size),
                         plan=PlanConfig(seed=d.seed, window_shards=d.window_shards, uneven=d.uneven),

@@ -16,7 +16,7 @@ import concurrent.futures as cf
 import logging
 import signal
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -30,10 +30,9 @@ from pipeline.images import BadImage
 from pipeline.loader import PlannedLoader
 from pipeline.manifest import ShardInfo
 from pipeline.storage import ShardStore
-from pipeline.tar_shards import SampleIndex, ShardFormatError, index_tar, read_members
+from pipeline.tar_shards import SampleIndex, ShardFormatError, image_member, index_tar, label_of, read_members
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 class ShardReader:
@@ -84,53 +83,63 @@ class ShardReader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def read_batches(loader: PlannedLoader, ids: np.ndarray,
+                 batches: Iterable[int]) -> Iterator[tuple[np.ndarray, list[tuple[int, str, dict[str, bytes]]]]]:
+    """The samples of batches ``batches`` (numbers into ``ids`` cut in batch_size
+    pieces), in order: per batch its planned ids and ``(id, "<shard>/<key>",
+    members)`` of each sample, read through one ShardReader that prefetches the
+    shards it will need next."""
+    bs, batches = loader.config.batch_size, list(batches)
+    mine = np.concatenate([ids[j * bs:(j + 1) * bs] for j in batches]) if batches else ids[:0]
+    shard_of, index_of = loader.plan.locate(mine)
+    order = list(dict.fromkeys(shard_of.tolist()))  # shards in first-use order
+    first_use = {s: k for k, s in enumerate(order)}
+    shards = loader.manifest.shards
+    reader = ShardReader(loader.store, shards, keep_open=loader.config.plan.window_shards + 1,
+                         prefetch=loader.config.storage.prefetch_shards)
+    try:
+        pos = 0
+        for j in batches:
+            batch_ids = ids[j * bs:(j + 1) * bs]
+            if len(batch_ids):
+                reader.schedule(order[first_use[int(shard_of[pos])] + 1:])
+            samples = []
+            for k, gid in enumerate(batch_ids.tolist()):
+                key, members = reader.sample(int(shard_of[pos + k]), int(index_of[pos + k]))
+                samples.append((gid, f"{shards[int(shard_of[pos + k])].name}/{key}", members))
+            yield batch_ids, samples
+            pos += len(batch_ids)
+    finally:
+        reader.close()
+
+
 class _RankEpoch(IterableDataset):
     """One rank's remaining batches of one epoch, split over DataLoader workers."""
 
     def __init__(self, loader: CpuLoader, ids: np.ndarray, epoch: int) -> None:
-        self.config, self.epoch, self.ids = loader.config, epoch, ids
-        self.store, self.shards, self.plan = loader.store, loader.manifest.shards, loader.plan
+        self.loader, self.config, self.epoch, self.ids = loader, loader.config, epoch, ids
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        bs = self.config.batch_size
-        batches = list(range(worker, -(-len(self.ids) // bs), workers))
-        mine = np.concatenate([self.ids[j * bs:(j + 1) * bs] for j in batches]) if batches else self.ids[:0]
-        shard_of, index_of = self.plan.locate(mine)
-        order = list(dict.fromkeys(shard_of.tolist()))  # shards in first-use order
-        first_use = {s: k for k, s in enumerate(order)}
-        reader = ShardReader(self.store, self.shards, keep_open=self.config.plan.window_shards + 1,
-                             prefetch=self.config.storage.prefetch_shards)
-        try:
-            pos = 0
-            for j in batches:
-                ids = self.ids[j * bs:(j + 1) * bs]
-                span = slice(pos, pos + len(ids))
-                reader.schedule(order[first_use[int(shard_of[pos])] + 1:] if len(ids) else [])
-                yield self._batch(reader, ids, shard_of[span], index_of[span])
-                pos += len(ids)
-        finally:
-            reader.close()
+        batches = range(worker, -(-len(self.ids) // self.config.batch_size), workers)
+        for ids, samples in read_batches(self.loader, self.ids, batches):
+            yield self._batch(ids, samples)
 
-    def _batch(self, reader: ShardReader, ids: np.ndarray, shards: np.ndarray, indices: np.ndarray) -> tuple:
+    def _batch(self, ids: np.ndarray, samples: list[tuple[int, str, dict[str, bytes]]]) -> tuple:
         cfg = self.config
         images, labels, keys, kept, skips, converted = [], [], [], [], [], []
-        for gid, s, i in zip(ids.tolist(), shards.tolist(), indices.tolist()):
-            key, members = reader.sample(s, i)
-            name = f"{self.shards[s].name}/{key}"
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
+        for gid, name, members in samples:
             try:
-                if ext is None:
-                    raise BadImage("not_an_image", "no image member")
-                arr, mode_reason = decode_crop(members[ext], cfg.policy, cfg.augment, sample_rng(cfg.plan.seed, self.epoch, gid))
+                data = image_member(members)
+                arr, mode_reason = decode_crop(data, cfg.policy, cfg.augment, sample_rng(cfg.plan.seed, self.epoch, gid))
             except BadImage as e:
                 skips.append((name, e.reason))
                 continue
             if mode_reason:
                 converted.append(mode_reason)
             images.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
-            labels.append(int(members["cls"]) if "cls" in members else -1)
+            labels.append(label_of(members))
             keys.append(name)
             kept.append(gid)
         S = cfg.augment.img_size
@@ -163,11 +172,7 @@ class CpuLoader(PlannedLoader):
                             prefetch_factor=2 if workers else None, persistent_workers=False)
         it = iter(loader)
         try:
-            for images, labels, keys, kept, planned, skips, converted in it:
-                self.stats.converted.update(converted)
-                for reason in converted:
-                    sink().inc("mae_pipeline_samples_converted_total", reason=reason)
-                yield images, labels, keys, kept, planned, skips
+            yield from it
         finally:  # also on close() or an exception upstream: stop workers now, gracefully
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:

@@ -25,3 +25,14 @@ def test_bench_pipeline_report_is_consistent(tmp_path):
         assert c["cpu_per_image_reduction"] == pytest.approx(base["cpu_ms_per_image"] / c["cpu_ms_per_image"])
     rss = r["rss"]
     assert rss["images"] == 60 and rss["cache_limit_MiB"] < rss["dataset_MiB"]
+
+
+def test_bench_pipeline_all_backends_side_by_side(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "train.cli", "bench", "pipeline", "--backend", "all", "--parts",
+                          "decode", "--images", "48", "--batch", "16", "--rounds", "1", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for label in ("per-file PIL baseline", "cpu backend, uint8 out", "dali backend", "ffcv backend",
+                  "warm-up, not in the numbers above: ffcv_jit_first_batch_s"):
+        assert label in out.stdout, out.stdout
+    assert "(a) bucket read" not in out.stdout  # --parts decode only

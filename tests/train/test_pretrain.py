@@ -271,3 +271,16 @@ def test_sigint_in_a_single_process_saves_and_exits(shards, tmp_path):
     summary = _summary(run)
     assert summary["stopped_by_signal"] == "SIGINT"
     assert (run / "ckpt" / f"step{summary['step']:09d}" / "COMPLETE").exists()
+
+
+def test_the_dali_backend_trains_the_same_run(shards, stage_runs, tmp_path):
+    """data.backend=dali: two ranks decode with DALI (CPU mode); its crops are the
+    plan's, so the losses track the cpu backend's run closely (decoders differ)."""
+    run = tmp_path / "dali"
+    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "data.backend=dali"), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    dali, cpu = _metrics(run), _metrics(stage_runs[2])
+    assert sorted(dali) == sorted(cpu) == list(range(1, STEPS + 1))
+    for step in dali:
+        assert dali[step]["ids"] == cpu[step]["ids"]  # the plan's order
+        assert abs(dali[step]["loss"] - cpu[step]["loss"]) < 0.02 * cpu[step]["loss"], step

@@ -1,0 +1,98 @@
+"""The `ffcv` decode backend: FFCV's JIT-compiled loader over a ``.beton``.
+
+The dataset is one ``.beton`` (``mae shard --format beton``); on an object store
+it is staged to the local shard cache first (FFCV memory-maps local files only),
+with a progress bar and its sha256 checked like any shard. The order is still
+the sample plan's: one FFCV loader per process walks ``Sequential`` order over
+the indices the plan gives this rank for the epoch (rank and world size from the
+initialised process group, as for every backend), so ranks, resume and
+every-sample-once behave exactly as with ``cpu`` and ``dali``. FFCV's own
+``distributed=True`` split is not used: its order cannot resume mid-epoch.
+
+Per batch: ``RandomResizedCropRGBImageDecoder`` (scale, ratio) or, in
+deterministic mode, a centre square crop, then a coin-flip mirror; images leave
+FFCV as uint8 CHW (``ToDevice`` on a GPU) and are normalized on the device. The
+first batch of each process pays numba's JIT compile (~20-30 s on 2 cores); it
+is logged and kept in ``stats.warmup_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from infra.metrics import sink
+from pipeline.loader import PlannedLoader
+from pipeline.storage import join
+
+_threads = torch.get_num_threads()
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+
+torch.set_num_threads(_threads)  # importing ffcv sets it to 1 for the whole process
+
+log = logging.getLogger(__name__)
+
+
+class FfcvLoader(PlannedLoader):
+    """FFCV decode + augmentation behind the Loader protocol."""
+
+    dataset_format = "beton"
+
+    def __init__(self, config, rank: int, world_size: int) -> None:
+        super().__init__(config, rank, world_size)
+        keys_name = self.manifest.options.get("keys")
+        text = self.store.fs.cat_file(join(self.store.root, keys_name)).decode() if keys_name else ""
+        self.keys = text.splitlines()
+        if len(self.keys) != self.manifest.total_samples:
+            raise ValueError(f"{config.url}: {keys_name} lists {len(self.keys)} keys for "
+                             f"{self.manifest.total_samples} samples")
+        self._ffcv: Loader | None = None
+
+    def _loader(self) -> Loader:
+        if self._ffcv is None:
+            cfg, aug = self.config, self.config.augment
+            path = self.store.local_path(self.manifest.shards[0], progress=True)
+            self._built_at = time.perf_counter()
+            S = aug.img_size
+            if aug.deterministic:
+                image = [CenterCropRGBImageDecoder((S, S), ratio=1.0)]
+            else:
+                image = [RandomResizedCropRGBImageDecoder((S, S), scale=aug.scale, ratio=aug.ratio),
+                         RandomHorizontalFlip(aug.flip_prob)]
+            image.append(ToTensor())
+            if self.device.type == "cuda":
+                image.append(ToDevice(self.device, non_blocking=True))
+            image.append(ToTorchImage(channels_last=False))
+            self._ffcv = Loader(str(path), batch_size=cfg.batch_size, num_workers=max(1, cfg.num_workers),
+                                order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
+                                seed=cfg.plan.seed, pipelines={"image": image,
+                                                               "label": [IntDecoder(), ToTensor(), Squeeze()]})
+            torch.set_num_threads(_threads)
+        return self._ffcv
+
+    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[tuple]:
+        if not len(ids):
+            return
+        first = self._ffcv is None
+        loader = self._loader()
+        loader.traversal_order.indices = ids.astype(np.uint64)  # Sequential walks exactly these
+        bs = self.config.batch_size
+        for j, (images, labels) in enumerate(loader):
+            if first:
+                first = False
+                self.stats.warmup_s = time.perf_counter() - self._built_at
+                log.info("ffcv: first batch after %.1f s (numba JIT compile, once per process)", self.stats.warmup_s)
+            batch_ids = ids[j * bs:(j + 1) * bs]
+            if len(images) != len(batch_ids):
+                raise RuntimeError(f"ffcv returned {len(images)} images for a planned batch of {len(batch_ids)}")
+            if not self.config.normalize and self.device.type == "cpu":
+                images = images.clone()  # FFCV reuses its output buffers a few batches later
+            sink().inc("mae_pipeline_images_decoded_total", len(batch_ids), backend="ffcv")
+            yield (images, labels.reshape(-1).long(), [self.keys[g] for g in batch_ids.tolist()],
+                   torch.from_numpy(batch_ids.astype(np.int64)), len(batch_ids), [], [])
