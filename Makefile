@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # features add theirs). FFCV builds from source against libturbojpeg and OpenCV 4.
 APT_PACKAGES ?= prometheus pkg-config g++ libturbojpeg0-dev libopencv-dev
 
-.PHONY: venv test test-fast demo bench-encoder gpu-check-dry-run clean
+.PHONY: venv test test-fast demo demo-s3 bench-encoder gpu-check-dry-run clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,10 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
 demo: venv
-	$(VENV)/bin/mae demo
+	$(VENV)/bin/mae demo --workdir demo
+
+demo-s3: venv
+	$(VENV)/bin/mae demo --s3 --workdir demo-s3
 
 bench-encoder: venv
 	$(VENV)/bin/mae bench encoder --model mae_vit_base_patch16 --batch 4 --steps 5
@@ -49,4 +52,4 @@ gpu-check-dry-run: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash infra/gpu_check.sh --dry-run
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info demo demo-s3

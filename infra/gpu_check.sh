@@ -15,7 +15,9 @@
 # Env: PYTHON, GPU_CHECK_STEPS, GPU_CHECK_COMPILE=1, GPU_CHECK_OUT (JSON dir).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$here/.venv/bin/python" ]; then PY="$here/.venv/bin/python"  # made by `make`
+else PY=python3; fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 out=${GPU_CHECK_OUT:-$(mktemp -d)}
 mkdir -p "$out"

@@ -78,3 +78,10 @@ def mae_vit_test_patch4(**overrides: object) -> MAEConfig:
     """A few-thousand-parameter MAE on 32x32 images, for fast CPU tests."""
     return MAEConfig(**{"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4,
                         "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 4, **overrides})
+
+
+@register
+def mae_vit_mini_patch4(**overrides: object) -> MAEConfig:
+    """A 0.9M-parameter MAE on 32x32 images that learns visibly in minutes on 2 CPU cores (the demo)."""
+    return MAEConfig(**{"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4,
+                        "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4, **overrides})

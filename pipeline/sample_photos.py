@@ -65,3 +65,23 @@ def write_photo_folder(dest: str | os.PathLike[str], count: int, labelled: bool 
         path.write_bytes(random_crop_jpeg(photos[name], rng, wh, quality))
         paths.append(path)
     return paths
+
+
+def write_digits_folder(dest: str | os.PathLike[str], indices: np.ndarray, labelled: bool = True, size: int = 32,
+                        quality: int = 95) -> list[Path]:
+    """scikit-learn's labelled 8x8 digits (samples ``indices``), upscaled bicubically
+    to ``size`` px, as RGB JPEGs; with ``labelled`` in one subfolder per class (0-9)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    dest = Path(dest)
+    paths = []
+    for i in indices.tolist():
+        gray = (digits.images[i] * (255 / 16)).astype(np.uint8)
+        img = Image.fromarray(gray).resize((size, size), Image.BICUBIC).convert("RGB")
+        folder = dest / str(digits.target[i]) if labelled else dest
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"digit_{i:04d}.jpg"
+        img.save(path, format="JPEG", quality=quality)
+        paths.append(path)
+    return paths

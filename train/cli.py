@@ -18,6 +18,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("inspect",), "pipeline.shard_cmd:inspect", "summarize (and --verify) a shard dataset"),
     (("pretrain",), "train.pretrain:cli", "pretrain an MAE (one process; use deepspeed/torchrun for more)"),
     (("export",), "train.export", "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
+    (("reconstruct",), "train.reconstruct", "PNG grid: original | masked | reconstruction | + visible patches"),
+    (("probe",), "train.probe", "linear probe and kNN top-1 of a frozen encoder on labelled shards"),
     (("plan",), "train.plan_cmd", "model-state and activation memory per GPU for each ZeRO stage"),
     (("bench", "train"), "train.bench_train", "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
     (("bench", "metrics"), "train.bench_metrics", "trainer step time with the Prometheus exporter on vs off"),

@@ -9,8 +9,10 @@ never written back into the config.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,15 +37,15 @@ class DataConfig:
     dali_crop: str = "plan"  # dali: crops from the sample plan (= cpu's) or 'random' (DALI's own RNG)
     hw_decoder_load: float = 0.65  # dali on A100/H100: share of JPEGs for the hardware decoder
     micro_batch: int = 64  # per process (GPU) per micro-step
-    num_workers: int = 8
-    img_size: int = 224
-    seed: int = 0
-    window_shards: int = 4
-    uneven: str = "pad"
-    cache_dir: str | None = None
-    cache_limit_gb: float = 20.0
-    endpoint_url: str | None = None
-    max_corrupt_fraction: float = 0.01
+    num_workers: int = 8  # cpu: DataLoader worker processes; dali: decode threads; ffcv: numba threads
+    img_size: int = 224  # input side after RandomResizedCrop
+    seed: int = 0  # sample plan order and per-sample augmentation
+    window_shards: int = 4  # shards mixed by the per-epoch window permutation (docs/DATA.md)
+    uneven: str = "pad"  # samples % world != 0: 'pad' (repeat a few) or 'drop' the tail
+    cache_dir: str | None = None  # local shard cache (default ~/.cache/maescale/shards, or $MAESCALE_CACHE)
+    cache_limit_gb: float = 20.0  # LRU limit of the shard cache per node
+    endpoint_url: str | None = None  # S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)
+    max_corrupt_fraction: float = 0.01  # of a rank's epoch; more corrupt samples stop the run
 
     def __post_init__(self) -> None:
         _positive(self, "micro_batch", "img_size", "window_shards", "cache_limit_gb")
@@ -57,11 +59,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mae_vit_base_patch16"
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    grad_checkpointing: bool = False
-    compile: bool = False
+    name: str = "mae_vit_base_patch16"  # registered model (mae models)
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    norm_pix_loss: bool = True  # regress per-patch normalized pixels (the paper's best)
+    grad_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
         if self.name not in list_models():
@@ -74,11 +76,11 @@ class ModelConfig:
 class OptimConfig:
     blr: float = 1.5e-4  # base lr; lr = blr * global_batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    min_lr: float = 0.0  # floor of the cosine decay
+    weight_decay: float = 0.05  # AdamW; not on biases, norms and tokens
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (the paper: 0.9, 0.95)
     grad_clip: float | None = None  # off, as in the paper
-    accum_steps: int = 1
+    accum_steps: int = 1  # micro-steps per optimizer step
 
     def __post_init__(self) -> None:
         _positive(self, "blr", "accum_steps")
@@ -89,8 +91,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = 800
-    warmup_epochs: float = 40
+    epochs: float = 800  # total epochs (the paper: 800 or 1600)
+    warmup_epochs: float = 40  # linear lr warmup, then half-cycle cosine
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
 
     def __post_init__(self) -> None:
@@ -121,9 +123,9 @@ class DeepSpeedConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "runs/mae"
-    every_steps: int = 1000
-    keep_last: int = 3
+    dir: str = "runs/mae"  # where checkpoints, latest and run_summary.json go (shared storage on clusters)
+    every_steps: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3  # complete checkpoints kept
     enabled: bool = True  # false: never save (benchmarks)
     resume: bool = True  # resume from the latest complete checkpoint in dir, if any
 
@@ -134,27 +136,25 @@ class CheckpointConfig:
 @dataclass
 class FaultConfig:
     max_nonfinite_in_row: int = 5  # consecutive non-finite losses before the run stops
-    # Fault drill: make the loss non-finite at these micro-steps (0-based, counted
-    # from this process's start) to rehearse the skip-and-stop path.
-    inject_nonfinite_at: tuple[int, ...] = ()
+    inject_nonfinite_at: tuple[int, ...] = ()  # drill: make these micro-steps' loss non-finite (0-based, this process)
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = 10
+    every_steps: int = 10  # optimizer steps between log lines
     metrics_file: str | None = None  # JSON lines of per-step metrics (loss, lr, images/s, data wait)
 
 
 @dataclass
 class MetricsConfig:
     enabled: bool = False  # a Prometheus endpoint per rank at bind:port_base + local_rank
-    port_base: int = 9400
+    port_base: int = 9400  # rank's port = port_base + local_rank
     bind: str = "127.0.0.1"  # 0.0.0.0 to be scraped from other hosts
     multiproc_dir: str | None = None  # prometheus_client multiprocess files (default: a temp dir)
     file_sd_dir: str | None = None  # local rank 0 writes a Prometheus file_sd target file here
     linger_s: float = 0.0  # keep the endpoint up this long after training (short runs: last scrape)
     measure_speedup: bool | None = None  # time MAE vs the mask-token baseline at start (None: on a GPU)
-    speedup_steps: int = 3
+    speedup_steps: int = 3  # timed steps per side for measure_speedup
 
     def __post_init__(self) -> None:
         if not 1 <= self.port_base <= 65535:
@@ -174,7 +174,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    seed: int = 0
+    seed: int = 0  # model init and mask noise
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -305,11 +305,13 @@ def list_presets() -> list[str]:
 
 
 def reference_table() -> str:
-    """Every config key with its type and default, as Markdown (for the README)."""
-    rows = ["| key | type | default |", "|---|---|---|"]
+    """Every config key with its type, default and the comment beside its field,
+    as Markdown (the README's configuration reference is this table)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
+        notes = _field_comments(cls)
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             if dataclasses.is_dataclass(hint):
@@ -317,7 +319,18 @@ def reference_table() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(" | ", " or ")
-            rows.append(f"| `{prefix}{f.name}` | {type_name} | `{json.dumps(default)}` |")
+            note = notes.get(f.name, "").replace("|", "/")
+            rows.append(f"| `{prefix}{f.name}` | {type_name} | `{json.dumps(default)}` | {note} |")
 
     walk(RunConfig, "")
     return "\n".join(rows)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``name: type = default  # comment`` lines of a dataclass: name -> comment."""
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes

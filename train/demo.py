@@ -1,35 +1,278 @@
-"""`mae demo` / `make demo`: the end-to-end demo.
+"""`mae demo` / `make demo`: the whole system on real images, on this machine.
 
-Until the data pipeline, trainer and evaluation land, the demo runs what exists
-today for real — the model registry and a short encoder-speedup measurement on a
-small model — and says plainly what the full demo will add.
+1. data: random crops of the photos bundled with scikit-image/scikit-learn plus
+   scikit-learn's labelled digits (pretraining set; the digits are also split
+   into a labelled probe train/val set), written as JPEG folders;
+2. `mae shard` into an object store — a local folder, or with ``--s3`` a real S3
+   server (SeaweedFS) started for the demo;
+3. `mae pretrain` of a 0.9M-parameter MAE through the DeepSpeed trainer (ZeRO-2,
+   CPU), Prometheus endpoint up; progress comes from scraping that endpoint;
+4. `mae export`, `mae reconstruct` (PNG grid) and a loss-curve PNG;
+5. `mae probe` (linear probe + kNN on the digits) of the pretrained encoder and
+   of a randomly initialized one, and the held-out reconstruction loss before
+   and after;
+6. a summary: images/sec, data wait, loss start -> end, probe accuracies, files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from train import bench_encoder, models_cmd
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-PLANNED = """\
-Still to come in `make demo` (not built yet, so not run):
-  - shard real images from scikit-image / scikit-learn with `mae shard`
-  - pretrain a tiny MAE through the DeepSpeed trainer on CPU, Prometheus endpoint up
-  - reconstructions and loss-curve PNGs, linear probe pretrained vs random init"""
+from train.engine import free_port
+
+MODEL = "mae_vit_mini_patch4"
+
+
+@dataclass
+class DemoConfig:
+    workdir: Path = Path("demo")
+    photos: int = 800  # photo crops for pretraining (plus 1,200 digits)
+    epochs: float = 50
+    probe_epochs: int = 60
+    s3: bool = False
+    seed: int = 0
+    port: int = 0  # Prometheus endpoint (0: a free port)
+    results: dict = field(default_factory=dict)
+
+
+def say(cfg: DemoConfig, text: str) -> None:
+    print(text, flush=True)
+
+
+def mae(cfg: DemoConfig, *argv: str) -> None:
+    """Run one `mae` command in this process, showing it as a user would type it."""
+    from train.cli import main
+
+    say(cfg, f"$ mae {shlex.join(argv)}")
+    rc = main(list(argv))
+    if rc:
+        raise SystemExit(f"demo: `mae {shlex.join(argv)}` failed (exit {rc})")
+
+
+# ------------------------------------------------------------------ 1. data
+def build_sources(cfg: DemoConfig) -> dict[str, Path]:
+    from pipeline.sample_photos import write_digits_folder, write_photo_folder
+
+    src = cfg.workdir / "images"
+    if src.exists():
+        shutil.rmtree(src)
+    order = np.random.default_rng(cfg.seed).permutation(1797)
+    train_ids, val_ids = order[:1200], order[1200:]
+    write_photo_folder(src / "pretrain" / "photos", cfg.photos, labelled=False, size=(64, 48), seed=cfg.seed)
+    write_digits_folder(src / "pretrain" / "digits", train_ids, labelled=False)
+    write_digits_folder(src / "probe-train", train_ids)
+    write_digits_folder(src / "probe-val", val_ids)
+    # held out from pretraining: for the reconstruction figure and loss
+    write_photo_folder(src / "heldout" / "photos", 32, labelled=False, size=(64, 48), seed=cfg.seed + 1)
+    write_digits_folder(src / "heldout" / "digits", val_ids[:32], labelled=False)
+    return {name: src / name for name in ("pretrain", "probe-train", "probe-val", "heldout")}
+
+
+# ------------------------------------------------------------- 3. pretrain
+def scrape(port: int) -> dict[str, float]:
+    """The rank's Prometheus endpoint, as {metric name: summed value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(mae_\w+?)(?:\{[^}]*\})? ([-+0-9.eEinfa]+)$", line)
+        if m:
+            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(2))
+    return values
+
+
+def pretrain(cfg: DemoConfig, data_url: str, env: dict[str, str]) -> dict:
+    run = cfg.workdir / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    port = cfg.port or free_port()
+    overrides = [f"data.url={data_url}", f"checkpoint.dir={run}", f"log.metrics_file={run / 'metrics.jsonl'}",
+                 f"metrics.port_base={port}", "metrics.linger_s=3", f"schedule.epochs={cfg.epochs}",
+                 f"seed={cfg.seed}"]
+    argv = ["pretrain", "--config", "demo_cpu", *overrides]
+    say(cfg, f"$ mae {shlex.join(argv)}")
+    log_path = cfg.workdir / "pretrain.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "train.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
+        scraped: dict[str, float] = {}
+        t0 = last_line = time.monotonic()
+        tty = sys.stdout.isatty()
+        while proc.poll() is None:
+            time.sleep(1.0)
+            with contextlib.suppress(OSError, ValueError):
+                scraped = scrape(port)
+            now = time.monotonic()
+            if "mae_step" in scraped and (tty or now - last_line >= 15):
+                last_line = now
+                print(("\r" if tty else "") + progress_line(scraped, port, now - t0), end="" if tty else "\n",
+                      flush=True)
+        if tty:
+            print()
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: pretraining failed (exit {proc.returncode}); last lines of {log_path}:\n"
+                         + "\n".join(log_path.read_text().splitlines()[-25:]))
+    summary = json.loads((run / "run_summary.json").read_text())
+    summary["prometheus"] = {"port": port, "scraped": scraped}
+    return summary
+
+
+def progress_line(m: dict[str, float], port: int, elapsed: float) -> str:
+    steps_s = m.get("mae_step_duration_seconds_sum", 0.0) or 1.0
+    return (f"  [prometheus :{port}] step {int(m['mae_step'])}  epoch {int(m.get('mae_epoch', 0))}  "
+            f"loss {m.get('mae_loss', float('nan')):.4f}  images {int(m.get('mae_trainer_images_total', 0))}  "
+            f"data wait {m.get('mae_data_wait_seconds_sum', 0.0) / steps_s:.0%}  {elapsed:.0f}s")
+
+
+# ----------------------------------------------------------- 4. pictures
+def loss_curve_png(metrics_file: Path, out: Path, size: tuple[int, int] = (640, 360)) -> tuple[float, float]:
+    """Training loss per step, drawn with PIL; returns (first, last) loss."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    steps = np.array([r["step"] for r in records], dtype=float)
+    loss = np.array([r["loss"] for r in records], dtype=float)
+    W, H = size
+    left, right, top, bottom = 60, 20, 30, 40
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = float(loss.min()), float(loss.max())
+    span = hi - lo or 1.0
+
+    def xy(s: float, v: float) -> tuple[float, float]:
+        return (left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - left - right),
+                top + (hi - v) / span * (H - top - bottom))
+
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        v = lo + frac * span
+        y = xy(steps[0], v)[1]
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{v:.3f}", fill="black")
+    for frac in (0, 0.5, 1):
+        s = steps[0] + frac * (steps[-1] - steps[0])
+        x = xy(s, lo)[0]
+        draw.text((x - 10, H - bottom + 6), f"{int(s)}", fill="black")
+    window = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    draw.line([xy(s, v) for s, v in zip(steps, loss)], fill=(180, 200, 230), width=1)
+    draw.line([xy(s, v) for s, v in zip(steps[window - 1:], smooth)], fill=(20, 60, 160), width=2)
+    draw.text((left, 8), f"{MODEL}: training loss (masked patches, norm-pix) per step", fill="black")
+    draw.text((W // 2 - 20, H - 18), "step", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return float(loss[0]), float(loss[-1])
+
+
+def heldout_loss(weights: str, folder: Path, seed: int) -> float:
+    """Mean masked-patch loss on held-out images, fixed masks."""
+    from train.pretrained import load_pretrained
+    from train.reconstruct import load_images, reconstruct
+
+    model, _ = load_pretrained(weights, seed=seed)
+    images, _ = load_images(str(folder), 10_000, model.cfg.img_size)
+    return float(reconstruct(model, images, 0.75, seed)["loss"].mean())
+
+
+# --------------------------------------------------------------- the demo
+def run_demo(cfg: DemoConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    r = cfg.results
+    say(cfg, f"== 1. real images -> {cfg.workdir / 'images'}")
+    src = build_sources(cfg)
+    with (_s3_store(cfg) if cfg.s3 else contextlib.nullcontext((str(cfg.workdir / "store"), {}))) as (store, env):
+        os.environ.update(env)  # in-process commands read the bucket with the same credentials
+        r["store"] = store
+        say(cfg, f"== 2. shard into the object store {store}")
+        urls = {name: f"{store}/{name}" for name in ("pretrain", "probe-train", "probe-val")}
+        for name, url in urls.items():
+            mae(cfg, "shard", str(src[name]), url, "--shard-size", "1MB", "--workers", "2")
+        say(cfg, "== 3. pretrain through the DeepSpeed trainer (ZeRO-2 on CPU), Prometheus endpoint up")
+        r["pretrain"] = pretrain(cfg, urls["pretrain"], env)
+        run = cfg.workdir / "run"
+        say(cfg, "== 4. export, reconstructions, loss curve")
+        mae(cfg, "export", str(run), str(cfg.workdir / "export"))
+        recon = cfg.workdir / "reconstructions.png"
+        mae(cfg, "reconstruct", str(cfg.workdir / "export"), str(src["heldout"]), "--num", "8", "--out", str(recon),
+            "--seed", str(cfg.seed))
+        r["loss_first"], r["loss_last"] = loss_curve_png(run / "metrics.jsonl", cfg.workdir / "loss_curve.png")
+        r["heldout_loss_random"] = heldout_loss(f"random:{MODEL}", src["heldout"], cfg.seed)
+        r["heldout_loss_pretrained"] = heldout_loss(str(cfg.workdir / "export"), src["heldout"], cfg.seed)
+        say(cfg, "== 5. linear probe + kNN on the digits: pretrained vs random init")
+        from train.probe import probe
+
+        r["probe"] = {}
+        for name, weights in (("pretrained", str(cfg.workdir / "export" / "encoder.safetensors")),
+                              ("random", f"random:{MODEL}")):
+            say(cfg, f"$ mae probe {weights} --train {urls['probe-train']} --val {urls['probe-val']} --pool avg")
+            r["probe"][name] = probe(weights, urls["probe-train"], urls["probe-val"], pool="avg",
+                                     epochs=cfg.probe_epochs, seed=cfg.seed)
+        for k in env:
+            os.environ.pop(k, None)
+    r["files"] = {"reconstructions": str(recon), "loss_curve": str(cfg.workdir / "loss_curve.png"),
+                  "checkpoints": str(run), "export": str(cfg.workdir / "export"),
+                  "pretrain_log": str(cfg.workdir / "pretrain.log")}
+    r["wall_s"] = time.monotonic() - t_start
+    (cfg.workdir / "demo_summary.json").write_text(json.dumps(r, indent=1, default=str))
+    return r
+
+
+@contextlib.contextmanager
+def _s3_store(cfg: DemoConfig):
+    from infra.s3_server import SeaweedS3
+
+    with SeaweedS3() as s3:
+        s3.create_bucket("maescale-demo")
+        say(cfg, f"   (SeaweedFS S3 server at {s3.endpoint_url}, bucket maescale-demo)")
+        yield "s3://maescale-demo", s3.env()
+
+
+def format_summary(r: dict) -> str:
+    p = r["pretrain"]
+    pre, rnd = r["probe"]["pretrained"], r["probe"]["random"]
+    wait = p["data_wait_s"] / p["wall_s"] if p["wall_s"] else 0.0
+    lines = [
+        "== maescale demo: summary",
+        f"pretraining   {p['step']} steps, {p['images']} images, {p['images_per_s']:.0f} images/s, "
+        f"data wait {wait:.0%} of the run (Prometheus on :{p['prometheus']['port']})",
+        f"loss          {r['loss_first']:.4f} -> {r['loss_last']:.4f} (training, per step)",
+        f"held-out      masked-patch loss {r['heldout_loss_random']:.4f} (random init) -> "
+        f"{r['heldout_loss_pretrained']:.4f} (pretrained)",
+        f"linear probe  digits top-1 {pre['linear_top1']:.1%} pretrained vs {rnd['linear_top1']:.1%} random init",
+        f"kNN (k={pre['k']})    digits top-1 {pre['knn_top1']:.1%} pretrained vs {rnd['knn_top1']:.1%} random init",
+        f"pictures      {r['files']['reconstructions']}, {r['files']['loss_curve']}",
+        f"checkpoints   {r['files']['checkpoints']} (exported: {r['files']['export']})",
+        f"total         {r['wall_s'] / 60:.1f} min",
+    ]
+    return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    del p  # no options yet
+    p.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run and pictures go")
+    p.add_argument("--s3", action="store_true", help="use a real S3 server (SeaweedFS, started here) as the store")
+    p.add_argument("--epochs", type=float, default=DemoConfig.epochs, help="pretraining epochs (~31 steps each)")
+    p.add_argument("--photos", type=int, default=DemoConfig.photos)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="Prometheus endpoint port (default: a free one)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("== maescale demo (foundation stage): what works today ==\n")
-    print("Model registry (parameter counts must match the official MAE release):")
-    models_cmd.run(args)
-    print("\nEncoder speedup on this machine, mae_vit_tiny_patch16, batch 8, fp32, CPU:")
-    report = bench_encoder.run_encoder_bench(
-        bench_encoder.EncoderBenchConfig(model="mae_vit_tiny_patch16", batch=8, steps=3, warmup=1,
-                                         dtype="fp32", device="cpu"))
-    print(bench_encoder.format_report(report))
-    print("\n" + PLANNED)
+    r = run_demo(DemoConfig(workdir=args.workdir, photos=args.photos, epochs=args.epochs, s3=args.s3,
+                            seed=args.seed, port=args.port))
+    print(format_summary(r))
     return 0

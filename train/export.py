@@ -63,18 +63,26 @@ def consolidate(root: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, model_states
 
 
-def export(ckpt: Path, out: Path) -> tuple[MaskedAutoencoderViT, dict]:
+def load_checkpoint(ckpt: Path) -> tuple[MaskedAutoencoderViT, dict]:
+    """The MAE of a run's checkpoint (any ZeRO stage), loaded strictly."""
     root, tag = resolve_tag(ckpt)
     sd, states = consolidate(root, tag)
     meta = json.loads((root / tag / "meta.json").read_text())
     config = json.loads(states["config"])
     model = create_model(meta["model"], img_size=config["data"]["img_size"], norm_pix_loss=config["model"]["norm_pix_loss"])
     load_mae_state_dict(model, sd)  # strict: every key, every shape
+    return model, {"root": str(root), "tag": tag, "step": meta["step"], "model": meta["model"], "config": config}
+
+
+def export(ckpt: Path, out: Path) -> tuple[MaskedAutoencoderViT, dict]:
+    model, info = load_checkpoint(ckpt)
+    meta, config = info, info["config"]
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), out / "mae.safetensors",
-                     {"model": meta["model"], "step": meta["step"], "img_size": config["data"]["img_size"]})
+                     {"model": meta["model"], "step": meta["step"], "img_size": config["data"]["img_size"],
+                      "norm_pix_loss": config["model"]["norm_pix_loss"]})
     export_encoder(model, out / "encoder.safetensors")
-    return model, {"root": str(root), "tag": tag, "step": meta["step"], "model": meta["model"], "config": config}
+    return model, info
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

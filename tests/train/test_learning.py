@@ -1,0 +1,53 @@
+"""It learns: the demo's pipeline on a smaller budget — real images, shards, the
+DeepSpeed trainer, export, reconstructions and the probes — and the pretrained
+encoder must beat a random one by a clear margin."""
+
+import pytest
+from PIL import Image
+
+from train.demo import DemoConfig, format_summary, run_demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    cfg = DemoConfig(workdir=tmp_path_factory.mktemp("demo"), photos=300, epochs=15, probe_epochs=40)
+    return cfg, run_demo(cfg)
+
+
+def test_the_encoder_learns_features_a_random_one_lacks(demo):
+    _, r = demo
+    print(format_summary(r))
+    pre, rnd = r["probe"]["pretrained"], r["probe"]["random"]
+    assert pre["val_samples"] == rnd["val_samples"] == 597 and pre["classes"] == 10
+    assert pre["linear_top1"] >= rnd["linear_top1"] + 0.03, (pre, rnd)
+    assert pre["knn_top1"] >= rnd["knn_top1"] + 0.15, (pre, rnd)
+    assert pre["linear_top1"] > 0.9
+
+
+def test_held_out_reconstruction_loss_falls_well_below_its_start(demo):
+    _, r = demo
+    assert r["heldout_loss_pretrained"] < 0.35 * r["heldout_loss_random"], r
+    assert r["loss_last"] < 0.35 * r["loss_first"], r
+    p = r["pretrain"]
+    assert p["step"] > 300 and p["images_per_s"] > 0 and p["nonfinite_skipped"] == 0
+    assert p["prometheus"]["scraped"]["mae_trainer_images_total"] > 0  # the endpoint was up and counting
+
+
+def test_the_pictures_are_written(demo):
+    cfg, r = demo
+    grid = Image.open(r["files"]["reconstructions"])
+    assert grid.size[0] > grid.size[1] / 4 and grid.size[1] > 8 * 100  # 8 rows of 4 panels
+    curve = Image.open(r["files"]["loss_curve"])
+    assert curve.size == (640, 360)
+    assert (cfg.workdir / "export" / "encoder.safetensors").exists()
+
+
+def test_the_demo_runs_against_a_real_s3_server(tmp_path):
+    """`make demo-s3` on a tiny budget: the store is a SeaweedFS bucket, the trainer
+    (a subprocess) and the probes read it with the same credentials."""
+    r = run_demo(DemoConfig(workdir=tmp_path, photos=60, epochs=1, probe_epochs=2, s3=True))
+    assert r["store"] == "s3://maescale-demo"
+    assert r["pretrain"]["step"] > 0 and r["pretrain"]["images"] > 0
+    assert r["probe"]["pretrained"]["val_samples"] == 597
