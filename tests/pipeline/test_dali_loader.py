@@ -158,3 +158,14 @@ def test_choosing_a_missing_backend_names_the_extra(numbered):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "pip install 'maescale[dali]'" in out.stdout and "pip install 'maescale[ffcv]'" in out.stdout
+
+
+@pytest.mark.gpu
+def test_mixed_decode_on_the_gpu_matches_cpu_mode(numbered):
+    """nvJPEG (device='mixed') hands torch CUDA tensors; same plan, same crops."""
+    gpu = build_loader(_cfg(numbered, device="cuda", batch_size=8), 0, 1)
+    cpu = build_loader(_cfg(numbered, batch_size=8), 0, 1)
+    for g, c in zip(gpu, cpu):
+        assert g.images.is_cuda and g.images.dtype == torch.float32
+        assert g.keys == c.keys
+        assert (g.images.cpu() - c.images).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo

@@ -284,3 +284,20 @@ def test_the_dali_backend_trains_the_same_run(shards, stage_runs, tmp_path):
     for step in dali:
         assert dali[step]["ids"] == cpu[step]["ids"]  # the plan's order
         assert abs(dali[step]["loss"] - cpu[step]["loss"]) < 0.02 * cpu[step]["loss"], step
+
+
+def test_the_ffcv_backend_trains_from_a_beton(shards, tmp_path):
+    """data.backend=ffcv on two ranks: the same photos as a .beton, FFCV's JIT
+    warm-up paid once per process, every step's loss finite."""
+    from pipeline.beton import BetonOptions, write_beton
+
+    write_beton(str(shards.parent / "src"), str(tmp_path / "beton"), ShardWriterConfig(), BetonOptions(workers=2))
+    run = tmp_path / "ffcv"
+    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "data.backend=ffcv", f"data.url={tmp_path / 'beton'}"),
+               run, timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    steps = _metrics(run)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps.values())
+    assert _summary(run)["images"] >= STEPS * 8
+    assert "ffcv: first batch after" in out.stdout + out.stderr
