@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tar: webdataset shards (cpu, dali backends); beton: one FFCV file (ffcv backend)")
     p.add_argument("--stall-timeout", type=float, default=300.0,
                    help="beton: kill FFCV's writer when its output has not grown for this many seconds")
+    p.add_argument("--staging", default=None,
+                   help="beton: local folder for the validated pass-1 shards (kept, so a rerun resumes; "
+                        "default: a temporary folder)")
     p.add_argument("--min-side", type=int, default=ImagePolicy.min_side)
     p.add_argument("--max-pixels", type=int, default=ImagePolicy.max_pixels, help="decompression-bomb guard")
     add_storage_arguments(p)
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
         summary = write_beton(args.src, args.dest, cfg, BetonOptions(
             jpeg_quality=args.quality, max_side=args.max_side, workers=args.workers,
-            stall_timeout_s=args.stall_timeout))
+            stall_timeout_s=args.stall_timeout, staging_dir=args.staging))
     else:
         summary = write_shards(args.src, args.dest, cfg)
     print(summary.format())

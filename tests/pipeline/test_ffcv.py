@@ -123,3 +123,12 @@ def test_a_hung_ffcv_writer_is_killed_with_a_clear_error(tmp_path):
     assert time.monotonic() - start < 60
     assert "truncated" in str(e.value)  # the worker's own error is shown
     assert not os.path.exists(out)  # no partial file left
+
+
+def test_a_kept_staging_folder_makes_a_rerun_skip_validation(photo_folder, tmp_path):
+    opts = BetonOptions(workers=2, staging_dir=str(tmp_path / "staging"))
+    first = write_beton(str(photo_folder), str(tmp_path / "a"), ShardWriterConfig(shard_bytes=400_000), opts)
+    again = write_beton(str(photo_folder), str(tmp_path / "b"), ShardWriterConfig(shard_bytes=400_000), opts)
+    assert first.written == len(list((tmp_path / "staging").glob("*.tar"))) > 1 and first.skipped_existing == 0
+    assert again.written == 0 and again.skipped_existing == first.written
+    assert open(tmp_path / "a" / KEYS_NAME).read() == open(tmp_path / "b" / KEYS_NAME).read()
