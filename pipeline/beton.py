@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.images import ImagePolicy, load_pixels, open_image
 from pipeline.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
@@ -109,7 +110,8 @@ def run_ffcv_writer(folder: str, out: str, opts: BetonOptions, samples: int) -> 
     Until the output file appears (imports, numba) the allowance is longer."""
     job = json.dumps({"folder": folder, "out": out, "quality": opts.jpeg_quality, "max_side": opts.max_side,
                       "workers": opts.workers})
-    with tempfile.TemporaryFile("w+") as log_file:
+    with tempfile.TemporaryFile("w+") as log_file, tqdm(unit="B", unit_scale=True, desc="FFCV writer",
+                                                        disable=not sys.stderr.isatty()) as bar:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.beton", job], start_new_session=True,
                                 stdout=log_file, stderr=subprocess.STDOUT, text=True)
         start = last_change = time.monotonic()
@@ -120,6 +122,7 @@ def run_ffcv_writer(folder: str, out: str, opts: BetonOptions, samples: int) -> 
             size = os.path.getsize(out) if os.path.exists(out) else -1
             now = time.monotonic()
             if size != last_size:
+                bar.update(max(size, 0) - max(last_size, 0))
                 last_size, last_change = size, now
             allowance = opts.stall_timeout_s + (STARTUP_GRACE_S if size < 0 else 0)
             if now - last_change > allowance:
