@@ -177,14 +177,14 @@ def loss_curve_png(metrics_file: Path, out: Path, size: tuple[int, int] = (640, 
     return float(loss[0]), float(loss[-1])
 
 
-def heldout_loss(weights: str, folder: Path, seed: int) -> float:
-    """Mean masked-patch loss on held-out images, fixed masks."""
+def heldout_losses(weights: list[str], folder: Path, seed: int) -> list[float]:
+    """Mean masked-patch loss of each model on the held-out images, same masks."""
     from train.pretrained import load_pretrained
     from train.reconstruct import load_images, reconstruct
 
-    model, _ = load_pretrained(weights, seed=seed)
-    images, _ = load_images(str(folder), 10_000, model.cfg.img_size)
-    return float(reconstruct(model, images, 0.75, seed)["loss"].mean())
+    models = [load_pretrained(w, seed=seed)[0] for w in weights]
+    images, _ = load_images(str(folder), 10_000, models[0].cfg.img_size)
+    return [float(reconstruct(m, images, 0.75, seed)["loss"].mean()) for m in models]
 
 
 # --------------------------------------------------------------- the demo
@@ -211,8 +211,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         mae(cfg, "reconstruct", str(cfg.workdir / "export"), str(src["heldout"]), "--num", "8", "--out", str(recon),
             "--seed", str(cfg.seed))
         r["loss_first"], r["loss_last"] = loss_curve_png(run / "metrics.jsonl", cfg.workdir / "loss_curve.png")
-        r["heldout_loss_random"] = heldout_loss(f"random:{MODEL}", src["heldout"], cfg.seed)
-        r["heldout_loss_pretrained"] = heldout_loss(str(cfg.workdir / "export"), src["heldout"], cfg.seed)
+        r["heldout_loss_random"], r["heldout_loss_pretrained"] = heldout_losses(
+            [f"random:{MODEL}", str(cfg.workdir / "export")], src["heldout"], cfg.seed)
         say(cfg, "== 5. linear probe + kNN on the digits: pretrained vs random init")
         from train.probe import probe
 

@@ -31,12 +31,11 @@ from train.pretrained import load_pretrained
 
 @torch.no_grad()
 def extract_features(model: MaskedAutoencoderViT, url: str, pool: str, batch: int = 128,
-                     workers: int = 1, storage=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D), labels (N,)) of every sample of a labelled dataset, in order."""
-    kw = {"storage": storage} if storage is not None else {}
     loader = build_loader(LoaderConfig(url=url, batch_size=batch, num_workers=workers,
                                        augment=AugmentConfig(img_size=model.cfg.img_size, deterministic=True),
-                                       plan=PlanConfig(shuffle=False), **kw), rank=0, world_size=1)
+                                       plan=PlanConfig(shuffle=False)), rank=0, world_size=1)
     if not loader.manifest.labelled:
         raise SystemExit(f"{url} has no labels (shard a folder with one subfolder per class)")
     feats, labels = [], []

@@ -64,17 +64,17 @@ def load_images(src: str, count: int, size: int) -> tuple[torch.Tensor, list[str
     return batch.images, batch.keys
 
 
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return (images.float() / 255 - MEAN) / STD
 
 
 def to_pixels(x: torch.Tensor) -> torch.Tensor:
     """Normalized (N, 3, H, W) -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
+    return (x * STD + MEAN).clamp(0, 1)
 
 
 def visible_patch_stats(stat: torch.Tensor, visible: torch.Tensor, grid: int) -> torch.Tensor:
