@@ -207,8 +207,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
+def photo_files(src: Path, count: int) -> list[Path]:
+    """``count`` ImageNet-like JPEGs under ``src``: the ones already there when the
+    count matches (a kept ``--workdir``), else freshly generated."""
     from pipeline.sample_photos import write_photo_folder
+
+    files = sorted(src.rglob("*.jpg")) if src.exists() else []
+    return files if len(files) == count else write_photo_folder(src, count, labelled=True)
+
+
+def prepare_decode_data(work: Path, images: int, shard_bytes: int = 16 * MiB) -> None:
+    """What ``run --parts decode --workdir work`` reads, made ahead (the GPU check
+    builds it in the background while other sections use the GPU)."""
+    from pipeline.writer import ShardWriterConfig, write_shards
+
+    photo_files(work / "src", images)
+    write_shards(str(work / "src"), str(work / "shards"), ShardWriterConfig(shard_bytes=shard_bytes, workers=2))
+
+
+def run(args: argparse.Namespace) -> int:
     from pipeline.writer import ShardWriterConfig, write_shards
 
     parts = set(args.parts.split(","))
@@ -217,9 +234,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp:
         work = Path(args.workdir or tmp)
         src = work / "src"
-        files = sorted(src.rglob("*.jpg")) if src.exists() else []
-        if len(files) != args.images:
-            files = write_photo_folder(src, args.images, labelled=True)
+        files = photo_files(src, args.images)
         report: dict[str, object] = {"images": len(files), "torch_threads": torch.get_num_threads(),
                                      "cpus": os.cpu_count(), "device": args.device}
         if parts & {"read", "rss"}:

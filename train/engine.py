@@ -2,8 +2,9 @@
 
 The DeepSpeed JSON is generated from the one run config; ``deepspeed.raw`` is
 merged into it last (the escape hatch for keys we do not model). Mixed precision
-is torch.autocast (bf16) around the forward, with fp32 master weights, gradients
-and AdamW states in DeepSpeed — the paper's AMP recipe; ZeRO shards those states.
+is torch.autocast (bf16) of the forward, run by the engine (DeepSpeed's
+``torch_autocast`` section), with fp32 master weights, gradients and AdamW states —
+the paper's AMP recipe; ZeRO shards those states.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def deepspeed_json(cfg: RunConfig) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if ds.precision == "bf16":
+        # torch.autocast around engine(...) is switched off inside the engine unless
+        # DeepSpeed's own torch_autocast section enables it (it then autocasts the
+        # forward itself): without this, "bf16" runs silently trained in fp32.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if cfg.optim.grad_clip:
         config["gradient_clipping"] = cfg.optim.grad_clip
     if ds.offload_optimizer:

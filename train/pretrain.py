@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,8 +123,6 @@ class _Trainer:
         self.encoder_timer = EncoderTimer(self.engine.module, self.device)
         self.forward = torch.compile(self.engine) if cfg.model.compile else self.engine
         self.ckpt = CheckpointManager(cfg, self.rank, self.world)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if cfg.deepspeed.precision == "bf16" else nullcontext())
         self.metrics_file = None
         if cfg.log.metrics_file and self.rank == 0:
             Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +187,7 @@ class _Trainer:
     def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
         """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
         value = loss.detach().float()
-        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop))])
+        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
         if self.world > 1:
             dist.all_reduce(flags)
         return flags[0].item() / self.world, flags[1].item() > 0, flags[2].item() > 0
@@ -230,8 +228,7 @@ class _Trainer:
         """Forward, agree across ranks, backward/step; returns True to stop now."""
         cfg, r = self.cfg, self.result
         set_lr(self.engine, lr_at(r.step, cfg, self.d))
-        with self.autocast:
-            loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio)
+        loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio)  # bf16: the engine autocasts
         if self._micro in cfg.faults.inject_nonfinite_at:
             loss = loss * float("nan")  # fault drill: a poisoned batch
         self._micro += 1

@@ -1,24 +1,105 @@
+import hashlib
+import json
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "infra" / "gpu_check.sh"
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_STEPS": "2"}
-    out = subprocess.run(["bash", str(ROOT / "infra" / "gpu_check.sh"), "--dry-run"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert out.returncode == 0, out.stderr
-    summaries = re.findall(r"^SUMMARY (\S+) cpu: speedup ([\d.]+)x \(FLOP ratio ([\d.]+)x", out.stdout, re.M)
-    assert [s[0] for s in summaries] == ["mae_vit_test_patch4", "mae_vit_tiny_patch16"]
-    assert all(float(s[1]) > 0 and float(s[2]) > 2 for s in summaries)
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == [
-        "dali.json", "encoder_mae_vit_test_patch4_fp32.json", "encoder_mae_vit_tiny_patch16_fp32.json"]
-    train = re.findall(r"^SUMMARY train ZeRO-(\d): ([\d.]+) img/s .* final loss ([\d.]+)", out.stdout, re.M)
-    assert [t[0] for t in train] == ["2", "3"], out.stdout[-3000:]
-    assert all(float(t[1]) > 0 and float(t[2]) > 0 for t in train)
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out"),
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    digest = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert list(digest) == [
+        "encoder_mae_vit_test_patch4_fp32", "encoder_mae_vit_tiny_patch16_fp32", "train_tiny_cpu_zero2",
+        "train_tiny_cpu_zero3", "dali_decode", "e2e_dali", "encoder_mae_vit_test_patch4_fp32_compiled"]
+    assert {r["status"] for r in digest.values()} == {"SUMMARY"}, digest
+    enc = re.findall(r"^SUMMARY (\S+)( compiled)? cpu: speedup ([\d.]+)x \(FLOP ratio ([\d.]+)x", out.stdout, re.M)
+    assert [(e[0], e[1]) for e in enc] == [("mae_vit_test_patch4", ""), ("mae_vit_tiny_patch16", ""),
+                                          ("mae_vit_test_patch4", " compiled")]
+    assert all(float(e[2]) > 0 and float(e[3]) > 2 for e in enc)
+    train = re.findall(r"^SUMMARY train tiny ZeRO-(\d): ([\d.]+) img/s .* final loss ([\d.]+)", out.stdout, re.M)
+    assert [t[0] for t in train] == ["2", "3"]
+    assert all(float(t[1]) > 0 and 0 < float(t[2]) < 10 for t in train)
+    assert train[0][2] == train[1][2]  # ZeRO-2 and -3 train the same model on the same batches
     dali = re.findall(r"^SUMMARY dali cpu: (\d+) img/s, ([\d.]+) CPU cores per 1,000 img/s", out.stdout, re.M)
-    assert len(dali) == 1 and int(dali[0][0]) > 0 and float(dali[0][1]) > 0, out.stdout[-3000:]
+    assert len(dali) == 1 and int(dali[0][0]) > 0 and float(dali[0][1]) > 0
+    e2e = re.findall(r"^SUMMARY e2e tiny_cpu dali cpu: ([\d.]+) img/s steady, data wait ([\d.]+)%", out.stdout, re.M)
+    assert len(e2e) == 1 and float(e2e[0][0]) > 0 and 0 <= float(e2e[0][1]) < 100
+    assert not list(Path("/tmp").glob(f"gpu-check-data-*/shards/{tmp_path.name}"))  # data dir removed
+
+
+def test_gpu_check_skips_what_no_longer_fits_the_budget(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_BUDGET_S": "1",
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0
+    assert len(re.findall(r"^SKIP \S+: \d+ s of the budget left, it needs about \d+ s", out.stdout, re.M)) == 7
+
+
+def _wheel(path: Path, name: str, version: str, body: str) -> None:
+    """A minimal, valid pure-Python wheel with one module."""
+    files = {f"{name}.py": body,
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{n},sha256={hashlib.sha256(c.encode()).hexdigest()},{len(c)}" for n, c in files.items()]
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record + [f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for n, c in files.items():
+            z.writestr(n, c)
+
+
+def _split(whl: Path, dest: Path, parts: int) -> list[Path]:
+    data = whl.read_bytes()
+    (dest / f"{whl.name}.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {whl.name}\n")
+    size = -(-len(data) // parts)
+    out = []
+    for i in range(parts):
+        folder = dest / f"t{parts - i}"  # parts spread over folders, in reverse order
+        folder.mkdir(parents=True, exist_ok=True)
+        out.append(folder / f"{whl.name}.part-a{'abcdefgh'[i]}")
+        out[-1].write_bytes(data[i * size:(i + 1) * size])
+    whl.unlink()
+    return out
+
+
+def test_split_wheels_are_joined_verified_and_installed_privately(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    big = tmp_path / "gpucheckbig-1.0-py3-none-any.whl"
+    _wheel(big, "gpucheckbig", "1.0", "VALUE = 'joined from parts'\n" + "# padding\n" * 5000)
+    _split(big, wheels, 3)
+    _wheel(wheels / "gpuchecksmall-2.0-py3-none-any.whl", "gpuchecksmall", "2.0", "VALUE = 2\n")
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
+    out = subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "FAIL" not in out.stdout, out.stdout
+    pythonpath = re.search(r"^wheels: PYTHONPATH=(\S+)", out.stdout, re.M).group(1)
+    check = subprocess.run([sys.executable, "-c", "import gpucheckbig, gpuchecksmall; "
+                            "print(gpucheckbig.VALUE, gpuchecksmall.VALUE)"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
+    assert check.stdout.strip() == "joined from parts 2", check.stderr
+
+
+def test_a_damaged_part_is_refused_by_its_sha256(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    big = tmp_path / "gpucheckbad-1.0-py3-none-any.whl"
+    _wheel(big, "gpucheckbad", "1.0", "VALUE = 1\n" + "# padding\n" * 5000)
+    part = _split(big, wheels, 2)[1]
+    data = bytearray(part.read_bytes())
+    data[10] ^= 0xFF
+    part.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
+    out = subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env, timeout=120)
+    assert re.search(r"^FAIL wheels: gpucheckbad-1.0-py3-none-any.whl joined from its parts does not match its "
+                     r"\.sha256", out.stdout, re.M), out.stdout
+    assert "installing" not in out.stdout  # nothing left to install
