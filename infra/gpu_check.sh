@@ -10,7 +10,7 @@
 # connected machine by infra/gpu_wheels.sh, large wheels split into parts of at most
 # 60 MB). This script joins the parts, checks their sha256, and installs each wheel
 # whose distribution is missing or older into a private folder (nothing system-wide).
-# The sections, their order and budget are in train/gpu_check.py; each prints a
+# The sections, their order and budget are in train/bench/gpu_check.py; each prints a
 # SUMMARY, SKIP or FAIL line, and the JSON reports and logs land in GPU_CHECK_OUT.
 # Env: PYTHON, GPU_CHECK_OUT (report dir), GPU_CHECK_BUDGET_S (default 480),
 #      GPU_CHECK_WHEELS (default .whl in the checkout).
@@ -75,4 +75,4 @@ if [ "${1:-}" = "--wheels-only" ]; then  # stop after the wheels (tests, or to i
   echo "wheels: PYTHONPATH=$PYTHONPATH"
   exit 0
 fi
-exec "$PY" -m train.gpu_check --out "$out" --budget-s "${GPU_CHECK_BUDGET_S:-480}" "$@"
+exec "$PY" -m train.bench.gpu_check --out "$out" --budget-s "${GPU_CHECK_BUDGET_S:-480}" "$@"

@@ -21,6 +21,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from infra.files import atomic_write
 from infra.metrics import METRICS, MetricSpec
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,7 @@ class PrometheusSink:
                     "labels": {"job": "maescale", "node": socket.gethostname()}}]
         path = Path(directory) / f"maescale-{socket.gethostname()}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(targets))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(targets))
 
     def close(self) -> None:
         self.server.shutdown()

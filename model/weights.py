@@ -1,7 +1,7 @@
 """State-dict conventions: the official MAE (and timm ViT) key layout.
 
 Pure functions over state dicts; reading and writing files lives in
-``train.weights_io``. Official checkpoints come as ``{'model': state_dict}``, full
+``train.weights.files``. Official checkpoints come as ``{'model': state_dict}``, full
 (encoder + decoder, e.g. ``mae_visualize_vit_large.pth``) or encoder-only (e.g.
 ``mae_pretrain_vit_base.pth``); both load with strict key checking.
 """

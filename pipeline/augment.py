@@ -1,4 +1,4 @@
-"""Augmentation parameters shared by every decode backend.
+"""Augmentation shared by every decode backend: crop boxes, flips, normalization.
 
 The paper's recipe: RandomResizedCrop(224, scale=(0.2, 1.0), ratio=(3/4, 4/3),
 bicubic) and a horizontal flip; nothing else. Crop boxes follow torchvision's
@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from infra.options import option, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,21 +23,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    img_size: int = 224
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    deterministic: bool = False  # centre crop, no flip: for evaluation and cross-backend checks
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    img_size: int = option(224, "input side after RandomResizedCrop (the model's image size)")
+    scale: tuple[float, float] = option((0.2, 1.0), "RandomResizedCrop area range (the paper: 0.2-1)")
+    ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
+    flip_prob: float = option(0.5, "horizontal flip probability")
+    deterministic: bool = option(False, "centre crop, no flip: for evaluation and cross-backend checks")
+    mean: tuple[float, float, float] = option(IMAGENET_MEAN, "per-channel mean of normalization (RGB, 0-1)")
+    std: tuple[float, float, float] = option(IMAGENET_STD, "per-channel std of normalization (RGB, 0-1)")
 
     def __post_init__(self) -> None:
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"AugmentConfig.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"AugmentConfig.ratio must satisfy 0 < lo <= hi, got {self.ratio}")
-        if self.img_size < 1:
-            raise ValueError(f"AugmentConfig.img_size must be positive, got {self.img_size}")
+        require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "scale",
+                f"must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.scale)}")
+        require(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "ratio",
+                f"must be [lo, hi] with 0 < lo <= hi, got {list(self.ratio)}")
+        require(self.img_size > 0, "img_size", f"must be positive, got {self.img_size}")
+        require(0 <= self.flip_prob <= 1, "flip_prob", f"must be in [0, 1], got {self.flip_prob}")
+        require(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "std",
+                "mean and std must be three numbers each, std positive")
+
+
+class Normalizer:
+    """uint8 pixels <-> normalized floats, ``(x / 255 - mean) / std`` per channel,
+    computed as ``(x - 255 mean) / (255 std)`` on the device the images go to."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 device: str | torch.device = "cpu") -> None:
+        self.mean255 = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std255 = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> normalized (B, 3, H, W) in ``dtype`` on this normalizer's device."""
+        x = images.to(self.mean255.device, non_blocking=True).float()
+        return x.sub_(self.mean255).div_(self.std255).to(dtype)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized (B, 3, H, W) -> pixels in [0, 1]."""
+        return (x * self.std255 + self.mean255).div(255).clamp(0, 1)
 
 
 def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:

@@ -1,4 +1,4 @@
-"""Image validation and decoding shared by the shard writer and the `cpu` backend.
+"""The one home of image checks: what is an image, what is usable, how it is read.
 
 Every image is judged once by the same rules: at write time (so bad files never
 reach a shard) and again at read time (shards from elsewhere, bit rot). A bad image
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from infra.options import option, require_choice, require_positive
+
 # Reasons an image is rejected. Mode reasons (cmyk, grayscale, 16bit) only reject
 # under ``mode_policy='skip'``; by default those images are converted to RGB.
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small",
@@ -21,21 +23,27 @@ REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb"
 MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grayscale",
                 "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
 CONVERTIBLE_MODES = {"RGB", "RGBA", "P", "PA", "RGBX", "YCbCr"}
+# File extensions read as images: by the shard writer's source listing, inside
+# shards (a sample's image member), and by `mae reconstruct` on a folder.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
     """What counts as a usable image."""
 
-    min_side: int = 8
-    max_pixels: int = 100_000_000  # header-checked before decoding: decompression bombs
-    mode_policy: str = "convert"  # 'convert' CMYK/grayscale/16-bit to RGB, or 'skip' them
+    min_side: int = option(8, "images with a shorter side are rejected (too_small)")
+    max_pixels: int = option(100_000_000, "header-checked before decoding: decompression bombs")
+    mode_policy: str = option("convert", "'convert' CMYK/grayscale/16-bit images to RGB, or 'skip' them")
 
     def __post_init__(self) -> None:
-        if self.mode_policy not in ("convert", "skip"):
-            raise ValueError(f"ImagePolicy.mode_policy must be 'convert' or 'skip', got {self.mode_policy!r}")
-        if self.min_side < 1 or self.max_pixels < 1:
-            raise ValueError("ImagePolicy.min_side and max_pixels must be positive")
+        require_choice(self, "mode_policy", ("convert", "skip"))
+        require_positive(self, "min_side", "max_pixels")
 
 
 class BadImage(Exception):
@@ -64,17 +72,21 @@ def open_image(data: bytes, policy: ImagePolicy) -> tuple[Image.Image, str | Non
         raise BadImage("not_an_image") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(_decode_failure_reason(e), str(e)) from e
-    w, h = img.size
-    if w * h > policy.max_pixels:
-        raise BadImage("decompression_bomb", f"{w}x{h} exceeds {policy.max_pixels} pixels")
-    if min(w, h) < policy.min_side:
-        raise BadImage("too_small", f"{w}x{h}")
+    check_size(*img.size, policy)
     mode_reason = MODE_REASONS.get(img.mode)
     if mode_reason is None and img.mode not in CONVERTIBLE_MODES:
         raise BadImage("unsupported_mode", img.mode)
     if mode_reason is not None and policy.mode_policy == "skip":
         raise BadImage(mode_reason, img.mode)
     return img, mode_reason
+
+
+def check_size(width: int, height: int, policy: ImagePolicy) -> None:
+    """The size rules, from a header alone (before any pixel is decoded)."""
+    if width * height > policy.max_pixels:
+        raise BadImage("decompression_bomb", f"{width}x{height} exceeds {policy.max_pixels} pixels")
+    if min(width, height) < policy.min_side:
+        raise BadImage("too_small", f"{width}x{height}")
 
 
 def load_pixels(img: Image.Image) -> Image.Image:

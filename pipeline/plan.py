@@ -26,21 +26,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from infra.options import option, require, require_choice
+
 UNEVEN_POLICIES = ("pad", "drop")
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    seed: int = 0
-    shuffle: bool = True
-    window_shards: int = 4
-    uneven: str = "pad"
+    seed: int = option(0, "sample order and per-sample augmentation")
+    shuffle: bool = option(True, "false: shards and samples in manifest order (evaluation)")
+    window_shards: int = option(4, "shards whose samples are shuffled together each epoch (docs/DATA.md)")
+    uneven: str = option("pad", "samples % world != 0: 'pad' (repeat a few) or 'drop' the tail")
 
     def __post_init__(self) -> None:
-        if self.uneven not in UNEVEN_POLICIES:
-            raise ValueError(f"PlanConfig.uneven must be one of {UNEVEN_POLICIES}, got {self.uneven!r}")
-        if self.window_shards < 1:
-            raise ValueError(f"PlanConfig.window_shards must be >= 1, got {self.window_shards}")
+        require_choice(self, "uneven", UNEVEN_POLICIES)
+        require(self.window_shards >= 1, "window_shards", f"must be >= 1, got {self.window_shards}")
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: `from shard_helpers import ...`
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -28,7 +23,7 @@ def _seeded() -> None:
 @pytest.fixture(scope="session")
 def seaweed():
     """A real S3 server (SeaweedFS) on loopback, credentials checked."""
-    from infra.s3_server import SeaweedS3
+    from infra.testing.s3_server import SeaweedS3
 
     with SeaweedS3() as s3:
         yield s3

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -29,15 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.config import RunConfig
+from infra.files import atomic_write
+from train.config import CheckpointConfig
+from train.errors import ResumeError
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step(\d{9})$")
 COMPLETE = "COMPLETE"
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint cannot be resumed by this run; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -76,12 +73,12 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int) -> None:
-        self.root = Path(cfg.checkpoint.dir)
-        self.keep_last = cfg.checkpoint.keep_last
+    def __init__(self, cfg: CheckpointConfig, model_name: str, fingerprint: str, rank: int, world_size: int) -> None:
+        self.root = Path(cfg.dir)
+        self.keep_last = cfg.keep_last
         self.rank, self.world_size = rank, world_size
-        self.model_name = cfg.model.name
-        self.fingerprint = cfg.fingerprint()
+        self.model_name = model_name
+        self.fingerprint = fingerprint
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> float:
         """Save on every rank; returns the seconds it took."""
@@ -93,9 +90,9 @@ class CheckpointManager:
         if self.rank == 0:
             meta = {"model": self.model_name, "fingerprint": self.fingerprint, "world_size": self.world_size,
                     "step": step, "epoch": client_state.get("epoch")}
-            _write_atomic(self.root / tag / "meta.json", json.dumps(meta))
-            _write_atomic(self.root / tag / COMPLETE, "")
-            _write_atomic(self.root / "latest", tag)
+            atomic_write(self.root / tag / "meta.json", json.dumps(meta))
+            atomic_write(self.root / tag / COMPLETE, "")
+            atomic_write(self.root / "latest", tag)
             self._prune()
         _barrier()
         seconds = time.perf_counter() - t0
@@ -131,9 +128,3 @@ class CheckpointManager:
             torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
         log.info("resumed from %s (step %d)", self.root / tag, meta["step"])
         return Resumed(tag, int(meta["step"]), client_state or {})
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

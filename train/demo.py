@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -34,9 +33,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from train.engine import free_port
+from infra.net import free_port
+from train.errors import TrainError
 
 MODEL = "mae_vit_mini_patch4"
+
+
+class DemoError(TrainError):
+    """A step of the demo failed; the message says which and shows its output."""
 
 
 @dataclass
@@ -62,12 +66,12 @@ def mae(cfg: DemoConfig, *argv: str) -> None:
     say(cfg, f"$ mae {shlex.join(argv)}")
     rc = main(list(argv))
     if rc:
-        raise SystemExit(f"demo: `mae {shlex.join(argv)}` failed (exit {rc})")
+        raise DemoError(f"demo: `mae {shlex.join(argv)}` failed (exit {rc})")
 
 
 # ------------------------------------------------------------------ 1. data
 def build_sources(cfg: DemoConfig) -> dict[str, Path]:
-    from pipeline.sample_photos import write_digits_folder, write_photo_folder
+    from infra.testing.photos import write_digits_folder, write_photo_folder
 
     src = cfg.workdir / "images"
     if src.exists():
@@ -125,7 +129,7 @@ def pretrain(cfg: DemoConfig, data_url: str, env: dict[str, str]) -> dict:
         if tty:
             print()
     if proc.returncode != 0:
-        raise SystemExit(f"demo: pretraining failed (exit {proc.returncode}); last lines of {log_path}:\n"
+        raise DemoError(f"demo: pretraining failed (exit {proc.returncode}); last lines of {log_path}:\n"
                          + "\n".join(log_path.read_text().splitlines()[-25:]))
     summary = json.loads((run / "run_summary.json").read_text())
     summary["prometheus"] = {"port": port, "scraped": scraped}
@@ -179,8 +183,8 @@ def loss_curve_png(metrics_file: Path, out: Path, size: tuple[int, int] = (640, 
 
 def heldout_losses(weights: list[str], folder: Path, seed: int) -> list[float]:
     """Mean masked-patch loss of each model on the held-out images, same masks."""
-    from train.pretrained import load_pretrained
-    from train.reconstruct import load_images, reconstruct
+    from train.eval.reconstruct import load_images, reconstruct
+    from train.weights.pretrained import load_pretrained
 
     models = [load_pretrained(w, seed=seed)[0] for w in weights]
     images, _ = load_images(str(folder), 10_000, models[0].cfg.img_size)
@@ -214,7 +218,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         r["heldout_loss_random"], r["heldout_loss_pretrained"] = heldout_losses(
             [f"random:{MODEL}", str(cfg.workdir / "export")], src["heldout"], cfg.seed)
         say(cfg, "== 5. linear probe + kNN on the digits: pretrained vs random init")
-        from train.probe import probe
+        from train.eval.probe import probe
 
         r["probe"] = {}
         for name, weights in (("pretrained", str(cfg.workdir / "export" / "encoder.safetensors")),
@@ -234,7 +238,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 @contextlib.contextmanager
 def _s3_store(cfg: DemoConfig):
-    from infra.s3_server import SeaweedS3
+    from infra.testing.s3_server import SeaweedS3
 
     with SeaweedS3() as s3:
         s3.create_bucket("maescale-demo")
@@ -260,19 +264,3 @@ def format_summary(r: dict) -> str:
         f"total         {r['wall_s'] / 60:.1f} min",
     ]
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run and pictures go")
-    p.add_argument("--s3", action="store_true", help="use a real S3 server (SeaweedFS, started here) as the store")
-    p.add_argument("--epochs", type=float, default=DemoConfig.epochs, help="pretraining epochs (~31 steps each)")
-    p.add_argument("--photos", type=int, default=DemoConfig.photos)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=0, help="Prometheus endpoint port (default: a free one)")
-
-
-def run(args: argparse.Namespace) -> int:
-    r = run_demo(DemoConfig(workdir=args.workdir, photos=args.photos, epochs=args.epochs, s3=args.s3,
-                            seed=args.seed, port=args.port))
-    print(format_summary(r))
-    return 0

@@ -11,26 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
 
 import torch
 from torch import nn
 
-from train.config import RunConfig
+from infra.net import free_port
+from train.config import DeepSpeedConfig, RunConfig
 from train.recipe import param_groups
 
 log = logging.getLogger(__name__)
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(cfg: RunConfig) -> tuple[int, int, int]:
+def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     """(global rank, local rank, world size) from the launcher's environment
     (deepspeed, torchrun), or a single process when there is none."""
     try:
@@ -43,7 +36,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, int]:
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
-    if accel.device_name() == "cpu" and not cfg.deepspeed.cpu_shm_allreduce:
+    if accel.device_name() == "cpu" and not ds.cpu_shm_allreduce:
         # DeepSpeed JIT-compiles a shared-memory allreduce for CPU runs at init (minutes
         # cold). gloo's allreduce is correct and enough for CPU runs; opt in with
         # deepspeed.cpu_shm_allreduce=true.
@@ -73,7 +66,7 @@ def deepspeed_json(cfg: RunConfig) -> dict[str, Any]:
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.accum_steps,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # client torch AdamW

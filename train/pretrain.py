@@ -1,4 +1,4 @@
-"""MAE pretraining with DeepSpeed ZeRO. One module, three ways to launch:
+"""MAE pretraining with DeepSpeed ZeRO. One entry, three ways to launch:
 
     deepspeed --num_gpus 8 [--hostfile H] --module train.pretrain --config vit_l [a.b=c ...]
     torchrun --nproc_per_node 8 -m train.pretrain --config vit_l [a.b=c ...]
@@ -6,371 +6,63 @@
 
 Rank, local rank and world size come from the launcher's environment; the sample
 plan partitions data by global rank. A restarted run resumes from the latest
-complete checkpoint by itself; SIGTERM/SIGINT save and exit.
+complete checkpoint by itself; SIGTERM/SIGINT save and exit. The loop itself is
+``train.trainer``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
-import signal
 import sys
-import time
-from contextlib import closing
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from infra.metrics import NullSink, install, sink
-from model.flops import encoder_speedup_flop_ratio
-from model.registry import create_model, model_config
-from pipeline.augment import AugmentConfig
-from pipeline.images import ImagePolicy
-from pipeline.loader import CorruptDataError, LoaderConfig, build_loader
-from pipeline.plan import PlanConfig
-from pipeline.storage import ShardFetchError, StorageConfig
-from train.checkpoint import CheckpointManager, ResumeError
-from train.config import Derived, RunConfig, derived, load_config
-from train.engine import build_engine, device_for, init_distributed, set_lr
-from train.recipe import lr_at
-from train.step_metrics import EncoderTimer, record_memory
+from pipeline.errors import PipelineError
+from train.config import RunConfig, load_config
+from train.errors import TrainError
+from train.trainer import RunResult, StopSignal, Trainer
 
 log = logging.getLogger("train.pretrain")
-PROBE_SEED = 1234
-GAUGE_INTERVAL_S = 1.0
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the last good checkpoint is intact."""
-
-
-@dataclass
-class RunResult:
-    step: int = 0
-    epoch: int = 0
-    stopped_by_signal: str | None = None
-    nonfinite_skipped: int = 0
-    images: int = 0
-    images_per_s: float = 0.0  # all ranks, over the whole run (first steps included)
-    peak_memory_bytes: int | None = None  # CUDA allocator peak on rank 0
-    mfu: float | None = None  # model FLOPs / peak bf16 FLOPs of the card, where known
-    wall_s: float = 0.0
-    data_wait_s: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    final_probe_loss: float | None = None
-
-
-class StopSignal:
-    """SIGTERM/SIGINT set a flag the loop checks every step (all ranks agree on it
-    through the per-step all-reduce, so every rank saves at the same step)."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint at the end of this step, then exiting", self.received)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def loader_config(cfg: RunConfig, device: torch.device) -> LoaderConfig:
-    d = cfg.data
-    storage = StorageConfig(options={"endpoint_url": d.endpoint_url} if d.endpoint_url else {},
-                            cache_dir=d.cache_dir, cache_limit_bytes=int(d.cache_limit_gb * 2**30))
-    return LoaderConfig(url=d.url, batch_size=d.micro_batch, backend=d.backend, num_workers=d.num_workers,
-                        dali_crop=d.dali_crop, hw_decoder_load=d.hw_decoder_load,
-                        max_corrupt_fraction=d.max_corrupt_fraction, device=str(device),
-                        augment=AugmentConfig(img_size=d.img_size),
-                        plan=PlanConfig(seed=d.seed, window_shards=d.window_shards, uneven=d.uneven),
-                        storage=storage, policy=ImagePolicy())
-
-
-def probe_batch(cfg: RunConfig, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch and mask noise: the same loss before export and after."""
-    g = torch.Generator().manual_seed(PROBE_SEED)
-    mcfg = model_config(cfg.model.name, img_size=cfg.data.img_size)
-    imgs = torch.randn(n, 3, mcfg.img_size, mcfg.img_size, generator=g)
-    return imgs, torch.rand(n, mcfg.num_patches, generator=g)
-
-
-class _Trainer:
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.rank, self.local_rank, self.world = init_distributed(cfg)
-        self.device = device_for(self.local_rank)
-        torch.manual_seed(cfg.seed * 1000 + self.rank)
-        self.prometheus = self._start_metrics()  # before the loader: its workers inherit the sink
-        self.loader = build_loader(loader_config(cfg, self.device), self.rank, self.world)
-        model = create_model(cfg.model.name, img_size=cfg.data.img_size, norm_pix_loss=cfg.model.norm_pix_loss)
-        model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-        self.d: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.micro_batch)
-        self._measure_speedup()
-        self.engine = build_engine(cfg, model, self.d.lr)
-        self.encoder_timer = EncoderTimer(self.engine.module, self.device)
-        self.forward = torch.compile(self.engine) if cfg.model.compile else self.engine
-        self.ckpt = CheckpointManager(cfg, self.rank, self.world)
-        self.metrics_file = None
-        if cfg.log.metrics_file and self.rank == 0:
-            Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_file = open(cfg.log.metrics_file, "a")
-        self.result = RunResult()
-        if self.rank == 0:
-            log.info("world %d, global batch %d (micro %d x accum %d x world), lr %.3g (blr %.3g), "
-                     "%d steps/epoch, %d steps (%d warmup), ZeRO stage %d, %s",
-                     self.world, self.d.global_batch, cfg.data.micro_batch, cfg.optim.accum_steps, self.d.lr,
-                     cfg.optim.blr, self.d.steps_per_epoch, self.d.total_steps, self.d.warmup_steps,
-                     cfg.deepspeed.stage, cfg.deepspeed.precision)
-
-    def _start_metrics(self):
-        m = self.cfg.metrics
-        if not m.enabled:
-            return None
-        from infra.prometheus_sink import PrometheusSink
-
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        prom = PrometheusSink(self.rank, self.local_rank, local_world, m.port_base, m.bind, m.multiproc_dir,
-                              backend=self.cfg.data.backend)
-        install(prom)
-        if m.file_sd_dir and self.local_rank == 0:
-            prom.write_file_sd(m.file_sd_dir, m.port_base)
-        mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.img_size)
-        sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
-        return prom
-
-    def _measure_speedup(self) -> None:
-        """Time a few steps of MAE vs the mask-token baseline on this run's model,
-        micro-batch and device; export the ratio (the paper's Table 2, measured)."""
-        m = self.cfg.metrics
-        if not (m.measure_speedup if m.measure_speedup is not None else self.device.type == "cuda"):
-            return
-        from train.bench_encoder import EncoderBenchConfig, run_encoder_bench
-
-        report = run_encoder_bench(EncoderBenchConfig(
-            model=self.cfg.model.name, batch=self.cfg.data.micro_batch, steps=m.speedup_steps, warmup=1,
-            dtype="bf16" if self.cfg.deepspeed.precision == "bf16" else "fp32", device=str(self.device),
-            mask_ratio=self.cfg.model.mask_ratio, seed=self.cfg.seed, img_size=self.cfg.data.img_size))
-        sink().set("mae_encoder_speedup_ratio", report["measured_speedup"])
-        if self.rank == 0:
-            log.info("encoder speedup on this run's model and device: %.2fx measured, %.2fx FLOP ratio",
-                     report["measured_speedup"], report["flop_ratio"])
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def resume(self) -> None:
-        if not self.cfg.checkpoint.resume:
-            return
-        resumed = self.ckpt.resume(self.engine)
-        if resumed is None:
-            return
-        self.result.step = resumed.step
-        self.loader.load_state_dict(resumed.client_state["loader"])
-
-    def save(self) -> None:
-        state = {"step": self.result.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
-                 "config": json.dumps(self.cfg.to_dict()), "derived": json.dumps(asdict(self.d))}
-        sink().observe("mae_checkpoint_save_duration_seconds", self.ckpt.save(self.engine, self.result.step, state))
-
-    def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
-        """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
-        value = loss.detach().float()
-        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
-        if self.world > 1:
-            dist.all_reduce(flags)
-        return flags[0].item() / self.world, flags[1].item() > 0, flags[2].item() > 0
-
-    def run(self, stop: StopSignal) -> RunResult:
-        """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
-        r = self.result
-        self.t_start = time.perf_counter()
-        self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
-        while r.step < self.d.total_steps and r.stopped_by_signal is None:
-            with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
-                for batch, wait, t0 in _timed(it):
-                    if self._micro_step(batch, wait, t0, stop) or r.step >= self.d.total_steps:
-                        break
-        r.epoch, r.wall_s = self.loader.epoch, time.perf_counter() - self.t_start
-        if r.losses:
-            self._record_step(r.losses[-1], force=True)
-        self._throughput()
-        if r.stopped_by_signal is None:
-            r.final_probe_loss = self.probe_loss()
-        return r
-
-    def _throughput(self) -> None:
-        from model.flops import train_step_flops
-        from train.bench_encoder import peak_flops_for
-
-        r = self.result
-        r.images_per_s = r.images / max(r.wall_s, 1e-9)
-        if self.device.type == "cuda":
-            r.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
-            peak = peak_flops_for(self.device, None)
-            mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.img_size)
-            if peak:
-                per_image = train_step_flops(mcfg, 1, self.cfg.model.mask_ratio)
-                r.mfu = per_image * r.images_per_s / (peak * self.world)
-
-    def _micro_step(self, batch, wait: float, t0: float, stop: StopSignal) -> bool:
-        """Forward, agree across ranks, backward/step; returns True to stop now."""
-        cfg, r = self.cfg, self.result
-        set_lr(self.engine, lr_at(r.step, cfg, self.d))
-        loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio)  # bf16: the engine autocasts
-        if self._micro in cfg.faults.inject_nonfinite_at:
-            loss = loss * float("nan")  # fault drill: a poisoned batch
-        self._micro += 1
-        mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
-        if nonfinite:  # every rank skips this micro-batch together: no update, no hang
-            r.nonfinite_skipped += 1
-            sink().inc("mae_nonfinite_steps_skipped_total")
-            self._in_a_row += 1
-            log.warning("non-finite loss at step %d (micro-step %d): update skipped (%d in a row)",
-                        r.step, self._micro - 1, self._in_a_row)
-            if self._in_a_row >= cfg.faults.max_nonfinite_in_row:
-                raise NonFiniteLossError(f"{self._in_a_row} non-finite losses in a row, the last at step {r.step}; "
-                                         "stopping with the last good checkpoint intact")
-            return False
-        self._in_a_row = 0
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
-        self.engine.step()
-        r.images += len(batch.keys) * self.world
-        r.data_wait_s += wait
-        self._window.append(mean_loss)
-        self._record_micro_step(len(batch.keys), wait, t0)
-        if not boundary:
-            return False
-        step_loss = sum(self._window) / len(self._window)  # mean over the accumulation window
-        self._window = []
-        r.step += 1
-        r.losses.append(step_loss)
-        self._log_step(step_loss, batch, wait, t0)
-        self._record_step(step_loss)
-        saved = cfg.checkpoint.enabled and (r.step % cfg.checkpoint.every_steps == 0 or r.step == self.d.total_steps)
-        if saved:
-            self.save()
-        if stopping:  # a signal on any rank: all ranks save this same step and leave
-            r.stopped_by_signal = stop.received or "signal on another rank"
-            if not saved and cfg.checkpoint.enabled:
-                self.save()
-            return True
-        return False
-
-    def _record_micro_step(self, images: int, wait: float, t0: float) -> None:
-        sink().inc("mae_trainer_images_total", images)
-        sink().observe("mae_data_wait_seconds", wait)
-        sink().observe("mae_step_duration_seconds", time.perf_counter() - t0)
-        self.encoder_timer.flush()
-
-    def _record_step(self, loss: float, force: bool = False) -> None:
-        """Gauges, at most once a second (scrapes are 1-15 s apart) and at the end."""
-        now = time.perf_counter()
-        if not force and now - self._gauges_at < GAUGE_INTERVAL_S:
-            return
-        self._gauges_at = now
-        sink().set("mae_loss", loss)
-        sink().set("mae_learning_rate", lr_at(self.result.step - 1, self.cfg, self.d))
-        sink().set("mae_step", self.result.step)
-        sink().set("mae_epoch", self.loader.epoch)
-        record_memory(self.device)
-
-    def _log_step(self, loss: float, batch, wait: float, t0: float) -> None:
-        r = self.result
-        ids = hashlib.sha1(batch.sample_ids.numpy().tobytes()).hexdigest()[:12]
-        record = {"step": r.step, "loss": loss, "lr": lr_at(r.step - 1, self.cfg, self.d), "epoch": self.loader.epoch,
-                  "step_time_s": time.perf_counter() - t0, "data_wait_s": wait, "ids": ids}
-        if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
-        if self.rank == 0 and (r.step % self.cfg.log.every_steps == 0 or r.step == 1):
-            log.info("step %d/%d epoch %d loss %.4f lr %.3g data wait %.0f%%", r.step, self.d.total_steps,
-                     self.loader.epoch, loss, record["lr"], 100 * r.data_wait_s / max(1e-9, time.perf_counter() - self.t_start))
-
-    @torch.no_grad()
-    def probe_loss(self) -> float:
-        imgs, noise = probe_batch(self.cfg)
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
-        loss, _, _ = self.engine(imgs.to(self.device), self.cfg.model.mask_ratio, noise.to(self.device))
-        module.train(was_training)
-        return float(loss)
-
-    def close(self) -> None:
-        if self.metrics_file:
-            self.metrics_file.close()
-        if self.prometheus is not None:
-            if self.cfg.metrics.linger_s > 0:  # let the last values be scraped
-                time.sleep(self.cfg.metrics.linger_s)
-            self.prometheus.close()
-            install(NullSink())
-
-
-def _timed(it):
-    """Yield (batch, seconds waited for it, time the wait started)."""
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        yield batch, time.perf_counter() - t0, t0
-
-
-def run(cfg: RunConfig) -> RunResult:
-    trainer = _Trainer(cfg)
+def pretrain(cfg: RunConfig) -> RunResult:
+    """Build, resume if a checkpoint exists, train, write the run summary, clean up."""
+    trainer = Trainer(cfg)
     try:
         trainer.resume()
         with StopSignal() as stop:
             result = trainer.run(stop)
-        if trainer.rank == 0:
-            summary = {**asdict(result), "losses": result.losses[-5:], "derived": asdict(trainer.d)}
-            Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.checkpoint.dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
+        trainer.write_summary()
         return result
     finally:
         trainer.close()
 
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny_cpu", help="preset name (tiny_cpu, vit_b, vit_l, vit_h) or YAML file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="a.b=value config overrides")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="train.pretrain", description=__doc__.splitlines()[0])
-    add_cli_arguments(p)
-    args = p.parse_args(argv)
-    return run_cli(args)
-
-
-def run_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """The run as every entry point executes it: one-line errors, exit codes."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
     try:
-        result = run(cfg)
-    except (NonFiniteLossError, ResumeError, CorruptDataError, ShardFetchError) as e:
+        result = pretrain(load_config(args.config, args.overrides))
+    except (TrainError, PipelineError) as e:
         log.error("%s: %s", type(e).__name__, e)
-        return 1
+        return e.exit_code
     if result.stopped_by_signal:
         log.warning("stopped by %s at step %d after saving a checkpoint", result.stopped_by_signal, result.step)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="train.pretrain", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

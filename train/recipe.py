@@ -1,12 +1,36 @@
-"""The paper's optimization recipe: AdamW parameter groups and the lr schedule."""
+"""The paper's optimization recipe: batch and lr arithmetic, AdamW parameter groups
+and the lr schedule."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
-from train.config import Derived, RunConfig
+from train.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the run's world/data; logged, never
+    written back into the config."""
+
+    world_size: int
+    global_batch: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def derived(cfg: RunConfig, world_size: int, micro_batches_per_epoch: int) -> Derived:
+    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world_size
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
+    steps_per_epoch = max(1, micro_batches_per_epoch // cfg.optim.accum_steps)
+    total = cfg.schedule.max_steps or int(cfg.schedule.epochs * steps_per_epoch)
+    warmup = int(cfg.schedule.warmup_epochs * steps_per_epoch)
+    return Derived(world_size, global_batch, lr, steps_per_epoch, total, min(warmup, total))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,10 +45,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, cfg: RunConfig, d: Derived) -> float:
-    """Linear warmup, then half-cycle cosine to min_lr, set every optimizer step."""
+def lr_at(step: int, d: Derived, min_lr: float = 0.0) -> float:
+    """Linear warmup, then half-cycle cosine to ``min_lr``, set every optimizer step."""
     if step < d.warmup_steps:
         return d.lr * step / d.warmup_steps
     span = max(1, d.total_steps - d.warmup_steps)
     progress = min(1.0, (step - d.warmup_steps) / span)
-    return cfg.optim.min_lr + (d.lr - cfg.optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (d.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

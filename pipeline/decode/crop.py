@@ -15,33 +15,29 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from pipeline.augment import AugmentConfig, crop_and_flip
-from pipeline.images import BadImage, ImagePolicy, load_pixels, open_image
+from pipeline.decode.jpeg import DECODER_COLORSPACES, jpeg_header
+from pipeline.images import BadImage, ImagePolicy, check_size, load_pixels, open_image
 
 Box = tuple[int, int, int, int]  # left, top, width, height
 
-try:  # optional fast path
-    import cv2
-    import simplejpeg
-
-    cv2.setNumThreads(1)  # one image per worker process; threads would oversubscribe
-    FAST_PATH = True
-except ImportError:  # pragma: no cover - both are core dependencies
-    FAST_PATH = False
+cv2.setNumThreads(1)  # one image per worker process; threads would oversubscribe
 
 
 def decode_crop(data: bytes, policy: ImagePolicy, aug: AugmentConfig, rng: np.random.Generator,
                 fast: bool = True) -> tuple[np.ndarray, str | None]:
     """Bytes -> augmented uint8 (S, S, 3) and the mode it was converted from (or None)."""
-    header = jpeg_header(data) if fast and FAST_PATH else None
+    header = jpeg_header(data) if fast else None
     if header is None:
         return decode_crop_reference(data, policy, aug, rng)
     width, height, colorspace = header
     check_size(width, height, policy)
-    if colorspace not in ("RGB", "YCbCr", "Gray"):  # CMYK/YCCK: PIL converts those
+    if colorspace not in DECODER_COLORSPACES:  # CMYK/YCCK: PIL converts those
         return decode_crop_reference(data, policy, aug, rng)
     mode_reason = "grayscale" if colorspace == "Gray" else None
     if mode_reason and policy.mode_policy == "skip":
@@ -68,23 +64,6 @@ def decode_crop_reference(data: bytes, policy: ImagePolicy, aug: AugmentConfig, 
     return (np.ascontiguousarray(out[:, ::-1]) if flip else out), mode_reason
 
 
-def jpeg_header(data: bytes) -> tuple[int, int, str] | None:
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None  # let the reference decoder name what is wrong
-    return width, height, colorspace
-
-
-def check_size(width: int, height: int, policy: ImagePolicy) -> None:
-    if width * height > policy.max_pixels:
-        raise BadImage("decompression_bomb", f"{width}x{height} exceeds {policy.max_pixels} pixels")
-    if min(width, height) < policy.min_side:
-        raise BadImage("too_small", f"{width}x{height}")
-
-
 def _fast_crop(data: bytes, width: int, height: int, box: Box, S: int) -> np.ndarray:
     x, y, cw, ch = box
     # smallest decode that keeps the crop >= S on both sides
@@ -96,10 +75,3 @@ def _fast_crop(data: bytes, width: int, height: int, box: Box, S: int) -> np.nda
     crop = arr[y0:y1, x0:x1]
     shrink = crop.shape[1] >= 2 * S or crop.shape[0] >= 2 * S  # only when DCT scaling could not help
     return cv2.resize(crop, (S, S), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-
-
-def jpeg_complete(data: bytes) -> bool:
-    """Whether a JPEG's last marker is its end (EOI). A truncated file loses it; in
-    entropy-coded data 0xFF is always stuffed, so EOI cannot appear there by chance.
-    Bytes after EOI (padding, camera trailers) are allowed within the last 64 KiB."""
-    return data.rfind(b"\xff\xd9", max(0, len(data) - 65536)) > 2

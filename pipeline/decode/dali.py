@@ -2,19 +2,19 @@
 normalizes — on the GPU (nvJPEG, ``device='mixed'``) or, without one, on the CPU.
 
 Feed: our own shard stream, not DALI's ``readers.webdataset``. A thread reads
-each planned batch through the shard cache (``read_batches``, the ``cpu``
-backend's reader), checks every image's bytes and hands the batch to
+each planned batch through the shard cache (``pipeline.decode.reader``, shared
+with the ``cpu`` backend), checks every image's bytes and hands the batch to
 ``fn.external_source``; DALI decodes it with its own thread pool while the next
 batch is read. This keeps everything the sample plan guarantees (rank split,
 every sample once, exact mid-epoch resume) and the cache's retries and
 checksums, and it is where bad samples can be stopped — DALI's readers follow
 their own order and die on a bad file.
 
-Crops: by default (``dali_crop='plan'``) the crop box and flip of each sample come
+Crops: by default (``dali.crop='plan'``) the crop box and flip of each sample come
 from the plan's per-sample RNG — the very boxes the ``cpu`` backend uses — and
 ``fn.decoders.image_slice`` decodes only that region (ROI decode). Crops then do
 not change when a run resumes or a pipeline is rebuilt after a bad sample.
-``dali_crop='random'`` uses ``fn.decoders.image_random_crop`` and
+``dali.crop='random'`` uses ``fn.decoders.image_random_crop`` and
 ``fn.random.coin_flip`` with DALI's own RNG instead (same distribution, but a
 resume or rebuild draws new crops).
 
@@ -23,7 +23,7 @@ Corrupt samples: DALI cannot skip one — a decode error kills the pipeline. So
 the policy, end-of-image marker present; other formats and CMYK are re-encoded
 to RGB JPEG on the host (counted as converted); (2) if a decode still fails, the
 pipeline is rebuilt, every batch that was in flight is decoded again one sample
-at a time in a probe pipeline to find the bad ones, which are skipped (counted
+at a time in a single-sample pipeline to find the bad ones, which are skipped (counted
 and named, reason ``decode_failed``), and the stream goes on in plan order.
 """
 
@@ -42,39 +42,15 @@ from nvidia.dali import fn, pipeline_def, types
 
 from infra.metrics import sink
 from pipeline.augment import crop_and_flip, sample_rng
-from pipeline.decode.cpu import read_batches
-from pipeline.decode.crop import check_size, jpeg_complete, jpeg_header
-from pipeline.images import BadImage, ImagePolicy, open_image, reencode_jpeg
-from pipeline.loader import PlannedLoader
-from pipeline.tar_shards import image_member, label_of
+from pipeline.decode.base import DecodedBatch, PlannedLoader
+from pipeline.decode.jpeg import decoder_ready_jpeg
+from pipeline.decode.reader import read_batches
+from pipeline.images import BadImage
+from pipeline.shards.tar_format import image_member, label_of
 
 log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2  # host-side batches read ahead of DALI
 DALI_OUT_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
-
-
-def dali_ready_bytes(data: bytes, policy: ImagePolicy) -> tuple[bytes, int, int, str | None]:
-    """Check an image before DALI sees it: ``(jpeg bytes, width, height, converted-from)``.
-
-    Baseline RGB/YCbCr/grayscale JPEGs pass through untouched; anything else that
-    PIL can read (PNG, WebP, CMYK JPEG, ...) is re-encoded to an RGB JPEG (q95).
-    Raises ``BadImage`` for bytes DALI must not see.
-    """
-    if not data:
-        raise BadImage("empty")
-    header = jpeg_header(data)
-    if header is not None and header[2] in ("RGB", "YCbCr", "Gray"):
-        width, height, colorspace = header
-        check_size(width, height, policy)
-        if not jpeg_complete(data):
-            raise BadImage("truncated", "no JPEG end-of-image marker")
-        mode_reason = "grayscale" if colorspace == "Gray" else None
-        if mode_reason and policy.mode_policy == "skip":
-            raise BadImage(mode_reason, colorspace)
-        return data, width, height, mode_reason
-    img, mode_reason = open_image(data, policy)  # names what is wrong, or converts
-    width, height = img.size
-    return reencode_jpeg(data, policy, None, 95), width, height, mode_reason or "not_jpeg"
 
 
 @dataclass
@@ -135,18 +111,18 @@ class DaliLoader(PlannedLoader):
 
     normalizes = True
 
-    def __init__(self, config, rank: int, world_size: int) -> None:
-        super().__init__(config, rank, world_size)
+    def __init__(self, config, rank: int, world_size: int, device: torch.device) -> None:
+        super().__init__(config, rank, world_size, device)
         self.gpu = self.device.type == "cuda"
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
-        self.plan_crops = config.dali_crop == "plan" or config.augment.deterministic
+        self.plan_crops = config.dali.crop == "plan" or config.augment.deterministic
         self.rebuilds = 0
 
     # -- the DALI graph
     def _pipeline(self, source: Callable[[], tuple], batch_size: int, pipelined: bool = True):
         cfg, aug = self.config, self.config.augment
-        decode = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if self.gpu else {"device": "cpu"}
+        decode = {"device": "mixed", "hw_decoder_load": cfg.dali.hw_decoder_load} if self.gpu else {"device": "cpu"}
         S = aug.img_size
         if cfg.normalize:
             norm = {"dtype": DALI_OUT_DTYPES[self.dtype], "mean": [m * 255 for m in aug.mean],
@@ -182,7 +158,7 @@ class DaliLoader(PlannedLoader):
             out = _Prepared(planned=len(batch_ids))
             for gid, name, members in samples:
                 try:
-                    data, width, height, mode_reason = dali_ready_bytes(image_member(members), cfg.policy)
+                    data, width, height, mode_reason = decoder_ready_jpeg(image_member(members), cfg.images)
                 except BadImage as e:
                     out.skips.append((name, e.reason))
                     continue
@@ -197,7 +173,7 @@ class DaliLoader(PlannedLoader):
                 out.ids.append(gid)
             yield out
 
-    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[tuple]:
+    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
         feed = _Feed(_threaded(self._prepare(ids, epoch), PREFETCH_BATCHES), self.plan_crops)
         pipe = self._pipeline(feed, self.config.batch_size)
         try:
@@ -240,21 +216,21 @@ class DaliLoader(PlannedLoader):
 
     def _undecodable(self, batch: _Prepared) -> set[int]:
         bad: set[int] = set()
-        probe = None
+        single = None  # a pipeline of batch size 1, rebuilt after each failure
         holder: list[tuple] = []
         for i in range(len(batch.keys)):
             holder[:] = [dali_inputs(batch.one(i), self.plan_crops)]
-            if probe is None:
-                probe = self._pipeline(lambda: holder[0], 1, pipelined=False)
+            if single is None:
+                single = self._pipeline(lambda: holder[0], 1, pipelined=False)
             try:
-                probe.run()
+                single.run()
             except RuntimeError:
                 bad.add(i)
-                probe = None
+                single = None
         return bad
 
     # -- DALI output -> torch
-    def _result(self, batch: _Prepared, out) -> tuple:
+    def _result(self, batch: _Prepared, out) -> DecodedBatch:
         cfg = self.config
         S = cfg.augment.img_size
         if out is None:
@@ -264,8 +240,8 @@ class DaliLoader(PlannedLoader):
             if cfg.normalize and images.dtype != self.dtype:
                 images = images.to(self.dtype)
         sink().inc("mae_pipeline_images_decoded_total", len(batch.keys), backend="dali")
-        return (images, torch.tensor(batch.labels, dtype=torch.int64), batch.keys,
-                torch.tensor(batch.ids, dtype=torch.int64), batch.planned, batch.skips, batch.converted)
+        return DecodedBatch(images, torch.tensor(batch.labels, dtype=torch.int64), batch.keys,
+                            torch.tensor(batch.ids, dtype=torch.int64), batch.planned, batch.skips, batch.converted)
 
     def _to_torch(self, tensor) -> torch.Tensor:
         if not self.gpu:

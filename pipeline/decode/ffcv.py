@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from infra.metrics import sink
-from pipeline.loader import PlannedLoader
-from pipeline.storage import join
+from pipeline.decode.base import DecodedBatch, PlannedLoader
+from pipeline.errors import ManifestError
+from pipeline.storage.urls import join
 
 _threads = torch.get_num_threads()
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
@@ -44,13 +45,13 @@ class FfcvLoader(PlannedLoader):
 
     dataset_format = "beton"
 
-    def __init__(self, config, rank: int, world_size: int) -> None:
-        super().__init__(config, rank, world_size)
+    def __init__(self, config, rank: int, world_size: int, device: torch.device) -> None:
+        super().__init__(config, rank, world_size, device)
         keys_name = self.manifest.options.get("keys")
         text = self.store.fs.cat_file(join(self.store.root, keys_name)).decode() if keys_name else ""
         self.keys = text.splitlines()
         if len(self.keys) != self.manifest.total_samples:
-            raise ValueError(f"{config.url}: {keys_name} lists {len(self.keys)} keys for "
+            raise ManifestError(f"{config.url}: {keys_name} lists {len(self.keys)} keys for "
                              f"{self.manifest.total_samples} samples")
         self._ffcv: Loader | None = None
 
@@ -76,7 +77,7 @@ class FfcvLoader(PlannedLoader):
             torch.set_num_threads(_threads)
         return self._ffcv
 
-    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[tuple]:
+    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
         if not len(ids):
             return
         first = self._ffcv is None
@@ -94,5 +95,5 @@ class FfcvLoader(PlannedLoader):
             if not self.config.normalize and self.device.type == "cpu":
                 images = images.clone()  # FFCV reuses its output buffers a few batches later
             sink().inc("mae_pipeline_images_decoded_total", len(batch_ids), backend="ffcv")
-            yield (images, labels.reshape(-1).long(), [self.keys[g] for g in batch_ids.tolist()],
-                   torch.from_numpy(batch_ids.astype(np.int64)), len(batch_ids), [], [])
+            yield DecodedBatch(images, labels.reshape(-1).long(), [self.keys[g] for g in batch_ids.tolist()],
+                               torch.from_numpy(batch_ids.astype(np.int64)), len(batch_ids))

@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
-from pipeline.loader import DTYPES, Batch, LoaderConfig, LoaderStats, ResumeStateError
+from pipeline.errors import ResumeStateError
+from pipeline.loader import DTYPES, Batch, LoaderConfig, LoaderStats
 
 SYNTHETIC_EPOCH = 1_281_167  # ImageNet-1k train size, so schedules read like real ones
 
 
 class SyntheticLoader:
-    def __init__(self, config: LoaderConfig, rank: int, world_size: int) -> None:
+    def __init__(self, config: LoaderConfig, rank: int, world_size: int, device: torch.device) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.device, self.dtype = torch.device(config.device), DTYPES[config.dtype]
+        self.device, self.dtype = device, DTYPES[config.dtype]
         self.stats = LoaderStats()
         self.epoch, self.consumed = 0, 0
         S, B = config.augment.img_size, config.batch_size

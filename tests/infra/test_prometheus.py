@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from infra.net import free_port, port_is_free
 
 from infra.metrics import METRICS
 
@@ -27,15 +28,9 @@ GPU_ONLY = ("mae_device_memory_allocated_bytes", "mae_device_memory_reserved_byt
 EPOCHS, STEPS_PER_EPOCH = 16, 13  # 97 samples (one corrupt) in micro-batches of 8
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Prometheus:
     def __init__(self, root: Path, sd_dir: Path) -> None:
-        self.port = _port()
+        self.port = free_port()
         config = root / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -76,8 +71,7 @@ class Prometheus:
 def scraped_run(tmp_path_factory, seaweed):
     """A tiny pretraining run from S3 shards (one corrupt image), 2 DataLoader
     workers, metrics on, discovered through file_sd and scraped every second."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest_helpers import corrupt_dataset
+    from tests.helpers.metrics_data import corrupt_dataset
 
     root = tmp_path_factory.mktemp("prom")
     sd_dir = root / "sd"
@@ -86,9 +80,9 @@ def scraped_run(tmp_path_factory, seaweed):
     seaweed.create_bucket("metrics")
     corrupt_dataset(root / "data", seaweed, "metrics", "ds")
     env = {**os.environ, **seaweed.env()}  # the S3 secret the run must never expose
-    port = _port()
+    port = free_port()
     cmd = [sys.executable, "-m", "train.cli", "pretrain", "--config", "tiny_cpu", "data.url=s3://metrics/ds",
-           "data.micro_batch=8", "data.num_workers=2", f"data.cache_dir={root / 'cache'}",
+           "data.batch_size=8", "data.num_workers=2", f"data.storage.cache_dir={root / 'cache'}",
            "data.max_corrupt_fraction=0.2", f"schedule.max_steps={EPOCHS * STEPS_PER_EPOCH}",
            f"checkpoint.dir={root / 'ckpt'}", "checkpoint.every_steps=50", "metrics.enabled=true",
            f"metrics.port_base={port}", f"metrics.file_sd_dir={sd_dir}", "metrics.linger_s=4",
@@ -206,21 +200,16 @@ def test_library_code_reports_nothing_by_default():
 
 
 def test_each_rank_serves_its_own_endpoint_and_file_sd_lists_them(tmp_path):
-    from pipeline.sample_photos import write_photo_folder
-    from pipeline.writer import ShardWriterConfig, write_shards
+    from infra.testing.photos import write_photo_folder
+    from pipeline.shards.writer import ShardWriterConfig, write_shards
 
     write_photo_folder(tmp_path / "src", 48, size=(64, 48))
     write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), ShardWriterConfig(shard_bytes=60_000))
-    base = _port()
-    while True:  # two consecutive free ports
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", base + 1))
-            break
-        except OSError:
-            base = _port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           "-m", "train.pretrain", "--config", "tiny_cpu", f"data.url={tmp_path / 'shards'}", "data.micro_batch=8",
+    base = free_port()
+    while not port_is_free(base + 1):  # two consecutive free ports
+        base = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "train.pretrain", "--config", "tiny_cpu", f"data.url={tmp_path / 'shards'}", "data.batch_size=8",
            "data.num_workers=1", "schedule.max_steps=30", f"checkpoint.dir={tmp_path / 'ckpt'}",
            "checkpoint.enabled=false", "metrics.enabled=true", f"metrics.port_base={base}", "metrics.linger_s=6",
            f"metrics.file_sd_dir={tmp_path / 'sd'}", f"metrics.multiproc_dir={tmp_path / 'mp'}"]

@@ -5,7 +5,8 @@ import torch
 
 from model import create_model
 from model.weights import CheckpointMismatchError, encoder_state_dict, load_mae_state_dict
-from train.weights_io import CheckpointReadError, export_encoder, read_state_dict, save_safetensors
+from train.errors import WeightsError
+from train.weights.files import export_encoder, read_state_dict, save_safetensors
 
 TEST = "mae_vit_test_patch4"
 # The official release's names (timm ViT + MAE decoder) for a 1-block encoder/decoder.
@@ -125,16 +126,16 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": _Payload()}, f)
-    with pytest.raises(CheckpointReadError, match="cannot read weights"):
+    with pytest.raises(WeightsError, match="cannot read weights"):
         read_state_dict(path)
     assert not (tmp_path / "pwned").exists()
 
 
 def test_missing_and_non_tensor_files_are_clear_errors(tmp_path):
-    with pytest.raises(CheckpointReadError, match="not found"):
+    with pytest.raises(WeightsError, match="not found"):
         read_state_dict(tmp_path / "nope.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(CheckpointReadError, match="not a state dict"):
+    with pytest.raises(WeightsError, match="not a state dict"):
         read_state_dict(tmp_path / "list.pth")
     torch.save({"model": {"a": 1}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match="no state dict of tensors"):

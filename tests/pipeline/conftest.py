@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # s3_faults helper
-
-from pipeline.sample_photos import write_photo_folder  # noqa: E402
+from infra.testing.photos import write_photo_folder
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +36,7 @@ def s3_env(seaweed, monkeypatch):
 
 @pytest.fixture(scope="module")
 def faulty_s3():
-    from s3_faults import FaultyS3
+    from tests.helpers.s3_faults import FaultyS3
 
     with FaultyS3() as s3:
         s3.client().create_bucket(Bucket="faults")

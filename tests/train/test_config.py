@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from model.registry import create_model
-from train.config import ConfigError, RunConfig, derived, list_presets, load_config, reference_table
+from train.config import RunConfig, list_presets, load_config, reference_table
+from train.errors import ConfigError
 from train.engine import deepspeed_json
-from train.recipe import lr_at, param_groups
+from train.recipe import derived, lr_at, param_groups
 
 
 def test_presets_load_and_reach_the_papers_batch_on_8_gpus():
@@ -22,7 +23,7 @@ def test_presets_load_and_reach_the_papers_batch_on_8_gpus():
 
 
 def test_overrides_and_derived_values_are_not_written_back():
-    cfg = load_config("tiny_cpu", ["optim.lr=1e-3", "data.micro_batch=4", "optim.accum_steps=3",
+    cfg = load_config("tiny_cpu", ["optim.lr=1e-3", "data.batch_size=4", "optim.accum_steps=3",
                                    "deepspeed.raw={zero_optimization: {reduce_bucket_size: 100}}"])
     d = derived(cfg, world_size=2, micro_batches_per_epoch=30)
     assert d.global_batch == 4 * 3 * 2 and d.lr == 1e-3 and d.steps_per_epoch == 10
@@ -33,10 +34,16 @@ def test_overrides_and_derived_values_are_not_written_back():
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", "unknown config key optim.lrr"),
     ("nope.x=1", "unknown config key nope"),
-    ("deepspeed.stage=4", "deepspeed.stage must be 0, 1, 2 or 3"),
-    ("data.micro_batch=many", "data.micro_batch = 'many' does not fit"),
-    ("model.name=vit_tiny", "model.name 'vit_tiny' is not registered"),
-    ("deepspeed.offload_params=true", "offload_params needs deepspeed.stage=3"),
+    ("deepspeed.stage=4", "deepspeed.stage must be one of 0, 1, 2, 3; got 4"),
+    ("data.batch_size=many", "data.batch_size = 'many' does not fit"),
+    ("model.name=vit_tiny", "model.name must be one of mae_vit_base_patch16, "),
+    ("data.plan.window_shards=0", "data.plan.window_shards must be >= 1, got 0"),
+    ("data.storage.retry.max_attempts=0", "data.storage.retry.max_attempts must be positive, got 0"),
+    ("data.augment.scale=[0.5, 0.1]", "data.augment.scale must be [lo, hi] with 0 < lo <= hi <= 1"),
+    ("data.images.mode_policy=drop", "data.images.mode_policy must be one of convert, skip; got 'drop'"),
+    ("data.backend=gpu", "data.backend must be one of cpu, dali, ffcv, synthetic; got 'gpu'"),
+    ("data.dali.crop=center", "data.dali.crop must be one of plan, random; got 'center'"),
+    ("deepspeed.offload_params=true", "deepspeed.offload_params needs deepspeed.stage=3"),
     ("optim.betas=[0.9]", "optim.betas must be two numbers"),
     ("justakey", "not of the form a.b=value"),
 ])
@@ -52,9 +59,13 @@ def test_unknown_preset_or_file():
 
 def test_yaml_file_config(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  name: mae_vit_test_patch4\ndata:\n  img_size: 32\n  micro_batch: 2\n")
+    path.write_text("model:\n  name: mae_vit_test_patch4\ndata:\n  batch_size: 2\n  augment:\n    img_size: 32\n"
+                    "    scale: [0.3, 0.9]\n  plan:\n    window_shards: 8\n  images:\n    max_pixels: 1000\n")
     cfg = load_config(str(path), ["seed=7"])
-    assert cfg.model.name == "mae_vit_test_patch4" and cfg.data.micro_batch == 2 and cfg.seed == 7
+    assert cfg.model.name == "mae_vit_test_patch4" and cfg.data.batch_size == 2 and cfg.seed == 7
+    # every pipeline option is reachable from YAML: the data section *is* the LoaderConfig
+    assert cfg.data.augment.img_size == 32 and cfg.data.augment.scale == (0.3, 0.9)
+    assert cfg.data.plan.window_shards == 8 and cfg.data.images.max_pixels == 1000
 
 
 def test_deepspeed_json_is_generated_from_the_config():
@@ -79,12 +90,13 @@ def test_fingerprint_tracks_what_breaks_the_optimizer_state():
 def test_lr_schedule_warmup_then_half_cosine():
     cfg = load_config("tiny_cpu", ["optim.lr=1.0", "optim.min_lr=0.1"])
     d = derived(cfg, 1, 100)  # 100 steps/epoch, 20 epochs, 2 warmup epochs
-    assert lr_at(0, cfg, d) == 0.0
-    assert lr_at(100, cfg, d) == pytest.approx(0.5)
-    assert lr_at(200, cfg, d) == pytest.approx(1.0)
+    min_lr = cfg.optim.min_lr
+    assert lr_at(0, d, min_lr) == 0.0
+    assert lr_at(100, d, min_lr) == pytest.approx(0.5)
+    assert lr_at(200, d, min_lr) == pytest.approx(1.0)
     mid = 200 + (2000 - 200) // 2
-    assert lr_at(mid, cfg, d) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(2000, cfg, d) == pytest.approx(0.1)
+    assert lr_at(mid, d, min_lr) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(2000, d, min_lr) == pytest.approx(0.1)
 
 
 def test_no_weight_decay_on_biases_norms_and_tokens():
@@ -99,9 +111,13 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     assert not any(n == "pos_embed" for n in no_decay_names | {names[id(p)] for p in decay["params"]})
 
 
-def test_reference_table_lists_every_key():
+def test_reference_table_lists_every_key_with_its_documentation():
     table = reference_table()
-    for key in ("data.url", "model.grad_checkpointing", "optim.blr", "deepspeed.raw", "checkpoint.keep_last",
-                "faults.max_nonfinite_in_row", "schedule.warmup_epochs"):
-        assert f"`{key}`" in table
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[4].strip() for line in table.splitlines()[2:]}
+    for key in ("data.url", "data.plan.window_shards", "data.storage.retry.max_attempts", "data.augment.scale",
+                "data.images.mode_policy", "data.dali.crop", "model.grad_checkpointing", "optim.blr", "deepspeed.raw",
+                "checkpoint.keep_last", "faults.max_nonfinite_in_row", "schedule.warmup_epochs"):
+        assert key in rows
+    assert rows["optim.blr"] == "base lr; lr = blr * global_batch / 256"
+    assert [k for k, doc in rows.items() if not doc] == []  # every key explains itself
     assert isinstance(RunConfig(), RunConfig) and torch  # defaults construct

@@ -14,8 +14,8 @@ import json, sys, torch
 from train.config import load_config
 from train.engine import build_engine, init_distributed
 from model.registry import create_model
-cfg = load_config("tiny_cpu", ["data.img_size=32", f"deepspeed.precision={sys.argv[1]}"])
-init_distributed(cfg)
+cfg = load_config("tiny_cpu", ["data.augment.img_size=32", f"deepspeed.precision={sys.argv[1]}"])
+init_distributed(cfg.deepspeed)
 model = create_model(cfg.model.name, img_size=32)
 engine = build_engine(cfg, model, 1e-3)
 seen = []

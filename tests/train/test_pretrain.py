@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.sample_photos import write_photo_folder
-from pipeline.writer import ShardWriterConfig, write_shards
+from infra.net import free_port
+from infra.testing.photos import write_photo_folder
+from pipeline.shards.writer import ShardWriterConfig, write_shards
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,21 +33,15 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(shards: Path, run: Path, *extra: str) -> list[str]:
-    return [f"data.url={shards}", "data.micro_batch=8", "data.num_workers=1", f"schedule.max_steps={STEPS}",
+    return [f"data.url={shards}", "data.batch_size=8", "data.num_workers=1", f"schedule.max_steps={STEPS}",
             "optim.lr=1.0e-3", "schedule.warmup_epochs=0.5", f"checkpoint.dir={run / 'ckpt'}",
             f"log.metrics_file={run / 'metrics.jsonl'}", "checkpoint.every_steps=4", *extra]
 
 
 def _torchrun(shards: Path, run: Path, *extra: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(_port()), "-m", "train.pretrain", "--config", "tiny_cpu", *_overrides(shards, run, *extra)]
+            str(free_port()), "-m", "train.pretrain", "--config", "tiny_cpu", *_overrides(shards, run, *extra)]
 
 
 def _run(cmd: list[str], run: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -109,8 +103,8 @@ def test_checkpoints_keep_the_last_k_and_latest_points_at_a_complete_one(stage_r
 def test_export_reproduces_the_trained_loss(stage, stage_runs, tmp_path):
     from model.weights import load_mae_state_dict
     from train.config import load_config
-    from train.pretrain import probe_batch
-    from train.weights_io import read_state_dict
+    from train.trainer import fixed_batch
+    from train.weights.files import read_state_dict
 
     out = subprocess.run([sys.executable, "-m", "train.cli", "export", str(stage_runs[stage] / "ckpt"),
                           str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True)
@@ -121,11 +115,11 @@ def test_export_reproduces_the_trained_loss(stage, stage_runs, tmp_path):
     assert load_mae_state_dict(model, read_state_dict(tmp_path / "export" / "mae.safetensors")) == "full"
     encoder = create_model("mae_vit_test_patch4")
     assert load_mae_state_dict(encoder, read_state_dict(tmp_path / "export" / "encoder.safetensors")) == "encoder"
-    imgs, noise = probe_batch(load_config("tiny_cpu"))
+    imgs, noise = fixed_batch(load_config("tiny_cpu"))
     model.eval()
     with torch.no_grad():
         loss = model(imgs, 0.75, noise)[0].item()
-    assert loss == pytest.approx(_summary(stage_runs[stage])["final_probe_loss"], abs=1e-6)
+    assert loss == pytest.approx(_summary(stage_runs[stage])["fixed_batch_loss"], abs=1e-6)
 
 
 def test_kill_9_then_restart_continues_identically(shards, stage_runs, tmp_path):
@@ -210,7 +204,7 @@ def test_mismatched_resume_is_refused(shards, stage_runs, tmp_path):
 def test_two_nodes_on_loopback_partition_by_global_rank(shards, stage_runs, tmp_path):
     run = tmp_path / "nodes"
     run.mkdir()
-    port = _port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
@@ -228,7 +222,7 @@ def test_two_nodes_on_loopback_partition_by_global_rank(shards, stage_runs, tmp_
 def test_deepspeed_launcher_runs_the_same_training(shards, stage_runs, tmp_path):
     run = tmp_path / "dslauncher"
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_port()), "--module", "train.pretrain",
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "train.pretrain",
            "--config", "tiny_cpu", *_overrides(shards, run, "deepspeed.stage=2")]
     out = _run(cmd, run)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -248,7 +242,7 @@ def test_single_process_mae_pretrain(shards, tmp_path):
 
 def test_accumulation_matches_a_larger_micro_batch(shards, stage_runs, tmp_path):
     run = tmp_path / "accum"
-    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "data.micro_batch=4", "optim.accum_steps=2"), run)
+    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "data.batch_size=4", "optim.accum_steps=2"), run)
     assert out.returncode == 0, out.stderr[-3000:]
     ref, got = _metrics(stage_runs[2]), _metrics(run)
     assert _summary(run)["derived"]["global_batch"] == 16
@@ -289,7 +283,7 @@ def test_the_dali_backend_trains_the_same_run(shards, stage_runs, tmp_path):
 def test_the_ffcv_backend_trains_from_a_beton(shards, tmp_path):
     """data.backend=ffcv on two ranks: the same photos as a .beton, FFCV's JIT
     warm-up paid once per process, every step's loss finite."""
-    from pipeline.beton import BetonOptions, write_beton
+    from pipeline.shards.beton import BetonOptions, write_beton
 
     write_beton(str(shards.parent / "src"), str(tmp_path / "beton"), ShardWriterConfig(), BetonOptions(workers=2))
     run = tmp_path / "ffcv"

@@ -1,0 +1,36 @@
+"""Atomic local writes: a reader sees the old file or the whole new one, never a part.
+
+Write to a temporary name in the same folder, flush it to disk, then ``os.replace``
+(atomic on POSIX). Every local file the project writes for others to read —
+checkpoint markers, safetensors exports, shard copies, Prometheus target files —
+goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; when the block ends without error the
+    file written there replaces ``path``, else it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (text is UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)

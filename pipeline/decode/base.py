@@ -1,0 +1,175 @@
+"""What every decode backend shares: the ``DecodedBatch`` contract and ``PlannedLoader``.
+
+A backend implements ``_batches(ids, epoch)``, yielding one ``DecodedBatch`` per
+planned batch, in plan order. ``PlannedLoader`` does the rest the same way for
+all of them: the sample plan and this rank's position in it, resume, corrupt-sample
+accounting against the tolerance, and normalization on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from infra.metrics import sink
+from pipeline.augment import Normalizer
+from pipeline.errors import CorruptDataError, ManifestError, ResumeStateError
+from pipeline.loader import DTYPES, Batch, LoaderConfig, LoaderStats
+from pipeline.plan import SamplePlan, resume_segments
+from pipeline.shards.manifest import ShardManifest
+from pipeline.storage.store import ShardStore
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class DecodedBatch:
+    """One planned batch as a backend hands it over."""
+
+    images: torch.Tensor  # (b, 3, S, S): uint8, or final (normalized, on device) if the backend normalizes
+    labels: torch.Tensor  # (b,) int64, -1 where unlabelled
+    keys: list[str]  # "<shard>/<key>" of each kept sample
+    ids: torch.Tensor  # (b,) global sample ids of the kept samples
+    planned: int  # samples of the plan this batch stands for: kept + skipped
+    skips: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of samples dropped from it
+    converted: list[str] = field(default_factory=list)  # mode reasons of images converted to RGB
+
+    def pin_memory(self) -> DecodedBatch:
+        """DataLoader(pin_memory=True) calls this in its pinning thread."""
+        self.images = self.images.pin_memory()
+        return self
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def fix_malloc_mmap_threshold(threshold: int = 4 * 2**20) -> bool:
+    """Serve large allocations (batches are MiBs) with mmap, returned to the OS on free.
+
+    glibc otherwise raises its mmap threshold after each large free, so batch-sized
+    buffers come from the heap and the process keeps ~40 of them resident (seen: RSS
+    climbing by ~9 MiB a batch to +450 MiB). Setting the threshold pins it. No-op
+    off glibc.
+    """
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def dataset_fingerprint(manifest: ShardManifest) -> str:
+    digest = hashlib.sha256()
+    for s in manifest.shards:
+        digest.update(f"{s.name}:{s.samples}:{s.sha256}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class PlannedLoader:
+    """Position tracking, resume, normalization and corrupt-sample accounting shared
+    by the backends; a backend implements ``_batches``."""
+
+    normalizes = False  # the backend yields images normalized, on device, in the dtype
+    dataset_format = "tar"  # manifest options["format"] this backend reads
+
+    def __init__(self, config: LoaderConfig, rank: int, world_size: int, device: torch.device) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.store = ShardStore(config.url, config.storage)
+        self.manifest = self.store.read_manifest()
+        if not self.manifest.shards:
+            raise ManifestError(f"dataset {config.url} has no samples")
+        fmt = self.manifest.options.get("format", "tar")
+        if fmt != self.dataset_format:
+            raise ManifestError(f"dataset {config.url} is in {fmt!r} format, which the {config.backend!r} backend does not "
+                             f"read; use backend {'ffcv' if fmt == 'beton' else 'cpu or dali'} or re-shard with "
+                             f"`mae shard --format {self.dataset_format}`")
+        self.plan = SamplePlan([s.samples for s in self.manifest.shards], config.plan)
+        self.fingerprint = dataset_fingerprint(self.manifest)
+        self.stats = LoaderStats()
+        self.device = device
+        self.dtype = DTYPES[config.dtype]
+        self.normalizer = Normalizer(config.augment.mean, config.augment.std, device)
+        self.epoch = 0
+        self.segments: list[list[int]] = [[world_size, 0]]
+        fix_malloc_mmap_threshold()
+
+    # -- position
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.segments = epoch, [[self.world_size, 0]]
+
+    def _rank_ids(self) -> tuple[np.ndarray, int]:
+        return self.plan.rank_sequence(self.epoch, self.segments, self.rank)
+
+    def epoch_samples(self) -> int:
+        return len(self._rank_ids()[0])
+
+    def __len__(self) -> int:
+        ids, consumed = self._rank_ids()
+        remaining = len(ids) - consumed
+        bs = self.config.batch_size
+        return remaining // bs if self.config.drop_last else -(-remaining // bs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "segments": [list(s) for s in self.segments],
+                "dataset": self.fingerprint, "seed": self.config.plan.seed, "shuffle": self.config.plan.shuffle,
+                "window_shards": self.config.plan.window_shards, "uneven": self.config.plan.uneven}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ResumeStateError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("dataset") != self.fingerprint:
+            raise ResumeStateError("loader state was saved for another dataset (manifest fingerprint differs)")
+        plan = self.config.plan
+        for key in ("seed", "shuffle", "window_shards", "uneven"):
+            if state.get(key) != getattr(plan, key):
+                raise ResumeStateError(f"loader state was saved with plan.{key}={state.get(key)!r}, "
+                                       f"this loader has {getattr(plan, key)!r}; the order would differ")
+        self.epoch = int(state["epoch"])
+        self.segments = resume_segments([list(map(int, s)) for s in state["segments"]], self.world_size)
+
+    # -- iteration
+    def __iter__(self) -> Iterator[Batch]:
+        ids, consumed = self._rank_ids()
+        bs = self.config.batch_size
+        end = consumed + (len(ids) - consumed) // bs * bs if self.config.drop_last else len(ids)
+        budget = int(self.config.max_corrupt_fraction * len(ids))
+        epoch_skipped = 0
+        for b in self._batches(ids[consumed:end], self.epoch):
+            self.segments[-1][1] += b.planned
+            self.stats.converted.update(b.converted)
+            for reason in b.converted:
+                sink().inc("mae_pipeline_samples_converted_total", reason=reason)
+            for key, reason in b.skips:
+                self.stats.skipped[reason] += 1
+                sink().inc("mae_pipeline_samples_skipped_total", backend=self.config.backend, reason=reason)
+                log.warning("skipped corrupt sample %s: %s", key, reason)
+            epoch_skipped += len(b.skips)
+            if epoch_skipped > budget:
+                raise CorruptDataError(
+                    f"{epoch_skipped} corrupt samples on rank {self.rank} this epoch exceed max_corrupt_fraction="
+                    f"{self.config.max_corrupt_fraction} of {len(ids)} ({dict(self.stats.skipped)}); last: "
+                    f"{b.skips[-1][0]} ({b.skips[-1][1]})")
+            if not b.keys:
+                continue
+            self.stats.images += len(b.keys)
+            self.stats.batches += 1
+            images = b.images
+            if not self.normalizes:
+                images = (self.normalizer(images, self.dtype) if self.config.normalize
+                          else images.to(self.device, non_blocking=True))
+            yield Batch(images, b.labels, b.keys, b.ids)
+        self.epoch, self.segments = self.epoch + 1, [[self.world_size, 0]]
+
+    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
+        raise NotImplementedError

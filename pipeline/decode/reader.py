@@ -1,0 +1,101 @@
+"""One shard reader for every backend that reads tar shards (``cpu``, ``dali``).
+
+``read_batches`` walks a rank's planned batches and returns each sample's bytes,
+through a ``ShardReader`` that keeps a few shards open (pinned in the cache) and
+prefetches the next ones in threads.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+from pipeline.errors import ShardFormatError
+from pipeline.shards.manifest import ShardInfo
+from pipeline.shards.tar_format import SampleIndex, index_tar, read_members
+from pipeline.storage.store import ShardStore
+
+if TYPE_CHECKING:
+    from pipeline.decode.base import PlannedLoader
+
+
+class ShardReader:
+    """Per-process access to a dataset's samples by (shard, index), keeping a few
+    shards open (and pinned in the cache) and prefetching upcoming ones."""
+
+    def __init__(self, store: ShardStore, shards: list[ShardInfo], keep_open: int, prefetch: int) -> None:
+        self.store, self.shards = store, shards
+        self.keep_open, self.prefetch = max(1, keep_open), prefetch
+        self._open: OrderedDict[int, tuple[BinaryIO, list[SampleIndex]]] = OrderedDict()
+        self._pool = cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shard-prefetch")
+        self._futures: dict[int, cf.Future] = {}
+
+    def schedule(self, upcoming: list[int]) -> None:
+        """Start fetching the next shards this reader will need."""
+        for s in upcoming[: self.prefetch]:
+            if s not in self._futures and s not in self._open:
+                self._futures[s] = self._pool.submit(self.store.local_path, self.shards[s])
+
+    def sample(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
+        f, samples = self._shard(shard)
+        entry = samples[index]
+        return entry.key, read_members(f, entry)
+
+    def _shard(self, shard: int) -> tuple[BinaryIO, list[SampleIndex]]:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        future = self._futures.pop(shard, None)
+        if future is not None:
+            future.result()  # prefetched into the cache (or raises its fetch error)
+        f = self.store.open_shard(self.shards[shard])  # pinned while open
+        info = self.shards[shard]
+        samples = index_tar(f, info.name)
+        if len(samples) != info.samples:
+            f.close()
+            raise ShardFormatError(f"{info.name}: {len(samples)} samples in the tar, manifest says {info.samples}")
+        self._open[shard] = (f, samples)
+        while len(self._open) > self.keep_open:
+            _, (old, _) = self._open.popitem(last=False)
+            old.close()
+        return self._open[shard]
+
+    def close(self) -> None:
+        for f, _ in self._open.values():
+            f.close()
+        self._open.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_batches(loader: PlannedLoader, ids: np.ndarray,
+                 batches: Iterable[int]) -> Iterator[tuple[np.ndarray, list[tuple[int, str, dict[str, bytes]]]]]:
+    """The samples of batches ``batches`` (numbers into ``ids`` cut in batch_size
+    pieces), in order: per batch its planned ids and ``(id, "<shard>/<key>",
+    members)`` of each sample, read through one ShardReader that prefetches the
+    shards it will need next."""
+    bs, batches = loader.config.batch_size, list(batches)
+    mine = np.concatenate([ids[j * bs:(j + 1) * bs] for j in batches]) if batches else ids[:0]
+    shard_of, index_of = loader.plan.locate(mine)
+    order = list(dict.fromkeys(shard_of.tolist()))  # shards in first-use order
+    first_use = {s: k for k, s in enumerate(order)}
+    shards = loader.manifest.shards
+    reader = ShardReader(loader.store, shards, keep_open=loader.config.plan.window_shards + 1,
+                         prefetch=loader.config.storage.prefetch_shards)
+    try:
+        pos = 0
+        for j in batches:
+            batch_ids = ids[j * bs:(j + 1) * bs]
+            if len(batch_ids):
+                reader.schedule(order[first_use[int(shard_of[pos])] + 1:])
+            samples = []
+            for k, gid in enumerate(batch_ids.tolist()):
+                key, members = reader.sample(int(shard_of[pos + k]), int(index_of[pos + k]))
+                samples.append((gid, f"{shards[int(shard_of[pos + k])].name}/{key}", members))
+            yield batch_ids, samples
+            pos += len(batch_ids)
+    finally:
+        reader.close()

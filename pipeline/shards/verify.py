@@ -1,0 +1,43 @@
+"""What `mae inspect` reports about a dataset, and its ``--verify`` pass."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from pipeline.shards.manifest import ShardManifest
+from pipeline.shards.tar_format import index_tar
+from pipeline.storage.store import ShardStore
+
+
+def summarize(manifest: ShardManifest) -> str:
+    sizes = [s.samples for s in manifest.shards]
+    reasons = Counter(r.reason for r in manifest.rejects)
+    classes = f": {', '.join(manifest.classes[:10])}" if manifest.classes else " (unlabelled)"
+    rejects = ": " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) if reasons else ""
+    return "\n".join([
+        f"format {manifest.format} v{manifest.version}",
+        f"samples {manifest.total_samples} in {len(sizes)} shards ({manifest.total_bytes / 2**20:.1f} MiB); "
+        f"per shard min {min(sizes, default=0)} / max {max(sizes, default=0)}",
+        f"classes {len(manifest.classes)}{classes}",
+        f"rejects {len(manifest.rejects)}{rejects}",
+        f"options {manifest.options}"])
+
+
+def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[str]:
+    """The first ``count`` sample keys of the first shard."""
+    if not manifest.shards or count < 1:
+        return []
+    with store.open_shard(manifest.shards[0]) as f:
+        return [s.key for s in index_tar(f, manifest.shards[0].name)[:count]]
+
+
+def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
+    """Fetch every shard (which checks its sha256, raising ``ShardFetchError`` on a
+    mismatch) and count its samples; returns one line per shard whose count differs."""
+    problems = []
+    for shard in manifest.shards:
+        with store.open_shard(shard) as f:
+            count = len(index_tar(f, shard.name))
+        if count != shard.samples:
+            problems.append(f"{shard.name}: {count} samples, manifest says {shard.samples}")
+    return problems

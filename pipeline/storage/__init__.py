@@ -1,0 +1,8 @@
+"""Object-store access: where a URL points (``urls``), credentials kept out of
+messages (``redact``), which errors heal by retrying (``retry``), verified ranged
+shard fetches (``store``), the node-shared shard cache (``cache``) and atomic
+writes and hashing of objects (``objects``). ``StorageConfig`` says how."""
+
+from pipeline.storage.config import RetryPolicy, StorageConfig
+
+__all__ = ["RetryPolicy", "StorageConfig"]

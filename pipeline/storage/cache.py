@@ -1,0 +1,94 @@
+"""Local on-disk LRU cache of verified shards, shared by every process on a node.
+
+Entries are named by their sha256, so a cached file is valid by construction.
+Recency is the file's mtime (touched on every hit). Readers hold a shared
+``flock`` on an entry while they use it; eviction takes an exclusive lock without
+blocking and skips entries in use, so a shard is never deleted under a reader.
+The size limit is soft only while more than the limit is pinned by readers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+
+class ShardCache:
+    def __init__(self, directory: str | os.PathLike[str], limit_bytes: int) -> None:
+        if limit_bytes <= 0:
+            raise ValueError(f"cache limit must be positive, got {limit_bytes}")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.limit_bytes = limit_bytes
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / f"{digest}.tar"
+
+    def get(self, digest: str) -> Path | None:
+        path = self._path(digest)
+        try:
+            os.utime(path)  # LRU touch
+        except FileNotFoundError:
+            return None
+        return path
+
+    def temp_path(self, digest: str) -> Path:
+        """Where a download in progress lives; kept across retries so it can resume."""
+        return self.dir / f"{digest}.part"
+
+    @contextlib.contextmanager
+    def download_lock(self, digest: str) -> Iterator[None]:
+        """One downloader per shard across processes; others wait, then hit."""
+        with open(self.dir / f"{digest}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def commit(self, digest: str, tmp: Path) -> Path:
+        path = self._path(digest)
+        os.replace(tmp, path)
+        self.evict(keep=path)
+        return path
+
+    def open_pinned(self, path: Path) -> BinaryIO:
+        """An entry opened for reading with a shared lock held while it is open, so
+        eviction leaves it alone (an unlinked-but-open file stays readable).
+        Raises FileNotFoundError if it was evicted in between."""
+        f = open(path, "rb")
+        fcntl.flock(f, fcntl.LOCK_SH)
+        return f
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete least-recently-used unpinned entries until under the limit."""
+        entries = []
+        for p in self.dir.glob("*.tar"):
+            with contextlib.suppress(FileNotFoundError):
+                st = p.stat()
+                entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        freed = 0
+        for _, size, path in sorted(entries):
+            if total <= self.limit_bytes:
+                break
+            if path == keep:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    path.unlink()
+            except (BlockingIOError, FileNotFoundError):
+                continue  # in use by a reader, or already gone
+            total -= size
+            freed += size
+        if total > self.limit_bytes:
+            log.debug("shard cache over its limit (%d > %d bytes): entries in use", total, self.limit_bytes)
+        return freed

@@ -1,0 +1,52 @@
+"""How the pipeline reads and writes objects: endpoint, cache, parallelism, retries."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from infra.options import option, require, require_positive
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = option(8, "tries of a transient failure (5xx, reset, stall) before giving up")
+    base_delay_s: float = option(0.25, "first backoff; doubles per attempt, full jitter")
+    max_delay_s: float = option(20.0, "longest backoff between attempts")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "max_attempts")
+        require(0 <= self.base_delay_s <= self.max_delay_s, "base_delay_s",
+                f"must be in [0, max_delay_s={self.max_delay_s}], got {self.base_delay_s}")
+
+    def delay(self, attempt: int) -> float:
+        """Full-jitter exponential backoff for the attempt that just failed (1-based)."""
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where and how to read. Credentials come from the backend's standard chain
+    (environment, profile, instance role), never from here."""
+
+    endpoint_url: str | None = option(None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)")
+    cache_dir: str | None = option(None, "local shard cache (default ~/.cache/maescale/shards, or $MAESCALE_CACHE)")
+    cache_limit_gb: float = option(20.0, "LRU size limit of the shard cache per node, GiB")
+    prefetch_shards: int = option(2, "shards fetched ahead of the reader")
+    parallel_ranges: int = option(4, "concurrent ranged GETs per shard")
+    read_timeout_s: float | None = option(None, "a stalled read or connect fails after this (None: the client's default)")
+    backend_retries: int | None = option(None, "the object-store client's own retries (None: its default); ours come on top")
+    retry: RetryPolicy = option(factory=RetryPolicy, doc="")
+    options: dict[str, Any] = option(factory=dict, doc="extra fsspec options, e.g. {client_kwargs: {region_name: ...}}")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "cache_limit_gb", "parallel_ranges")
+        require(self.prefetch_shards >= 0, "prefetch_shards", f"must be >= 0, got {self.prefetch_shards}")
+
+    @property
+    def cache_limit_bytes(self) -> int:
+        return int(self.cache_limit_gb * 2**30)
+
+    def fsspec_options(self) -> dict[str, Any]:
+        return {**self.options, **({"endpoint_url": self.endpoint_url} if self.endpoint_url else {})}

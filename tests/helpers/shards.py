@@ -1,0 +1,61 @@
+"""Shard-building helpers shared by the tests: small JPEGs and hand-made shards
+(bypassing the writer's validation, to feed readers what it would refuse)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
+from pipeline.shards.tar_format import TarShardWriter
+
+
+def jpeg_bytes(size=(96, 80), seed=0, mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize(size, Image.BICUBIC)
+    if mode != "RGB":
+        img = img.convert(mode)
+    out = io.BytesIO()
+    img.save(out, format=fmt, quality=90)
+    return out.getvalue()
+
+
+def write_raw_shards(dest: Path, shards: list[list[tuple[str, dict[str, bytes]]]], classes=()) -> ShardManifest:
+    """Shards written as given (no validation) plus a manifest: for feeding readers
+    data the writer would have refused."""
+    dest.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for i, samples in enumerate(shards):
+        name = f"shard-{i:06d}.tar"
+        with open(dest / name, "wb") as f:
+            w = TarShardWriter(f)
+            for key, members in samples:
+                w.add(key, members)
+            w.close()
+        data = (dest / name).read_bytes()
+        infos.append(ShardInfo(name, len(samples), len(data), hashlib.sha256(data).hexdigest()))
+    manifest = ShardManifest(shards=infos, classes=list(classes))
+    (dest / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
+
+
+def numbered_shards(dest: Path, sizes: list[int], image_size=(64, 48)) -> ShardManifest:
+    """Shards of small valid JPEGs whose label is their global index."""
+    shards, n = [], 0
+    for size in sizes:
+        samples = []
+        for _ in range(size):
+            samples.append((f"{n:06d}", {"jpg": jpeg_bytes(image_size, seed=n), "cls": str(n).encode()}))
+            n += 1
+        shards.append(samples)
+    return write_raw_shards(dest, shards)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,222 @@
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from tests.helpers.shards import jpeg_bytes, numbered_shards, write_raw_shards
+from PIL import Image
+
+from pipeline.augment import AugmentConfig, random_resized_crop_box, sample_rng
+from pipeline.decode.crop import decode_crop, decode_crop_reference
+from pipeline.images import ImagePolicy
+from pipeline.errors import CorruptDataError, ResumeStateError
+from pipeline.loader import Loader, LoaderConfig, build_loader
+from pipeline.plan import PlanConfig
+
+SIZES = [10, 7, 12, 9]  # 38 samples
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("numbered")
+    numbered_shards(root, SIZES, image_size=(96, 72))
+    return str(root)
+
+
+def _cfg(url, **kw) -> LoaderConfig:
+    aug = kw.pop("augment", AugmentConfig(img_size=32))
+    plan = kw.pop("plan", PlanConfig(window_shards=2))
+    return LoaderConfig(url=url, batch_size=kw.pop("batch_size", 4), num_workers=kw.pop("num_workers", 0),
+                        augment=aug, plan=plan, **kw)
+
+
+def _drain(loader) -> tuple[list[int], torch.Tensor]:
+    ids, images = [], []
+    for b in loader:
+        ids += b.sample_ids.tolist()
+        images.append(b.images)
+        assert b.labels.tolist() == b.sample_ids.tolist()  # label = global index in these shards
+    return ids, torch.cat(images)
+
+
+def test_batch_contract_and_every_sample_once(ds):
+    loader = build_loader(_cfg(ds, batch_size=5), 0, 1)
+    assert isinstance(loader, Loader)
+    assert len(loader) == 8  # ceil(38 / 5)
+    batch = next(iter(loader))
+    assert batch.images.shape == (5, 3, 32, 32) and batch.images.dtype == torch.float32
+    assert batch.labels.dtype == torch.int64 and len(batch.keys) == 5
+    assert batch.keys[0].startswith("shard-0000") and "/" in batch.keys[0]
+    ids, images = _drain(build_loader(_cfg(ds, batch_size=5), 0, 1))
+    assert sorted(ids) == list(range(38))
+    # normalized with ImageNet statistics: roughly centred, unit-ish spread
+    assert -1.5 < images.mean().item() < 1.5 and 0.3 < images.std().item() < 2.0
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_worker_count_does_not_change_order_or_pixels(ds, workers):
+    ref_ids, ref_images = _drain(build_loader(_cfg(ds), 0, 1))
+    ids, images = _drain(build_loader(_cfg(ds, num_workers=workers), 0, 1))
+    assert ids == ref_ids
+    assert torch.equal(images, ref_images)
+
+
+def test_ranks_partition_the_epoch(ds):
+    parts = [_drain(build_loader(_cfg(ds, plan=PlanConfig(uneven="drop")), r, 3))[0] for r in range(3)]
+    assert len({len(p) for p in parts}) == 1
+    flat = sum(parts, [])
+    assert len(flat) == len(set(flat)) == 38 // 3 * 3
+
+
+def test_epochs_reshuffle_and_set_epoch_is_deterministic(ds):
+    loader = build_loader(_cfg(ds), 0, 1)
+    e0, _ = _drain(loader)
+    e1, _ = _drain(loader)  # the loader moved to epoch 1 by itself
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    other = build_loader(_cfg(ds), 0, 1)
+    other.set_epoch(1)
+    assert _drain(other)[0] == e1
+
+
+def test_exact_mid_epoch_resume(ds):
+    ref_ids, ref_images = _drain(build_loader(_cfg(ds, num_workers=2), 0, 1))
+    loader = build_loader(_cfg(ds, num_workers=2), 0, 1)
+    it = iter(loader)
+    first = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    del it
+    resumed = build_loader(_cfg(ds, num_workers=1), 0, 1)  # worker count may change
+    resumed.load_state_dict(state)
+    assert len(resumed) == 10 - 3
+    ids, images = _drain(resumed)
+    done = sum(len(b.keys) for b in first)
+    assert ids == ref_ids[done:]
+    assert torch.equal(images, ref_images[done:])
+
+
+def test_elastic_resume_covers_the_rest_exactly_once(ds):
+    consumed = []
+    states = []
+    for r in range(2):
+        loader = build_loader(_cfg(ds), r, 2)
+        it = iter(loader)
+        for _ in range(2):
+            consumed += next(it).sample_ids.tolist()
+        states.append(loader.state_dict())
+    assert states[0] == states[1]
+    rest = []
+    for r in range(3):
+        loader = build_loader(_cfg(ds), r, 3)
+        loader.load_state_dict(states[0])
+        rest += _drain(loader)[0]
+    assert not set(consumed) & set(rest)
+    assert set(consumed) | set(rest) == set(range(38))
+    assert len(rest) - len(set(rest)) < 3  # pad only
+
+
+def test_resume_state_for_another_dataset_or_order_is_refused(ds, tmp_path):
+    loader = build_loader(_cfg(ds), 0, 1)
+    state = loader.state_dict()
+    numbered_shards(tmp_path / "other", [5, 5])
+    with pytest.raises(ResumeStateError, match="another dataset"):
+        build_loader(_cfg(str(tmp_path / "other")), 0, 1).load_state_dict(state)
+    with pytest.raises(ResumeStateError, match="plan.seed"):
+        build_loader(_cfg(ds, plan=PlanConfig(window_shards=2, seed=9)), 0, 1).load_state_dict(state)
+
+
+def _png16() -> bytes:
+    arr = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="PNG")
+    return out.getvalue()
+
+
+CORRUPT = {
+    "truncated": lambda: jpeg_bytes((96, 72), seed=99)[:300],
+    "empty": lambda: b"",
+    "not_an_image": lambda: b"<html>403 Forbidden</html>" * 10,
+    "cmyk": lambda: jpeg_bytes((96, 72), mode="CMYK"),
+    "grayscale": lambda: jpeg_bytes((96, 72), mode="L"),
+    "16bit": _png16,
+    "decompression_bomb": lambda: jpeg_bytes((400, 300)),
+}
+
+
+@pytest.fixture
+def corrupt_ds(tmp_path) -> str:
+    """One shard: good images with each corrupt kind in between (labels = order)."""
+    samples = []
+    for n, (reason, make) in enumerate(CORRUPT.items()):
+        samples.append((f"{2 * n:03d}_good", {"jpg": jpeg_bytes((96, 72), seed=n), "cls": str(2 * n).encode()}))
+        ext = "png" if reason == "16bit" else "jpg"
+        samples.append((f"{2 * n + 1:03d}_{reason}", {ext: make(), "cls": str(2 * n + 1).encode()}))
+    write_raw_shards(tmp_path / "corrupt", [samples])
+    return str(tmp_path / "corrupt")
+
+
+def test_each_corrupt_kind_is_skipped_counted_and_named(corrupt_ds, caplog):
+    policy = ImagePolicy(mode_policy="skip", max_pixels=100_000)
+    loader = build_loader(_cfg(corrupt_ds, batch_size=3, max_corrupt_fraction=0.6, num_workers=2, images=policy,
+                               plan=PlanConfig(shuffle=False)), 0, 1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+        ids = [i for b in loader for i in b.sample_ids.tolist()]
+    assert ids == list(range(0, 14, 2))  # every good sample, in plan order
+    assert loader.stats.skipped == {reason: 1 for reason in CORRUPT}
+    for reason in CORRUPT:
+        assert any("shard-000000.tar/" in r.message and f"_{reason}: {reason}" in r.message for r in caplog.records)
+
+
+def test_convert_policy_keeps_mode_outliers(corrupt_ds):
+    loader = build_loader(_cfg(corrupt_ds, batch_size=3, max_corrupt_fraction=0.6, plan=PlanConfig(shuffle=False),
+                               images=ImagePolicy(max_pixels=100_000)), 0, 1)
+    ids = [i for b in loader for i in b.sample_ids.tolist()]
+    kept = {1 + 2 * list(CORRUPT).index(r) for r in ("cmyk", "grayscale", "16bit")}
+    assert ids == sorted(set(range(0, 14, 2)) | kept)
+    assert loader.stats.converted == {"cmyk": 1, "grayscale": 1, "16bit": 1}
+    assert set(loader.stats.skipped) == {"truncated", "empty", "not_an_image", "decompression_bomb"}
+
+
+def test_too_many_corrupt_samples_stop_with_a_clear_error(corrupt_ds):
+    loader = build_loader(_cfg(corrupt_ds, batch_size=3, max_corrupt_fraction=0.1, plan=PlanConfig(shuffle=False)), 0, 1)
+    with pytest.raises(CorruptDataError, match=r"corrupt samples on rank 0 this epoch exceed max_corrupt_fraction=0.1"):
+        list(loader)
+
+
+def test_fast_path_matches_the_reference_decoder(photo_folder):
+    aug = AugmentConfig(img_size=224)
+    policy = ImagePolicy()
+    diffs = []
+    for n, path in enumerate(sorted(photo_folder.rglob("*.jpg"))[:12]):
+        data = path.read_bytes()
+        fast, _ = decode_crop(data, policy, aug, sample_rng(0, 0, n))
+        ref, _ = decode_crop_reference(data, policy, aug, sample_rng(0, 0, n))
+        assert fast.shape == ref.shape == (224, 224, 3) and fast.dtype == np.uint8
+        diffs.append(np.abs(fast.astype(int) - ref.astype(int)).mean())
+    # different JPEG IDCT and resampling kernels: small, bounded differences
+    assert np.mean(diffs) < 4.0 and max(diffs) < 8.0
+
+
+def test_crop_statistics_follow_the_recipe():
+    rng = np.random.default_rng(0)
+    areas, aspects = [], []
+    for _ in range(4000):
+        x, y, w, h = random_resized_crop_box(500, 375, rng, (0.2, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= x and x + w <= 500 and 0 <= y and y + h <= 375
+        areas.append(w * h / (500 * 375))
+        aspects.append(w / h)
+    assert min(areas) >= 0.19 and max(areas) <= 1.0
+    assert min(aspects) >= 0.74 and max(aspects) <= 1.34
+    assert 0.45 < np.mean(areas) < 0.65
+
+
+def test_flip_rate_is_about_half(ds):
+    from pipeline.augment import crop_and_flip
+
+    flips = [crop_and_flip(96, 72, AugmentConfig(), sample_rng(0, 0, i))[1] for i in range(2000)]
+    assert 0.46 < np.mean(flips) < 0.54
+
+
+def test_unknown_backend_lists_valid_ones(ds):
+    with pytest.raises(ValueError, match="backend must be one of cpu, dali, ffcv, synthetic; got 'nvjpeg'"):
+        _cfg(ds, backend="nvjpeg")

@@ -1,0 +1,169 @@
+import os
+import threading
+import time
+
+import pytest
+from tests.helpers.shards import numbered_shards
+
+from pipeline.errors import ShardFetchError
+from pipeline.loader import LoaderConfig, build_loader
+from pipeline.plan import PlanConfig
+from pipeline.shards.manifest import ShardInfo
+from pipeline.storage.cache import ShardCache
+from pipeline.storage.config import RetryPolicy, StorageConfig
+from pipeline.storage.redact import redact
+from pipeline.storage.store import ShardStore
+
+FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, faulty_s3):
+    """Three shards in a local folder and uploaded to the fault-injecting S3."""
+    root = tmp_path_factory.mktemp("ds")
+    manifest = numbered_shards(root, [12, 9, 11], image_size=(200, 160))
+    client = faulty_s3.client()
+    for p in root.iterdir():
+        client.upload_file(str(p), "faults", f"ds/{p.name}")
+    return root, manifest
+
+
+def _config(faulty_s3, tmp_path, **kw) -> StorageConfig:
+    # s3fs's and botocore's own retries off, so the faults reach our retry layer
+    options = {"endpoint_url": faulty_s3.endpoint_url, "key": "fake", "secret": "fake-secret",
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+    return StorageConfig(options=options, retry=kw.pop("retry", FAST_RETRY), read_timeout_s=1.0, backend_retries=1,
+                         cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def _store(faulty_s3, tmp_path, events=None, **kw) -> ShardStore:
+    on_event = (lambda name, n: events.append((name, n))) if events is not None else None
+    return ShardStore("s3://faults/ds", _config(faulty_s3, tmp_path, **kw), on_event=on_event)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["slowdown", "error500", "truncate", "stall", "delay"])
+def test_transient_faults_are_retried_and_bytes_arrive_intact(kind, dataset, faulty_s3, tmp_path):
+    root, manifest = dataset
+    shard = manifest.shards[1]
+    events = []
+    store = _store(faulty_s3, tmp_path, events)
+    faulty_s3.faults.clear()
+    faulty_s3.faults.add(kind, match=shard.name, times=2, seconds=3.0 if kind == "stall" else 0.3)
+    with store.open_shard(shard) as f:
+        assert f.read() == (root / shard.name).read_bytes()
+    retries = sum(n for name, n in events if name == "fetch_retry")
+    assert faulty_s3.faults.injected[:1] == [kind]
+    if kind == "delay":
+        assert retries == 0  # slow is not failed
+    else:
+        assert retries >= 1
+    assert sum(n for name, n in events if name == "bytes_fetched") >= shard.bytes
+
+
+@pytest.mark.integration
+def test_a_mid_stream_failure_neither_loses_nor_duplicates_samples(dataset, faulty_s3, tmp_path):
+    _, manifest = dataset
+    faulty_s3.faults.clear()
+    for shard in manifest.shards:
+        faulty_s3.faults.add("truncate", match=shard.name, times=1)
+    cfg = LoaderConfig(url="s3://faults/ds", batch_size=5, num_workers=2, storage=_config(faulty_s3, tmp_path),
+                       plan=PlanConfig(window_shards=1))
+    ids = [i for b in build_loader(cfg, 0, 1) for i in b.sample_ids.tolist()]
+    assert sorted(ids) == list(range(manifest.total_samples))
+    assert faulty_s3.faults.injected.count("truncate") == 3
+
+
+@pytest.mark.integration
+def test_missing_object_is_permanent_and_named(dataset, faulty_s3, tmp_path):
+    events = []
+    store = _store(faulty_s3, tmp_path, events)
+    ghost = ShardInfo("shard-999999.tar", 1, 100, "0" * 64)
+    with pytest.raises(ShardFetchError, match=r"shard shard-999999.tar at s3://faults/ds: not found"):
+        store.local_path(ghost)
+    assert not [e for e in events if e[0] == "fetch_retry"]  # no pointless retries
+
+
+@pytest.mark.integration
+def test_persistent_faults_end_in_one_clear_error(dataset, faulty_s3, tmp_path):
+    _, manifest = dataset
+    faulty_s3.faults.clear()
+    faulty_s3.faults.add("slowdown", match=manifest.shards[0].name, times=100)
+    store = _store(faulty_s3, tmp_path, retry=RetryPolicy(3, 0.01, 0.02))
+    t0 = time.monotonic()
+    with pytest.raises(ShardFetchError, match=r"shard-000000.tar at s3://faults/ds: failed after 3 attempts \(last: "):
+        store.local_path(manifest.shards[0])
+    assert time.monotonic() - t0 < 30
+    faulty_s3.faults.clear()
+
+
+@pytest.mark.integration
+def test_checksum_mismatch_after_retries(dataset, faulty_s3, tmp_path):
+    _, manifest = dataset
+    good = manifest.shards[2]
+    wrong = ShardInfo(good.name, good.samples, good.bytes, "f" * 64)
+    with pytest.raises(ShardFetchError, match="checksum mismatch after 2 attempts"):
+        _store(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02)).local_path(wrong)
+    assert not list((tmp_path / "cache").glob("*.tar"))  # nothing unverified is cached
+
+
+def test_flipped_byte_in_a_local_shard_is_caught(tmp_path):
+    manifest = numbered_shards(tmp_path / "ds", [4])
+    path = tmp_path / "ds" / manifest.shards[0].name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    store = ShardStore(str(tmp_path / "ds"), StorageConfig(retry=RetryPolicy(2, 0.01, 0.02)))
+    with pytest.raises(ShardFetchError, match="shard-000000.tar .*checksum mismatch"):
+        store.open_shard(manifest.shards[0])
+
+
+def _entry(cache: ShardCache, name: str, size: int, age: float) -> None:
+    path = cache.dir / f"{name}.tar"
+    path.write_bytes(b"x" * size)
+    os.utime(path, (time.time() - age, time.time() - age))
+
+
+def test_cache_evicts_least_recently_used_and_spares_pinned(tmp_path):
+    cache = ShardCache(tmp_path, limit_bytes=250)
+    for name, age in (("a", 30), ("b", 20), ("c", 10)):
+        _entry(cache, name, 100, age)
+    assert cache.get("a") is not None  # touch: a is now the most recent
+    with cache.open_pinned(cache.dir / "b.tar"):
+        cache.evict()
+        assert sorted(p.stem for p in cache.dir.glob("*.tar")) == ["a", "b"]  # c was LRU and unpinned
+        _entry(cache, "d", 100, 0)
+        _entry(cache, "e", 100, 0)
+        cache.evict()
+        # b is the oldest but pinned: the next-oldest unpinned go, b stays
+        assert sorted(p.stem for p in cache.dir.glob("*.tar")) == ["b", "e"] or \
+            sorted(p.stem for p in cache.dir.glob("*.tar")) == ["b", "d"]
+    _entry(cache, "f", 100, 0)
+    cache.evict()  # unpinned now: b is the least recent and goes
+    assert not (cache.dir / "b.tar").exists()
+    assert sum(p.stat().st_size for p in cache.dir.glob("*.tar")) <= 250
+
+
+@pytest.mark.integration
+def test_concurrent_readers_download_a_shard_once(dataset, faulty_s3, tmp_path):
+    _, manifest = dataset
+    faulty_s3.faults.clear()
+    events = []
+    store = _store(faulty_s3, tmp_path, events)
+    threads = [threading.Thread(target=store.local_path, args=(manifest.shards[0],)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(n for name, n in events if name == "bytes_fetched") == manifest.shards[0].bytes
+    assert sum(n for name, n in events if name == "cache_miss") == 4  # all missed, one fetched
+
+
+def test_redact_removes_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-123")
+    msg = ("GET https://b.s3.amazonaws.com/x?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP%2F2026&X-Amz-Signature=deadbeef "
+           "secret_access_key='s3cr3t-value-123' https://user:pa55@host/path AKIAABCDEFGHIJKLMNOP")
+    out = redact(msg)
+    for secret in ("s3cr3t-value-123", "deadbeef", "AKIAABCDEFGHIJKLMNOP", "pa55"):
+        assert secret not in out
+    assert "https://b.s3.amazonaws.com/x" in out

@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_pipeline_report_is_consistent(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "train.cli", "bench", "pipeline", "--images", "60", "--batch", "16",
+                          "--rounds", "1", "--shard-size", "1000000", "--workdir", str(tmp_path), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["images"] == 60
+    read = r["read"]
+    assert read["reader_vs_raw"] == pytest.approx(read["reader_MiB_s"] / read["raw_cat_MiB_s"])
+    assert read["bytes"] > 0 and all(read[k] > 0 for k in ("raw_cat_MiB_s", "raw_cat_to_disk_MiB_s", "reader_MiB_s"))
+    dec = r["decode"]
+    base = dec["per_file_pil_baseline"]
+    for name in ("cpu_backend_uint8", "cpu_backend_host_normalize"):
+        c = dec[name]
+        assert [run["images"] for run in c["runs"]] == [60]
+        assert c["cpu_per_image_reduction"] == pytest.approx(base["cpu_ms_per_image"] / c["cpu_ms_per_image"])
+    rss = r["rss"]
+    assert rss["images"] == 60 and rss["cache_limit_MiB"] < rss["dataset_MiB"]
+
+
+def test_bench_pipeline_all_backends_side_by_side(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "train.cli", "bench", "pipeline", "--backend", "all", "--parts",
+                          "decode", "--images", "48", "--batch", "16", "--rounds", "1", "--workdir", str(tmp_path),
+                          "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert "read" not in r and "rss" not in r  # --parts decode only
+    dec = r["decode"]
+    base = dec["per_file_pil_baseline"]
+    for name in ("cpu_backend_uint8", "cpu_backend_host_normalize", "dali_backend", "ffcv_backend"):
+        assert [run["images"] for run in dec[name]["runs"]] == [48], name
+        assert dec[name]["throughput_ratio"] == pytest.approx(dec[name]["images_per_s"] / base["images_per_s"])
+    assert dec["warmup"]["ffcv_jit_first_batch_s"] > 0  # FFCV's JIT, reported apart

@@ -1,0 +1,63 @@
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from model.flops import encoder_speedup_flop_ratio, train_step_flops
+from model.registry import model_config
+from train.speedup import SpeedupConfig, measure_speedup
+
+
+def test_report_values_are_consistent_with_the_measured_times():
+    cfg = SpeedupConfig(model="mae_vit_test_patch4", batch=4, steps=4, warmup=1, dtype="fp32", device="cpu")
+    report = measure_speedup(cfg)
+    mae, base = report["results"]["mae"], report["results"]["mask_token_baseline"]
+    for r in (mae, base):
+        assert len(r["step_times_s"]) == 4 and all(t > 0 for t in r["step_times_s"])
+        assert r["median_s"] == statistics.median(r["step_times_s"])
+        assert r["p25_s"] <= r["median_s"] <= r["p75_s"]
+        assert r["images_per_s"] == pytest.approx(4 / r["median_s"])
+        assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU: no known peak, no CUDA allocator
+    assert report["measured_speedup"] == pytest.approx(base["median_s"] / mae["median_s"])
+    mcfg = model_config("mae_vit_test_patch4")
+    assert report["flop_ratio"] == pytest.approx(encoder_speedup_flop_ratio(mcfg))
+    assert mae["train_flops_per_step"] == train_step_flops(mcfg, 4)
+    assert base["train_flops_per_step"] == train_step_flops(mcfg, 4, baseline=True)
+    # the baseline encodes 4x the tokens, so it must save more activations for backward
+    assert base["activation_bytes"] > 1.5 * mae["activation_bytes"] > 0
+
+
+def test_grad_checkpointing_cuts_saved_activations():
+    common = dict(model="mae_vit_test_patch4", batch=4, steps=1, warmup=0, dtype="fp32", device="cpu")
+    plain = measure_speedup(SpeedupConfig(**common))
+    ckpt = measure_speedup(SpeedupConfig(**common, grad_checkpointing=True))
+    for name in ("mae", "mask_token_baseline"):
+        assert ckpt["results"][name]["activation_bytes"] < plain["results"][name]["activation_bytes"]
+
+
+def test_bf16_bench_runs_on_cpu():
+    report = measure_speedup(SpeedupConfig(model="mae_vit_test_patch4", batch=2, steps=2, warmup=1,
+                                                  dtype="bf16", device="cpu"))
+    assert report["measured_speedup"] > 0 and report["config"]["dtype"] == "bf16"
+
+
+def test_cli_json_output_and_bad_arguments():
+    cmd = [sys.executable, "-m", "train.cli", "bench", "encoder", "--model", "mae_vit_test_patch4",
+           "--batch", "2", "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert report["config"]["model"] == "mae_vit_test_patch4" and report["device"] == "cpu"
+    bad = subprocess.run(cmd[:-1] + ["--model", "mae_vit_nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'mae_vit_nope'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(cmd[:5] + ["--batch", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "batch must be >= 1, got 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.gpu
+def test_bench_on_gpu_reports_memory_and_mfu():
+    report = measure_speedup(SpeedupConfig(model="mae_vit_tiny_patch16", batch=16, steps=3, warmup=2,
+                                                  dtype="bf16", device="cuda", peak_flops=1e15))
+    mae = report["results"]["mae"]
+    assert mae["peak_memory_bytes"] > 0 and 0 < mae["mfu"] < 1

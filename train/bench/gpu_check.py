@@ -1,0 +1,298 @@
+"""The one-shot GPU check that ``infra/gpu_check.sh`` runs after bringing its wheels.
+
+Sections run one after another as subprocesses, most important first, each bounded
+by its own cap and by what is left of the whole budget; a section that fails or
+overruns prints FAIL, one that no longer fits prints SKIP, and the rest go on.
+Each prints one SUMMARY line against its target; every JSON report, log and a
+``gpu_check.json`` digest land in ``--out``. The photos and shards that the DALI
+sections read are made in the background while the GPU runs the first sections.
+``--dry-run`` runs the same sections with tiny models on the CPU (the CI test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What one mode (GPU or CPU dry run) runs."""
+    device: str
+    dtype: str
+    encoders: tuple[tuple[str, int], ...]  # (model, batch) for the encoder speedup
+    encoder_steps: int
+    trainers: tuple[tuple[str, str, tuple[str, ...]], ...]  # (label, preset, overrides)
+    train_steps: int
+    dali_images: int
+    dali_args: tuple[str, ...]
+    e2e: tuple[str, tuple[str, ...]]  # (preset, overrides) for the DALI end-to-end run
+    e2e_steps: int
+    compile_encoders: tuple[tuple[str, int], ...]
+
+
+GPU = Scale(
+    device="cuda", dtype="bf16",
+    encoders=(("mae_vit_large_patch16", 128), ("mae_vit_huge_patch14", 64)), encoder_steps=10,
+    trainers=(("ViT-L", "vit_l", ("data.batch_size=64",)), ("ViT-H", "vit_h", ("data.batch_size=64",))),
+    train_steps=30,
+    dali_images=6000, dali_args=("--batch", "256", "--workers", "8", "--rounds", "2", "--device", "cuda"),
+    e2e=("vit_l", ("data.batch_size=128", "data.num_workers=8")), e2e_steps=120,
+    compile_encoders=(("mae_vit_large_patch16", 128), ("mae_vit_huge_patch14", 64)),
+)
+DRY = Scale(
+    device="cpu", dtype="fp32",
+    encoders=(("mae_vit_test_patch4", 8), ("mae_vit_tiny_patch16", 2)), encoder_steps=2,
+    trainers=(("tiny", "tiny_cpu", ("data.augment.img_size=32", "data.batch_size=8")),),
+    train_steps=6,
+    dali_images=48, dali_args=("--batch", "16", "--workers", "2", "--rounds", "1", "--device", "cpu"),
+    e2e=("tiny_cpu", ("data.augment.img_size=32", "data.batch_size=8", "data.num_workers=2")), e2e_steps=6,
+    compile_encoders=(("mae_vit_test_patch4", 8),),
+)
+
+
+@dataclass
+class Section:
+    name: str
+    argv: list[str]
+    summarize: Callable[[], str]  # reads the section's outputs -> the SUMMARY text
+    min_s: float  # not started with less budget left than this
+    cap_s: float  # killed after this long
+    needs_data: bool = False
+    json_stdout: bool = False  # stdout is the JSON report (<name>.json), else it joins the log
+
+
+class Check:
+    def __init__(self, out: Path, budget_s: float, scale: Scale, only: tuple[str, ...] = ()) -> None:
+        self.out, self.budget_s, self.scale, self.only = out, budget_s, scale, only
+        self.t0 = time.monotonic()
+        self.data = Path(tempfile.mkdtemp(prefix="gpu-check-data-"))  # photos and shards, removed at the end
+        self.results: dict[str, dict[str, object]] = {}
+        self.port = 29500
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.t0)
+
+    # ---- the sections
+    def sections(self) -> list[Section]:
+        s, dry = self.scale, self.scale is DRY
+        steps = ["--steps", str(s.encoder_steps), "--warmup", "1" if dry else "3"]
+        out = [self._encoder(m, b, steps, compiled=False, min_s=10 if dry else 25) for m, b in s.encoders]
+        out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[:1] for stage in (2, 3)]
+        out.append(Section("dali_decode", [
+            PY, "-m", "train.cli", "bench", "pipeline", "--backend", "dali", "--parts", "decode", "--workdir",
+            str(self.data), "--images", str(s.dali_images), *s.dali_args, "--json"],
+            self._dali_summary, min_s=20 if dry else 40, cap_s=300, needs_data=True, json_stdout=True))
+        out.append(self._e2e())
+        out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[1:] for stage in (2, 3)]
+        out += [self._encoder(m, b, steps, compiled=True, min_s=30 if dry else 90) for m, b in s.compile_encoders]
+        return out
+
+    def _encoder(self, model: str, batch: int, steps: list[str], compiled: bool, min_s: float) -> Section:
+        name = f"encoder_{model}_{self.scale.dtype}{'_compiled' if compiled else ''}"
+        argv = [PY, "-m", "train.cli", "bench", "encoder", "--model", model, "--batch", str(batch), "--dtype",
+                self.scale.dtype, "--device", self.scale.device, *steps, "--json"] + (["--compile"] if compiled else [])
+
+        def summarize() -> str:
+            from train.speedup import format_report
+
+            r = json.loads((self.out / f"{name}.json").read_text())
+            print(format_report(r))
+            mae = r["results"]["mae"]
+            mfu = f"{mae['mfu']:.1%}" if mae["mfu"] is not None else "n/a (no known peak for this device)"
+            verdict = "meets" if r["measured_speedup"] >= r["flop_ratio"] else "below"
+            return (f"{model}{' compiled' if compiled else ''} {r['device']}: speedup {r['measured_speedup']:.2f}x "
+                    f"(FLOP ratio {r['flop_ratio']:.2f}x, {verdict} target), MAE {mae['images_per_s']:.1f} img/s, "
+                    f"MFU {mfu}")
+
+        return Section(name, argv, summarize, min_s=min_s, cap_s=min_s * 4, json_stdout=True)
+
+    def _launch(self, preset: str, overrides: tuple[str, ...], run: Path, steps: int) -> list[str]:
+        self.port += 1
+        return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(self.port),
+                "-m", "train.pretrain", "--config", preset, *overrides,
+                "optim.accum_steps=1", f"deepspeed.precision={self.scale.dtype}", f"schedule.max_steps={steps}",
+                "schedule.warmup_epochs=0", "checkpoint.enabled=false", f"checkpoint.dir={run}",
+                f"log.metrics_file={run}/metrics.jsonl", "log.every_steps=10", "metrics.measure_speedup=false"]
+
+    def _trainer(self, label: str, preset: str, overrides: tuple[str, ...], stage: int) -> Section:
+        name = f"train_{preset}_zero{stage}"
+        run = self.out / name
+        argv = self._launch(preset, (*overrides, f"deepspeed.stage={stage}", "data.backend=synthetic"), run,
+                            self.scale.train_steps)
+
+        def summarize() -> str:
+            s = steady(run)
+            mfu = "n/a" if s["mfu"] is None else f"{s['mfu']:.1%}"
+            peak = "n/a (CPU)" if not s["peak_memory_bytes"] else f"{s['peak_memory_bytes'] / 2**30:.1f} GiB"
+            return (f"train {label} ZeRO-{stage}: {s['images_per_s']:.1f} img/s steady (median step of the last 2/3), "
+                    f"MFU {mfu}, peak memory {peak}, final loss {s['final_loss']:.4f}")
+
+        dry = self.scale is DRY
+        return Section(name, argv, summarize, min_s=20 if dry else 45, cap_s=240)
+
+    def _e2e(self) -> Section:
+        preset, overrides = self.scale.e2e
+        run = self.out / "e2e_dali"
+        argv = self._launch(preset, (*overrides, "data.backend=dali", f"data.url={self.data / 'shards'}",
+                                     f"data.storage.cache_dir={self.data / 'cache'}", "deepspeed.stage=2"),
+                            run, self.scale.e2e_steps)
+
+        def summarize() -> str:
+            s = steady(run)
+            return (f"e2e {preset} dali {self.scale.device}: {s['images_per_s']:.1f} img/s steady, data wait "
+                    f"{s['data_wait_share']:.2%} of step time (target < 1%), final loss {s['final_loss']:.4f}")
+
+        return Section("e2e_dali", argv, summarize, min_s=30 if self.scale is DRY else 60, cap_s=300,
+                       needs_data=True)
+
+    def _dali_summary(self) -> str:
+        from train.bench.pipeline import format_report
+
+        r = json.loads((self.out / "dali_decode.json").read_text())
+        print(format_report(r))
+        d = r["decode"]["dali_backend"]
+        cores = d["cpu_ms_per_image"]  # CPU-ms per image = CPU cores per 1,000 img/s
+        ok = d["images_per_s"] >= 5000 and cores < 2
+        return (f"dali {r['device']}: {d['images_per_s']:.0f} img/s, {cores:.2f} CPU cores per 1,000 img/s "
+                f"({'meets' if ok else 'below'} target: >= 5,000 img/s with < 2 cores per 1,000 img/s)")
+
+    # ---- running
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        print(f"gpu_check: budget {self.budget_s:.0f} s, device {self.scale.device}, reports in {self.out}", flush=True)
+        prep = subprocess.Popen([PY, "-m", "train.bench.gpu_check", "--prepare-data", str(self.data),
+                                 "--images", str(self.scale.dali_images)],
+                                stdout=open(self.out / "prepare_data.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            for sec in self.sections():
+                if self.only and not any(sec.name.startswith(o) for o in self.only):
+                    continue
+                if sec.needs_data and self.left() >= sec.min_s:
+                    why = self._wait_for_data(prep, sec)
+                    if why:
+                        self._skip(sec, why)
+                        continue
+                self._run_section(sec)
+        finally:
+            if prep.poll() is None:
+                prep.kill()
+                prep.wait()
+            shutil.rmtree(self.data, ignore_errors=True)
+        (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=1))
+        failed = [n for n, r in self.results.items() if r["status"] == "FAIL"]
+        print(f"gpu_check: {len(self.results) - len(failed)} of {len(self.results)} sections without failure "
+              f"in {time.monotonic() - self.t0:.0f} s; reports in {self.out}", flush=True)
+        return 1 if failed else 0
+
+    def _wait_for_data(self, prep: subprocess.Popen, sec: Section) -> str | None:
+        """Wait for the background photos/shards as long as the budget allows;
+        the reason to skip ``sec`` if they are not there."""
+        try:
+            prep.wait(timeout=max(1.0, self.left() - sec.min_s))
+        except subprocess.TimeoutExpired:
+            return "the photos/shards were not ready within the budget"
+        if prep.returncode != 0:
+            return f"making the photos/shards failed (rc={prep.returncode}); see {self.out / 'prepare_data.log'}"
+        return None
+
+    def _skip(self, sec: Section, why: str) -> None:
+        self.results[sec.name] = {"status": "SKIP", "why": why}
+        print(f"SKIP {sec.name}: {why}", flush=True)
+
+    def _run_section(self, sec: Section) -> None:
+        left = self.left()
+        if left < sec.min_s:
+            self._skip(sec, f"{left:.0f} s of the budget left, it needs about {sec.min_s:.0f} s")
+            return
+        timeout = min(sec.cap_s, left)
+        print(f"== {sec.name} (up to {timeout:.0f} s): {' '.join(sec.argv[1:])}", flush=True)
+        t = time.monotonic()
+        log = self.out / f"{sec.name}.log"
+        with open(log, "w") as stderr, ExitStack() as stack:
+            report = stack.enter_context(open(self.out / f"{sec.name}.json", "w")) if sec.json_stdout else None
+            rc = run_bounded(sec.argv, report or subprocess.STDOUT, stderr, timeout)
+        took = time.monotonic() - t
+        if rc == 0:
+            try:
+                summary = sec.summarize()
+            except Exception as e:  # a report we cannot read is a failed section, not a crashed check
+                rc = f"unreadable report ({type(e).__name__}: {e})"
+            else:
+                self.results[sec.name] = {"status": "SUMMARY", "summary": summary, "seconds": round(took, 1)}
+                print(f"SUMMARY {summary}   [{took:.0f} s]", flush=True)
+                return
+        tail = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
+        print("\n".join(tail))
+        self.results[sec.name] = {"status": "FAIL", "why": str(rc), "seconds": round(took, 1), "log_tail": tail}
+        print(f"FAIL {sec.name}: {'exceeded ' + str(round(timeout)) + ' s' if rc == 'timeout' else rc} "
+              f"[{took:.0f} s]; log: {log}", flush=True)
+
+
+def run_bounded(argv: list[str], stdout, stderr, timeout: float) -> int | str:
+    """Run ``argv`` in its own process group; on timeout kill the whole group
+    (torchrun's workers too, so none keeps holding the GPU) and return "timeout"."""
+    if stdout is subprocess.STDOUT:
+        stdout, stderr = stderr, subprocess.STDOUT
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        return "timeout"
+
+
+def steady(run: Path) -> dict[str, object]:
+    """A trainer run's steady state from its per-step metrics (the last 2/3 of the
+    steps: the first ones carry start-up) and its run summary."""
+    summary = json.loads((run / "run_summary.json").read_text())
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tail = steps[len(steps) // 3:] or steps
+    img_s = summary["derived"]["global_batch"] / statistics.median(s["step_time_s"] for s in tail)
+    mfu = summary["mfu"] * img_s / summary["images_per_s"] if summary["mfu"] else None
+    return {"images_per_s": img_s, "mfu": mfu, "peak_memory_bytes": summary["peak_memory_bytes"],
+            "final_loss": summary["losses"][-1],
+            "data_wait_share": sum(s["data_wait_s"] for s in tail) / sum(s["step_time_s"] for s in tail)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="train.bench.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
+    p.add_argument("--budget-s", type=float, default=480.0, help="the whole check's wall-clock budget")
+    p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (what CI runs)")
+    p.add_argument("--only", default="", help="comma list of section name prefixes to run (default: all)")
+    p.add_argument("--prepare-data", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.prepare_data:
+        from train.bench.pipeline import prepare_decode_data
+
+        prepare_decode_data(args.prepare_data, args.images)
+        return 0
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: torch sees no CUDA GPU (use --dry-run on CPU)", file=sys.stderr)
+            return 2
+        print(f"torch {torch.__version__} cuda {torch.version.cuda} on {torch.cuda.get_device_name()}", flush=True)
+    only = tuple(o for o in args.only.split(",") if o)
+    return Check(args.out, args.budget_s, DRY if args.dry_run else GPU, only).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

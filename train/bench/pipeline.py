@@ -1,0 +1,304 @@
+"""`mae bench pipeline`: the data path measured side by side, in one run.
+
+(a) bucket read bandwidth: plain ``s3fs cat`` of every shard vs the reader's
+    verified, cached fetch of the same shard, interleaved shard by shard, against
+    an S3 endpoint (the CLI starts SeaweedFS on loopback unless given a bucket);
+(b) decode: each backend's (``--backend cpu|dali|ffcv|all``) images/sec and
+    CPU-ms per image vs a baseline like the official MAE loader (one JPEG file per
+    image, PIL decode, crop then bicubic resize, flip, float normalize in
+    DataLoader workers), same images, same worker count, runs alternated;
+(c) memory: peak RSS of a process streaming the whole bucket dataset through a
+    cache several times smaller than the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.augment import AugmentConfig, Normalizer, crop_and_flip, sample_rng
+from pipeline.loader import LoaderConfig, build_loader
+from pipeline.shards.writer import ShardWriterConfig, write_shards
+from pipeline.storage.config import StorageConfig
+from pipeline.storage.store import ShardStore
+from pipeline.storage.urls import filesystem, join
+
+MiB = 2**20
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished (waited-for) children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class PerFileBaseline(Dataset):
+    """The official MAE recipe on per-file JPEGs: PIL open, RGB, RandomResizedCrop
+    (crop, then bicubic resize), flip, ToTensor, Normalize — in each worker."""
+
+    def __init__(self, paths: list[Path], aug: AugmentConfig) -> None:
+        self.paths, self.aug = paths, aug
+        self.normalize = Normalizer(aug.mean, aug.std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.paths[i], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        (x, y, w, h), flip = crop_and_flip(img.size[0], img.size[1], self.aug, sample_rng(0, 0, i))
+        img = img.crop((x, y, x + w, y + h)).resize((self.aug.img_size,) * 2, Image.BICUBIC)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return self.normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None])[0]
+
+
+def _timed(iterable) -> dict[str, float]:
+    cpu0, t0, n = _cpu_seconds(), time.perf_counter(), 0
+    for batch in iterable:
+        n += len(batch.keys) if hasattr(batch, "keys") else len(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
+
+
+DECODE_BACKENDS = ("cpu", "dali", "ffcv")
+
+
+def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batch: int, workers: int, rounds: int,
+                 backends: tuple[str, ...] = ("cpu",), device: str = "cpu") -> dict[str, object]:
+    """The per-file PIL baseline vs each backend, same images, same worker/thread
+    count, alternated round by round. ``cpu`` runs twice: uint8 out (what a GPU run
+    pays on the host: normalization happens on the device) and normalized on the
+    host (a CPU-only run); ``dali`` and ``ffcv`` normalize themselves. FFCV's
+    one-off JIT warm-up is reported apart (one untimed epoch first)."""
+    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers)
+    runners: dict[str, object] = {"per_file_pil_baseline": lambda: DataLoader(
+        PerFileBaseline(files, cfg.augment), batch_size=batch, num_workers=workers, shuffle=True,
+        persistent_workers=False)}
+    if "cpu" in backends:
+        runners["cpu_backend_uint8"] = lambda: build_loader(replace(cfg, normalize=False), 0, 1, device)
+        runners["cpu_backend_host_normalize"] = lambda: build_loader(cfg, 0, 1, device)
+    if "dali" in backends:
+        runners["dali_backend"] = lambda: build_loader(replace(cfg, backend="dali"), 0, 1, device)
+    warmup = {}
+    if "ffcv" in backends:
+        ffcv = build_loader(replace(cfg, backend="ffcv", url=beton_url), 0, 1, device)
+        t0 = time.perf_counter()
+        for _ in ffcv:  # JIT compile: once per process
+            pass
+        warmup["ffcv_first_epoch_s"] = time.perf_counter() - t0
+        warmup["ffcv_jit_first_batch_s"] = ffcv.stats.warmup_s
+        runners["ffcv_backend"] = lambda: ffcv
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+    for _ in range(rounds):  # alternate A B C A B C so drift hits all alike
+        for name, make in runners.items():
+            runs[name].append(_timed(make()))
+    out: dict[str, object] = {"warmup": warmup}
+    for name, rs in runs.items():
+        out[name] = {k: statistics.median(r[k] for r in rs) for k in ("images_per_s", "cpu_ms_per_image")}
+        out[name]["runs"] = rs
+    b = out["per_file_pil_baseline"]
+    for name in runs:
+        if name != "per_file_pil_baseline":
+            out[name]["cpu_per_image_reduction"] = b["cpu_ms_per_image"] / out[name]["cpu_ms_per_image"]
+            out[name]["throughput_ratio"] = out[name]["images_per_s"] / b["images_per_s"]
+    return out
+
+
+def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) -> dict[str, object]:
+    """Raw ``cat`` (to memory), raw ``cat`` + write to local disk, and the reader's
+    verified fetch into an empty cache — shard by shard, interleaved."""
+    fs, root = filesystem(url, storage)
+    shards = ShardStore(url, storage).read_manifest().shards
+    seconds = {"raw_cat": 0.0, "raw_cat_to_disk": 0.0, "reader": 0.0}
+    cpu = dict.fromkeys(seconds, 0.0)
+    total = 0
+    for r in range(rounds):
+        store = ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/{r}", cache_limit_gb=1024))
+        for shard in shards:
+            for name in seconds:
+                c0, t0 = time.process_time(), time.perf_counter()
+                if name == "reader":
+                    store.local_path(shard)
+                else:
+                    data = _check_len(fs.cat_file(join(root, shard.name)), shard)
+                    if name == "raw_cat_to_disk":
+                        Path(f"{cache_dir}/raw.tar").write_bytes(data)
+                    del data
+                seconds[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+            total += shard.bytes
+    out: dict[str, object] = {"bytes": total}
+    for name in seconds:
+        out[f"{name}_MiB_s"] = total / seconds[name] / MiB
+        out[f"{name}_client_cpu_ms_per_MiB"] = 1e3 * cpu[name] / (total / MiB)
+    out["reader_vs_raw"] = out["reader_MiB_s"] / out["raw_cat_MiB_s"]
+    out["reader_vs_raw_to_disk"] = out["reader_MiB_s"] / out["raw_cat_to_disk_MiB_s"]
+    return out
+
+
+def _check_len(data: bytes, shard) -> bytes:
+    if len(data) != shard.bytes:
+        raise OSError(f"{shard.name}: read {len(data)} bytes, manifest says {shard.bytes}")
+    return data
+
+
+RSS_CHILD = """
+import json, resource, sys
+from pipeline.loader import LoaderConfig, build_loader
+from pipeline.plan import PlanConfig
+from pipeline.storage.config import StorageConfig
+url, cache, limit, endpoint = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+storage = StorageConfig(endpoint_url=endpoint or None, cache_dir=cache, cache_limit_gb=limit / 2**30,
+                        prefetch_shards=1)
+loader = build_loader(LoaderConfig(url=url, batch_size=32, num_workers=2, storage=storage,
+                                   plan=PlanConfig(window_shards=1)), 0, 1)
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+n, trace, total = 0, [], len(loader)
+for i, b in enumerate(loader):
+    n += len(b.keys)
+    if (i + 1) % max(1, total // 4) == 0:
+        trace.append(round(rss_mib()))
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"images": n, "main_peak_rss_MiB": me.ru_maxrss / 1024, "worker_peak_rss_MiB": kids.ru_maxrss / 1024,
+                  "main_rss_trace_MiB": trace}))
+"""
+
+
+def bench_rss(url: str, endpoint: str | None, cache_limit: int, dataset_bytes: int) -> dict[str, object]:
+    """Peak RSS of a fresh process streaming the whole dataset through a cache of
+    ``cache_limit`` bytes (credentials from this process's environment)."""
+    with tempfile.TemporaryDirectory(prefix="mae-rss-cache-") as cache:
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, url, cache, str(cache_limit), endpoint or ""],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"RSS streaming run failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["cache_final_MiB"] = sum(p.stat().st_size for p in Path(cache).glob("*.tar")) / MiB
+    result.update({"dataset_MiB": dataset_bytes / MiB, "cache_limit_MiB": cache_limit / MiB})
+    return result
+
+
+def photo_files(src: Path, count: int) -> list[Path]:
+    """``count`` ImageNet-like JPEGs under ``src``: the ones already there when the
+    count matches (a kept ``--workdir``), else freshly generated."""
+    from infra.testing.photos import write_photo_folder
+
+    files = sorted(src.rglob("*.jpg")) if src.exists() else []
+    return files if len(files) == count else write_photo_folder(src, count, labelled=True)
+
+
+def prepare_decode_data(work: Path, images: int, shard_bytes: int = 16 * MiB) -> None:
+    """What ``run --parts decode --workdir work`` reads, made ahead (the GPU check
+    builds it in the background while other sections use the GPU)."""
+    photo_files(work / "src", images)
+    write_shards(str(work / "src"), str(work / "shards"), ShardWriterConfig(shard_bytes=shard_bytes, workers=2))
+
+
+PARTS = ("read", "decode", "rss")
+
+
+@dataclass(frozen=True)
+class PipelineBench:
+    images: int = 2000  # ImageNet-like JPEGs made from the bundled photos
+    batch: int = 64
+    workers: int = 2  # DataLoader workers (or DALI threads) for every decode path
+    rounds: int = 2  # alternated rounds
+    shard_bytes: int = 16 * MiB
+    backends: tuple[str, ...] = ("cpu",)
+    device: str = "cpu"
+    parts: tuple[str, ...] = PARTS
+
+
+def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = None,
+                       storage: StorageConfig = StorageConfig()) -> dict[str, object]:
+    """Every part asked for, on images made under ``work``. ``read`` and ``rss``
+    write the shards to ``bucket_url`` (an object-store prefix reached with
+    ``storage``) and need one."""
+    unknown = set(cfg.parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown benchmark parts {sorted(unknown)}; valid: {', '.join(PARTS)}")
+    src = work / "src"
+    files = photo_files(src, cfg.images)
+    report: dict[str, object] = {"images": len(files), "torch_threads": torch.get_num_threads(),
+                                 "cpus": os.cpu_count(), "device": cfg.device}
+    if {"read", "rss"} & set(cfg.parts):
+        if bucket_url is None:
+            raise ValueError("the read and rss parts need an object-store prefix to write shards to")
+        summary = write_shards(str(src), bucket_url, ShardWriterConfig(shard_bytes=cfg.shard_bytes, workers=2,
+                                                                       storage=storage))
+        if "read" in cfg.parts:
+            report["read"] = bench_read(bucket_url, storage, str(work / "read-cache"), cfg.rounds)
+        if "rss" in cfg.parts:
+            report["rss"] = bench_rss(bucket_url, storage.endpoint_url,
+                                      cache_limit=max(summary.manifest.total_bytes // 5, 2 * cfg.shard_bytes),
+                                      dataset_bytes=summary.manifest.total_bytes)
+    if "decode" in cfg.parts:
+        shard_cfg = ShardWriterConfig(shard_bytes=cfg.shard_bytes, workers=2)
+        write_shards(str(src), str(work / "shards"), shard_cfg)
+        beton = None
+        if "ffcv" in cfg.backends:
+            from pipeline.shards.beton import BetonOptions, write_beton
+
+            write_beton(str(src), str(work / "beton"), shard_cfg, BetonOptions(workers=2))
+            beton = str(work / "beton")
+        report["decode"] = bench_decode(str(work / "shards"), beton, files, cfg.batch, cfg.workers, cfg.rounds,
+                                        cfg.backends, cfg.device)
+    return report
+
+
+DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
+                 ("cpu_backend_host_normalize", "cpu backend, normalized on host"),
+                 ("dali_backend", "dali backend, normalized"),
+                 ("ffcv_backend", "ffcv backend, normalized"))
+
+
+def format_report(r: dict) -> str:
+    lines = [f"mae bench pipeline: {r['images']} JPEGs (~500x375, q90), {r['cpus']} CPUs, device {r['device']}"]
+    if "read" in r:
+        rd = r["read"]
+        lines.append("(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs):")
+        for name, label in (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
+                            ("reader", "reader (ranged, verified, cached)")):
+            lines.append(f"    {label:<36}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
+                         f"{rd[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
+        lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat, "
+                     f"{rd['reader_vs_raw_to_disk']:.0%} of cat+write")
+    if "decode" in r:
+        dc = r["decode"]
+        b = dc["per_file_pil_baseline"]
+        lines.append(f"(b) decode + RandomResizedCrop 224 + flip, {b['runs'][0]['images']} images/run, median of "
+                     f"{len(b['runs'])} alternated runs (CPU-ms/img = CPU cores per 1,000 img/s):")
+        lines.append(f"    {'per-file PIL baseline (official MAE)':<36}{b['images_per_s']:8.1f} img/s "
+                     f"{b['cpu_ms_per_image']:6.2f} CPU-ms/img")
+        for name, label in DECODE_LABELS:
+            if name in dc:
+                c = dc[name]
+                lines.append(f"    {label:<36}{c['images_per_s']:8.1f} img/s {c['cpu_ms_per_image']:6.2f} CPU-ms/img"
+                             f"  -> {c['cpu_per_image_reduction']:.2f}x less CPU/img, "
+                             f"{c['throughput_ratio']:.2f}x img/s")
+        for name, secs in dc["warmup"].items():
+            lines.append(f"    warm-up, not in the numbers above: {name} {secs:.1f} s")
+    if "rss" in r:
+        rss = r["rss"]
+        lines.append(f"(c) streaming {rss['dataset_MiB']:.0f} MiB through a {rss['cache_limit_MiB']:.0f} MiB cache: "
+                     f"main peak RSS {rss['main_peak_rss_MiB']:.0f} MiB, worker peak "
+                     f"{rss['worker_peak_rss_MiB']:.0f} MiB, cache at end {rss['cache_final_MiB']:.0f} MiB, "
+                     f"{rss['images']} images; main RSS at each quarter {rss['main_rss_trace_MiB']} MiB")
+    return "\n".join(lines)

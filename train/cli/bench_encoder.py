@@ -1,0 +1,37 @@
+"""`mae bench encoder`: time MAE vs the mask-token encoder baseline (the paper's Table 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from model.registry import list_models
+from train.speedup import SpeedupConfig, format_report, measure_speedup
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = SpeedupConfig()
+    p.add_argument("--model", default=d.model, choices=list_models(), help="registry name")
+    p.add_argument("--batch", type=int, default=d.batch, help="micro-batch per step")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=d.dtype, help="bf16 = autocast, fp32 = plain")
+    p.add_argument("--device", default=d.device, help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1' ...")
+    p.add_argument("--compile", action="store_true", help="wrap both models in torch.compile")
+    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU if the card is not known")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = SpeedupConfig(
+        model=args.model, batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
+        device=args.device, compile=args.compile, mask_ratio=args.mask_ratio,
+        grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+    )
+    report = measure_speedup(cfg)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0

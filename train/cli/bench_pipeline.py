@@ -1,0 +1,79 @@
+"""`mae bench pipeline`: shard read bandwidth vs raw `cat`, decode img/s and CPU per image
+vs the per-file PIL loader, streaming memory — side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from train.cli.common import add_storage_arguments
+
+MiB = 2**20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=2000, help="ImageNet-like JPEGs to generate from bundled photos")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for both decode paths")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the decode comparison")
+    p.add_argument("--shard-size", type=int, default=16 * MiB)
+    p.add_argument("--workdir", default=None, help="keep generated data here (default: a temp dir)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "dali", "ffcv", "all"],
+                   help="decode backends to compare with the baseline (all: cpu, dali, ffcv)")
+    p.add_argument("--device", default="cpu", help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
+    p.add_argument("--parts", type=_parts, default=("read", "decode", "rss"),
+                   help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory)")
+    p.add_argument("--bucket-url", default=None,
+                   help="read/rss: an s3:// prefix of yours to write the shards to (credentials from the AWS "
+                        "chain); default: a SeaweedFS server started on loopback for the run")
+    add_storage_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p for p in text.split(",") if p)
+    unknown = sorted(set(parts) - {"read", "decode", "rss"})
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: read, decode, rss")
+    return parts
+
+
+@contextlib.contextmanager
+def _bucket(args: argparse.Namespace, parts: tuple[str, ...]):
+    """(bucket prefix, StorageConfig): the user's, or a loopback SeaweedFS for the run."""
+    from pipeline.storage.config import StorageConfig
+
+    if args.bucket_url or not {"read", "rss"} & set(parts):
+        yield args.bucket_url, StorageConfig(endpoint_url=args.endpoint_url)
+        return
+    from infra.testing.s3_server import SeaweedS3
+
+    with SeaweedS3() as s3:
+        s3.create_bucket("bench")
+        saved = {k: os.environ.get(k) for k in s3.env()}
+        os.environ.update(s3.env())  # the streaming child reads the same credentials
+        try:
+            yield "s3://bench/shards", StorageConfig(endpoint_url=s3.endpoint_url)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.bench.pipeline import PipelineBench, format_report, run_pipeline_bench
+
+    parts = args.parts
+    cfg = PipelineBench(images=args.images, batch=args.batch, workers=args.workers, rounds=args.rounds,
+                        shard_bytes=args.shard_size, device=args.device, parts=parts,
+                        backends=("cpu", "dali", "ffcv") if args.backend == "all" else (args.backend,))
+    with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp, _bucket(args, parts) as (bucket, storage):
+        report = run_pipeline_bench(cfg, Path(args.workdir or tmp), bucket, storage)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0

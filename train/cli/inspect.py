@@ -1,0 +1,35 @@
+"""`mae inspect URL [--verify]`: what a shard dataset holds, and whether every shard checks out."""
+
+from __future__ import annotations
+
+import argparse
+
+from train.cli.common import add_storage_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="dataset folder or URL holding manifest.json")
+    p.add_argument("--verify", action="store_true", help="fetch every shard and check its sha256 and sample count")
+    p.add_argument("--samples", type=int, default=5, help="sample keys to show from the first shard")
+    add_storage_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.shards.verify import first_keys, summarize, verify_shards
+    from pipeline.storage.config import StorageConfig
+    from pipeline.storage.store import ShardStore
+
+    store = ShardStore(args.url, StorageConfig(endpoint_url=args.endpoint_url, cache_limit_gb=1024))
+    manifest = store.read_manifest()
+    print(summarize(manifest))
+    keys = first_keys(store, manifest, args.samples)
+    if keys:
+        print(f"first keys of {manifest.shards[0].name}: {', '.join(keys)}")
+    if args.verify:
+        problems = verify_shards(store, manifest)
+        for line in problems:
+            print(f"FAIL {line}")
+        if problems:
+            return 1
+        print(f"verified {len(manifest.shards)} shards: checksums and sample counts match")
+    return 0

@@ -1,0 +1,50 @@
+"""`mae plan`: model-state and activation memory per GPU for each ZeRO stage."""
+
+from __future__ import annotations
+
+import argparse
+
+from model.registry import list_models
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mae_vit_huge_patch14", choices=list_models())
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.memory_plan import GiB, PlanRequest, plan
+
+    r = plan(PlanRequest(model=args.model, gpus=args.gpus, nodes=args.nodes, micro_batch=args.micro_batch,
+                         gpu_mem_gib=args.gpu_mem, img_size=args.img_size, mask_ratio=args.mask_ratio,
+                         dtype=args.dtype))
+    print(f"{args.model}: {r['params'] / 1e6:.2f}M trainable parameters (largest layer {r['largest_layer'] / 1e6:.2f}M), "
+          f"{r['gpus']} GPUs ({args.nodes} node(s) x {args.gpus}), micro-batch {args.micro_batch}, {args.dtype}, "
+          f"{args.gpu_mem:.0f} GiB/GPU (plan for {r['usable'] / GiB:.0f} usable)")
+    print(f"activations per GPU: {r['activations'][False] / GiB:.1f} GiB, with activation checkpointing "
+          f"{r['activations'][True] / GiB:.1f} GiB")
+    print(f"{'stage':<7}{'states GiB':>11}{'DeepSpeed est.':>16}{'total GiB':>11}{'w/ ckpt':>9}{'fits':>6}"
+          f"{'max micro-batch':>17}{'w/ ckpt':>9}")
+    best = None
+    for row in r["rows"]:
+        fits = row["total"][False] <= r["usable"]
+        ds = f"{row['deepspeed'] / GiB:.1f}" if row["deepspeed"] is not None else "-"
+        print(f"{row['stage']:<7}{row['model_states'] / GiB:>11.1f}{ds:>16}{row['total'][False] / GiB:>11.1f}"
+              f"{row['total'][True] / GiB:>9.1f}{'yes' if fits else 'no':>6}"
+              f"{row['max_micro_batch'][False]:>17}{row['max_micro_batch'][True]:>9}")
+        if fits and best is None:
+            best = row["stage"]
+    if best is not None:
+        print(f"-> ZeRO stage {best} fits micro-batch {args.micro_batch} without activation checkpointing "
+              "(lowest stage = least communication)")
+    else:
+        ck = next((row["stage"] for row in r["rows"] if row["total"][True] <= r["usable"]), None)
+        print("-> nothing fits without checkpointing; " + (f"stage {ck} with model.grad_checkpointing=true" if ck is not None
+              else "lower the micro-batch (raise accumulation) or add GPUs"))
+    return 0

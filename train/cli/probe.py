@@ -1,0 +1,36 @@
+"""`mae probe WEIGHTS --train URL [--val URL]`: linear probe and kNN top-1 of a frozen encoder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("weights", help="run checkpoint dir, step* dir, `mae export` folder, mae.safetensors, "
+                                   "encoder.safetensors, or random:<model> (a random-init baseline)")
+    p.add_argument("--train", required=True, help="labelled shard dataset (folder or URL with manifest.json)")
+    p.add_argument("--val", default=None, help="validation shards (default: a seeded split of --train)")
+    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--pool", choices=["cls", "avg"], default="cls", help="cls token (the paper) or mean of patches")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--k", type=int, default=20, help="neighbours for the kNN classifier")
+    p.add_argument("--seed", type=int, default=0, help="split, head init and random:<model> weights")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--img-size", type=int, default=None, help="random:<model> only: input size")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.eval.probe import probe
+
+    r = probe(args.weights, args.train, args.val, args.val_fraction, args.pool, args.epochs, args.lr, args.k,
+              args.seed, args.workers, args.img_size)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['model']} ({r['kind']}) from {r['weights']}, {r['pool']} features, {r['classes']} classes, "
+              f"{r['train_samples']} train / {r['val_samples']} val: linear probe top-1 {r['linear_top1']:.1%}, "
+              f"kNN (k={r['k']}) top-1 {r['knn_top1']:.1%}")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluating a pretrained encoder: reconstructions, the linear probe and kNN."""

@@ -1,0 +1,207 @@
+"""The speedup MAE's visible-only encoder buys, measured (`mae bench encoder`, and
+the trainer's ``mae_encoder_speedup_ratio`` at start-up).
+
+Times full training steps (forward, backward, AdamW step) of MAE and of the
+mask-token baseline ("encoder w/ [M]", the paper's Table 2) on the same weights,
+batch, dtype and device, interleaved A B A B ... after warm-up so drift (thermal,
+other load) hits both alike. Reports median and spread, the measured ratio next
+to the analytic FLOP ratio, memory, images/sec and MFU where the card's peak is
+known.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+from infra.options import require, require_choice
+from model.flops import encoder_speedup_flop_ratio, train_step_flops
+from model.mae import MaskedAutoencoderViT
+from model.registry import create_model, list_models
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Dense bf16 tensor-core peak (FLOP/s) by device-name substring, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+@dataclass(frozen=True)
+class SpeedupConfig:
+    model: str = "mae_vit_base_patch16"
+    batch: int = 8
+    steps: int = 10
+    warmup: int = 3
+    dtype: str = "bf16"
+    device: str = "auto"
+    compile: bool = False
+    mask_ratio: float = 0.75
+    grad_checkpointing: bool = False
+    seed: int = 0
+    peak_flops: float | None = None
+    img_size: int | None = None  # None: the model's own
+
+    def __post_init__(self) -> None:
+        require_choice(self, "model", list_models())
+        require_choice(self, "dtype", tuple(DTYPES))
+        for name in ("batch", "steps"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class VariantResult:
+    name: str
+    step_times_s: list[float]
+    median_s: float
+    p25_s: float
+    p75_s: float
+    images_per_s: float
+    train_flops_per_step: float
+    achieved_flops: float
+    mfu: float | None
+    activation_bytes: int  # tensors saved for backward in one step
+    peak_memory_bytes: int | None  # device allocator peak during timed steps (CUDA only)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+    return device
+
+
+def peak_flops_for(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(model: MaskedAutoencoderViT, cfg: SpeedupConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One full training step: forward, backward, AdamW update."""
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.dtype == "bf16" else nullcontext())
+
+    def step(imgs: torch.Tensor, noise: torch.Tensor) -> None:
+        with autocast:
+            loss, _, _ = forward(imgs, cfg.mask_ratio, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_activation_bytes(step: Callable[[torch.Tensor, torch.Tensor], None], imgs: torch.Tensor,
+                           noise: torch.Tensor, model: torch.nn.Module) -> int:
+    """Bytes of distinct storages autograd saves for backward during one step,
+    parameters excluded (a Linear saves its weight too; that is not activation)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(imgs, noise)
+    return sum(seen.values())
+
+
+def measure_speedup(cfg: SpeedupConfig) -> dict[str, object]:
+    """Run the interleaved benchmark and return a JSON-ready report."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    size = {"img_size": cfg.img_size} if cfg.img_size else {}
+    mae = create_model(cfg.model, **size)
+    baseline = create_model(cfg.model, baseline=True, **size)
+    baseline.load_state_dict(mae.state_dict(), strict=False)  # same weights; baseline adds its mask token
+    variants, models = {}, {"mae": mae, "mask_token_baseline": baseline}
+    for name, model in models.items():
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        variants[name] = _make_step(model.to(device).train(), cfg, device)
+
+    mcfg = mae.cfg
+    imgs = torch.randn(cfg.batch, mcfg.in_chans, mcfg.img_size, mcfg.img_size, device=device)
+    noise_gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, int] = {name: 0 for name in variants}
+    for i in range(cfg.warmup + cfg.steps):
+        for name, step in variants.items():  # interleaved: A B A B ...
+            noise = torch.rand(cfg.batch, mcfg.num_patches, generator=noise_gen).to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _synchronize(device)
+            t0 = time.perf_counter()
+            step(imgs, noise)
+            _synchronize(device)
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+
+    noise = torch.rand(cfg.batch, mcfg.num_patches, generator=noise_gen).to(device)
+    peak = peak_flops_for(device, cfg.peak_flops)
+    results = {}
+    for name, step in variants.items():
+        flops = train_step_flops(mcfg, cfg.batch, cfg.mask_ratio, baseline=name != "mae")
+        median = statistics.median(times[name])
+        q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [median] * 3
+        results[name] = VariantResult(
+            name=name, step_times_s=times[name], median_s=median, p25_s=q[0], p75_s=q[2],
+            images_per_s=cfg.batch / median, train_flops_per_step=flops, achieved_flops=flops / median,
+            mfu=(flops / median / peak) if peak else None,
+            activation_bytes=saved_activation_bytes(step, imgs, noise, models[name]),
+            peak_memory_bytes=peaks[name] if device.type == "cuda" else None,
+        )
+    return {
+        "config": asdict(cfg),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": {k: asdict(v) for k, v in results.items()},
+        "measured_speedup": results["mask_token_baseline"].median_s / results["mae"].median_s,
+        "flop_ratio": encoder_speedup_flop_ratio(mcfg, cfg.mask_ratio),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def format_report(report: dict[str, object]) -> str:
+    cfg = report["config"]
+    lines = [
+        f"mae bench encoder: {cfg['model']} batch={cfg['batch']} dtype={cfg['dtype']} compile={cfg['compile']} "
+        f"device={report['device']} threads={report['threads']} steps={cfg['steps']} (+{cfg['warmup']} warm-up)",
+        f"{'variant':<22}{'median ms':>11}{'p25-p75 ms':>17}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'saved act MiB':>15}{'peak MiB':>10}",
+    ]
+    for r in report["results"].values():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        peak = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "-"
+        lines.append(
+            f"{r['name']:<22}{r['median_s'] * 1e3:>11.1f}{r['p25_s'] * 1e3:>8.1f}-{r['p75_s'] * 1e3:<8.1f}"
+            f"{r['images_per_s']:>9.1f}{r['achieved_flops'] / 1e12:>9.2f}{mfu:>7}"
+            f"{r['activation_bytes'] / 2**20:>15.1f}{peak:>10}"
+        )
+    lines.append(f"measured speedup (baseline / MAE step time): {report['measured_speedup']:.2f}x   "
+                 f"analytic FLOP ratio: {report['flop_ratio']:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,321 @@
+"""The pretraining loop: one ``Trainer`` per process, driven by ``train.pretrain``.
+
+Build (process group, metrics, loader, model, DeepSpeed engine, checkpoints), then
+``run``: epoch after epoch until ``total_steps`` or a stop signal, with one
+all-reduce per micro-step that agrees on the mean loss, a non-finite loss on any
+rank, and a stop signal on any rank — so every rank skips, saves and stops at the
+same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from infra.metrics import NullSink, install, sink
+from model.flops import encoder_speedup_flop_ratio, train_step_flops
+from model.registry import create_model, model_config
+from pipeline.loader import Batch, build_loader
+from train.checkpoint import CheckpointManager
+from train.config import RunConfig
+from train.engine import build_engine, device_for, init_distributed, set_lr
+from train.errors import NonFiniteLossError
+from train.recipe import Derived, derived, lr_at
+from train.speedup import peak_flops_for
+from train.step_metrics import EncoderTimer, record_memory
+
+log = logging.getLogger(__name__)
+FIXED_BATCH_SEED = 1234
+GAUGE_INTERVAL_S = 1.0
+
+
+@dataclass
+class RunResult:
+    step: int = 0
+    epoch: int = 0
+    stopped_by_signal: str | None = None
+    nonfinite_skipped: int = 0
+    images: int = 0
+    images_per_s: float = 0.0  # all ranks, over the whole run (first steps included)
+    peak_memory_bytes: int | None = None  # CUDA allocator peak on rank 0
+    mfu: float | None = None  # model FLOPs / peak bf16 FLOPs of the card, where known
+    wall_s: float = 0.0
+    data_wait_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    fixed_batch_loss: float | None = None  # loss on fixed_batch() at the end: export must reproduce it
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag the loop checks every step (all ranks agree on it
+    through the per-step all-reduce, so every rank saves at the same step)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step, then exiting", self.received)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def fixed_batch(cfg: RunConfig, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch and mask noise: the trained model's loss on it is recorded, and
+    an export of the checkpoint must give the same loss."""
+    g = torch.Generator().manual_seed(FIXED_BATCH_SEED)
+    mcfg = model_config(cfg.model.name, img_size=cfg.data.augment.img_size)
+    imgs = torch.randn(n, 3, mcfg.img_size, mcfg.img_size, generator=g)
+    return imgs, torch.rand(n, mcfg.num_patches, generator=g)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world = init_distributed(cfg.deepspeed)
+        self.device = device_for(self.local_rank)
+        torch.manual_seed(cfg.seed * 1000 + self.rank)
+        self.prometheus = self._start_metrics()  # before the loader: its workers inherit the sink
+        self.loader = build_loader(cfg.data, self.rank, self.world, device=self.device)
+        img_size = cfg.data.augment.img_size
+        model = create_model(cfg.model.name, img_size=img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+        model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        self.derived: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.batch_size)
+        self._measure_speedup()
+        self.engine = build_engine(cfg, model, self.derived.lr)
+        self.encoder_timer = EncoderTimer(self.engine.module, self.device)
+        self.forward = torch.compile(self.engine) if cfg.model.compile else self.engine
+        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.model.name, cfg.fingerprint(), self.rank, self.world)
+        self.metrics_file = None
+        if cfg.log.metrics_file and self.rank == 0:
+            Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = open(cfg.log.metrics_file, "a")
+        self.result = RunResult()
+        if self.rank == 0:
+            d = self.derived
+            log.info("world %d, global batch %d (micro %d x accum %d x world), lr %.3g (blr %.3g), "
+                     "%d steps/epoch, %d steps (%d warmup), ZeRO stage %d, %s",
+                     self.world, d.global_batch, cfg.data.batch_size, cfg.optim.accum_steps, d.lr,
+                     cfg.optim.blr, d.steps_per_epoch, d.total_steps, d.warmup_steps,
+                     cfg.deepspeed.stage, cfg.deepspeed.precision)
+
+    def _start_metrics(self):
+        m = self.cfg.metrics
+        if not m.enabled:
+            return None
+        from infra.prometheus_sink import PrometheusSink
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        prom = PrometheusSink(self.rank, self.local_rank, local_world, m.port_base, m.bind, m.multiproc_dir,
+                              backend=self.cfg.data.backend)
+        install(prom)
+        if m.file_sd_dir and self.local_rank == 0:
+            prom.write_file_sd(m.file_sd_dir, m.port_base)
+        mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.augment.img_size)
+        sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
+        return prom
+
+    def _measure_speedup(self) -> None:
+        """Time a few steps of MAE vs the mask-token baseline on this run's model,
+        micro-batch and device; export the ratio (the paper's Table 2, measured)."""
+        m = self.cfg.metrics
+        if not (m.measure_speedup if m.measure_speedup is not None else self.device.type == "cuda"):
+            return
+        from train.speedup import SpeedupConfig, measure_speedup
+
+        report = measure_speedup(SpeedupConfig(
+            model=self.cfg.model.name, batch=self.cfg.data.batch_size, steps=m.speedup_steps, warmup=1,
+            dtype="bf16" if self.cfg.deepspeed.precision == "bf16" else "fp32", device=str(self.device),
+            mask_ratio=self.cfg.model.mask_ratio, seed=self.cfg.seed, img_size=self.cfg.data.augment.img_size))
+        sink().set("mae_encoder_speedup_ratio", report["measured_speedup"])
+        if self.rank == 0:
+            log.info("encoder speedup on this run's model and device: %.2fx measured, %.2fx FLOP ratio",
+                     report["measured_speedup"], report["flop_ratio"])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        resumed = self.ckpt.resume(self.engine)
+        if resumed is None:
+            return
+        self.result.step = resumed.step
+        self.loader.load_state_dict(resumed.client_state["loader"])
+
+    def save(self) -> None:
+        state = {"step": self.result.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
+                 "config": json.dumps(self.cfg.to_dict()), "derived": json.dumps(asdict(self.derived))}
+        sink().observe("mae_checkpoint_save_duration_seconds", self.ckpt.save(self.engine, self.result.step, state))
+
+    def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
+        """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
+        value = loss.detach().float()
+        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
+        if self.world > 1:
+            dist.all_reduce(flags)
+        return flags[0].item() / self.world, flags[1].item() > 0, flags[2].item() > 0
+
+    def run(self, stop: StopSignal) -> RunResult:
+        """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
+        r = self.result
+        self.t_start = time.perf_counter()
+        self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
+        while r.step < self.derived.total_steps and r.stopped_by_signal is None:
+            with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
+                for batch, wait, t0 in _timed(it):
+                    if self._micro_step(batch, wait, t0, stop) or r.step >= self.derived.total_steps:
+                        break
+        r.epoch, r.wall_s = self.loader.epoch, time.perf_counter() - self.t_start
+        if r.losses:
+            self._record_step(r.losses[-1], force=True)
+        self._throughput()
+        if r.stopped_by_signal is None:
+            r.fixed_batch_loss = self.fixed_batch_loss()
+        return r
+
+    def _throughput(self) -> None:
+        r = self.result
+        r.images_per_s = r.images / max(r.wall_s, 1e-9)
+        if self.device.type == "cuda":
+            r.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+            peak = peak_flops_for(self.device, None)
+            mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.augment.img_size)
+            if peak:
+                per_image = train_step_flops(mcfg, 1, self.cfg.model.mask_ratio)
+                r.mfu = per_image * r.images_per_s / (peak * self.world)
+
+    def _micro_step(self, batch: Batch, wait: float, t0: float, stop: StopSignal) -> bool:
+        """Forward, agree across ranks, backward/step; returns True to stop now."""
+        cfg, r = self.cfg, self.result
+        set_lr(self.engine, lr_at(r.step, self.derived, cfg.optim.min_lr))
+        loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio)  # bf16: the engine autocasts
+        if self._micro in cfg.faults.inject_nonfinite_at:
+            loss = loss * float("nan")  # fault drill: a poisoned batch
+        self._micro += 1
+        mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
+        if nonfinite:  # every rank skips this micro-batch together: no update, no hang
+            r.nonfinite_skipped += 1
+            sink().inc("mae_nonfinite_steps_skipped_total")
+            self._in_a_row += 1
+            log.warning("non-finite loss at step %d (micro-step %d): update skipped (%d in a row)",
+                        r.step, self._micro - 1, self._in_a_row)
+            if self._in_a_row >= cfg.faults.max_nonfinite_in_row:
+                raise NonFiniteLossError(f"{self._in_a_row} non-finite losses in a row, the last at step {r.step}; "
+                                         "stopping with the last good checkpoint intact")
+            return False
+        self._in_a_row = 0
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        self.engine.step()
+        r.images += len(batch.keys) * self.world
+        r.data_wait_s += wait
+        self._window.append(mean_loss)
+        self._record_micro_step(len(batch.keys), wait, t0)
+        if not boundary:
+            return False
+        step_loss = sum(self._window) / len(self._window)  # mean over the accumulation window
+        self._window = []
+        r.step += 1
+        r.losses.append(step_loss)
+        self._log_step(step_loss, batch, wait, t0)
+        self._record_step(step_loss)
+        every = cfg.checkpoint.every_steps
+        saved = cfg.checkpoint.enabled and (r.step % every == 0 or r.step == self.derived.total_steps)
+        if saved:
+            self.save()
+        if stopping:  # a signal on any rank: all ranks save this same step and leave
+            r.stopped_by_signal = stop.received or "signal on another rank"
+            if not saved and cfg.checkpoint.enabled:
+                self.save()
+            return True
+        return False
+
+    def _record_micro_step(self, images: int, wait: float, t0: float) -> None:
+        sink().inc("mae_trainer_images_total", images)
+        sink().observe("mae_data_wait_seconds", wait)
+        sink().observe("mae_step_duration_seconds", time.perf_counter() - t0)
+        self.encoder_timer.flush()
+
+    def _record_step(self, loss: float, force: bool = False) -> None:
+        """Gauges, at most once a second (scrapes are 1-15 s apart) and at the end."""
+        now = time.perf_counter()
+        if not force and now - self._gauges_at < GAUGE_INTERVAL_S:
+            return
+        self._gauges_at = now
+        sink().set("mae_loss", loss)
+        sink().set("mae_learning_rate", lr_at(self.result.step - 1, self.derived, self.cfg.optim.min_lr))
+        sink().set("mae_step", self.result.step)
+        sink().set("mae_epoch", self.loader.epoch)
+        record_memory(self.device)
+
+    def _log_step(self, loss: float, batch: Batch, wait: float, t0: float) -> None:
+        r = self.result
+        ids = hashlib.sha1(batch.sample_ids.numpy().tobytes()).hexdigest()[:12]
+        lr = lr_at(r.step - 1, self.derived, self.cfg.optim.min_lr)
+        record = {"step": r.step, "loss": loss, "lr": lr, "epoch": self.loader.epoch,
+                  "step_time_s": time.perf_counter() - t0, "data_wait_s": wait, "ids": ids}
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.rank == 0 and (r.step % self.cfg.log.every_steps == 0 or r.step == 1):
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g data wait %.0f%%", r.step, self.derived.total_steps,
+                     self.loader.epoch, loss, lr, 100 * r.data_wait_s / max(1e-9, time.perf_counter() - self.t_start))
+
+    @torch.no_grad()
+    def fixed_batch_loss(self) -> float:
+        imgs, noise = fixed_batch(self.cfg)
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        loss, _, _ = self.engine(imgs.to(self.device), self.cfg.model.mask_ratio, noise.to(self.device))
+        module.train(was_training)
+        return float(loss)
+
+    def write_summary(self) -> None:
+        """``run_summary.json`` in the checkpoint dir (rank 0): the result, the last
+        losses and the derived values."""
+        if self.rank != 0:
+            return
+        r = self.result
+        summary = {**asdict(r), "losses": r.losses[-5:], "derived": asdict(self.derived)}
+        Path(self.cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.cfg.checkpoint.dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
+
+    def close(self) -> None:
+        self.encoder_timer.close()
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.prometheus is not None:
+            if self.cfg.metrics.linger_s > 0:  # let the last values be scraped
+                time.sleep(self.cfg.metrics.linger_s)
+            self.prometheus.close()
+            install(NullSink())
+
+
+def _timed(it):
+    """Yield (batch, seconds waited for it, time the wait started)."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0, t0
