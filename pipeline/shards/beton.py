@@ -32,9 +32,9 @@ from pipeline.images import ImagePolicy, load_pixels, open_image
 from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
 from pipeline.shards.tar_format import image_member, index_tar, label_of, read_members
 from pipeline.shards.writer import ShardWriterConfig, WriteSummary, write_shards
-from pipeline.storage.objects import put_bytes, put_file, sha256_file
+from pipeline.storage.objects import ObjectFolder, sha256_file
 from pipeline.storage.store import ShardStore
-from pipeline.storage.urls import filesystem, join
+from pipeline.storage.urls import join
 
 log = logging.getLogger(__name__)
 BETON_NAME = "dataset.beton"
@@ -75,10 +75,12 @@ class ValidatedSamples:
         with open(join(self.folder, name), "rb") as f:
             members = read_members(f, entry)
         img, _ = open_image(image_member(members), ImagePolicy(min_side=1, max_pixels=2**40))  # validated in pass 1
-        return np.asarray(load_pixels(img), dtype=np.uint8), label_of(members)
+        return np.asarray(load_pixels(img), dtype=np.uint8), label_of(members, len(self.manifest.classes))
 
 
 def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions) -> WriteSummary:
+    folder = ObjectFolder(dest, cfg.storage)
+    folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
     with tempfile.TemporaryDirectory(prefix="mae-beton-") as tmp:
         staging = opts.staging_dir or os.path.join(tmp, "validated")
         log.info("pass 1: validating images into %s", staging)
@@ -90,15 +92,13 @@ def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions)
         log.info("pass 2: FFCV writer, %d images -> %s", len(samples), BETON_NAME)
         run_ffcv_writer(staging, local, opts, len(samples))
         info = ShardInfo(BETON_NAME, len(samples), os.path.getsize(local), sha256_file(local))
-        fs, root = filesystem(dest, cfg.storage)
-        fs.makedirs(root, exist_ok=True)
-        put_file(fs, local, join(root, BETON_NAME), cfg.storage.retry)
-        put_bytes(fs, join(root, KEYS_NAME), ("\n".join(samples.keys()) + "\n").encode(), cfg.storage.retry)
+        folder.put_file(local, BETON_NAME)
+        folder.put_bytes(KEYS_NAME, ("\n".join(samples.keys()) + "\n").encode())
         options = {**cfg.options(), "format": "beton", "keys": KEYS_NAME, "jpeg_quality": opts.jpeg_quality,
                    "max_side": opts.max_side}
         manifest = ShardManifest(shards=[info], classes=summary.manifest.classes, rejects=summary.manifest.rejects,
                                  options=options)
-        put_bytes(fs, join(root, MANIFEST_NAME), manifest.to_json().encode(), cfg.storage.retry)
+        folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
     summary.manifest = manifest
     return summary
 

@@ -49,7 +49,7 @@ def test_console_script_is_installed():
 def test_a_typed_error_is_one_line_and_an_exit_code(tmp_path):
     out = _mae("inspect", str(tmp_path / "nothing-here"))
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("mae: error: manifest ")
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("mae: error: manifest.json at ")
     assert "Traceback" not in out.stderr
     out = _mae("pretrain", "--config", "tiny_cpu", "deepspeed.stage=9")
     assert out.returncode == 2 and "Traceback" not in out.stderr
