@@ -101,14 +101,17 @@ class ShardManifest:
         return _ManifestReader(where).read(doc)
 
 
+_NOTHING = object()  # fail(): no value to show
+
+
 class _ManifestReader:
     """Field-by-field validation of a parsed manifest document."""
 
     def __init__(self, where: str) -> None:
         self.where = where
 
-    def fail(self, key: str, requirement: str, value: Any = None) -> ManifestError:
-        shown = "" if value is None else f", got {_show(value)}"
+    def fail(self, key: str, requirement: str, value: Any = _NOTHING) -> ManifestError:
+        shown = "" if value is _NOTHING else f", got {_show(value)}"
         return ManifestError(f"{self.where}: {key} {requirement}{shown}")
 
     def read(self, doc: Any) -> ShardManifest:

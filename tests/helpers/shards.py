@@ -59,3 +59,17 @@ def numbered_shards(dest: Path, sizes: list[int], image_size=(64, 48)) -> ShardM
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def exif_oriented_jpeg(orientation: int, size=(96, 64), seed=0) -> bytes:
+    """A JPEG whose stored pixels are ``size`` (w, h) and whose EXIF orientation tag
+    says how to turn them upright (as a phone camera writes it). The left half is
+    dark and the right half bright, so a wrong turn shows."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+    arr[:, size[0] // 2:] += 180
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
