@@ -43,10 +43,12 @@ class SourceItem:
 
 
 @dataclass(frozen=True)
-class _Found:
-    rel: str
+class FoundImage:
+    """An image-named entry of a local folder (or a folder that could not be read)."""
+
+    rel: str  # relative to the folder walked, '/'-separated
     size: int
-    problem: str | None = None
+    problem: str | None = None  # one of LISTING_REASONS
 
 
 def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
@@ -62,8 +64,8 @@ def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], li
             raise SourceError(f"list file {redact(src)} is not UTF-8 text") from None
     if kind is None:
         raise SourceError(f"source {redact(src)} is neither a folder nor a list file")
-    found = _walk_local(path) if protocol == "file" else _find_remote(folder)
-    found = [f if f.problem or printable(f.rel) else _Found(_escaped(f.rel), f.size, "unsafe_name") for f in found]
+    found = walk_images(path) if protocol == "file" else _find_remote(folder)
+    found = [f if f.problem or printable(f.rel) else FoundImage(_escaped(f.rel), f.size, "unsafe_name") for f in found]
     files = [f for f in found if not f.problem]
     if not files:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {redact(src)}"
@@ -86,16 +88,17 @@ def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], li
                       "or one subfolder per class")
 
 
-def _find_remote(folder: ObjectFolder) -> list[_Found]:
+def _find_remote(folder: ObjectFolder) -> list[FoundImage]:
     found = folder.call("listing", lambda: folder.fs.find(folder.root, detail=True))
-    return [_Found(PurePosixPath(p).relative_to(folder.root).as_posix(), info["size"])
+    return [FoundImage(PurePosixPath(p).relative_to(folder.root).as_posix(), info["size"])
             for p, info in found.items() if is_image_name(p) and info.get("type", "file") == "file"]
 
 
-def _walk_local(root: str) -> list[_Found]:
-    """Image files under ``root``, following links to files and folders; a folder
-    already on the current path (a link loop) is not entered again."""
-    found: list[_Found] = []
+def walk_images(root: str) -> list[FoundImage]:
+    """Image-named entries under a local folder ``root``, following links to files and
+    folders; a folder already on the current path (a link loop) is not entered
+    again. What cannot be read as an image file carries its ``problem``."""
+    found: list[FoundImage] = []
     st = os.stat(root)
     stack = [(root, "", frozenset({(st.st_dev, st.st_ino)}))]
     while stack:
@@ -104,23 +107,23 @@ def _walk_local(root: str) -> list[_Found]:
             with os.scandir(folder) as it:
                 entries = list(it)
         except OSError:
-            found.append(_Found(rel or ".", -1, "unreadable"))
+            found.append(FoundImage(rel or ".", -1, "unreadable"))
             continue
         for entry in entries:
             name = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 st = os.stat(entry.path)  # follows links
             except OSError:
-                found.append(_Found(name, -1, "broken_link" if entry.is_symlink() else "unreadable"))
+                found.append(FoundImage(name, -1, "broken_link" if entry.is_symlink() else "unreadable"))
                 continue
             if stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key in ancestors:
-                    found.append(_Found(name, -1, "link_loop"))
+                    found.append(FoundImage(name, -1, "link_loop"))
                 else:
                     stack.append((entry.path, name, ancestors | {key}))
             elif is_image_name(entry.name):
-                found.append(_Found(name, st.st_size) if stat.S_ISREG(st.st_mode) else _Found(name, -1, "not_a_file"))
+                found.append(FoundImage(name, st.st_size) if stat.S_ISREG(st.st_mode) else FoundImage(name, -1, "not_a_file"))
     return found
 
 

@@ -73,3 +73,19 @@ def exif_oriented_jpeg(orientation: int, size=(96, 64), seed=0) -> bytes:
     out = io.BytesIO()
     Image.fromarray(arr).save(out, format="JPEG", quality=95, exif=exif.tobytes())
     return out.getvalue()
+
+
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small, valid PNG whose header claims ``width`` x ``height`` pixels: a
+    decompression bomb as far as any header check can tell."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
