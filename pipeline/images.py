@@ -30,6 +30,7 @@ MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grays
                 "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
 CONVERTIBLE_MODES = {"RGB", "RGBA", "P", "PA", "RGBX", "YCbCr"}
 ORIENTATION_TAG = 0x0112  # EXIF
+EXIF_SEARCH_BYTES = 2**17  # a JPEG's EXIF segment (APP1) comes first, before the image data
 # EXIF orientation -> the transpose that turns the stored pixels upright (as PIL's exif_transpose)
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -143,9 +144,19 @@ def orientation_transpose(img: Image.Image) -> Image.Transpose | None:
         return None
 
 
-def needs_turning(data: bytes, policy: ImagePolicy) -> bool:
-    """Whether an image's EXIF orientation says its stored pixels are not upright."""
-    return orientation_transpose(open_image(data, policy)[0]) is not None
+def _orientation_turns(img: Image.Image, data: bytes) -> bool:
+    if data[:2] == b"\xff\xd8" and b"Exif\x00\x00" not in data[:EXIF_SEARCH_BYTES]:
+        return False  # a JPEG without EXIF: nothing to parse
+    return orientation_transpose(img) is not None
+
+
+def check_image(data: bytes, policy: ImagePolicy) -> tuple[str | None, bool]:
+    """What the shard writer needs to know, from one full decode that proves the
+    image usable: (converted-from reason, whether its EXIF orientation turns it)."""
+    img, mode_reason = open_image(data, policy)
+    turns = _orientation_turns(img, data)
+    load_pixels(img)
+    return mode_reason, turns
 
 
 def reencode_jpeg(data: bytes, policy: ImagePolicy, max_side: int | None, quality: int,

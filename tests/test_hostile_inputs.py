@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from tests.helpers.cli import run_mae
 from tests.helpers.s3_faults import SilentEndpoint
-from tests.helpers.shards import bomb_png, exif_oriented_jpeg, jpeg_bytes, numbered_shards, write_raw_shards
+from tests.helpers.shards import (bomb_png, exif_oriented_jpeg, flip_a_byte, jpeg_bytes, numbered_shards,
+                                  write_raw_shards)
 
 from infra.net import free_port
 from pipeline.augment import AugmentConfig
@@ -160,12 +161,9 @@ def img(seed: int = 0) -> bytes:
     return jpeg_bytes((48, 40), seed=seed)
 
 
-def flip_a_byte(ws: Workspace) -> Path:
+def rotten_shard(ws: Workspace) -> Path:
     dataset(ws)
-    path = ws.ds / "shard-000000.tar"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 1
-    path.write_bytes(bytes(data))
+    flip_a_byte(ws.ds / "shard-000000.tar")
     return ws.ds
 
 
@@ -312,7 +310,7 @@ CASES = [
     error("keys file outside the dataset", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: d["options"].update(format="beton", keys="../../etc/passwd"))), "options.keys must be a relative"),
     # shards (`mae inspect --verify`)
-    error("shard with a flipped byte", lambda ws: inspect(ws, flip_a_byte),
+    error("shard with a flipped byte", lambda ws: inspect(ws, rotten_shard),
           r"shard shard-000000.tar at .*: checksum mismatch \(ChecksumMismatch", code=1),
     error("shard file missing", lambda ws: inspect(ws, lambda ws: (dataset(ws), (ws.ds / "shard-000000.tar").unlink(),
                                                                    ws.ds)[-1]), "shard shard-000000.tar at .*: not found"),

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from infra.options import option, require, require_positive
 from pipeline.errors import ObjectNotAccessible
-from pipeline.images import BadImage, ImagePolicy, needs_turning, reencode_jpeg, validate_image
+from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
 from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
 from pipeline.shards.sources import SourceItem, list_sources
 from pipeline.shards.tar_format import TarShardWriter
@@ -153,15 +153,14 @@ def _read_source(item: SourceItem, storage: StorageConfig) -> bytes:
 
 def _stored_image(data: bytes, item: SourceItem, cfg: ShardWriterConfig) -> tuple[bytes, str, list[str]]:
     """(bytes to store, extension, conversion reasons) of a source image; raises BadImage."""
-    turned = needs_turning(data, cfg.images)
-    if cfg.reencode or turned:
+    mode_reason, turns = check_image(data, cfg.images)
+    if cfg.reencode or turns:
         quality = cfg.jpeg_quality if cfg.reencode else UPRIGHT_QUALITY
         data = reencode_jpeg(data, cfg.images, cfg.max_side if cfg.reencode else None, quality, upright=True)
         ext = "jpg"
     else:
         ext = item.rel.rsplit(".", 1)[-1].lower()
-    _, _, mode_reason = validate_image(data, cfg.images)
-    return data, ext, [r for r in (mode_reason, "exif_orientation" if turned else None) if r]
+    return data, ext, [r for r in (mode_reason, "exif_orientation" if turns else None) if r]
 
 
 def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterConfig) -> dict:

@@ -89,3 +89,10 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
     crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
     data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
     return bytes(data)
+
+
+def flip_a_byte(path: Path) -> None:
+    """Bit rot: one bit of the file's middle byte flipped."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))

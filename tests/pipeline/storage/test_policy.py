@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tests.helpers.cli import run_mae
 from tests.helpers.s3_faults import SilentEndpoint
-from tests.helpers.shards import jpeg_bytes, numbered_shards
+from tests.helpers.shards import flip_a_byte, jpeg_bytes, numbered_shards
 
 from infra.net import free_port
 from pipeline.errors import ShardFetchError
@@ -148,10 +148,7 @@ def test_a_misspelled_bucket_is_an_error_and_never_created(src, s3_env, capsys):
 def test_a_local_checksum_mismatch_fails_without_retrying(tmp_path):
     """The issue's case: a corrupt local shard was read 8 times (12-67 s) before failing."""
     manifest = numbered_shards(tmp_path / "ds", [4])
-    path = tmp_path / "ds" / manifest.shards[0].name
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_a_byte(tmp_path / "ds" / manifest.shards[0].name)
     events = []
     store = ShardStore(str(tmp_path / "ds"), StorageConfig(), on_event=lambda name, n: events.append(name))
     with pytest.raises(ShardFetchError, match=r"shard shard-000000.tar at .*/ds: checksum mismatch \(ChecksumMismatch"):

@@ -30,7 +30,7 @@ def test_every_command_is_one_module_with_arguments_and_run():
     assert set(top) == {"shard", "inspect", "pretrain", "export", "reconstruct", "probe", "plan", "bench", "models",
                         "demo"}
     bench = next(a for a in top["bench"]._actions if a.dest == "bench").choices
-    assert set(bench) == {"train", "metrics", "encoder", "pipeline"}
+    assert set(bench) == {"train", "metrics", "encoder", "pipeline", "inputs"}
     for path, module, _ in COMMANDS:
         assert module.__name__ == "train.cli." + "_".join(path)
         assert callable(module.add_arguments) and callable(module.run)
