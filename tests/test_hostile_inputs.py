@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -318,6 +317,8 @@ CASES = [
           "unsafe member name '../evil.jpg'", code=1),
     error("tar member a symlink", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(
         ws, [member("x.jpg", kind=tarfile.SYMTYPE)])), "member 'x.jpg' is not a regular file", code=1),
+    error("tar member name with terminal escapes", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(
+        ws, [member("\x1b]0;owned\x07.jpg")])), r"unsafe member name .* \(control characters\)", code=1),
     error("tar cut short", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(ws, [member("x.jpg", 5000)], cut=2048)),
           "truncated", code=1),
     error("sample count off", lambda ws: inspect(ws, lambda ws: edit_manifest(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
+from infra.options import option, require, require_positive, require_positive_or_none, require_text
 from pipeline.errors import BetonWriteError
 from pipeline.images import ImagePolicy, load_pixels, open_image
 from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
@@ -44,12 +45,18 @@ STARTUP_GRACE_S = 120.0  # importing ffcv and starting its workers, before the f
 
 @dataclass(frozen=True)
 class BetonOptions:
-    jpeg_quality: int = 90  # FFCV stores its own re-encoded JPEGs
-    max_side: int | None = None  # FFCV max_resolution: shrink the longer side to this
-    workers: int = 1
-    stall_timeout_s: float = 300.0  # the .beton has not grown for this long: the writer hung
-    timeout_s: float | None = None  # whole write
-    staging_dir: str | None = None  # pass-1 tar shards (default: a temporary folder)
+    jpeg_quality: int = option(90, "FFCV stores its own re-encoded JPEGs at this quality")
+    max_side: int | None = option(None, "FFCV max_resolution: shrink the longer side to this")
+    workers: int = option(1, "FFCV writer processes")
+    stall_timeout_s: float = option(300.0, "the .beton has not grown for this long: the writer hung")
+    timeout_s: float | None = option(None, "the whole write (None: no limit)")
+    staging_dir: str | None = option(None, "pass-1 tar shards (default: a temporary folder)")
+
+    def __post_init__(self) -> None:
+        require(1 <= self.jpeg_quality <= 100, "jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}")
+        require_positive(self, "workers", "stall_timeout_s")
+        require_positive_or_none(self, "max_side", "timeout_s")
+        require_text(self, "staging_dir")
 
 
 class ValidatedSamples:

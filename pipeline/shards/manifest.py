@@ -128,7 +128,8 @@ class _ManifestReader:
         known = {"format", "version", "total_samples", "total_bytes", "classes", "shards", "rejects", "options"}
         self.no_unknown_keys(doc, known, "the manifest")
         manifest = ShardManifest(shards=self.shards(doc), classes=self.classes(doc.get("classes", [])),
-                                 rejects=self.rejects(doc.get("rejects", [])), options=self.options(doc.get("options", {})))
+                                 rejects=self.rejects(doc.get("rejects", [])),
+                                 options=self.options(doc.get("options", {})))
         for key, actual in (("total_samples", manifest.total_samples), ("total_bytes", manifest.total_bytes)):
             if doc.get(key) != actual or isinstance(doc.get(key), bool):
                 raise self.fail(key, f"must equal the sum over shards ({actual})", doc.get(key))

@@ -122,8 +122,10 @@ def walk_images(root: str) -> list[FoundImage]:
                     found.append(FoundImage(name, -1, "link_loop"))
                 else:
                     stack.append((entry.path, name, ancestors | {key}))
+            elif is_image_name(entry.name) and stat.S_ISREG(st.st_mode):
+                found.append(FoundImage(name, st.st_size))
             elif is_image_name(entry.name):
-                found.append(FoundImage(name, st.st_size) if stat.S_ISREG(st.st_mode) else FoundImage(name, -1, "not_a_file"))
+                found.append(FoundImage(name, -1, "not_a_file"))
     return found
 
 

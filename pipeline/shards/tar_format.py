@@ -2,8 +2,9 @@
 
 A sample is the group of consecutive members sharing a key: ``<key>.jpg``,
 ``<key>.cls``, ``<key>.json``. Member names are untrusted: absolute paths, ``..``
-components, links and device files are refused, so nothing a shard holds can
-escape its directory if extracted. A truncated tar is reported, never hung on.
+components, control characters, links and device files are refused, so nothing a
+shard holds can escape its directory if extracted or rewrite a terminal it is
+logged to. A truncated tar is reported, never hung on.
 A key that appears again later in the tar (or a member repeated within a
 sample) starts a new sample under a new key, ``<key>#2``: nothing is lost or
 overwritten, and the renaming is reported (``SampleIndex.renamed_from``).
@@ -22,6 +23,7 @@ from typing import BinaryIO
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import IMAGE_EXTENSIONS, BadImage
+from pipeline.shards.manifest import printable
 
 @dataclass(frozen=True)
 class SampleIndex:
@@ -37,6 +39,8 @@ def split_member_name(name: str, shard: str) -> tuple[str, str]:
     path = PurePosixPath(name)
     if name.startswith("/") or path.is_absolute() or ".." in path.parts or "\\" in name or not name:
         raise ShardFormatError(f"{shard}: unsafe member name {name!r} (absolute or escapes the shard)")
+    if not printable(name):  # keys reach logs and terminals
+        raise ShardFormatError(f"{shard}: unsafe member name {name!r} (control characters)")
     base = path.name
     if "." not in base:
         raise ShardFormatError(f"{shard}: member {name!r} has no extension; expected <key>.<ext>")

@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pipeline.errors import ObjectNotAccessible, ShardFetchError
 from pipeline.storage.config import RetryPolicy
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "requests", "gcsfs")
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError"}
-_INVALID_REQUEST_ERRORS = {"ParamValidationError", "InvalidS3AddressingStyleError", "NoRegionError", "InvalidRegionError"}
+_INVALID_REQUEST_ERRORS = {"ParamValidationError", "InvalidS3AddressingStyleError", "NoRegionError",
+                           "InvalidRegionError"}
 # s3fs turns S3 error codes into OSError errnos; these do not change on a retry
 _PERMANENT_ERRNOS = {errno.EINVAL: "the server rejected the request as invalid",
                      errno.EPERM: "the server does not allow this request",

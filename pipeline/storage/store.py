@@ -84,7 +84,8 @@ class ShardStore:
                  on_event: Callable[[str, int], None] | None = None) -> None:
         self._on_event = on_event or _to_metrics
         self.folder = ObjectFolder(url, config, self._on_event)
-        self.url, self.config, self.root, self.local = self.folder.url, self.folder.storage, self.folder.root, self.folder.local
+        self.url, self.config = self.folder.url, self.folder.storage
+        self.root, self.local = self.folder.root, self.folder.local
         self._verified: set[str] = set()
         self._partial: dict[str, _PartialShard] = {}  # downloads interrupted by a retryable error
         self._mismatch: dict[str, str] = {}  # sha256 -> digest of the last wrong download

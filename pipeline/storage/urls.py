@@ -29,7 +29,8 @@ def is_local(url: str) -> bool:
     return split_url(url)[0] == "file"
 
 
-def filesystem(url: str, config: StorageConfig | None = None, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str, config: StorageConfig | None = None,
+               fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a URL and the path within it. ``fresh`` skips
     fsspec's instance cache (needed after fork: s3fs's event loop is not fork-safe)."""
     config = config or StorageConfig()

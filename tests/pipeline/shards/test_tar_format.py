@@ -31,7 +31,7 @@ def test_samples_group_members_by_key_in_order():
     assert samples == [("000_a", {"jpg": b"A" * 10, "cls": b"3"}), ("001_b", {"png": b"B" * 5})]
 
 
-@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/passwd.jpg", "a/../../b.jpg", "x\\..\\y.jpg"])
+@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/passwd.jpg", "a/../../b.jpg", "x\\..\\y.jpg", "\x1b[2J.jpg"])
 def test_members_escaping_the_directory_are_rejected(name):
     with pytest.raises(ShardFormatError, match="unsafe member name"):
         index_tar(_tar_with([(name, b"x")]), "evil.tar")
