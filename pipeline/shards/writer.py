@@ -226,10 +226,10 @@ def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
 
 def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
     """Shard ``src`` into ``dest``; resumable and safe to interrupt."""
+    folder = ObjectFolder(dest, cfg.storage)
+    folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
     items, classes = list_sources(src, cfg.storage)
     jobs = plan_shards(items, cfg)
-    folder = ObjectFolder(dest, cfg.storage)
-    folder.prepare(cfg.create_bucket)
     records: dict[int, dict] = {}
     todo = []
     for job in jobs:
