@@ -9,6 +9,7 @@ naming the field; the YAML loader prefixes the section path (``data.plan.seed``)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,10 @@ def require(ok: bool, field: str, requirement: str) -> None:
 
 
 def require_positive(obj: object, *names: str) -> None:
+    """Each named field is a finite number above zero."""
     for name in names:
         value = getattr(obj, name)
-        require(value > 0, name, f"must be positive, got {value}")
+        require(math.isfinite(value) and value > 0, name, f"must be positive, got {value}")
 
 
 def require_choice(obj: object, name: str, choices: tuple[str, ...] | list[str]) -> None:
@@ -56,3 +58,25 @@ def require_fraction(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         require(0 <= value <= 1, name, f"must be in [0, 1], got {value}")
+
+
+def require_non_negative(obj: object, *names: str) -> None:
+    """Each named field is a finite number, zero or more."""
+    for name in names:
+        value = getattr(obj, name)
+        require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
+
+
+def require_positive_or_none(obj: object, *names: str) -> None:
+    """Each named field is unset (None) or a finite number above zero."""
+    for name in names:
+        if getattr(obj, name) is not None:
+            require_positive(obj, name)
+
+
+def require_text(obj: object, *names: str) -> None:
+    """Each named field is a non-empty string (None allowed where the field is optional)."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value is None or (isinstance(value, str) and value.strip() != ""), name,
+                f"must not be empty, got {value!r}")

@@ -38,8 +38,10 @@ class AugmentConfig:
                 f"must be [lo, hi] with 0 < lo <= hi, got {list(self.ratio)}")
         require(self.img_size > 0, "img_size", f"must be positive, got {self.img_size}")
         require(0 <= self.flip_prob <= 1, "flip_prob", f"must be in [0, 1], got {self.flip_prob}")
-        require(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "std",
-                "mean and std must be three numbers each, std positive")
+        require(len(self.mean) == 3 and all(0 <= m <= 1 for m in self.mean), "mean",
+                f"must be three numbers in [0, 1] (pixels scaled to 0-1), got {list(self.mean)}")
+        require(len(self.std) == 3 and all(0 < s <= 1 for s in self.std), "std",
+                f"must be three numbers in (0, 1], got {list(self.std)}")
 
 
 class Normalizer:

@@ -3,6 +3,12 @@
 Every image is judged once by the same rules: at write time (so bad files never
 reach a shard) and again at read time (shards from elsewhere, bit rot). A bad image
 gets a short, stable *reason* used in logs, manifests and metrics labels.
+
+EXIF orientation has one meaning everywhere: the shard writer applies it (the
+image is re-encoded upright, without the tag, and counted as an
+``exif_orientation`` conversion), and every decode backend reads the pixels as
+stored. A shard written elsewhere that still carries the tag is therefore read
+the same way by ``cpu``, ``dali`` and ``ffcv`` — never counted corrupt.
 """
 
 from __future__ import annotations
@@ -19,10 +25,16 @@ from infra.options import option, require_choice, require_positive
 # Reasons an image is rejected. Mode reasons (cmyk, grayscale, 16bit) only reject
 # under ``mode_policy='skip'``; by default those images are converted to RGB.
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small",
-           "cmyk", "grayscale", "16bit", "unsupported_mode", "decode_failed")
+           "cmyk", "grayscale", "16bit", "unsupported_mode", "decode_failed", "bad_label")
 MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grayscale",
                 "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
 CONVERTIBLE_MODES = {"RGB", "RGBA", "P", "PA", "RGBX", "YCbCr"}
+ORIENTATION_TAG = 0x0112  # EXIF
+EXIF_SEARCH_BYTES = 2**17  # a JPEG's EXIF segment (APP1) comes first, before the image data
+# EXIF orientation -> the transpose that turns the stored pixels upright (as PIL's exif_transpose)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 # File extensions read as images: by the shard writer's source listing, inside
 # shards (a sample's image member), and by `mae reconstruct` on a folder.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -123,12 +135,41 @@ def validate_image(data: bytes, policy: ImagePolicy) -> tuple[int, int, str | No
     return rgb.size[0], rgb.size[1], mode_reason
 
 
-def reencode_jpeg(data: bytes, policy: ImagePolicy, max_side: int | None, quality: int) -> bytes:
-    """Decode, shrink so the longer side is at most ``max_side``, re-encode as RGB JPEG."""
+def orientation_transpose(img: Image.Image) -> Image.Transpose | None:
+    """How to turn ``img`` upright as its EXIF orientation tag says (None: stored upright,
+    no tag, or EXIF that cannot be read)."""
+    try:
+        return UPRIGHT.get(img.getexif().get(ORIENTATION_TAG))
+    except Exception:  # noqa: BLE001 - malformed EXIF is not a reason to lose the image
+        return None
+
+
+def _orientation_turns(img: Image.Image, data: bytes) -> bool:
+    if data[:2] == b"\xff\xd8" and b"Exif\x00\x00" not in data[:EXIF_SEARCH_BYTES]:
+        return False  # a JPEG without EXIF: nothing to parse
+    return orientation_transpose(img) is not None
+
+
+def check_image(data: bytes, policy: ImagePolicy) -> tuple[str | None, bool]:
+    """What the shard writer needs to know, from one full decode that proves the
+    image usable: (converted-from reason, whether its EXIF orientation turns it)."""
+    img, mode_reason = open_image(data, policy)
+    turns = _orientation_turns(img, data)
+    load_pixels(img)
+    return mode_reason, turns
+
+
+def reencode_jpeg(data: bytes, policy: ImagePolicy, max_side: int | None, quality: int,
+                  upright: bool = False) -> bytes:
+    """Decode, shrink so the longer side is at most ``max_side``, re-encode as RGB JPEG
+    (no EXIF). ``upright``: first turn the pixels as the EXIF orientation says."""
     img, _ = open_image(data, policy)
+    turn = orientation_transpose(img) if upright else None
     if max_side:
         img.draft("RGB", (max_side, max_side))
     rgb = load_pixels(img)
+    if turn is not None:
+        rgb = rgb.transpose(turn)
     if max_side and max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))), Image.BICUBIC)

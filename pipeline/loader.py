@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from infra.options import option, require, require_choice, require_fraction, require_positive
+from infra.options import option, require, require_choice, require_fraction, require_positive, require_text
 from pipeline.augment import AugmentConfig
 from pipeline.images import ImagePolicy
 from pipeline.plan import PlanConfig
@@ -69,6 +69,7 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         require(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        require_text(self, "url")
         require_positive(self, "batch_size")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require_fraction(self, "max_corrupt_fraction")

@@ -40,6 +40,7 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         require_choice(self, "uneven", UNEVEN_POLICIES)
+        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
         require(self.window_shards >= 1, "window_shards", f"must be >= 1, got {self.window_shards}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from typing import Any
 
 import yaml
 
-from infra.options import OptionError, doc_of, option, require, require_choice, require_positive
-from model.registry import list_models
+from infra.options import (OptionError, doc_of, option, require, require_choice, require_non_negative,
+                           require_positive, require_positive_or_none, require_text)
+from model.mae import num_visible_patches
+from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
 from train.errors import ConfigError
 
@@ -39,7 +42,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require_choice(self, "name", list_models())
-        require(0 <= self.mask_ratio < 1, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
+        require(0 < self.mask_ratio < 1, "mask_ratio", f"must be in (0, 1) (0 masks nothing: no loss), "
+                                                        f"got {self.mask_ratio}")
 
 
 @dataclass
@@ -54,6 +58,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "blr", "accum_steps")
+        require_positive_or_none(self, "lr", "grad_clip")
+        require_non_negative(self, "min_lr", "weight_decay")
         self.betas = tuple(self.betas)  # YAML gives a list
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
                 f"must be two numbers in [0, 1), got {list(self.betas)}")
@@ -67,7 +73,8 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "epochs")
-        require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        require_non_negative(self, "warmup_epochs")
+        require_positive_or_none(self, "max_steps")
 
 
 @dataclass
@@ -96,6 +103,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "every_steps", "keep_last")
+        require_text(self, "dir")
 
 
 @dataclass
@@ -104,11 +112,21 @@ class FaultConfig:
     inject_nonfinite_at: tuple[int, ...] = option((), "drill: make these micro-steps' loss non-finite "
                                                       "(0-based, this process)")
 
+    def __post_init__(self) -> None:
+        require_positive(self, "max_nonfinite_in_row")
+        self.inject_nonfinite_at = tuple(self.inject_nonfinite_at)
+        require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.inject_nonfinite_at),
+                "inject_nonfinite_at", f"must be micro-step numbers >= 0, got {list(self.inject_nonfinite_at)}")
+
 
 @dataclass
 class LogConfig:
     every_steps: int = option(10, "optimizer steps between log lines")
     metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "every_steps")
+        require_text(self, "metrics_file")
 
 
 @dataclass
@@ -125,6 +143,8 @@ class MetricsConfig:
     def __post_init__(self) -> None:
         require(1 <= self.port_base <= 65535, "port_base", f"must be a TCP port, got {self.port_base}")
         require_positive(self, "speedup_steps")
+        require_non_negative(self, "linger_s")
+        require_text(self, "bind", "multiproc_dir", "file_sd_dir")
 
 
 @dataclass
@@ -139,6 +159,17 @@ class RunConfig:
     log: LogConfig = option(factory=LogConfig)
     metrics: MetricsConfig = option(factory=MetricsConfig)
     seed: int = option(0, "model init and mask noise")
+
+    def __post_init__(self) -> None:
+        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        try:
+            mcfg = model_config(self.model.name, img_size=self.data.augment.img_size)
+        except ValueError as e:
+            raise OptionError("data.augment.img_size", f"does not fit {self.model.name}: {e}") from None
+        visible = num_visible_patches(mcfg.num_patches, self.model.mask_ratio)
+        require(1 <= visible < mcfg.num_patches, "model.mask_ratio",
+                f"{self.model.mask_ratio} keeps {visible} of the {mcfg.num_patches} patches of {self.model.name} at "
+                f"{mcfg.img_size} px; at least one must be visible and one masked")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,28 +210,36 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check a YAML value against a field's type; ints become floats where asked."""
+    """Check a YAML value against a field's type; ints become floats where asked,
+    floats must be finite, tuples are checked element by element."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for opt in options:
         if opt is type(None) and value is None:
             return None
         base = typing.get_origin(opt) or opt
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if base is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            number = _float_or_none(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            if number is not None and not math.isfinite(number):
+                raise ConfigError(f"{key} = {value!r} is not a finite number")
+            if number is not None:
+                return number
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, dict) and isinstance(value, base):
             return value
         if base in (tuple, list) and isinstance(value, (list, tuple)):
-            return tuple(value)
+            item = (typing.get_args(opt) or (Any,))[0]
+            return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
         if opt is Any:
             return value
     raise ConfigError(f"{key} = {value!r} does not fit type {hint}")
+
+
+def _float_or_none(value: int | float | str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

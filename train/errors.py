@@ -4,6 +4,9 @@ exit codes (``exit_code``: 2 for input the user can fix, 1 for a failure at run 
 
 from __future__ import annotations
 
+from infra.options import OptionError
+from pipeline.errors import PipelineError
+
 
 class TrainError(Exception):
     """Base of every error ``train`` raises on purpose."""
@@ -37,3 +40,15 @@ class EvalInputError(TrainError):
     """Evaluation input that cannot be used (no labels, no images, encoder-only weights)."""
 
     exit_code = 2
+
+
+def reported_errors() -> tuple[type[BaseException], ...]:
+    """What an entry point reports as one line and an exit code, never a traceback:
+    the typed errors, a config value out of range, a missing optional library, the
+    OS refusing a path. Anything else is a bug and keeps its traceback."""
+    return (TrainError, PipelineError, OptionError, ImportError, OSError)
+
+
+def exit_code_of(error: BaseException) -> int:
+    """The typed error's own code; 2 (input the user can fix) for the others."""
+    return getattr(error, "exit_code", 2)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infra.options import option, require, require_choice, require_positive
 from model.flops import encoder_speedup_flop_ratio
 from model.mae import MAEConfig, num_visible_patches
 from model.registry import create_model, list_models
@@ -29,14 +30,20 @@ BYTES_PER_TOKEN_DIM = {"bf16": 36, "fp32": 64}
 
 @dataclass(frozen=True)
 class PlanRequest:
-    model: str = "mae_vit_huge_patch14"
-    gpus: int = 8  # per node
-    nodes: int = 1
-    micro_batch: int = 32
-    gpu_mem_gib: float = 80.0
-    img_size: int = 224
-    mask_ratio: float = 0.75
-    dtype: str = "bf16"
+    model: str = option("mae_vit_huge_patch14", "registered model")
+    gpus: int = option(8, "GPUs per node")
+    nodes: int = option(1, "nodes")
+    micro_batch: int = option(32, "samples per GPU per micro-step")
+    gpu_mem_gib: float = option(80.0, "memory of one GPU, GiB")
+    img_size: int = option(224, "input side")
+    mask_ratio: float = option(0.75, "fraction of patches hidden from the encoder")
+    dtype: str = option("bf16", "activation dtype")
+
+    def __post_init__(self) -> None:
+        require_choice(self, "model", list_models())
+        require_positive(self, "gpus", "nodes", "micro_batch", "gpu_mem_gib", "img_size")
+        require(0 < self.mask_ratio < 1, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        require_choice(self, "dtype", tuple(BYTES_PER_TOKEN_DIM))
 
 
 def count_params(name: str, img_size: int) -> tuple[int, int]:

@@ -17,9 +17,9 @@ import logging
 import os
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.storage.redact import describe, redact_logs
 from train.config import RunConfig, load_config
-from train.errors import TrainError
+from train.errors import exit_code_of, reported_errors
 from train.trainer import RunResult, StopSignal, Trainer
 
 log = logging.getLogger("train.pretrain")
@@ -49,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    redact_logs()
     try:
         result = pretrain(load_config(args.config, args.overrides))
-    except (TrainError, PipelineError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return e.exit_code
+    except reported_errors() as e:
+        log.error("%s", describe(e))
+        return exit_code_of(e)
     if result.stopped_by_signal:
         log.warning("stopped by %s at step %d after saving a checkpoint", result.stopped_by_signal, result.step)
     return 0

@@ -36,6 +36,7 @@ class _RankEpoch(IterableDataset):
 
     def __init__(self, loader: CpuLoader, ids: np.ndarray, epoch: int) -> None:
         self.loader, self.config, self.epoch, self.ids = loader, loader.config, epoch, ids
+        self.classes = len(loader.manifest.classes)
 
     def __iter__(self) -> Iterator[DecodedBatch]:
         info = get_worker_info()
@@ -49,6 +50,7 @@ class _RankEpoch(IterableDataset):
         images, labels, keys, kept, skips, converted = [], [], [], [], [], []
         for gid, name, members in samples:
             try:
+                label = label_of(members, self.classes)
                 data = image_member(members)
                 arr, mode_reason = decode_crop(data, cfg.images, cfg.augment, sample_rng(cfg.plan.seed, self.epoch, gid))
             except BadImage as e:
@@ -57,7 +59,7 @@ class _RankEpoch(IterableDataset):
             if mode_reason:
                 converted.append(mode_reason)
             images.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
-            labels.append(label_of(members))
+            labels.append(label)
             keys.append(name)
             kept.append(gid)
         S = cfg.augment.img_size

@@ -18,6 +18,10 @@ not change when a run resumes or a pipeline is rebuilt after a bad sample.
 ``fn.random.coin_flip`` with DALI's own RNG instead (same distribution, but a
 resume or rebuild draws new crops).
 
+EXIF orientation: not applied (``adjust_orientation=False``). The shard writer
+turns images upright; like the ``cpu`` backend, DALI reads stored pixels, so a
+crop box computed from the stored size always fits.
+
 Corrupt samples: DALI cannot skip one — a decode error kills the pipeline. So
 (1) bytes are checked before they reach DALI: JPEG header parses, size within
 the policy, end-of-image marker present; other formats and CMYK are re-encoded
@@ -123,6 +127,7 @@ class DaliLoader(PlannedLoader):
     def _pipeline(self, source: Callable[[], tuple], batch_size: int, pipelined: bool = True):
         cfg, aug = self.config, self.config.augment
         decode = {"device": "mixed", "hw_decoder_load": cfg.dali.hw_decoder_load} if self.gpu else {"device": "cpu"}
+        decode["adjust_orientation"] = False  # pixels as stored, as every backend (pipeline.images); boxes fit them
         S = aug.img_size
         if cfg.normalize:
             norm = {"dtype": DALI_OUT_DTYPES[self.dtype], "mean": [m * 255 for m in aug.mean],
@@ -158,6 +163,7 @@ class DaliLoader(PlannedLoader):
             out = _Prepared(planned=len(batch_ids))
             for gid, name, members in samples:
                 try:
+                    label = label_of(members, len(self.manifest.classes))
                     data, width, height, mode_reason = decoder_ready_jpeg(image_member(members), cfg.images)
                 except BadImage as e:
                     out.skips.append((name, e.reason))
@@ -168,7 +174,7 @@ class DaliLoader(PlannedLoader):
                 out.data.append(np.frombuffer(data, dtype=np.uint8))
                 out.boxes.append(box)
                 out.flips.append(flip)
-                out.labels.append(label_of(members))
+                out.labels.append(label)
                 out.keys.append(name)
                 out.ids.append(gid)
             yield out

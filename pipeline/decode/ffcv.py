@@ -28,7 +28,6 @@ import torch
 from infra.metrics import sink
 from pipeline.decode.base import DecodedBatch, PlannedLoader
 from pipeline.errors import ManifestError
-from pipeline.storage.urls import join
 
 _threads = torch.get_num_threads()
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
@@ -48,7 +47,7 @@ class FfcvLoader(PlannedLoader):
     def __init__(self, config, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(config, rank, world_size, device)
         keys_name = self.manifest.options.get("keys")
-        text = self.store.fs.cat_file(join(self.store.root, keys_name)).decode() if keys_name else ""
+        text = self.store.read_object(keys_name).decode("utf-8", "replace") if keys_name else ""
         self.keys = text.splitlines()
         if len(self.keys) != self.manifest.total_samples:
             raise ManifestError(f"{config.url}: {keys_name} lists {len(self.keys)} keys for "

@@ -8,6 +8,7 @@ prefetches the next ones in threads.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
@@ -21,6 +22,8 @@ from pipeline.storage.store import ShardStore
 
 if TYPE_CHECKING:
     from pipeline.decode.base import PlannedLoader
+
+log = logging.getLogger(__name__)
 
 
 class ShardReader:
@@ -58,6 +61,10 @@ class ShardReader:
         if len(samples) != info.samples:
             f.close()
             raise ShardFormatError(f"{info.name}: {len(samples)} samples in the tar, manifest says {info.samples}")
+        renamed = [s for s in samples if s.renamed_from]
+        if renamed:
+            log.warning("%s: %d samples repeat an earlier key and are read under new keys (first: %s -> %s)",
+                        info.name, len(renamed), renamed[0].renamed_from, renamed[0].key)
         self._open[shard] = (f, samples)
         while len(self._open) > self.keep_open:
             _, (old, _) = self._open.popitem(last=False)

@@ -27,14 +27,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
+from infra.options import option, require, require_positive, require_positive_or_none, require_text
 from pipeline.errors import BetonWriteError
 from pipeline.images import ImagePolicy, load_pixels, open_image
 from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
 from pipeline.shards.tar_format import image_member, index_tar, label_of, read_members
 from pipeline.shards.writer import ShardWriterConfig, WriteSummary, write_shards
-from pipeline.storage.objects import put_bytes, put_file, sha256_file
+from pipeline.storage.objects import ObjectFolder, sha256_file
 from pipeline.storage.store import ShardStore
-from pipeline.storage.urls import filesystem, join
+from pipeline.storage.urls import join
 
 log = logging.getLogger(__name__)
 BETON_NAME = "dataset.beton"
@@ -44,12 +45,18 @@ STARTUP_GRACE_S = 120.0  # importing ffcv and starting its workers, before the f
 
 @dataclass(frozen=True)
 class BetonOptions:
-    jpeg_quality: int = 90  # FFCV stores its own re-encoded JPEGs
-    max_side: int | None = None  # FFCV max_resolution: shrink the longer side to this
-    workers: int = 1
-    stall_timeout_s: float = 300.0  # the .beton has not grown for this long: the writer hung
-    timeout_s: float | None = None  # whole write
-    staging_dir: str | None = None  # pass-1 tar shards (default: a temporary folder)
+    jpeg_quality: int = option(90, "FFCV stores its own re-encoded JPEGs at this quality")
+    max_side: int | None = option(None, "FFCV max_resolution: shrink the longer side to this")
+    workers: int = option(1, "FFCV writer processes")
+    stall_timeout_s: float = option(300.0, "the .beton has not grown for this long: the writer hung")
+    timeout_s: float | None = option(None, "the whole write (None: no limit)")
+    staging_dir: str | None = option(None, "pass-1 tar shards (default: a temporary folder)")
+
+    def __post_init__(self) -> None:
+        require(1 <= self.jpeg_quality <= 100, "jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}")
+        require_positive(self, "workers", "stall_timeout_s")
+        require_positive_or_none(self, "max_side", "timeout_s")
+        require_text(self, "staging_dir")
 
 
 class ValidatedSamples:
@@ -75,10 +82,12 @@ class ValidatedSamples:
         with open(join(self.folder, name), "rb") as f:
             members = read_members(f, entry)
         img, _ = open_image(image_member(members), ImagePolicy(min_side=1, max_pixels=2**40))  # validated in pass 1
-        return np.asarray(load_pixels(img), dtype=np.uint8), label_of(members)
+        return np.asarray(load_pixels(img), dtype=np.uint8), label_of(members, len(self.manifest.classes))
 
 
 def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions) -> WriteSummary:
+    folder = ObjectFolder(dest, cfg.storage)
+    folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
     with tempfile.TemporaryDirectory(prefix="mae-beton-") as tmp:
         staging = opts.staging_dir or os.path.join(tmp, "validated")
         log.info("pass 1: validating images into %s", staging)
@@ -90,15 +99,13 @@ def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions)
         log.info("pass 2: FFCV writer, %d images -> %s", len(samples), BETON_NAME)
         run_ffcv_writer(staging, local, opts, len(samples))
         info = ShardInfo(BETON_NAME, len(samples), os.path.getsize(local), sha256_file(local))
-        fs, root = filesystem(dest, cfg.storage)
-        fs.makedirs(root, exist_ok=True)
-        put_file(fs, local, join(root, BETON_NAME), cfg.storage.retry)
-        put_bytes(fs, join(root, KEYS_NAME), ("\n".join(samples.keys()) + "\n").encode(), cfg.storage.retry)
+        folder.put_file(local, BETON_NAME)
+        folder.put_bytes(KEYS_NAME, ("\n".join(samples.keys()) + "\n").encode())
         options = {**cfg.options(), "format": "beton", "keys": KEYS_NAME, "jpeg_quality": opts.jpeg_quality,
                    "max_side": opts.max_side}
         manifest = ShardManifest(shards=[info], classes=summary.manifest.classes, rejects=summary.manifest.rejects,
                                  options=options)
-        put_bytes(fs, join(root, MANIFEST_NAME), manifest.to_json().encode(), cfg.storage.retry)
+        folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
     summary.manifest = manifest
     return summary
 

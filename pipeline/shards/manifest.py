@@ -2,18 +2,35 @@
 
 Written last and atomically by the writer, so a manifest never points at a shard
 that is not fully written. Versioned; readers refuse versions they do not know.
+
+A manifest from elsewhere is untrusted input: ``from_json`` checks every field
+(types, ranges, names, hashes, counts) and raises one ``ManifestError`` naming
+the first field that is wrong. Shard names stay inside the dataset (relative,
+no ``..``), and sha256 values are exactly 64 lowercase hex digits, since cache
+paths are made from them.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from pipeline.errors import ManifestError
+from pipeline.storage.objects import is_sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "maescale-shards"
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest of a million shards is ~200 MB
+MAX_SHARD_BYTES = 2**40
+MIN_SAMPLE_BYTES = 512  # every sample has at least one tar header block
+DATASET_FORMATS = ("tar", "beton")
+# newlines, terminal escapes, NUL, bidi overrides, undecodable bytes (lone surrogates)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -28,6 +45,21 @@ class ShardInfo:
 class Reject:
     source: str
     reason: str
+
+
+def safe_relative_name(name: str) -> bool:
+    """A name that stays inside its folder: relative, ``/``-separated parts that are
+    neither empty, ``.`` nor ``..``; no backslash, no control character."""
+    if len(name) <= 1024 and _PLAIN_NAME.fullmatch(name):
+        return True  # the common case, e.g. shard-000123.tar
+    if not name or len(name) > 1024 or name.startswith("/") or "\\" in name or _CONTROL.search(name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def printable(text: str) -> bool:
+    """No control characters: safe to print to a terminal or write to a log."""
+    return not _CONTROL.search(text)
 
 
 @dataclass
@@ -60,22 +92,150 @@ class ShardManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest") -> ShardManifest:
+        """Parse and validate an untrusted manifest; ``ManifestError`` names the field."""
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB; refusing to parse it")
         try:
             doc = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{where} is not valid JSON: {e}") from e
-        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(f"{where} is not a maescale shard manifest (format {doc.get('format')!r})"
-                                if isinstance(doc, dict) else f"{where} is not a JSON object")
-        if doc.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"{where} has version {doc.get('version')!r}; this maescale reads version {MANIFEST_VERSION}")
-        try:
-            shards = [ShardInfo(**s) for s in doc["shards"]]
-            rejects = [Reject(**r) for r in doc.get("rejects", [])]
-            manifest = cls(shards=shards, classes=list(doc.get("classes", [])), rejects=rejects,
-                           options=dict(doc.get("options", {})))
-        except (KeyError, TypeError) as e:
-            raise ManifestError(f"{where} is malformed: {e}") from e
-        if manifest.total_samples != doc.get("total_samples"):
-            raise ManifestError(f"{where}: total_samples {doc.get('total_samples')} != sum of shard counts {manifest.total_samples}")
+            raise ManifestError(f"{where} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ManifestError(f"{where} is not a manifest: JSON nested too deeply") from None
+        return _ManifestReader(where).read(doc)
+
+
+_NOTHING = object()  # fail(): no value to show
+
+
+class _ManifestReader:
+    """Field-by-field validation of a parsed manifest document."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, requirement: str, value: Any = _NOTHING) -> ManifestError:
+        shown = "" if value is _NOTHING else f", got {_show(value)}"
+        return ManifestError(f"{self.where}: {key} {requirement}{shown}")
+
+    def read(self, doc: Any) -> ShardManifest:
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{self.where} is not a JSON object")
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{self.where} is not a maescale shard manifest (format {_show(doc.get('format'))})")
+        if doc.get("version") != MANIFEST_VERSION or isinstance(doc.get("version"), bool):
+            raise ManifestError(f"{self.where} has version {_show(doc.get('version'))}; "
+                                f"this maescale reads version {MANIFEST_VERSION}")
+        known = {"format", "version", "total_samples", "total_bytes", "classes", "shards", "rejects", "options"}
+        self.no_unknown_keys(doc, known, "the manifest")
+        manifest = ShardManifest(shards=self.shards(doc), classes=self.classes(doc.get("classes", [])),
+                                 rejects=self.rejects(doc.get("rejects", [])),
+                                 options=self.options(doc.get("options", {})))
+        for key, actual in (("total_samples", manifest.total_samples), ("total_bytes", manifest.total_bytes)):
+            if doc.get(key) != actual or isinstance(doc.get(key), bool):
+                raise self.fail(key, f"must equal the sum over shards ({actual})", doc.get(key))
         return manifest
+
+    def no_unknown_keys(self, obj: dict, known: set[str], what: str) -> None:
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise self.fail(what, f"has an unknown field {_show(unknown[0])}")
+
+    def shards(self, doc: dict) -> list[ShardInfo]:
+        if "shards" not in doc:
+            raise self.fail("shards", "is missing")
+        if not isinstance(doc["shards"], list):
+            raise self.fail("shards", "must be a list", doc["shards"])
+        entries = [_plain_shard(e) or self.shard(e, f"shards[{i}]") for i, e in enumerate(doc["shards"])]
+        seen: set[str] = set()
+        for i, s in enumerate(entries):
+            if s.name in seen:
+                raise self.fail(f"shards[{i}].name", "repeats an earlier shard", s.name)
+            seen.add(s.name)
+        return entries
+
+    def shard(self, entry: Any, key: str) -> ShardInfo:
+        """One shard entry checked field by field, for the message that names the field."""
+        if not isinstance(entry, dict):
+            raise self.fail(key, "must be an object with name, samples, bytes and sha256", entry)
+        self.no_unknown_keys(entry, {"name", "samples", "bytes", "sha256"}, key)
+        name = self.string(entry, "name", key, safe_relative_name,
+                           "must be a relative name inside the dataset (no '..', no leading '/', no backslash)")
+        samples = self.count(entry, "samples", key, 0, MAX_SHARD_BYTES // MIN_SAMPLE_BYTES)
+        size = self.count(entry, "bytes", key, 0, MAX_SHARD_BYTES)
+        digest = self.string(entry, "sha256", key, is_sha256, "must be 64 lowercase hex digits")
+        if samples * MIN_SAMPLE_BYTES > size:
+            raise self.fail(f"{key}.samples", f"({samples}) cannot fit in {size} bytes")
+        return ShardInfo(name, samples, size, digest)
+
+    def classes(self, value: Any) -> list[str]:
+        classes = self.list_of(value, "classes", lambda c, key: self.text(c, key))
+        if len(set(classes)) != len(classes):
+            raise self.fail("classes", "must not repeat a name")
+        return classes
+
+    def rejects(self, value: Any) -> list[Reject]:
+        def reject(entry: Any, key: str) -> Reject:
+            if not isinstance(entry, dict) or set(entry) != {"source", "reason"}:
+                raise self.fail(key, "must be an object with source and reason", entry)
+            return Reject(self.text(entry["source"], f"{key}.source"), self.text(entry["reason"], f"{key}.reason"))
+
+        return self.list_of(value, "rejects", reject)
+
+    def options(self, value: Any) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise self.fail("options", "must be an object", value)
+        fmt = value.get("format", "tar")
+        if fmt not in DATASET_FORMATS:
+            raise self.fail("options.format", f"must be one of {', '.join(DATASET_FORMATS)}", fmt)
+        if "keys" in value:
+            self.string(value, "keys", "options", safe_relative_name, "must be a relative name inside the dataset")
+        return dict(value)
+
+    # -- typed fields
+    def field(self, obj: dict, name: str, key: str) -> Any:
+        if name not in obj:
+            raise self.fail(f"{key}.{name}", "is missing")
+        return obj[name]
+
+    def list_of(self, value: Any, key: str, item: Callable[[Any, str], Any]) -> list:
+        if not isinstance(value, list):
+            raise self.fail(key, "must be a list", value)
+        return [item(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value or not printable(value):
+            raise self.fail(key, "must be a non-empty string without control characters", value)
+        return value
+
+    def string(self, obj: dict, name: str, key: str, ok: Callable[[str], bool], requirement: str) -> str:
+        value = self.field(obj, name, key)
+        if not isinstance(value, str) or not ok(value):
+            raise self.fail(f"{key}.{name}", requirement, value)
+        return value
+
+    def count(self, obj: dict, name: str, key: str, low: int, high: int) -> int:
+        value = self.field(obj, name, key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.fail(f"{key}.{name}", f"must be an integer in [{low}, {high}]", value)
+        return value
+
+
+_SHARD_FIELDS = {"name", "samples", "bytes", "sha256"}
+
+
+def _plain_shard(entry: Any) -> ShardInfo | None:
+    """The common case in one pass (a manifest may list 100,000 shards): a
+    well-formed entry, or None to check it field by field and name what is wrong."""
+    if type(entry) is not dict or entry.keys() != _SHARD_FIELDS:
+        return None
+    name, samples, size, digest = entry["name"], entry["samples"], entry["bytes"], entry["sha256"]
+    if (type(samples) is int and type(size) is int and 0 <= samples * MIN_SAMPLE_BYTES <= size <= MAX_SHARD_BYTES
+            and is_sha256(digest) and isinstance(name, str) and safe_relative_name(name)):
+        return ShardInfo(name, samples, size, digest)
+    return None
+
+
+def _show(value: Any) -> str:
+    """A short, printable rendering of an untrusted value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -3,19 +3,34 @@
 A folder with one subfolder per class gives labels; a flat folder gives none; a
 text file lists paths/URLs, optionally ``<path>\\t<class>`` per line. Items come
 back sorted by name, so a rerun lists the same sources in the same order.
+
+Local folders are walked following symbolic links to files and to folders (a
+linked class folder is a class). A link that leads back into one of its own
+parent folders is a loop: it is listed once, and the link is reported. Nothing
+found is dropped silently: a broken link, an image-named entry that is not a
+regular file (a FIFO would block a reader forever), a folder that cannot be read
+or a name with control characters becomes an item with a ``problem`` — the
+writer records it as a named reject.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from pipeline.errors import SourceError
+from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
+from pipeline.shards.manifest import printable
 from pipeline.storage.config import StorageConfig
+from pipeline.storage.objects import ObjectFolder, call_at
 from pipeline.storage.redact import redact
-from pipeline.storage.urls import filesystem, join, split_url
+from pipeline.storage.urls import join, split_url
+
+# Listing problems, recorded as rejects with these reasons.
+LISTING_REASONS = ("broken_link", "link_loop", "not_a_file", "unreadable", "unsafe_name")
 
 
 @dataclass(frozen=True)
@@ -24,34 +39,99 @@ class SourceItem:
     rel: str  # stable name for keys, logs and rejects
     size: int
     label: int | None
+    problem: str | None = None  # a reject reason already known from the listing
+
+
+@dataclass(frozen=True)
+class FoundImage:
+    """An image-named entry of a local folder (or a folder that could not be read)."""
+
+    rel: str  # relative to the folder walked, '/'-separated
+    size: int
+    problem: str | None = None  # one of LISTING_REASONS
 
 
 def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
     """All images under ``src`` (sorted by name) and the class names."""
-    fs, path = filesystem(src, storage)
-    protocol = split_url(src)[0]
-
-    def url(p: str) -> str:
-        return p if protocol == "file" else f"{protocol}://{p}"
-
-    if fs.isfile(path):
-        return _list_from_text(fs.cat_file(path).decode("utf-8"), storage)
-    if not fs.isdir(path):
+    protocol, path = split_url(src)
+    folder = ObjectFolder(src, storage)
+    kind = folder.call("source", lambda: "file" if folder.fs.isfile(path) else "dir" if folder.fs.isdir(path) else None)
+    if kind == "file":
+        data = folder.call("list file", lambda: folder.fs.cat_file(path))
+        try:
+            return _list_from_text(data.decode("utf-8"), storage)
+        except UnicodeDecodeError:
+            raise SourceError(f"list file {redact(src)} is not UTF-8 text") from None
+    if kind is None:
         raise SourceError(f"source {redact(src)} is neither a folder nor a list file")
-    found = fs.find(path, detail=True)
-    files = sorted((PurePosixPath(p).relative_to(path).as_posix(), info["size"]) for p, info in found.items()
-                   if is_image_name(p) and info.get("type", "file") == "file")
+    found = walk_images(path) if protocol == "file" else _find_remote(folder)
+    found = [f if f.problem or printable(f.rel) else FoundImage(_escaped(f.rel), f.size, "unsafe_name") for f in found]
+    files = [f for f in found if not f.problem]
     if not files:
-        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {redact(src)}")
-    depths = {rel.count("/") for rel, _ in files}
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {redact(src)}"
+                          + (f"; {len(found)} entries could not be used" if found else ""))
+
+    def url(rel: str) -> str:
+        return join(path, rel) if protocol == "file" else f"{protocol}://{join(path, rel)}"
+
+    problems = [SourceItem(url(f.rel), f.rel, -1, None, f.problem) for f in found if f.problem]
+    depths = {f.rel.count("/") for f in files}
     if depths == {0}:
-        return [SourceItem(url(join(path, rel)), rel, size, None) for rel, size in files], []
+        items = [SourceItem(url(f.rel), f.rel, f.size, None) for f in files]
+        return sorted(items + problems, key=lambda it: it.rel), []
     if depths == {1}:
-        classes = sorted({rel.split("/", 1)[0] for rel, _ in files})
+        classes = sorted({f.rel.split("/", 1)[0] for f in files})
         index = {c: i for i, c in enumerate(classes)}
-        return [SourceItem(url(join(path, rel)), rel, size, index[rel.split("/", 1)[0]]) for rel, size in files], classes
+        items = [SourceItem(url(f.rel), f.rel, f.size, index[f.rel.split("/", 1)[0]]) for f in files]
+        return sorted(items + problems, key=lambda it: it.rel), classes
     raise SourceError(f"{redact(src)} mixes layouts (images at depths {sorted(depths)}); use either a flat folder "
-                     "or one subfolder per class")
+                      "or one subfolder per class")
+
+
+def _find_remote(folder: ObjectFolder) -> list[FoundImage]:
+    found = folder.call("listing", lambda: folder.fs.find(folder.root, detail=True))
+    return [FoundImage(PurePosixPath(p).relative_to(folder.root).as_posix(), info["size"])
+            for p, info in found.items() if is_image_name(p) and info.get("type", "file") == "file"]
+
+
+def walk_images(root: str) -> list[FoundImage]:
+    """Image-named entries under a local folder ``root``, following links to files and
+    folders; a folder already on the current path (a link loop) is not entered
+    again. What cannot be read as an image file carries its ``problem``."""
+    found: list[FoundImage] = []
+    st = os.stat(root)
+    stack = [(root, "", frozenset({(st.st_dev, st.st_ino)}))]
+    while stack:
+        folder, rel, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            found.append(FoundImage(rel or ".", -1, "unreadable"))
+            continue
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                st = os.stat(entry.path)  # follows links
+            except OSError:
+                found.append(FoundImage(name, -1, "broken_link" if entry.is_symlink() else "unreadable"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    found.append(FoundImage(name, -1, "link_loop"))
+                else:
+                    stack.append((entry.path, name, ancestors | {key}))
+            elif is_image_name(entry.name) and stat.S_ISREG(st.st_mode):
+                found.append(FoundImage(name, st.st_size))
+            elif is_image_name(entry.name):
+                found.append(FoundImage(name, -1, "not_a_file"))
+    return found
+
+
+def _escaped(name: str) -> str:
+    """A name with control characters (or undecodable bytes) made printable."""
+    return repr(name)[1:-1]
 
 
 def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
@@ -65,17 +145,31 @@ def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem]
     labelled = {cls is not None for _, cls, _ in entries}
     if labelled == {True, False}:
         raise SourceError("list file mixes labelled (<path>\\t<class>) and unlabelled lines")
+    bad_class = next((cls for _, cls, _ in entries if cls is not None and not printable(cls)), None)
+    if bad_class is not None:
+        raise SourceError(f"list file names a class with control characters: {bad_class!r}")
     classes = sorted({cls for _, cls, _ in entries if cls is not None})
     index = {c: i for i, c in enumerate(classes)}
 
     def item(entry: tuple[str, str | None, int]) -> SourceItem:
         path, cls, n = entry
-        fs, p = filesystem(path, storage)
+        rel = f"{n:08d}:{path.rsplit('/', 1)[-1]}"
+        if not printable(rel):
+            return SourceItem(path, _escaped(rel), -1, None, "unsafe_name")
         try:
-            size = fs.size(p)
-        except FileNotFoundError:
-            size = -1  # rejected as missing when its shard is written
-        return SourceItem(path, f"{n:08d}:{path.rsplit('/', 1)[-1]}", size, index[cls] if cls else None)
+            size = call_at(path, storage, f"list entry {n}", _size_or_missing)
+        except ObjectNotAccessible:
+            return SourceItem(path, rel, -1, None, "unreadable")
+        return SourceItem(path, rel, size, index[cls] if cls else None)
 
     with cf.ThreadPoolExecutor(16) as pool:  # one HEAD per object: do them in parallel
         return list(pool.map(item, entries)), classes
+
+
+def _size_or_missing(fs, path: str) -> int:
+    """The size of an object, or -1 when it is not there (rejected as missing when
+    its shard is written)."""
+    try:
+        return fs.size(path)
+    except FileNotFoundError:
+        return -1

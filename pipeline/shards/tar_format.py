@@ -2,8 +2,12 @@
 
 A sample is the group of consecutive members sharing a key: ``<key>.jpg``,
 ``<key>.cls``, ``<key>.json``. Member names are untrusted: absolute paths, ``..``
-components, links and device files are refused, so nothing a shard holds can
-escape its directory if extracted. A truncated tar is reported, never hung on.
+components, control characters, links and device files are refused, so nothing a
+shard holds can escape its directory if extracted or rewrite a terminal it is
+logged to. A truncated tar is reported, never hung on.
+A key that appears again later in the tar (or a member repeated within a
+sample) starts a new sample under a new key, ``<key>#2``: nothing is lost or
+overwritten, and the renaming is reported (``SampleIndex.renamed_from``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -18,6 +23,7 @@ from typing import BinaryIO
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import IMAGE_EXTENSIONS, BadImage
+from pipeline.shards.manifest import printable
 
 @dataclass(frozen=True)
 class SampleIndex:
@@ -25,6 +31,7 @@ class SampleIndex:
 
     key: str
     members: Mapping[str, tuple[int, int]]
+    renamed_from: str | None = None  # the key as in the tar, when it repeated an earlier sample's
 
 
 def split_member_name(name: str, shard: str) -> tuple[str, str]:
@@ -32,6 +39,8 @@ def split_member_name(name: str, shard: str) -> tuple[str, str]:
     path = PurePosixPath(name)
     if name.startswith("/") or path.is_absolute() or ".." in path.parts or "\\" in name or not name:
         raise ShardFormatError(f"{shard}: unsafe member name {name!r} (absolute or escapes the shard)")
+    if not printable(name):  # keys reach logs and terminals
+        raise ShardFormatError(f"{shard}: unsafe member name {name!r} (control characters)")
     base = path.name
     if "." not in base:
         raise ShardFormatError(f"{shard}: member {name!r} has no extension; expected <key>.<ext>")
@@ -42,25 +51,22 @@ def split_member_name(name: str, shard: str) -> tuple[str, str]:
 def index_tar(fileobj: BinaryIO, shard: str) -> list[SampleIndex]:
     """Index the samples of a tar in order, checking every member header."""
     samples: list[SampleIndex] = []
-    current: dict[str, tuple[int, int]] = {}
-    current_key: str | None = None
+    uses: Counter[str] = Counter()
     try:
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
                 if not member.isreg():
                     raise ShardFormatError(f"{shard}: member {member.name!r} is not a regular file")
                 key, ext = split_member_name(member.name, shard)
-                if key != current_key:
-                    if current_key is not None:
-                        samples.append(SampleIndex(current_key, current))
-                    current, current_key = {}, key
-                if ext in current:
-                    raise ShardFormatError(f"{shard}: duplicate member {member.name!r}")
-                current[ext] = (member.offset_data, member.size)
+                last = samples[-1] if samples else None
+                if last is None or (last.renamed_from or last.key) != key or ext in last.members:
+                    uses[key] += 1
+                    name = key if uses[key] == 1 else f"{key}#{uses[key]}"
+                    last = SampleIndex(name, {}, key if uses[key] > 1 else None)
+                    samples.append(last)
+                last.members[ext] = (member.offset_data, member.size)
     except tarfile.TarError as e:
         raise ShardFormatError(f"{shard}: truncated or corrupt tar ({e})") from e
-    if current_key is not None:
-        samples.append(SampleIndex(current_key, current))
     fileobj.seek(0, os.SEEK_END)
     end = fileobj.tell()
     for s in samples:  # tarfile stops quietly at a cut-off member; the sizes tell
@@ -103,5 +109,13 @@ def image_member(members: dict[str, bytes]) -> bytes:
     return members[ext]
 
 
-def label_of(members: dict[str, bytes]) -> int:
-    return int(members["cls"]) if "cls" in members else -1
+def label_of(members: dict[str, bytes], classes: int) -> int:
+    """The sample's label (-1 without a ``.cls`` member). A label that is not an
+    integer in ``[0, classes)`` (any non-negative one for a dataset without class
+    names) raises ``BadImage('bad_label')``."""
+    if "cls" not in members:
+        return -1
+    text = members["cls"].strip()
+    if not (text.isdigit() and text.isascii() and len(text) <= 9) or (classes and int(text) >= classes):
+        raise BadImage("bad_label", f"label {text[:20]!r} is not a class index below {classes or 'infinity'}")
+    return int(text)

@@ -33,11 +33,16 @@ def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[s
 
 def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
     """Fetch every shard (which checks its sha256, raising ``ShardFetchError`` on a
-    mismatch) and count its samples; returns one line per shard whose count differs."""
+    mismatch) and index it (``ShardFormatError`` for an unsafe or broken tar);
+    returns one line per shard whose sample count differs or that repeats keys."""
     problems = []
     for shard in manifest.shards:
         with store.open_shard(shard) as f:
-            count = len(index_tar(f, shard.name))
-        if count != shard.samples:
-            problems.append(f"{shard.name}: {count} samples, manifest says {shard.samples}")
+            samples = index_tar(f, shard.name)
+        if len(samples) != shard.samples:
+            problems.append(f"{shard.name}: {len(samples)} samples, manifest says {shard.samples}")
+        renamed = [s for s in samples if s.renamed_from]
+        if renamed:
+            problems.append(f"{shard.name}: {len(renamed)} duplicate keys (first: {renamed[0].renamed_from!r}; "
+                            f"read as {renamed[0].key!r})")
     return problems

@@ -6,6 +6,14 @@ target byte size — so a rerun plans the same shards and skips those already
 written and verified. Each shard is written to a
 local temporary file, uploaded atomically, and described by a small sidecar
 record; the manifest is written last, so it never points at a partial shard.
+
+Every source is judged by the one image policy (``pipeline.images``): unusable
+files and what the listing could not use (broken links, non-files) become named
+rejects in the manifest; an image whose EXIF orientation turns it is re-encoded
+upright (counted as an ``exif_orientation`` conversion). A source that is missing
+or denied is rejected; one that still fails after the retry policy stops the
+run (rerun to resume) rather than being dropped. The destination bucket must
+exist unless ``create_bucket`` is set.
 """
 
 from __future__ import annotations
@@ -26,15 +34,13 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from infra.options import option, require, require_positive
-from pipeline.errors import ShardFetchError
-from pipeline.images import BadImage, ImagePolicy, reencode_jpeg, validate_image
+from pipeline.errors import ObjectNotAccessible
+from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
 from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
 from pipeline.shards.sources import SourceItem, list_sources
 from pipeline.shards.tar_format import TarShardWriter
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import put_bytes, put_file, sha256_file
-from pipeline.storage.retry import with_retries
-from pipeline.storage.urls import filesystem, join
+from pipeline.storage.objects import ObjectFolder, call_at, sha256_file
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".record.json"
@@ -51,11 +57,15 @@ class ShardWriterConfig:
     max_side: int | None = option(None, "with reencode: shrink the longer side to this")
     jpeg_quality: int = option(90, "with reencode: JPEG quality")
     with_meta: bool = option(True, "<key>.json with the source path")
+    create_bucket: bool = option(False, "create the destination bucket when it does not exist (else: an error)")
     images: ImagePolicy = option(factory=ImagePolicy)
     storage: StorageConfig = option(factory=StorageConfig)
 
     def __post_init__(self) -> None:
         require_positive(self, "shard_bytes", "workers")
+        for name in ("max_samples_per_shard", "max_side"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, f"must be positive, got {value}")
         require(1 <= self.jpeg_quality <= 100, "jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}")
         require(self.max_side is None or self.reencode, "max_side", "only applies with reencode=True")
 
@@ -95,7 +105,7 @@ class WriteSummary:
             if len(m.rejects) > 20:
                 lines.append(f"  ... {len(m.rejects) - 20} more in the manifest")
         if self.converted:
-            lines.append("converted to RGB: " + ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())))
+            lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())))
         return "\n".join(lines)
 
 
@@ -134,9 +144,23 @@ def sample_key(position: int, rel: str) -> str:
 
 
 # -------------------------------------------------------------- writing
+UPRIGHT_QUALITY = 95  # re-encoding an image only to apply its EXIF orientation
+
+
 def _read_source(item: SourceItem, storage: StorageConfig) -> bytes:
-    fs, path = filesystem(item.url, storage)
-    return with_retries(f"source {item.rel}", item.url, lambda: fs.cat_file(path), storage.retry)
+    return call_at(item.url, storage, f"source {item.rel}", lambda fs, path: fs.cat_file(path))
+
+
+def _stored_image(data: bytes, item: SourceItem, cfg: ShardWriterConfig) -> tuple[bytes, str, list[str]]:
+    """(bytes to store, extension, conversion reasons) of a source image; raises BadImage."""
+    mode_reason, turns = check_image(data, cfg.images)
+    if cfg.reencode or turns:
+        quality = cfg.jpeg_quality if cfg.reencode else UPRIGHT_QUALITY
+        data = reencode_jpeg(data, cfg.images, cfg.max_side if cfg.reencode else None, quality, upright=True)
+        ext = "jpg"
+    else:
+        ext = item.rel.rsplit(".", 1)[-1].lower()
+    return data, ext, [r for r in (mode_reason, "exif_orientation" if turns else None) if r]
 
 
 def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterConfig) -> dict:
@@ -144,28 +168,28 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
     rejects: list[dict[str, str]] = []
     converted: Counter = Counter()
     samples = 0
+
+    def reject(item: SourceItem, reason: str, detail: object) -> None:
+        rejects.append({"source": item.rel, "reason": reason})
+        log.warning("rejected %s: %s", item.rel, detail)
+
     with tempfile.TemporaryDirectory(prefix="mae-shard-") as tmpdir:
         local = os.path.join(tmpdir, job.name)
         with open(local, "wb") as f:
             tar = TarShardWriter(f)
             for pos, item in job.items:
+                if item.problem:
+                    reject(item, item.problem, item.problem)
+                    continue
                 try:
-                    data = _read_source(item, cfg.storage)
-                    if cfg.reencode:
-                        data, ext = reencode_jpeg(data, cfg.images, cfg.max_side, cfg.jpeg_quality), "jpg"
-                    else:
-                        ext = item.rel.rsplit(".", 1)[-1].lower()
-                    _, _, mode_reason = validate_image(data, cfg.images)
+                    data, ext, reasons = _stored_image(_read_source(item, cfg.storage), item, cfg)
                 except BadImage as e:
-                    rejects.append({"source": item.rel, "reason": e.reason})
-                    log.warning("rejected %s: %s", item.rel, e)
+                    reject(item, e.reason, e)
                     continue
-                except ShardFetchError as e:
-                    rejects.append({"source": item.rel, "reason": "unreadable"})
-                    log.warning("rejected %s: %s", item.rel, e)
+                except ObjectNotAccessible as e:  # missing or denied: a retry cannot help
+                    reject(item, "unreadable", e)
                     continue
-                if mode_reason:
-                    converted[mode_reason] += 1
+                converted.update(reasons)
                 members = {ext: data}
                 if item.label is not None:
                     members["cls"] = str(item.label).encode()
@@ -177,34 +201,39 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
             tar.close()
         record = {"name": job.name, "samples": samples, "bytes": os.path.getsize(local), "sha256": sha256_file(local),
                   "sources_digest": job.digest, "rejects": rejects, "converted": dict(converted)}
-        fs, root = filesystem(dest, cfg.storage)
-        put_file(fs, local, join(root, job.name), cfg.storage.retry)
-    put_bytes(fs, join(root, job.name + RECORD_SUFFIX), json.dumps(record).encode(), cfg.storage.retry)
+        folder = ObjectFolder(dest, cfg.storage)
+        folder.put_file(local, job.name)
+    folder.put_bytes(job.name + RECORD_SUFFIX, json.dumps(record).encode())
     return record
 
 
-def _existing_record(fs, root: str, job: ShardJob) -> dict | None:
+def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
     """The sidecar of a shard already written from the same sources and options,
     if the shard on storage still matches it byte for byte."""
+    data = folder.read_if_exists(job.name + RECORD_SUFFIX)
     try:
-        record = json.loads(fs.cat_file(join(root, job.name + RECORD_SUFFIX)))
-        if record.get("sources_digest") != job.digest or fs.size(join(root, job.name)) != record["bytes"]:
-            return None
-        return record if sha256_file(join(root, job.name), fs) == record["sha256"] else None
-    except (FileNotFoundError, KeyError, ValueError):
+        record = json.loads(data) if data is not None else None
+    except ValueError:
         return None
+    if not isinstance(record, dict) or record.get("sources_digest") != job.digest:
+        return None
+    try:
+        same = folder.size(job.name) == record.get("bytes") and folder.sha256(job.name) == record.get("sha256")
+    except ObjectNotAccessible:  # the shard itself is gone: write it again
+        return None
+    return record if same else None
 
 
 def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
     """Shard ``src`` into ``dest``; resumable and safe to interrupt."""
+    folder = ObjectFolder(dest, cfg.storage)
+    folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
     items, classes = list_sources(src, cfg.storage)
     jobs = plan_shards(items, cfg)
-    fs, root = filesystem(dest, cfg.storage)
-    fs.makedirs(root, exist_ok=True)
     records: dict[int, dict] = {}
     todo = []
     for job in jobs:
-        existing = _existing_record(fs, root, job)
+        existing = _existing_record(folder, job)
         if existing is not None:
             records[job.index] = existing
         else:
@@ -235,6 +264,6 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
         if rec["samples"]:
             shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"]))
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
-    put_bytes(fs, join(root, MANIFEST_NAME), manifest.to_json().encode(), cfg.storage.retry)
+    folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
     summary.manifest = manifest
     return summary

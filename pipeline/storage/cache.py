@@ -1,6 +1,8 @@
 """Local on-disk LRU cache of verified shards, shared by every process on a node.
 
-Entries are named by their sha256, so a cached file is valid by construction.
+Entries are named by their sha256, so a cached file is valid by construction;
+a name that is not exactly a sha256 digest is refused, so no entry, lock or part
+file can lie outside the cache directory.
 Recency is the file's mtime (touched on every hit). Readers hold a shared
 ``flock`` on an entry while they use it; eviction takes an exclusive lock without
 blocking and skips entries in use, so a shard is never deleted under a reader.
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from pipeline.storage.objects import is_sha256
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +32,13 @@ class ShardCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.limit_bytes = limit_bytes
 
+    def _file(self, digest: str, suffix: str) -> Path:
+        if not is_sha256(digest):
+            raise ValueError(f"shard cache entries are named by sha256 digests, got {digest[:80]!r}")
+        return self.dir / f"{digest}{suffix}"
+
     def _path(self, digest: str) -> Path:
-        return self.dir / f"{digest}.tar"
+        return self._file(digest, ".tar")
 
     def get(self, digest: str) -> Path | None:
         path = self._path(digest)
@@ -41,12 +50,12 @@ class ShardCache:
 
     def temp_path(self, digest: str) -> Path:
         """Where a download in progress lives; kept across retries so it can resume."""
-        return self.dir / f"{digest}.part"
+        return self._file(digest, ".part")
 
     @contextlib.contextmanager
     def download_lock(self, digest: str) -> Iterator[None]:
         """One downloader per shard across processes; others wait, then hit."""
-        with open(self.dir / f"{digest}.lock", "a+b") as lock:
+        with open(self._file(digest, ".lock"), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -1,4 +1,7 @@
-"""How the pipeline reads and writes objects: endpoint, cache, parallelism, retries."""
+"""How the pipeline reads and writes objects: endpoint, timeouts, cache, parallelism,
+and the one retry policy every object-store call goes through. The object-store
+client's own retries are turned off (``pipeline.storage.urls``), so these numbers
+alone decide how long a failing call takes."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from infra.options import option, require, require_positive
+from infra.options import option, require, require_non_negative, require_positive, require_text
 
 
 @dataclass(frozen=True)
@@ -14,9 +17,11 @@ class RetryPolicy:
     max_attempts: int = option(8, "tries of a transient failure (5xx, reset, stall) before giving up")
     base_delay_s: float = option(0.25, "first backoff; doubles per attempt, full jitter")
     max_delay_s: float = option(20.0, "longest backoff between attempts")
+    deadline_s: float = option(300.0, "one object operation, its retries included, starts no attempt after this")
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_attempts")
+        require_positive(self, "max_attempts", "deadline_s", "max_delay_s")
+        require_non_negative(self, "base_delay_s")
         require(0 <= self.base_delay_s <= self.max_delay_s, "base_delay_s",
                 f"must be in [0, max_delay_s={self.max_delay_s}], got {self.base_delay_s}")
 
@@ -35,14 +40,17 @@ class StorageConfig:
     cache_limit_gb: float = option(20.0, "LRU size limit of the shard cache per node, GiB")
     prefetch_shards: int = option(2, "shards fetched ahead of the reader")
     parallel_ranges: int = option(4, "concurrent ranged GETs per shard")
-    read_timeout_s: float | None = option(None, "a stalled read or connect fails after this (None: the client's default)")
-    backend_retries: int | None = option(None, "the object-store client's own retries (None: its default); ours come on top")
+    connect_timeout_s: float = option(10.0, "a connection not made within this fails (and is retried)")
+    read_timeout_s: float = option(30.0, "a request that receives nothing for this long fails (and is retried)")
     retry: RetryPolicy = option(factory=RetryPolicy, doc="")
     options: dict[str, Any] = option(factory=dict, doc="extra fsspec options, e.g. {client_kwargs: {region_name: ...}}")
 
     def __post_init__(self) -> None:
-        require_positive(self, "cache_limit_gb", "parallel_ranges")
+        require_positive(self, "cache_limit_gb", "parallel_ranges", "connect_timeout_s", "read_timeout_s")
+        require(self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
+                f"must start with http:// or https://, got {self.endpoint_url!r}")
         require(self.prefetch_shards >= 0, "prefetch_shards", f"must be >= 0, got {self.prefetch_shards}")
+        require_text(self, "cache_dir")
 
     @property
     def cache_limit_bytes(self) -> int:

@@ -1,25 +1,39 @@
-"""Whole objects on any fsspec filesystem: hashing and atomic writes.
+"""Whole objects on any fsspec filesystem: hashing, atomic writes, and
+``ObjectFolder`` — a folder or bucket prefix whose every call goes through the
+one retry policy and whose errors name the URL and endpoint.
 
 A reader never sees part of an object we write: local files go through a
-temporary name and a rename; on an object store one PUT is atomic.
+temporary name and a rename; on an object store one PUT is atomic. Buckets are
+never created as a side effect of writing: only ``prepare(create_bucket=True)``
+creates one, so a misspelled bucket is an error, not a new bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
-from pathlib import PurePosixPath
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from infra.files import atomic_path
-from pipeline.storage.config import RetryPolicy
-from pipeline.storage.retry import with_retries
+from pipeline.errors import ObjectNotAccessible
+from pipeline.storage.config import StorageConfig
+from pipeline.storage.retry import no_event, with_retries
+from pipeline.storage.urls import filesystem, is_local, join, location
 
 READ_BLOCK = 8 * 2**20  # large sequential reads
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
+
+
+def is_sha256(text: object) -> bool:
+    """Exactly 64 lowercase hex digits: the only strings cache paths are made from."""
+    return isinstance(text, str) and _SHA256.fullmatch(text) is not None
 
 
 def sha256_file(path: str | os.PathLike[str], fs: fsspec.AbstractFileSystem | None = None) -> str:
@@ -31,20 +45,108 @@ def sha256_file(path: str | os.PathLike[str], fs: fsspec.AbstractFileSystem | No
     return digest.hexdigest()
 
 
-def put_file(fs: fsspec.AbstractFileSystem, local: str, remote: str, retry: RetryPolicy) -> None:
-    """Copy a local file to ``remote`` atomically."""
-    if isinstance(fs, LocalFileSystem):
-        with atomic_path(remote) as tmp:
-            shutil.copyfile(local, tmp)
-    else:
-        with_retries(f"upload {PurePosixPath(remote).name}", remote, lambda: fs.put_file(local, remote), retry)
+class ObjectFolder:
+    """A local folder or an object-store prefix, read and written object by object."""
+
+    def __init__(self, url: str, storage: StorageConfig | None = None,
+                 on_event: Callable[[str, int], None] = no_event) -> None:
+        self.url = str(url).rstrip("/")
+        self.storage = storage or StorageConfig()
+        self.on_event = on_event  # retries and errors, for metrics
+        self._fs, self.root = filesystem(self.url, self.storage)
+        self._fs_pid = os.getpid()
+        self.local = is_local(self.url)
+        self.where = location(self.url, self.storage)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """This process's filesystem: forked processes (DataLoader workers) get their own."""
+        if self._fs_pid != os.getpid():
+            self._fs, _ = filesystem(self.url, self.storage, fresh=True)
+            self._fs_pid = os.getpid()
+        return self._fs
+
+    def path(self, name: str) -> str:
+        return join(self.root, name)
+
+    def where_of(self, name: str) -> str:
+        """How messages name one object of this folder."""
+        return location(join(self.url, name), self.storage)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` under the retry policy; errors name ``what`` and this folder."""
+        return with_retries(what, self.where, fn, self.storage.retry, self.on_event)
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """A whole object (at most ``limit + 1`` bytes when given, so a caller can
+        refuse an oversized one without reading all of it)."""
+        if limit is None:
+            return self.call(name, lambda: self.fs.cat_file(self.path(name)))
+        return self.call(name, lambda: self.fs.cat_file(self.path(name), start=0, end=limit + 1))
+
+    def read_if_exists(self, name: str) -> bytes | None:
+        def read() -> bytes | None:
+            try:
+                return self.fs.cat_file(self.path(name))
+            except FileNotFoundError:
+                return None
+
+        return self.call(name, read)
+
+    def size(self, name: str) -> int:
+        return self.call(name, lambda: self.fs.size(self.path(name)))
+
+    def sha256(self, name: str) -> str:
+        return self.call(name, lambda: sha256_file(self.path(name), self.fs))
+
+    def put_file(self, local: str, name: str) -> None:
+        """Copy a local file to ``name`` atomically."""
+        remote = self.path(name)
+        if self.local:
+            with atomic_path(remote) as tmp:
+                shutil.copyfile(local, tmp)
+        else:
+            self.call(f"upload {name}", lambda: self.fs.put_file(local, remote))
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        """Write ``data`` to ``name`` atomically."""
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            f.write(data)
+        try:
+            self.put_file(f.name, name)
+        finally:
+            os.unlink(f.name)
+
+    def prepare(self, create_bucket: bool = False) -> None:
+        """Make sure objects can be written here: a local folder is created; a
+        bucket must exist, or is created only when ``create_bucket``."""
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+            return
+        bucket = self.root.split("/", 1)[0]
+        if self.call(f"bucket {bucket!r}", lambda: self._bucket_exists(bucket)):
+            return
+        if not create_bucket:
+            raise ObjectNotAccessible(f"bucket {bucket!r} at {self.where} does not exist; check its name, or pass "
+                                      "--create-bucket to create it")
+        self.call(f"create bucket {bucket!r}", lambda: self.fs.mkdir(bucket))
+
+    def _bucket_exists(self, bucket: str) -> bool:
+        try:
+            if hasattr(self.fs, "call_s3"):  # s3fs.exists() reads a denied bucket as missing
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+            else:
+                self.fs.info(bucket)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"ObjectFolder({self.where})"
 
 
-def put_bytes(fs: fsspec.AbstractFileSystem, remote: str, data: bytes, retry: RetryPolicy) -> None:
-    """Write ``data`` to ``remote`` atomically."""
-    with tempfile.NamedTemporaryFile(delete=False) as f:
-        f.write(data)
-    try:
-        put_file(fs, f.name, remote, retry)
-    finally:
-        os.unlink(f.name)
+def call_at(url: str, storage: StorageConfig, what: str, fn: Callable[[fsspec.AbstractFileSystem, str], Any]) -> Any:
+    """``fn(fs, path)`` for a single URL under the retry policy (list-file entries,
+    where each line may name another bucket)."""
+    fs, path = filesystem(url, storage)
+    return with_retries(what, location(url, storage), lambda: fn(fs, path), storage.retry)

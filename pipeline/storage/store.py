@@ -23,13 +23,12 @@ from tqdm import tqdm
 
 from infra.metrics import sink
 from pipeline.errors import ShardFetchError
-from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
+from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import READ_BLOCK, sha256_file
-from pipeline.storage.redact import redact
-from pipeline.storage.retry import ChecksumMismatch, with_retries
-from pipeline.storage.urls import filesystem, is_local, join
+from pipeline.storage.objects import READ_BLOCK, ObjectFolder, sha256_file
+from pipeline.storage.retry import ChecksumMismatch
+from pipeline.storage.urls import join
 
 RANGE_BYTES = 8 * 2**20  # one ranged GET per 8 MiB, several in flight per shard
 _EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry": "mae_shard_fetch_retries_total",
@@ -41,9 +40,8 @@ def _to_metrics(event: str, n: int) -> None:
     sink().inc(_EVENT_METRICS[event], n)
 
 
-def _check_digest(actual: str, shard: ShardInfo) -> None:
-    if actual != shard.sha256:
-        raise ChecksumMismatch(f"sha256 {actual[:12]}… != manifest {shard.sha256[:12]}…")
+def _mismatch_text(actual: str, shard: ShardInfo) -> str:
+    return f"sha256 {actual[:12]}… != manifest {shard.sha256[:12]}…"
 
 
 class _PartialShard:
@@ -84,14 +82,13 @@ class ShardStore:
 
     def __init__(self, url: str, config: StorageConfig | None = None,
                  on_event: Callable[[str, int], None] | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.config = config or StorageConfig()
-        self._fs, self.root = filesystem(self.url, self.config)
-        self._fs_pid = os.getpid()
-        self.local = is_local(self.url)
+        self._on_event = on_event or _to_metrics
+        self.folder = ObjectFolder(url, config, self._on_event)
+        self.url, self.config = self.folder.url, self.folder.storage
+        self.root, self.local = self.folder.root, self.folder.local
         self._verified: set[str] = set()
         self._partial: dict[str, _PartialShard] = {}  # downloads interrupted by a retryable error
-        self._on_event = on_event or _to_metrics
+        self._mismatch: dict[str, str] = {}  # sha256 -> digest of the last wrong download
         cache_dir = self.config.cache_dir or os.path.join(
             os.environ.get("MAESCALE_CACHE", os.path.expanduser("~/.cache/maescale")), "shards")
         self.cache = None if self.local else ShardCache(cache_dir, self.config.cache_limit_bytes)
@@ -99,15 +96,15 @@ class ShardStore:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         """This process's filesystem: DataLoader workers (forked) get their own."""
-        if self._fs_pid != os.getpid():
-            self._fs, _ = filesystem(self.url, self.config, fresh=True)
-            self._fs_pid = os.getpid()
-        return self._fs
+        return self.folder.fs
+
+    def read_object(self, name: str, limit: int | None = None) -> bytes:
+        """A small object of the dataset (manifest, keys file), under the retry policy."""
+        return self.folder.read(name, limit)
 
     def read_manifest(self) -> ShardManifest:
-        where = redact(join(self.url, MANIFEST_NAME))
-        data = self._with_retries(f"manifest {where}", lambda: self.fs.cat_file(join(self.root, MANIFEST_NAME)))
-        return ShardManifest.from_json(data, where)
+        data = self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+        return ShardManifest.from_json(data, self.folder.where_of(MANIFEST_NAME))
 
     def local_path(self, shard: ShardInfo, progress: bool = False) -> Path:
         """A local file holding the verified shard (downloads on a cache miss, with
@@ -115,7 +112,7 @@ class ShardStore:
         if self.local:
             path = Path(join(self.root, shard.name))
             if shard.name not in self._verified:
-                self._with_retries(f"shard {shard.name}", lambda: self._verify_local(path, shard))
+                self.folder.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
                 self._verified.add(shard.name)
             return path
         assert self.cache is not None
@@ -132,7 +129,7 @@ class ShardStore:
             try:
                 with tqdm(total=shard.bytes, unit="B", unit_scale=True, desc=f"staging {shard.name}",
                           disable=not (progress and sys.stderr.isatty())) as bar:
-                    self._with_retries(f"shard {shard.name}", lambda: self._download(shard, tmp, bar.update))
+                    self.folder.call(f"shard {shard.name}", lambda: self._download(shard, tmp, bar.update))
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -155,7 +152,9 @@ class ShardStore:
     def _verify_local(self, path: Path, shard: ShardInfo) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        _check_digest(sha256_file(path), shard)
+        actual = sha256_file(path)
+        if actual != shard.sha256:  # rereading a local file gives the same bytes: no retry
+            raise ChecksumMismatch(_mismatch_text(actual, shard), permanent=True)
 
     def _download(self, shard: ShardInfo, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
         """Fetch one shard into ``tmp`` as parallel ranged GETs, each written at its
@@ -190,11 +189,9 @@ class ShardStore:
                 raise errors[0]
             state.finish(f, shard.bytes)
         del self._partial[shard.sha256]
-        try:
-            _check_digest(state.digest.hexdigest(), shard)
-        except ChecksumMismatch:
+        actual = state.digest.hexdigest()
+        if actual != shard.sha256:
             tmp.unlink()  # a corrupt body: start over from byte 0
-            raise
-
-    def _with_retries(self, what: str, fn: Callable[[], Any]) -> Any:
-        return with_retries(what, self.url, fn, self.config.retry, self._on_event)
+            same_again = self._mismatch.get(shard.sha256) == actual  # the object itself differs: retrying cannot help
+            self._mismatch[shard.sha256] = actual
+            raise ChecksumMismatch(_mismatch_text(actual, shard) + (" twice" if same_again else ""), same_again)

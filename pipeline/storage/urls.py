@@ -1,13 +1,20 @@
 """URLs to fsspec filesystems: plain paths and ``file://`` are local, anything else
-(``s3://``, ``gs://``, ...) goes to its fsspec backend."""
+(``s3://``, ``gs://``, ...) goes to its fsspec backend.
+
+Every object-store client is made here, so every one gets the same settings:
+connect and read timeouts always set, and the client's own retries off — the one
+retry policy is ``pipeline.storage.retry``, which knows which errors heal.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import fsspec
 
 from pipeline.storage.config import StorageConfig
+from pipeline.storage.redact import redact, register_secrets
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -22,31 +29,53 @@ def is_local(url: str) -> bool:
     return split_url(url)[0] == "file"
 
 
-def filesystem(url: str, config: StorageConfig | None = None, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str, config: StorageConfig | None = None,
+               fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a URL and the path within it. ``fresh`` skips
     fsspec's instance cache (needed after fork: s3fs's event loop is not fork-safe)."""
     config = config or StorageConfig()
     protocol, path = split_url(url)
     options = config.fsspec_options()
+    register_secrets(options)
     if fresh:
         options["skip_instance_cache"] = True
     if protocol == "s3":
-        if config.read_timeout_s:
-            kwargs = dict(options.get("config_kwargs", {}))
-            kwargs.setdefault("read_timeout", config.read_timeout_s)
-            kwargs.setdefault("connect_timeout", config.read_timeout_s)
-            options["config_kwargs"] = kwargs
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint and "endpoint_url" not in options and "client_kwargs" not in options:
-            options["endpoint_url"] = endpoint
+        options = _s3_options(options, config)
     try:
         fs = fsspec.filesystem(protocol, **options)
     except ImportError as e:
         extra = {"s3": "s3", "gs": "gcs (pip install gcsfs)"}.get(protocol, protocol)
         raise ImportError(f"reading {protocol}:// needs an fsspec backend: pip install 'maescale[{extra}]' ({e})") from e
-    if config.backend_retries is not None and hasattr(fs, "retries"):
-        fs.retries = config.backend_retries
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs retries some errors itself; ours decide
     return fs, path
+
+
+def _s3_options(options: dict[str, Any], config: StorageConfig) -> dict[str, Any]:
+    """Timeouts always set, botocore's retries off, the endpoint from the environment
+    unless given; what the user put in ``options.config_kwargs`` wins."""
+    kwargs = {"connect_timeout": config.connect_timeout_s, "read_timeout": config.read_timeout_s,
+              "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})}
+    options = {**options, "config_kwargs": kwargs}
+    endpoint = s3_endpoint(options)
+    if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def s3_endpoint(options: dict[str, Any]) -> str | None:
+    """The S3 endpoint a client made from these options talks to (None: AWS's own)."""
+    return (options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def location(url: str, config: StorageConfig | None = None) -> str:
+    """How messages name where an object lives: the URL and, on S3, the endpoint."""
+    protocol, _ = split_url(url)
+    if protocol != "s3":
+        return redact(str(url))
+    endpoint = s3_endpoint((config or StorageConfig()).fsspec_options()) or "AWS"
+    return redact(f"{url} (endpoint {endpoint})")
 
 
 def join(base: str, name: str) -> str:

@@ -59,3 +59,40 @@ def numbered_shards(dest: Path, sizes: list[int], image_size=(64, 48)) -> ShardM
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def exif_oriented_jpeg(orientation: int, size=(96, 64), seed=0) -> bytes:
+    """A JPEG whose stored pixels are ``size`` (w, h) and whose EXIF orientation tag
+    says how to turn them upright (as a phone camera writes it). The left half is
+    dark and the right half bright, so a wrong turn shows."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+    arr[:, size[0] // 2:] += 180
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small, valid PNG whose header claims ``width`` x ``height`` pixels: a
+    decompression bomb as far as any header check can tell."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def flip_a_byte(path: Path) -> None:
+    """Bit rot: one bit of the file's middle byte flipped."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from infra.options import option, require, require_positive
 from pipeline.augment import AugmentConfig, Normalizer, crop_and_flip, sample_rng
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.shards.writer import ShardWriterConfig, write_shards
@@ -216,14 +217,21 @@ PARTS = ("read", "decode", "rss")
 
 @dataclass(frozen=True)
 class PipelineBench:
-    images: int = 2000  # ImageNet-like JPEGs made from the bundled photos
-    batch: int = 64
-    workers: int = 2  # DataLoader workers (or DALI threads) for every decode path
-    rounds: int = 2  # alternated rounds
-    shard_bytes: int = 16 * MiB
-    backends: tuple[str, ...] = ("cpu",)
-    device: str = "cpu"
-    parts: tuple[str, ...] = PARTS
+    images: int = option(2000, "ImageNet-like JPEGs made from the bundled photos")
+    batch: int = option(64, "batch size")
+    workers: int = option(2, "DataLoader workers (or DALI threads) for every decode path")
+    rounds: int = option(2, "alternated rounds")
+    shard_bytes: int = option(16 * MiB, "target bytes per shard")
+    backends: tuple[str, ...] = option(("cpu",), "decode backends to compare with the baseline")
+    device: str = option("cpu", "where batches go")
+    parts: tuple[str, ...] = option(PARTS, "read, decode, rss")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "images", "batch", "rounds", "shard_bytes")
+        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(set(self.backends) <= {"cpu", "dali", "ffcv"}, "backends",
+                f"must be cpu, dali or ffcv, got {self.backends}")
+        require(bool(self.parts) and set(self.parts) <= set(PARTS), "parts", f"must be among {PARTS}, got {self.parts}")
 
 
 def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from infra.options import option, require, require_choice, require_positive
 from infra.testing.photos import write_photo_folder
 from model.registry import create_model
 from pipeline.augment import AugmentConfig
@@ -48,15 +49,20 @@ def _timed_steps(step_fn, loader, steps: int, warmup: int) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class TrainerBench:
-    model: str = "mae_vit_tiny_patch16"
-    img_size: int = 224
-    batch: int = 16
-    steps: int = 10  # timed steps per round and loop
-    warmup: int = 2
-    rounds: int = 3
-    stage: int = 2
-    workers: int = 1  # DataLoader workers
-    images: int = 400  # dataset size (bundled photos)
+    model: str = option("mae_vit_tiny_patch16", "registered model")
+    img_size: int = option(224, "input side")
+    batch: int = option(16, "micro-batch")
+    steps: int = option(10, "timed steps per round and loop")
+    warmup: int = option(2, "untimed steps first")
+    rounds: int = option(3, "alternated rounds")
+    stage: int = option(2, "ZeRO stage")
+    workers: int = option(1, "DataLoader workers")
+    images: int = option(400, "dataset size (bundled photos)")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "img_size", "batch", "steps", "rounds", "images")
+        require(self.warmup >= 0 and self.workers >= 0, "warmup", "warmup and workers must be >= 0")
+        require_choice(self, "stage", (0, 1, 2, 3))
 
 
 def bench_trainer(args: TrainerBench) -> dict[str, object]:

@@ -13,12 +13,10 @@ import logging
 import sys
 from types import ModuleType
 
-from infra.options import OptionError
-from pipeline.errors import PipelineError
-from pipeline.storage.redact import redact
-from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, demo, export, inspect, models, plan,
-                       pretrain, probe, reconstruct, shard)
-from train.errors import TrainError
+from pipeline.storage.redact import one_line, redact_logs
+from train.cli import (bench_encoder, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, inspect,
+                       models, plan, pretrain, probe, reconstruct, shard)
+from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
 COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
@@ -33,6 +31,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
+    (("bench", "inputs"), bench_inputs, "cost of validating manifests and images: checked vs trusted, side by side"),
     (("models",), models, "list registered model sizes with parameter counts"),
     (("demo",), demo, "the end-to-end demo (see README)"),
 ]
@@ -58,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()  # botocore logs signed requests at DEBUG
     try:
         return args._run(args)
-    except (TrainError, PipelineError) as e:
-        print(f"mae: error: {redact(str(e))}", file=sys.stderr)
-        return e.exit_code
-    except (OptionError, ImportError, OSError) as e:  # a bad option, a missing extra, the OS said no
-        print(f"mae: error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    except reported_errors() as e:
+        print(f"mae: error: {one_line(str(e))}", file=sys.stderr)
+        return exit_code_of(e)
+    except KeyboardInterrupt:
+        print("mae: interrupted", file=sys.stderr)
+        return 130

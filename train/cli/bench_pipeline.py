@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from train.cli.common import add_storage_arguments
+from train.cli.common import add_storage_arguments, storage_config
 
 MiB = 2**20
 
@@ -48,7 +48,7 @@ def _bucket(args: argparse.Namespace, parts: tuple[str, ...]):
     from pipeline.storage.config import StorageConfig
 
     if args.bucket_url or not {"read", "rss"} & set(parts):
-        yield args.bucket_url, StorageConfig(endpoint_url=args.endpoint_url)
+        yield args.bucket_url, storage_config(args)
         return
     from infra.testing.s3_server import SeaweedS3
 

@@ -18,5 +18,21 @@ def parse_bytes(text: str) -> int:
 
 
 def add_storage_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.storage.config import RetryPolicy, StorageConfig
+
     p.add_argument("--endpoint-url", default=None,
                    help="S3-compatible endpoint (else AWS_ENDPOINT_URL; credentials from the standard AWS chain)")
+    p.add_argument("--connect-timeout", type=float, default=StorageConfig.connect_timeout_s, metavar="S",
+                   help="seconds to connect to the object store before the attempt fails")
+    p.add_argument("--read-timeout", type=float, default=StorageConfig.read_timeout_s, metavar="S",
+                   help="seconds without a byte from the object store before the attempt fails")
+    p.add_argument("--deadline", type=float, default=RetryPolicy.deadline_s, metavar="S",
+                   help="seconds after which no further retry of one object operation starts")
+
+
+def storage_config(args: argparse.Namespace, **fields: object):
+    """The StorageConfig the storage arguments (``add_storage_arguments``) describe."""
+    from pipeline.storage.config import RetryPolicy, StorageConfig
+
+    return StorageConfig(endpoint_url=args.endpoint_url, connect_timeout_s=args.connect_timeout,
+                         read_timeout_s=args.read_timeout, retry=RetryPolicy(deadline_s=args.deadline), **fields)

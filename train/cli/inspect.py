@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from train.cli.common import add_storage_arguments
+from train.cli.common import add_storage_arguments, storage_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,10 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.shards.verify import first_keys, summarize, verify_shards
-    from pipeline.storage.config import StorageConfig
     from pipeline.storage.store import ShardStore
 
-    store = ShardStore(args.url, StorageConfig(endpoint_url=args.endpoint_url, cache_limit_gb=1024))
+    store = ShardStore(args.url, storage_config(args, cache_limit_gb=1024))
     manifest = store.read_manifest()
     print(summarize(manifest))
     keys = first_keys(store, manifest, args.samples)

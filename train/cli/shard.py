@@ -6,7 +6,7 @@ import argparse
 import os
 
 from pipeline.images import ImagePolicy
-from train.cli.common import add_storage_arguments, parse_bytes
+from train.cli.common import add_storage_arguments, parse_bytes, storage_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,21 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: a temporary folder)")
     p.add_argument("--min-side", type=int, default=ImagePolicy.min_side)
     p.add_argument("--max-pixels", type=int, default=ImagePolicy.max_pixels, help="decompression-bomb guard")
+    p.add_argument("--create-bucket", action="store_true",
+                   help="create DEST's bucket if it does not exist (default: a missing bucket is an error)")
     add_storage_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.shards.writer import ShardWriterConfig, write_shards
-    from pipeline.storage.config import StorageConfig
     from pipeline.storage.redact import redact
 
     cfg = ShardWriterConfig(
         shard_bytes=args.shard_size, max_samples_per_shard=args.max_samples_per_shard, workers=args.workers,
         shuffle=not args.no_shuffle, seed=args.seed, reencode=args.reencode,
         max_side=args.max_side if args.format == "tar" or args.reencode else None,
-        jpeg_quality=args.quality, with_meta=not args.no_meta,
+        jpeg_quality=args.quality, with_meta=not args.no_meta, create_bucket=args.create_bucket,
         images=ImagePolicy(min_side=args.min_side, max_pixels=args.max_pixels, mode_policy=args.mode_policy),
-        storage=StorageConfig(endpoint_url=args.endpoint_url))
+        storage=storage_config(args))
     if args.format == "beton":
         from pipeline.shards.beton import BetonOptions, write_beton
 

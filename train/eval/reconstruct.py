@@ -19,9 +19,10 @@ from PIL import Image, ImageDraw
 
 from model.mae import NORM_PIX_EPS, MaskedAutoencoderViT
 from pipeline.augment import AugmentConfig, Normalizer, center_crop_box
-from pipeline.images import BadImage, ImagePolicy, is_image_name, load_pixels, open_image
+from pipeline.images import BadImage, ImagePolicy, load_pixels, open_image
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
+from pipeline.shards.sources import walk_images
 from train.errors import EvalInputError
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,14 @@ def load_images(src: str, count: int, size: int,
     not usable images under ``policy`` are skipped with a warning naming them."""
     path = Path(src)
     if path.is_file() or (path.is_dir() and not (path / "manifest.json").exists()):
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if is_image_name(p.name))
+        files = [path] if path.is_file() else _image_files(path)
         if len(files) > count:  # spread over the folder, not just its first subfolder
             files = [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
         images, names = [], []
         for f in files:
             try:
                 img = load_pixels(open_image(f.read_bytes(), policy)[0])
-            except BadImage as e:
+            except (BadImage, OSError) as e:  # unusable, or unreadable (permissions)
                 log.warning("skipped %s: %s", f, e)
                 continue
             x, y, w, h = center_crop_box(*img.size)
@@ -54,10 +55,25 @@ def load_images(src: str, count: int, size: int,
             raise EvalInputError(f"no usable images under {src}")
         return torch.stack(images), names
     loader = build_loader(LoaderConfig(url=src, batch_size=count, num_workers=0, normalize=False, images=policy,
+                                       max_corrupt_fraction=1.0,  # a figure: skip (and name) what cannot be shown
                                        augment=AugmentConfig(img_size=size, deterministic=True),
                                        plan=PlanConfig(shuffle=False)), rank=0, world_size=1)
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise EvalInputError(f"no usable images in {src}")
     return batch.images, batch.keys
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under a folder, links followed (as `mae shard` lists them); what
+    cannot be read as a file (a broken link, a FIFO) is skipped with a warning."""
+    files = []
+    for found in walk_images(str(folder)):
+        if found.problem:
+            log.warning("skipped %s: %s", folder / found.rel, found.problem)
+        else:
+            files.append(folder / found.rel)
+    return sorted(files)
 
 
 NORMALIZE = Normalizer()  # ImageNet mean/std, as the models are trained

@@ -4,7 +4,8 @@ import tarfile
 import pytest
 
 from pipeline.errors import ShardFormatError
-from pipeline.shards.tar_format import TarShardWriter, index_tar, read_members
+from pipeline.images import BadImage
+from pipeline.shards.tar_format import TarShardWriter, index_tar, label_of, read_members
 
 
 def _tar_with(names_and_data, kind=tarfile.REGTYPE) -> io.BytesIO:
@@ -30,7 +31,7 @@ def test_samples_group_members_by_key_in_order():
     assert samples == [("000_a", {"jpg": b"A" * 10, "cls": b"3"}), ("001_b", {"png": b"B" * 5})]
 
 
-@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/passwd.jpg", "a/../../b.jpg", "x\\..\\y.jpg"])
+@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/passwd.jpg", "a/../../b.jpg", "x\\..\\y.jpg", "\x1b[2J.jpg"])
 def test_members_escaping_the_directory_are_rejected(name):
     with pytest.raises(ShardFormatError, match="unsafe member name"):
         index_tar(_tar_with([(name, b"x")]), "evil.tar")
@@ -63,3 +64,26 @@ def test_read_members_uses_the_index_offsets():
     buf = _tar_with([("k.jpg", b"abc"), ("k.cls", b"7")])
     (sample,) = index_tar(buf, "s.tar")
     assert read_members(buf, sample) == {"jpg": b"abc", "cls": b"7"}
+
+
+def test_a_repeated_key_is_read_under_a_new_key_not_merged_or_lost():
+    """The issue's case: a duplicate key inside one tar was accepted silently."""
+    buf = _tar_with([("a.jpg", b"A1"), ("a.cls", b"1"), ("b.jpg", b"B"), ("a.jpg", b"A2"), ("a.cls", b"2"),
+                     ("c.jpg", b"C1"), ("c.jpg", b"C2")])
+    samples = index_tar(buf, "dup.tar")
+    assert [(s.key, s.renamed_from) for s in samples] == [("a", None), ("b", None), ("a#2", "a"), ("c", None),
+                                                          ("c#2", "c")]
+    assert [read_members(buf, s) for s in samples] == [{"jpg": b"A1", "cls": b"1"}, {"jpg": b"B"},
+                                                       {"jpg": b"A2", "cls": b"2"}, {"jpg": b"C1"}, {"jpg": b"C2"}]
+
+
+@pytest.mark.parametrize("cls, classes, label", [(b"1", 2, 1), (b" 0\n", 2, 0), (b"7", 0, 7), (None, 2, -1)])
+def test_labels_are_class_indices(cls, classes, label):
+    assert label_of({"jpg": b"x", **({"cls": cls} if cls is not None else {})}, classes) == label
+
+
+@pytest.mark.parametrize("cls", [b"abc", b"2", b"-1", b"1.5", b"", b"\xff", b"99999999999999"])
+def test_a_label_that_is_not_a_class_index_is_a_bad_label(cls):
+    with pytest.raises(BadImage) as e:
+        label_of({"jpg": b"x", "cls": cls}, 2)
+    assert e.value.reason == "bad_label"

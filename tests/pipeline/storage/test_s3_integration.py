@@ -68,7 +68,7 @@ def test_wrong_credentials_are_a_clear_error_without_the_secret(photos, seaweed,
 
 
 def test_missing_dataset_is_not_found(s3_env, tmp_path):
-    with pytest.raises(ShardFetchError, match="manifest .* not found"):
+    with pytest.raises(ShardFetchError, match=r"manifest.json at s3://creds/nothing-here \(endpoint http://127.0.0.1:\d+\): not found"):
         ShardStore("s3://creds/nothing-here", StorageConfig(cache_dir=str(tmp_path))).read_manifest()
 
 

@@ -30,7 +30,7 @@ def test_every_command_is_one_module_with_arguments_and_run():
     assert set(top) == {"shard", "inspect", "pretrain", "export", "reconstruct", "probe", "plan", "bench", "models",
                         "demo"}
     bench = next(a for a in top["bench"]._actions if a.dest == "bench").choices
-    assert set(bench) == {"train", "metrics", "encoder", "pipeline"}
+    assert set(bench) == {"train", "metrics", "encoder", "pipeline", "inputs"}
     for path, module, _ in COMMANDS:
         assert module.__name__ == "train.cli." + "_".join(path)
         assert callable(module.add_arguments) and callable(module.run)
@@ -49,7 +49,7 @@ def test_console_script_is_installed():
 def test_a_typed_error_is_one_line_and_an_exit_code(tmp_path):
     out = _mae("inspect", str(tmp_path / "nothing-here"))
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("mae: error: manifest ")
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("mae: error: manifest.json at ")
     assert "Traceback" not in out.stderr
     out = _mae("pretrain", "--config", "tiny_cpu", "deepspeed.stage=9")
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -1,0 +1,53 @@
+"""A config error is the same one line and exit code through every entry: `mae
+pretrain`, `python -m train.pretrain`, torchrun and the DeepSpeed launcher."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.net import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+OUR_FRAME = re.compile(r'File ".*/(train|pipeline|model|infra)/[^"]+\.py"')
+
+
+def _launch(kind: str, *args: str) -> list[str]:
+    python = [sys.executable, "-m"]
+    return {"mae": [*python, "train.cli", "pretrain"],
+            "python": [*python, "train.pretrain"],
+            "torchrun": [*python, "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+                         "-m", "train.pretrain"],
+            "deepspeed": [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port",
+                          str(free_port()), "--module", "train.pretrain"]}[kind] + list(args)
+
+
+@pytest.mark.parametrize("kind, override, message, code", [
+    ("mae", "schedule.max_steps=-1", "ConfigError: schedule.max_steps must be positive, got -1", 2),
+    ("python", "model.mask_ratio=0", "ConfigError: model.mask_ratio must be in (0, 1)", 2),
+    ("torchrun", "log.every_steps=0", "ConfigError: log.every_steps must be positive, got 0", 1),
+    ("deepspeed", "schedule.max_steps=0", "ConfigError: schedule.max_steps must be positive, got 0", 2),
+])
+def test_a_config_error_is_one_line_through_every_launcher(kind, override, message, code, tmp_path):
+    # a dataset that does not exist: before the range checks these runs got past the config
+    cmd = _launch(kind, "--config", "tiny_cpu", f"data.url={tmp_path / 'none'}", override)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    ours = [line for line in text.splitlines() if message in line]
+    assert len(ours) == 1, text[-3000:]
+    assert out.returncode == code  # torchrun reports any failed worker as 1
+    assert not OUR_FRAME.search(text), text[-3000:]  # no traceback through our code (torchrun prints its own summary)
+
+
+def test_a_data_error_after_start_up_is_one_line_too(tmp_path):
+    cmd = _launch("python", "--config", "tiny_cpu", f"data.url={tmp_path / 'none'}", "deepspeed.stage=0",
+                  f"checkpoint.dir={tmp_path / 'ckpt'}")
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert re.search(r"ERROR train.pretrain: ObjectNotAccessible: manifest.json at .*/none: not found", out.stderr)
+    assert not OUR_FRAME.search(out.stderr), out.stderr[-3000:]
