@@ -18,16 +18,15 @@ exist unless ``create_bucket`` is set.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -37,8 +36,10 @@ from infra.options import option, require, require_positive
 from pipeline.errors import ObjectNotAccessible
 from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
 from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
+from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.sources import SourceItem, list_sources
 from pipeline.shards.tar_format import TarShardWriter
+from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at, sha256_file
 
@@ -91,21 +92,19 @@ class WriteSummary:
     written: int = 0
     skipped_existing: int = 0
     converted: Counter = field(default_factory=Counter)
+    seconds: float = 0.0  # wall time of the run
+    workers: int = 1
 
     def format(self) -> str:
         m = self.manifest
-        reasons = Counter(r.reason for r in m.rejects)
         lines = [f"{m.total_samples} samples in {len(m.shards)} shards ({m.total_bytes / 2**20:.1f} MiB); "
                  f"{self.written} written, {self.skipped_existing} already complete",
-                 f"classes: {len(m.classes)}" + (f" ({', '.join(m.classes[:8])}{' ...' if len(m.classes) > 8 else ''})"
-                                                 if m.classes else " (unlabelled)")]
-        if m.rejects:
-            lines.append(f"rejected {len(m.rejects)}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-            lines += [f"  {r.source}: {r.reason}" for r in m.rejects[:20]]
-            if len(m.rejects) > 20:
-                lines.append(f"  ... {len(m.rejects) - 20} more in the manifest")
+                 classes_line(m.classes)]
+        lines += reject_lines(m.rejects)
         if self.converted:
             lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())))
+        if self.seconds:
+            lines.append(throughput_line(m.total_samples, m.total_bytes, self.seconds, self.workers))
         return "\n".join(lines)
 
 
@@ -224,8 +223,11 @@ def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
     return record if same else None
 
 
-def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
-    """Shard ``src`` into ``dest``; resumable and safe to interrupt."""
+def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | None = None) -> WriteSummary:
+    """Shard ``src`` into ``dest``; resumable and safe to interrupt. The shards are
+    written by ``cfg.workers`` processes here, or as tasks on a Ray cluster (``ray``):
+    the same plan, the same bytes."""
+    start = time.monotonic()
     folder = ObjectFolder(dest, cfg.storage)
     folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
     items, classes = list_sources(src, cfg.storage)
@@ -238,21 +240,15 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
             records[job.index] = existing
         else:
             todo.append(job)
-    summary = WriteSummary(ShardManifest([]), skipped_existing=len(records))
+    summary = WriteSummary(ShardManifest([]), skipped_existing=len(records),
+                           workers=cfg.workers if ray is None else cluster_cpus(ray))
     log.info("%d images -> %d shards (%d already complete)", len(items), len(jobs), len(records))
     bar = tqdm(total=len(jobs), initial=len(records), unit="shard", disable=not sys.stderr.isatty(), desc="mae shard")
     try:
-        if cfg.workers == 1 or len(todo) <= 1:
-            for job in todo:
-                records[job.index] = write_shard(job, dest, classes, cfg)
-                bar.update()
-        else:
-            ctx = multiprocessing.get_context("spawn")  # fsspec's IO thread does not survive fork
-            with cf.ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx) as pool:
-                futures = {pool.submit(write_shard, job, dest, classes, cfg): job for job in todo}
-                for fut in cf.as_completed(futures):
-                    records[futures[fut].index] = fut.result()
-                    bar.update()
+        calls = [(job, dest, classes, cfg) for job in todo]
+        for job, record in run_tasks(write_shard, calls, todo, cfg.workers, processes=True, ray=ray):
+            records[job.index] = record
+            bar.update()
     finally:
         bar.close()
     summary.written = len(todo)
@@ -266,4 +262,5 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
     folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
     summary.manifest = manifest
+    summary.seconds = time.monotonic() - start
     return summary

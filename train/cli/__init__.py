@@ -14,13 +14,14 @@ import sys
 from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
-from train.cli import (bench_encoder, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, inspect,
-                       models, plan, pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, index,
+                       inspect, models, plan, pretrain, probe, reconstruct, shard)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
 COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("shard",), shard, "write images as webdataset tar shards + manifest to a folder or bucket"),
+    (("index",), index, "index existing webdataset tars in place: a manifest, reading only tar headers"),
     (("inspect",), inspect, "summarize (and --verify) a shard dataset"),
     (("pretrain",), pretrain, "pretrain an MAE (one process; use deepspeed/torchrun for more)"),
     (("export",), export, "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
