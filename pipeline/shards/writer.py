@@ -38,6 +38,7 @@ from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
 from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.sources import SourceItem, list_sources
+from pipeline.shards.tables import TableColumns, image_extension, read_rows
 from pipeline.shards.tar_format import TarShardWriter
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
@@ -58,6 +59,8 @@ class ShardWriterConfig:
     max_side: int | None = option(None, "with reencode: shrink the longer side to this")
     jpeg_quality: int = option(90, "with reencode: JPEG quality")
     with_meta: bool = option(True, "<key>.json with the source path")
+    image_column: str | None = option(None, "parquet/Arrow sources: the image column (default: detected)")
+    label_column: str | None = option(None, "parquet/Arrow sources: the label column (default: detected; '' none)")
     create_bucket: bool = option(False, "create the destination bucket when it does not exist (else: an error)")
     images: ImagePolicy = option(factory=ImagePolicy)
     storage: StorageConfig = option(factory=StorageConfig)
@@ -75,7 +78,9 @@ class ShardWriterConfig:
         return {"shard_bytes": self.shard_bytes, "max_samples_per_shard": self.max_samples_per_shard,
                 "shuffle": self.shuffle, "seed": self.seed, "reencode": self.reencode, "max_side": self.max_side,
                 "jpeg_quality": self.jpeg_quality if self.reencode else None, "with_meta": self.with_meta,
-                "policy": asdict(self.images)}
+                "policy": asdict(self.images),
+                **{k: v for k, v in (("image_column", self.image_column), ("label_column", self.label_column))
+                   if v is not None}}
 
 
 @dataclass
@@ -109,10 +114,21 @@ class WriteSummary:
 
 
 # ------------------------------------------------------------- planning
-def plan_shards(items: list[SourceItem], cfg: ShardWriterConfig) -> list[ShardJob]:
-    order = list(range(len(items)))
+def shuffled_order(items: list[SourceItem], cfg: ShardWriterConfig) -> list[int]:
+    """Source positions in writing order: a seeded shuffle of files; table rows are
+    shuffled a row group at a time (kept together), so a shard reads one or two row
+    groups instead of a slice of every one."""
+    blocks: dict[object, list[int]] = {}
+    for pos, it in enumerate(items):
+        blocks.setdefault((it.url, it.row.group) if it.row is not None else pos, []).append(pos)
+    keys = list(blocks)
     if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(order)
+        random.Random(cfg.seed).shuffle(keys)
+    return [p for k in keys for p in blocks[k]]
+
+
+def plan_shards(items: list[SourceItem], cfg: ShardWriterConfig) -> list[ShardJob]:
+    order = shuffled_order(items, cfg)
     jobs: list[ShardJob] = []
     current: list[tuple[int, SourceItem]] = []
     size = 0
@@ -158,7 +174,9 @@ def _stored_image(data: bytes, item: SourceItem, cfg: ShardWriterConfig) -> tupl
         data = reencode_jpeg(data, cfg.images, cfg.max_side if cfg.reencode else None, quality, upright=True)
         ext = "jpg"
     else:
-        ext = item.rel.rsplit(".", 1)[-1].lower()
+        ext = item.rel.rsplit(".", 1)[-1].lower() if item.row is None else image_extension(data)
+        if ext is None:  # a table row in a format we do not store as is
+            data, ext = reencode_jpeg(data, cfg.images, None, UPRIGHT_QUALITY, upright=True), "jpg"
     return data, ext, [r for r in (mode_reason, "exif_orientation" if turns else None) if r]
 
 
@@ -172,6 +190,8 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
         rejects.append({"source": item.rel, "reason": reason})
         log.warning("rejected %s: %s", item.rel, detail)
 
+    rows = read_rows([(pos, it.url, it.row) for pos, it in job.items if it.row is not None and not it.problem],
+                     cfg.storage)
     with tempfile.TemporaryDirectory(prefix="mae-shard-") as tmpdir:
         local = os.path.join(tmpdir, job.name)
         with open(local, "wb") as f:
@@ -181,7 +201,10 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
                     reject(item, item.problem, item.problem)
                     continue
                 try:
-                    data, ext, reasons = _stored_image(_read_source(item, cfg.storage), item, cfg)
+                    data = rows.get(pos) if item.row is not None else _read_source(item, cfg.storage)
+                    if data is None:
+                        raise BadImage("empty", "the row holds no image bytes")
+                    data, ext, reasons = _stored_image(data, item, cfg)
                 except BadImage as e:
                     reject(item, e.reason, e)
                     continue
@@ -230,7 +253,7 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | N
     start = time.monotonic()
     folder = ObjectFolder(dest, cfg.storage)
     folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
-    items, classes = list_sources(src, cfg.storage)
+    items, classes = list_sources(src, cfg.storage, TableColumns(cfg.image_column, cfg.label_column))
     jobs = plan_shards(items, cfg)
     records: dict[int, dict] = {}
     todo = []
