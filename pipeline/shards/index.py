@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from tqdm import tqdm
@@ -38,10 +38,22 @@ from tqdm import tqdm
 from infra.options import option, require, require_positive
 from pipeline.errors import ManifestError, ObjectNotAccessible, SourceError
 from pipeline.shards.labels import RULES, LabelRule
-from pipeline.shards.manifest import MANIFEST_NAME, MAX_SHARD_BYTES, Reject, ShardInfo, ShardManifest, printable
+from pipeline.shards.manifest import (
+    MANIFEST_NAME,
+    MAX_SHARD_BYTES,
+    Reject,
+    ShardInfo,
+    ShardManifest,
+    printable,
+)
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
+from pipeline.shards.tar_format import (
+    SampleIndex,
+    group_samples,
+    usable_samples,
+    walk_tar,
+)
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
-from pipeline.shards.tar_format import SampleIndex, group_samples, usable_samples, walk_tar
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, object_etag
 from pipeline.storage.redact import redact
@@ -98,9 +110,9 @@ class IndexSummary:
 
     def format(self) -> str:
         m = self.manifest
-        lines = [f"{m.total_samples} samples in {len(m.shards)} of {self.objects} tars "
-                 f"({m.total_bytes / 2**30:.2f} GiB); {self.indexed} indexed now, "
-                 f"{self.objects - self.indexed} from an earlier run", classes_line(m.classes)]
+        lines = [(f"{m.total_samples} samples in {len(m.shards)} of {self.objects} tars "
+                  f"({m.total_bytes / 2**30:.2f} GiB); {self.indexed} indexed now, "
+                  f"{self.objects - self.indexed} from an earlier run"), classes_line(m.classes)]
         lines += reject_lines(m.rejects)
         if self.bytes_indexed:
             per_gib = self.bytes_read / 2**20 / (self.bytes_indexed / 2**30)
@@ -108,8 +120,8 @@ class IndexSummary:
                          f"{self.bytes_indexed / 2**30:.3f} GiB of tars: {per_gib:.2f} MiB per GiB "
                          f"({self.bytes_read / self.bytes_indexed:.3%})")
         if self.seconds:
-            lines.append(f"{self.indexed / self.seconds:.1f} objects/s; "
-                         + throughput_line(m.total_samples, self.bytes_indexed, self.seconds, self.workers)[12:])
+            lines.append(f"{self.indexed / self.seconds:.1f} objects/s")
+            lines.append(throughput_line(m.total_samples, self.bytes_indexed, self.seconds, self.workers))
         return "\n".join(lines)
 
 
@@ -168,7 +180,7 @@ def _pick(folder: ObjectFolder, names: list[str]) -> tuple[list[TarObject], list
     for parent in sorted({n.rsplit("/", 1)[0] if "/" in n else "" for n in names}):
         path = join(folder.root, parent) if parent else folder.root
         try:
-            entries = folder.call(f"listing {parent or '.'}", lambda: folder.fs.ls(path, detail=True))
+            entries = folder.call(f"listing {parent or '.'}", lambda path=path: folder.fs.ls(path, detail=True))
         except ObjectNotAccessible:
             entries = []
         for e in entries:
@@ -195,7 +207,7 @@ class RangeReader:
         self.path = folder.path(obj.name)
         self.buf_start, self.buf = 0, b""
         self.requests = self.bytes = 0
-        self._local = open(self.path, "rb") if folder.local else None
+        self._local = open(self.path, "rb") if folder.local else None  # noqa: SIM115 - closed by close()
 
     def __call__(self, offset: int, n: int) -> bytes:
         if self.buf_start <= offset and offset + n <= self.buf_start + len(self.buf):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from train.cli.common import add_ray_argument, add_storage_arguments, ray_target, storage_config
+from train.cli.common import (
+    add_ray_argument,
+    add_storage_arguments,
+    ray_target,
+    storage_config,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,8 +8,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from tests.helpers.cli import run_mae
-from tests.helpers.shards import jpeg_bytes
 
 from pipeline.augment import AugmentConfig
 from pipeline.errors import ShardFetchError, ShardFormatError
@@ -18,6 +16,8 @@ from pipeline.plan import PlanConfig
 from pipeline.shards.index import IndexConfig, expand_braces, index_tars
 from pipeline.shards.manifest import ShardManifest
 from pipeline.shards.tar_format import BLOCK, walk_tar
+from tests.helpers.cli import run_mae
+from tests.helpers.shards import jpeg_bytes
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:

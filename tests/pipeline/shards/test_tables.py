@@ -6,11 +6,11 @@ import json
 import tarfile
 
 import pytest
-from tests.helpers.cli import run_mae
-from tests.helpers.shards import jpeg_bytes
 
 from pipeline.errors import SourceError
 from pipeline.shards.writer import ShardWriterConfig, write_shards
+from tests.helpers.cli import run_mae
+from tests.helpers.shards import jpeg_bytes
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
