@@ -49,3 +49,8 @@ class ResumeStateError(PipelineError):
 
 class BetonWriteError(PipelineError):
     """FFCV's writer failed, hung, or produced no file."""
+
+
+class DistributedError(PipelineError):
+    """A task on the Ray cluster failed for good (its worker or node lost after
+    Ray's retries): what finished is kept, a rerun resumes."""

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from pipeline.errors import ShardFormatError
+from pipeline.shards.labels import LabelRule, rule_of
 from pipeline.shards.manifest import ShardInfo
-from pipeline.shards.tar_format import SampleIndex, index_tar, read_members
+from pipeline.shards.tar_format import SampleIndex, index_shard, read_members
 from pipeline.storage.store import ShardStore
 
 if TYPE_CHECKING:
@@ -30,8 +31,10 @@ class ShardReader:
     """Per-process access to a dataset's samples by (shard, index), keeping a few
     shards open (and pinned in the cache) and prefetching upcoming ones."""
 
-    def __init__(self, store: ShardStore, shards: list[ShardInfo], keep_open: int, prefetch: int) -> None:
+    def __init__(self, store: ShardStore, shards: list[ShardInfo], keep_open: int, prefetch: int,
+                 rule: LabelRule | None = None, classes: list[str] | tuple[str, ...] = ()) -> None:
         self.store, self.shards = store, shards
+        self.rule, self.class_index = rule, {c: i for i, c in enumerate(classes)}  # labels of tars indexed in place
         self.keep_open, self.prefetch = max(1, keep_open), prefetch
         self._open: OrderedDict[int, tuple[BinaryIO, list[SampleIndex]]] = OrderedDict()
         self._pool = cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shard-prefetch")
@@ -46,7 +49,8 @@ class ShardReader:
     def sample(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
         f, samples = self._shard(shard)
         entry = samples[index]
-        return entry.key, read_members(f, entry)
+        members = read_members(f, entry)
+        return entry.key, members if self.rule is None else self.rule.members(entry.key, members, self.class_index)
 
     def _shard(self, shard: int) -> tuple[BinaryIO, list[SampleIndex]]:
         if shard in self._open:
@@ -57,7 +61,7 @@ class ShardReader:
             future.result()  # prefetched into the cache (or raises its fetch error)
         f = self.store.open_shard(self.shards[shard])  # pinned while open
         info = self.shards[shard]
-        samples = index_tar(f, info.name)
+        samples = index_shard(f, info)
         if len(samples) != info.samples:
             f.close()
             raise ShardFormatError(f"{info.name}: {len(samples)} samples in the tar, manifest says {info.samples}")
@@ -91,7 +95,8 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
     first_use = {s: k for k, s in enumerate(order)}
     shards = loader.manifest.shards
     reader = ShardReader(loader.store, shards, keep_open=loader.config.plan.window_shards + 1,
-                         prefetch=loader.config.storage.prefetch_shards)
+                         prefetch=loader.config.storage.prefetch_shards, rule=rule_of(loader.manifest.options),
+                         classes=loader.manifest.classes)
     try:
         pos = 0
         for j in batches:

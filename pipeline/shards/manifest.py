@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ManifestError
+from pipeline.shards.labels import LabelRule
 from pipeline.storage.objects import is_sha256
 
 MANIFEST_NAME = "manifest.json"
@@ -27,6 +28,7 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest of a million shards is ~200 MB
 MAX_SHARD_BYTES = 2**40
 MIN_SAMPLE_BYTES = 512  # every sample has at least one tar header block
+MAX_ETAG_CHARS = 256
 DATASET_FORMATS = ("tar", "beton")
 # newlines, terminal escapes, NUL, bidi overrides, undecodable bytes (lone surrogates)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
@@ -35,10 +37,19 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udff
 
 @dataclass(frozen=True)
 class ShardInfo:
-    name: str  # file name relative to the dataset URL
+    name: str  # file name relative to the dataset URL (or to data_url)
     samples: int
     bytes: int
-    sha256: str
+    sha256: str | None  # None only for a tar indexed in place without --hash
+    # tars indexed in place (`mae index`): the object's ETag when indexed, and the
+    # sha256 of its header blocks, which readers check against the tar they read
+    etag: str | None = None
+    headers_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The manifest entry: optional fields only when set, so a shard written by
+        `mae shard` reads exactly as in manifests before they existed."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class ShardManifest:
     classes: list[str] = field(default_factory=list)  # label i = classes[i]; empty = unlabelled
     rejects: list[Reject] = field(default_factory=list)
     options: dict[str, object] = field(default_factory=dict)  # how it was written
+    data_url: str | None = None  # where the shards are, when not beside the manifest (`mae index --out`)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -86,8 +98,10 @@ class ShardManifest:
     def to_json(self) -> str:
         doc = {"format": self.format, "version": self.version,
                "total_samples": self.total_samples, "total_bytes": self.total_bytes,
-               "classes": self.classes, "shards": [asdict(s) for s in self.shards],
+               "classes": self.classes, "shards": [s.to_dict() for s in self.shards],
                "rejects": [asdict(r) for r in self.rejects], "options": self.options}
+        if self.data_url is not None:
+            doc["data_url"] = self.data_url
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -125,11 +139,12 @@ class _ManifestReader:
         if doc.get("version") != MANIFEST_VERSION or isinstance(doc.get("version"), bool):
             raise ManifestError(f"{self.where} has version {_show(doc.get('version'))}; "
                                 f"this maescale reads version {MANIFEST_VERSION}")
-        known = {"format", "version", "total_samples", "total_bytes", "classes", "shards", "rejects", "options"}
+        known = {"format", "version", "total_samples", "total_bytes", "classes", "shards", "rejects", "options",
+                 "data_url"}
         self.no_unknown_keys(doc, known, "the manifest")
         manifest = ShardManifest(shards=self.shards(doc), classes=self.classes(doc.get("classes", [])),
                                  rejects=self.rejects(doc.get("rejects", [])),
-                                 options=self.options(doc.get("options", {})))
+                                 options=self.options(doc.get("options", {})), data_url=self.data_url(doc))
         for key, actual in (("total_samples", manifest.total_samples), ("total_bytes", manifest.total_bytes)):
             if doc.get(key) != actual or isinstance(doc.get(key), bool):
                 raise self.fail(key, f"must equal the sum over shards ({actual})", doc.get(key))
@@ -157,15 +172,34 @@ class _ManifestReader:
         """One shard entry checked field by field, for the message that names the field."""
         if not isinstance(entry, dict):
             raise self.fail(key, "must be an object with name, samples, bytes and sha256", entry)
-        self.no_unknown_keys(entry, {"name", "samples", "bytes", "sha256"}, key)
+        self.no_unknown_keys(entry, {"name", "samples", "bytes", "sha256", "etag", "headers_sha256"}, key)
         name = self.string(entry, "name", key, safe_relative_name,
                            "must be a relative name inside the dataset (no '..', no leading '/', no backslash)")
         samples = self.count(entry, "samples", key, 0, MAX_SHARD_BYTES // MIN_SAMPLE_BYTES)
         size = self.count(entry, "bytes", key, 0, MAX_SHARD_BYTES)
-        digest = self.string(entry, "sha256", key, is_sha256, "must be 64 lowercase hex digits")
+        headers = self.optional(entry, "headers_sha256", key, is_sha256, "must be 64 lowercase hex digits")
+        digest = (self.string(entry, "sha256", key, is_sha256, "must be 64 lowercase hex digits") if headers is None
+                  else self.optional(entry, "sha256", key, is_sha256, "must be 64 lowercase hex digits"))
+        etag = self.optional(entry, "etag", key, lambda v: 0 < len(v) <= MAX_ETAG_CHARS and printable(v),
+                             f"must be a printable string of at most {MAX_ETAG_CHARS} characters")
         if samples * MIN_SAMPLE_BYTES > size:
             raise self.fail(f"{key}.samples", f"({samples}) cannot fit in {size} bytes")
-        return ShardInfo(name, samples, size, digest)
+        return ShardInfo(name, samples, size, digest, etag, headers)
+
+    def optional(self, obj: dict, name: str, key: str, ok: Callable[[str], bool], requirement: str) -> str | None:
+        return self.string(obj, name, key, ok, requirement) if obj.get(name) is not None else None
+
+    def data_url(self, doc: dict) -> str | None:
+        value = doc.get("data_url")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value or len(value) > 4096 or not printable(value):
+            raise self.fail("data_url", "must be a URL without control characters", value)
+        if "://" not in value and not value.startswith("/"):
+            raise self.fail("data_url", "must be a URL (s3://, gs://, file://) or an absolute path", value)
+        if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise self.fail("data_url", "must not carry credentials", "<redacted>")
+        return value.rstrip("/")
 
     def classes(self, value: Any) -> list[str]:
         classes = self.list_of(value, "classes", lambda c, key: self.text(c, key))
@@ -189,6 +223,12 @@ class _ManifestReader:
             raise self.fail("options.format", f"must be one of {', '.join(DATASET_FORMATS)}", fmt)
         if "keys" in value:
             self.string(value, "keys", "options", safe_relative_name, "must be a relative name inside the dataset")
+        if "label_from" in value:
+            try:
+                LabelRule(value["label_from"] if isinstance(value["label_from"], str) else "")
+            except ManifestError:
+                raise self.fail("options.label_from", "must be cls, dir, prefix:SEP or none",
+                                value["label_from"]) from None
         return dict(value)
 
     # -- typed fields

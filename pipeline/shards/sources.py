@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -27,6 +28,8 @@ from pipeline.shards.manifest import printable
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at
 from pipeline.storage.redact import redact
+from pipeline.shards.tables import (RowRef, TableColumns, TableFile, class_names, is_table_source, pick_columns,
+                                    table_files, url_of)
 from pipeline.storage.urls import join, split_url
 
 # Listing problems, recorded as rejects with these reasons.
@@ -40,6 +43,7 @@ class SourceItem:
     size: int
     label: int | None
     problem: str | None = None  # a reject reason already known from the listing
+    row: RowRef | None = None  # a row of a parquet/Arrow file (``url``), not a file of its own
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,11 @@ class FoundImage:
     problem: str | None = None  # one of LISTING_REASONS
 
 
-def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
-    """All images under ``src`` (sorted by name) and the class names."""
+def list_sources(src: str, storage: StorageConfig,
+                 columns: TableColumns | None = None) -> tuple[list[SourceItem], list[str]]:
+    """All images under ``src`` (sorted by name; table rows in file order) and the class names."""
+    if is_table_source(src, storage):
+        return list_table_rows(src, storage, columns or TableColumns())
     protocol, path = split_url(src)
     folder = ObjectFolder(src, storage)
     kind = folder.call("source", lambda: "file" if folder.fs.isfile(path) else "dir" if folder.fs.isdir(path) else None)
@@ -86,6 +93,49 @@ def list_sources(src: str, storage: StorageConfig) -> tuple[list[SourceItem], li
         return sorted(items + problems, key=lambda it: it.rel), classes
     raise SourceError(f"{redact(src)} mixes layouts (images at depths {sorted(depths)}); use either a flat folder "
                       "or one subfolder per class")
+
+
+def list_table_rows(src: str, storage: StorageConfig, columns: TableColumns) -> tuple[list[SourceItem], list[str]]:
+    """One item per row of the parquet/Arrow files of ``src``: sized by the image
+    column's bytes per row of its row group (from metadata), labelled by the label
+    column. A label outside the dataset's classes is a ``bad_label`` reject."""
+    folder, files = table_files(src, storage)
+    first = TableFile(folder, files[0])
+    image, label = pick_columns(first.schema, columns, redact(join(folder.url, files[0])))
+    rows = []  # (file, RowRef, size, label value)
+    for name in files:
+        table = first if name == files[0] else TableFile(folder, name)
+        pick_columns(table.schema, TableColumns(image, label or ""), redact(join(folder.url, name)))
+        sizes = table.group_sizes(image)
+        values = [g.column(label).to_pylist() for g in table.groups([label])] if label else [[None] * n for n, _ in sizes]
+        for g, (count, nbytes) in enumerate(sizes):
+            rows += [(name, RowRef(image, g, i), nbytes // max(count, 1), values[g][i]) for i in range(count)]
+    classes, index = _table_classes([v for *_, v in rows], class_names(first.schema, label) if label else None)
+    items, seen = [], {}
+    for name, ref, size, value in rows:
+        n = seen[name] = seen.get(name, -1) + 1
+        label_index = index(value)
+        items.append(SourceItem(url_of(folder, name), f"{name}#{n}", size, label_index if label_index != -2 else None,
+                                "bad_label" if label_index == -2 else None, ref))
+    return items, classes
+
+
+def _table_classes(values: list[object], names: list[str] | None) -> tuple[list[str], Callable[[object], int | None]]:
+    """The class names and value -> label (None: unlabelled row, -2: a bad label).
+    Integers are class indices (named by the ClassLabel feature when there is one;
+    negative means unlabelled, as Hugging Face writes test splits); strings are names."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return [], lambda v: None
+    if all(isinstance(v, str) for v in present):
+        classes = sorted({v for v in present if v and printable(v)})
+        lookup = {c: i for i, c in enumerate(classes)}
+        return classes, lambda v: None if v is None else lookup.get(v, -2)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        raise SourceError("the label column holds neither integers nor strings; name another with --label-column, "
+                          "or pass --label-column '' for none")
+    classes = names if names is not None else [str(i) for i in range(max(max(present), -1) + 1)]
+    return classes, lambda v: None if v is None or v < 0 else (v if v < len(classes) else -2)
 
 
 def _find_remote(folder: ObjectFolder) -> list[FoundImage]:

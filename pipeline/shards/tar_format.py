@@ -12,18 +12,22 @@ overwritten, and the renaming is reported (``SampleIndex.renamed_from``).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import IMAGE_EXTENSIONS, BadImage
-from pipeline.shards.manifest import printable
+from pipeline.shards.manifest import ShardInfo, printable
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SampleIndex:
@@ -48,32 +52,216 @@ def split_member_name(name: str, shard: str) -> tuple[str, str]:
     return str(path.parent / stem) if path.parent != PurePosixPath(".") else stem, ext.lower()
 
 
-def index_tar(fileobj: BinaryIO, shard: str) -> list[SampleIndex]:
-    """Index the samples of a tar in order, checking every member header."""
+BLOCK = 512  # tar header and padding unit
+MAX_EXTENDED_HEADER = 2**20  # a pax or GNU long-name payload larger than this is refused as corrupt
+_EXTENDED = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+             tarfile.SOLARIS_XHDTYPE}
+# members that are not images but belong to a sample (webdataset conventions)
+SIDECAR_EXTENSIONS = ("cls", "txt", "json", "caption", "text", "id", "idx", "npy", "url", "key", "label")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    name: str
+    offset: int  # of its data
+    size: int
+
+
+@dataclass
+class TarWalk:
+    """What walking a tar's header chain found: the regular members in order, the
+    members skipped and why (lenient walks only), and the sha256 of every header
+    block read — a fingerprint of the layout, recorded by `mae index`."""
+
+    members: list[TarMember]
+    problems: list[tuple[str, str]]  # (member name or '@offset', reason)
+    headers_sha256: str
+    header_bytes: int  # header and extended-header bytes read
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _pax_fields(data: bytes) -> dict[str, str]:
+    """'<len> <key>=<value>\\n' records of a pax extended header (path and size are used)."""
+    fields, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0 or pos + length > len(data):
+            raise ValueError("bad pax record length")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        fields[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return fields
+
+
+class _Walker:
+    """One pass over the header chain through ``read_at(offset, n)``: never reads a
+    member's data, never past ``size``."""
+
+    def __init__(self, read_at: Callable[[int, int], bytes], size: int, shard: str, strict: bool) -> None:
+        self.read_at, self.size, self.shard, self.strict = read_at, size, shard, strict
+        self.digest = hashlib.sha256()
+        self.read_bytes = 0
+        self.members: list[TarMember] = []
+        self.problems: list[tuple[str, str]] = []
+
+    def read(self, offset: int, n: int) -> bytes:
+        data = self.read_at(offset, n)
+        if len(data) != n:
+            raise ShardFormatError(f"{self.shard}: truncated tar: {n} bytes at {offset} are past the end of the file")
+        self.digest.update(data)
+        self.read_bytes += n
+        return data
+
+    def skip(self, name: str, reason: str, message: str) -> None:
+        if self.strict:
+            raise ShardFormatError(f"{self.shard}: {message}")
+        self.problems.append((name, reason))
+
+    def walk(self) -> TarWalk:
+        offset, extended = 0, {}
+        try:
+            while offset + BLOCK <= self.size:
+                block = self.read(offset, BLOCK)
+                if block == bytes(BLOCK):
+                    break  # end-of-archive marker
+                try:
+                    info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                except tarfile.HeaderError as e:
+                    raise ShardFormatError(f"{self.shard}: truncated or corrupt tar (header at {offset}: {e})") from e
+                data = offset + BLOCK
+                if info.type in _EXTENDED:
+                    if not 0 <= info.size <= MAX_EXTENDED_HEADER or data + info.size > self.size:
+                        raise ShardFormatError(f"{self.shard}: corrupt tar: extended header at {offset} "
+                                               f"of {info.size} bytes")
+                    payload = self.read(data, _padded(info.size))[:info.size]
+                    extended.update(self._extended(info.type, payload, offset))
+                    offset = data + _padded(info.size)
+                    continue
+                name = extended.get("path", info.name)
+                size = int(extended.get("size", info.size))
+                extended = {}
+                if data + size > self.size:
+                    raise ShardFormatError(f"{self.shard}: truncated tar: member {name!r} runs past the end of the file")
+                self.member(name, info, data, size)
+                offset = data + _padded(size)
+        except ShardFormatError as e:
+            if self.strict:
+                raise
+            self.problems.append((f"@{offset}", "corrupt_tar"))
+            log.debug("%s", e)
+        if offset < self.size and offset + BLOCK > self.size and self.strict:
+            raise ShardFormatError(f"{self.shard}: truncated tar: {self.size - offset} stray bytes at the end")
+        return TarWalk(self.members, self.problems, self.digest.hexdigest(), self.read_bytes)
+
+    def _extended(self, kind: bytes, payload: bytes, offset: int) -> dict[str, str]:
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            return {"path": payload.rstrip(b"\0").decode("utf-8", "surrogateescape")}
+        if kind in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            try:
+                fields = _pax_fields(payload)
+                if "size" in fields and not fields["size"].isdigit():
+                    raise ValueError(f"size {fields['size'][:20]!r}")
+            except ValueError as e:
+                raise ShardFormatError(f"{self.shard}: corrupt tar: pax header at {offset} ({e})") from None
+            return {k: v for k, v in fields.items() if k in ("path", "size")}
+        return {}  # a long link name or global pax header: nothing a regular member needs
+
+    def member(self, name: str, info: tarfile.TarInfo, data: int, size: int) -> None:
+        if info.type == tarfile.DIRTYPE and not self.strict:
+            return  # a folder entry is not a sample: nothing lost
+        if info.type not in tarfile.REGULAR_TYPES or info.type == tarfile.GNUTYPE_SPARSE:
+            self.skip(_shown(name), "not_a_file", f"member {name!r} is not a regular file")
+            return
+        try:
+            split_member_name(name, self.shard)
+        except ShardFormatError as e:
+            if self.strict:
+                raise
+            self.problems.append((_shown(name), "malformed_member"))
+            log.debug("%s", e)
+            return
+        self.members.append(TarMember(name, data, size))
+
+
+def _shown(name: str) -> str:
+    """A member name safe to print and to record (control characters escaped)."""
+    return name if printable(name) else repr(name)[1:-1]
+
+
+def walk_tar(read_at: Callable[[int, int], bytes], size: int, shard: str, strict: bool = True) -> TarWalk:
+    """Walk the header chain of a tar of ``size`` bytes, reading only headers through
+    ``read_at(offset, n)``. ``strict`` (our own shards): the first unsafe, non-regular
+    or malformed member raises ``ShardFormatError``. Lenient (tars indexed in place):
+    such members are skipped and named in ``problems``, folder entries are ignored,
+    and a corrupt header ends the walk (``corrupt_tar``) keeping what came before."""
+    return _Walker(read_at, size, shard, strict).walk()
+
+
+def group_samples(members: list[TarMember], shard: str) -> list[SampleIndex]:
+    """Consecutive members sharing a key form a sample; a key seen before starts a
+    new sample under ``<key>#<n>``."""
     samples: list[SampleIndex] = []
     uses: Counter[str] = Counter()
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    raise ShardFormatError(f"{shard}: member {member.name!r} is not a regular file")
-                key, ext = split_member_name(member.name, shard)
-                last = samples[-1] if samples else None
-                if last is None or (last.renamed_from or last.key) != key or ext in last.members:
-                    uses[key] += 1
-                    name = key if uses[key] == 1 else f"{key}#{uses[key]}"
-                    last = SampleIndex(name, {}, key if uses[key] > 1 else None)
-                    samples.append(last)
-                last.members[ext] = (member.offset_data, member.size)
-    except tarfile.TarError as e:
-        raise ShardFormatError(f"{shard}: truncated or corrupt tar ({e})") from e
-    fileobj.seek(0, os.SEEK_END)
-    end = fileobj.tell()
-    for s in samples:  # tarfile stops quietly at a cut-off member; the sizes tell
-        for ext, (offset, size) in s.members.items():
-            if offset + size > end:
-                raise ShardFormatError(f"{shard}: truncated tar: member {s.key}.{ext} runs past the end of the file")
+    for m in members:
+        key, ext = split_member_name(m.name, shard)
+        last = samples[-1] if samples else None
+        if last is None or (last.renamed_from or last.key) != key or ext in last.members:
+            uses[key] += 1
+            name = key if uses[key] == 1 else f"{key}#{uses[key]}"
+            last = SampleIndex(name, {}, key if uses[key] > 1 else None)
+            samples.append(last)
+        last.members[ext] = (m.offset, m.size)
     return samples
+
+
+def usable_samples(samples: list[SampleIndex]) -> tuple[list[SampleIndex], list[tuple[str, str]]]:
+    """The samples with an image member, and (key, reason) for the others:
+    ``unsupported_extension`` when a member is neither an image we read nor a known
+    side-car (``.heic``, ``.avif``, ...), else ``no_image``."""
+    kept, dropped = [], []
+    for s in samples:
+        if any(ext in s.members for ext in IMAGE_EXTENSIONS):
+            kept.append(s)
+        elif any(ext not in SIDECAR_EXTENSIONS for ext in s.members):
+            dropped.append((s.key, "unsupported_extension"))
+        else:
+            dropped.append((s.key, "no_image"))
+    return kept, dropped
+
+
+def file_reader(fileobj: BinaryIO) -> Callable[[int, int], bytes]:
+    def read_at(offset: int, n: int) -> bytes:
+        fileobj.seek(offset)
+        return fileobj.read(n)
+
+    return read_at
+
+
+def index_tar(fileobj: BinaryIO, shard: str) -> list[SampleIndex]:
+    """Index the samples of one of our shards in order, checking every member header."""
+    fileobj.seek(0, os.SEEK_END)
+    walk = walk_tar(file_reader(fileobj), fileobj.tell(), shard, strict=True)
+    return group_samples(walk.members, shard)
+
+
+def index_shard(fileobj: BinaryIO, shard: ShardInfo) -> list[SampleIndex]:
+    """The samples of a shard as every reader sees them: our own shards strictly
+    (``index_tar``); a tar indexed in place (no sha256, a ``headers_sha256``) with the
+    lenient walk `mae index` used, whose header fingerprint must match the manifest's
+    — so the reader's samples are exactly the ones indexed."""
+    if shard.headers_sha256 is None:
+        return index_tar(fileobj, shard.name)
+    fileobj.seek(0, os.SEEK_END)
+    walk = walk_tar(file_reader(fileobj), fileobj.tell(), shard.name, strict=False)
+    if walk.headers_sha256 != shard.headers_sha256:
+        raise ShardFormatError(f"{shard.name}: its tar headers changed since it was indexed (fingerprint "
+                               f"{walk.headers_sha256[:12]}… != manifest {shard.headers_sha256[:12]}…); "
+                               "run `mae index` again")
+    return usable_samples(group_samples(walk.members, shard.name))[0]
 
 
 def read_members(fileobj: BinaryIO, sample: SampleIndex) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.shards.manifest import ShardManifest
-from pipeline.shards.tar_format import index_tar
+from pipeline.shards.tar_format import index_shard
 from pipeline.storage.store import ShardStore
 
 
@@ -28,7 +28,7 @@ def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[s
     if not manifest.shards or count < 1:
         return []
     with store.open_shard(manifest.shards[0]) as f:
-        return [s.key for s in index_tar(f, manifest.shards[0].name)[:count]]
+        return [s.key for s in index_shard(f, manifest.shards[0])[:count]]
 
 
 def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
@@ -38,7 +38,7 @@ def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
     problems = []
     for shard in manifest.shards:
         with store.open_shard(shard) as f:
-            samples = index_tar(f, shard.name)
+            samples = index_shard(f, shard)
         if len(samples) != shard.samples:
             problems.append(f"{shard.name}: {len(samples)} samples, manifest says {shard.samples}")
         renamed = [s for s in samples if s.renamed_from]

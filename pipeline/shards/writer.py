@@ -18,16 +18,15 @@ exist unless ``create_bucket`` is set.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -37,8 +36,11 @@ from infra.options import option, require, require_positive
 from pipeline.errors import ObjectNotAccessible
 from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
 from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
+from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.sources import SourceItem, list_sources
+from pipeline.shards.tables import TableColumns, image_extension, read_rows
 from pipeline.shards.tar_format import TarShardWriter
+from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at, sha256_file
 
@@ -57,6 +59,8 @@ class ShardWriterConfig:
     max_side: int | None = option(None, "with reencode: shrink the longer side to this")
     jpeg_quality: int = option(90, "with reencode: JPEG quality")
     with_meta: bool = option(True, "<key>.json with the source path")
+    image_column: str | None = option(None, "parquet/Arrow sources: the image column (default: detected)")
+    label_column: str | None = option(None, "parquet/Arrow sources: the label column (default: detected; '' none)")
     create_bucket: bool = option(False, "create the destination bucket when it does not exist (else: an error)")
     images: ImagePolicy = option(factory=ImagePolicy)
     storage: StorageConfig = option(factory=StorageConfig)
@@ -74,7 +78,9 @@ class ShardWriterConfig:
         return {"shard_bytes": self.shard_bytes, "max_samples_per_shard": self.max_samples_per_shard,
                 "shuffle": self.shuffle, "seed": self.seed, "reencode": self.reencode, "max_side": self.max_side,
                 "jpeg_quality": self.jpeg_quality if self.reencode else None, "with_meta": self.with_meta,
-                "policy": asdict(self.images)}
+                "policy": asdict(self.images),
+                **{k: v for k, v in (("image_column", self.image_column), ("label_column", self.label_column))
+                   if v is not None}}
 
 
 @dataclass
@@ -91,29 +97,38 @@ class WriteSummary:
     written: int = 0
     skipped_existing: int = 0
     converted: Counter = field(default_factory=Counter)
+    seconds: float = 0.0  # wall time of the run
+    workers: int = 1
 
     def format(self) -> str:
         m = self.manifest
-        reasons = Counter(r.reason for r in m.rejects)
         lines = [f"{m.total_samples} samples in {len(m.shards)} shards ({m.total_bytes / 2**20:.1f} MiB); "
                  f"{self.written} written, {self.skipped_existing} already complete",
-                 f"classes: {len(m.classes)}" + (f" ({', '.join(m.classes[:8])}{' ...' if len(m.classes) > 8 else ''})"
-                                                 if m.classes else " (unlabelled)")]
-        if m.rejects:
-            lines.append(f"rejected {len(m.rejects)}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-            lines += [f"  {r.source}: {r.reason}" for r in m.rejects[:20]]
-            if len(m.rejects) > 20:
-                lines.append(f"  ... {len(m.rejects) - 20} more in the manifest")
+                 classes_line(m.classes)]
+        lines += reject_lines(m.rejects)
         if self.converted:
             lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())))
+        if self.seconds:
+            lines.append(throughput_line(m.total_samples, m.total_bytes, self.seconds, self.workers))
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------- planning
-def plan_shards(items: list[SourceItem], cfg: ShardWriterConfig) -> list[ShardJob]:
-    order = list(range(len(items)))
+def shuffled_order(items: list[SourceItem], cfg: ShardWriterConfig) -> list[int]:
+    """Source positions in writing order: a seeded shuffle of files; table rows are
+    shuffled a row group at a time (kept together), so a shard reads one or two row
+    groups instead of a slice of every one."""
+    blocks: dict[object, list[int]] = {}
+    for pos, it in enumerate(items):
+        blocks.setdefault((it.url, it.row.group) if it.row is not None else pos, []).append(pos)
+    keys = list(blocks)
     if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(order)
+        random.Random(cfg.seed).shuffle(keys)
+    return [p for k in keys for p in blocks[k]]
+
+
+def plan_shards(items: list[SourceItem], cfg: ShardWriterConfig) -> list[ShardJob]:
+    order = shuffled_order(items, cfg)
     jobs: list[ShardJob] = []
     current: list[tuple[int, SourceItem]] = []
     size = 0
@@ -159,7 +174,9 @@ def _stored_image(data: bytes, item: SourceItem, cfg: ShardWriterConfig) -> tupl
         data = reencode_jpeg(data, cfg.images, cfg.max_side if cfg.reencode else None, quality, upright=True)
         ext = "jpg"
     else:
-        ext = item.rel.rsplit(".", 1)[-1].lower()
+        ext = item.rel.rsplit(".", 1)[-1].lower() if item.row is None else image_extension(data)
+        if ext is None:  # a table row in a format we do not store as is
+            data, ext = reencode_jpeg(data, cfg.images, None, UPRIGHT_QUALITY, upright=True), "jpg"
     return data, ext, [r for r in (mode_reason, "exif_orientation" if turns else None) if r]
 
 
@@ -173,6 +190,8 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
         rejects.append({"source": item.rel, "reason": reason})
         log.warning("rejected %s: %s", item.rel, detail)
 
+    rows = read_rows([(pos, it.url, it.row) for pos, it in job.items if it.row is not None and not it.problem],
+                     cfg.storage)
     with tempfile.TemporaryDirectory(prefix="mae-shard-") as tmpdir:
         local = os.path.join(tmpdir, job.name)
         with open(local, "wb") as f:
@@ -182,7 +201,10 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
                     reject(item, item.problem, item.problem)
                     continue
                 try:
-                    data, ext, reasons = _stored_image(_read_source(item, cfg.storage), item, cfg)
+                    data = rows.get(pos) if item.row is not None else _read_source(item, cfg.storage)
+                    if data is None:
+                        raise BadImage("empty", "the row holds no image bytes")
+                    data, ext, reasons = _stored_image(data, item, cfg)
                 except BadImage as e:
                     reject(item, e.reason, e)
                     continue
@@ -224,11 +246,14 @@ def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
     return record if same else None
 
 
-def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
-    """Shard ``src`` into ``dest``; resumable and safe to interrupt."""
+def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | None = None) -> WriteSummary:
+    """Shard ``src`` into ``dest``; resumable and safe to interrupt. The shards are
+    written by ``cfg.workers`` processes here, or as tasks on a Ray cluster (``ray``):
+    the same plan, the same bytes."""
+    start = time.monotonic()
     folder = ObjectFolder(dest, cfg.storage)
     folder.prepare(cfg.create_bucket)  # before any work: a misspelled bucket fails now
-    items, classes = list_sources(src, cfg.storage)
+    items, classes = list_sources(src, cfg.storage, TableColumns(cfg.image_column, cfg.label_column))
     jobs = plan_shards(items, cfg)
     records: dict[int, dict] = {}
     todo = []
@@ -238,21 +263,15 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
             records[job.index] = existing
         else:
             todo.append(job)
-    summary = WriteSummary(ShardManifest([]), skipped_existing=len(records))
+    summary = WriteSummary(ShardManifest([]), skipped_existing=len(records),
+                           workers=cfg.workers if ray is None else cluster_cpus(ray))
     log.info("%d images -> %d shards (%d already complete)", len(items), len(jobs), len(records))
     bar = tqdm(total=len(jobs), initial=len(records), unit="shard", disable=not sys.stderr.isatty(), desc="mae shard")
     try:
-        if cfg.workers == 1 or len(todo) <= 1:
-            for job in todo:
-                records[job.index] = write_shard(job, dest, classes, cfg)
-                bar.update()
-        else:
-            ctx = multiprocessing.get_context("spawn")  # fsspec's IO thread does not survive fork
-            with cf.ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx) as pool:
-                futures = {pool.submit(write_shard, job, dest, classes, cfg): job for job in todo}
-                for fut in cf.as_completed(futures):
-                    records[futures[fut].index] = fut.result()
-                    bar.update()
+        calls = [(job, dest, classes, cfg) for job in todo]
+        for job, record in run_tasks(write_shard, calls, todo, cfg.workers, processes=True, ray=ray):
+            records[job.index] = record
+            bar.update()
     finally:
         bar.close()
     summary.written = len(todo)
@@ -266,4 +285,5 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
     folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
     summary.manifest = manifest
+    summary.seconds = time.monotonic() - start
     return summary

@@ -45,6 +45,13 @@ def sha256_file(path: str | os.PathLike[str], fs: fsspec.AbstractFileSystem | No
     return digest.hexdigest()
 
 
+def object_etag(info: dict[str, Any]) -> str | None:
+    """The ETag in an fsspec ``info()`` record (S3 ``ETag``, GCS ``etag``), or None
+    where the filesystem has none (local files)."""
+    etag = info.get("ETag") or info.get("etag")
+    return str(etag) if etag else None
+
+
 class ObjectFolder:
     """A local folder or an object-store prefix, read and written object by object."""
 
@@ -103,6 +110,7 @@ class ObjectFolder:
         """Copy a local file to ``name`` atomically."""
         remote = self.path(name)
         if self.local:
+            os.makedirs(os.path.dirname(remote), exist_ok=True)
             with atomic_path(remote) as tmp:
                 shutil.copyfile(local, tmp)
         else:

@@ -6,6 +6,14 @@ the prefix completes, and only handed out once the whole shard matches its
 manifest sha256 — so a read that fails halfway is resumed or redone and never
 yields a partial or duplicated sample. Local (file://) datasets are read in place
 and verified once per process.
+
+A tar indexed in place without ``--hash`` (`mae index`) has no sha256. Its cache
+entry is named by a digest of (URL, size, ETag, header fingerprint); the object's
+size and ETag are checked before and after the download (an object replaced since
+indexing, or while being read, is a permanent error), and every reader checks the
+tar's header fingerprint when it opens the shard (``tar_format.index_shard``), so
+the samples read are exactly the ones indexed. The member bytes themselves are
+checked by decode-time validation only: ``--hash`` buys the full sha256 check.
 """
 
 from __future__ import annotations
@@ -22,13 +30,13 @@ import fsspec
 from tqdm import tqdm
 
 from infra.metrics import sink
-from pipeline.errors import ShardFetchError
+from pipeline.errors import ManifestError, ShardFetchError
 from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import READ_BLOCK, ObjectFolder, sha256_file
+from pipeline.storage.objects import READ_BLOCK, ObjectFolder, object_etag, sha256_file
 from pipeline.storage.retry import ChecksumMismatch
-from pipeline.storage.urls import join
+from pipeline.storage.urls import is_local, join
 
 RANGE_BYTES = 8 * 2**20  # one ranged GET per 8 MiB, several in flight per shard
 _EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry": "mae_shard_fetch_retries_total",
@@ -41,7 +49,21 @@ def _to_metrics(event: str, n: int) -> None:
 
 
 def _mismatch_text(actual: str, shard: ShardInfo) -> str:
-    return f"sha256 {actual[:12]}… != manifest {shard.sha256[:12]}…"
+    return f"sha256 {actual[:12]}… != manifest {(shard.sha256 or '')[:12]}…"
+
+
+def indexed_cache_key(url: str, shard: ShardInfo) -> str:
+    """The cache name of a shard without sha256: a digest of where it is and what
+    identifies its version (size, ETag, header fingerprint)."""
+    ident = f"maescale-indexed\n{url}\n{shard.name}\n{shard.bytes}\n{shard.etag}\n{shard.headers_sha256}"
+    return hashlib.sha256(ident.encode()).hexdigest()
+
+
+class ObjectChanged(ChecksumMismatch):
+    """An indexed object's size or ETag differs from the manifest's: re-index it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=True)
 
 
 class _PartialShard:
@@ -49,8 +71,8 @@ class _PartialShard:
     Out-of-order ranges wait in memory (at most ``parallel_ranges`` of them) until
     the prefix reaches them."""
 
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
+    def __init__(self, hashing: bool = True) -> None:
+        self.digest = hashlib.sha256() if hashing else None
         self.hashed = 0
         self.arrived: set[int] = set()
         self._waiting: dict[int, bytes] = {}
@@ -60,12 +82,15 @@ class _PartialShard:
         self._waiting[start] = data
         while self.hashed in self._waiting:
             chunk = self._waiting.pop(self.hashed)
-            self.digest.update(chunk)
+            if self.digest is not None:
+                self.digest.update(chunk)
             self.hashed += len(chunk)
 
     def finish(self, f: BinaryIO, size: int) -> None:
         """Hash what an earlier attempt left on disk beyond the in-memory prefix."""
         self._waiting.clear()
+        if self.digest is None:
+            return
         f.seek(self.hashed)
         while self.hashed < size and (chunk := f.read(min(READ_BLOCK, size - self.hashed))):
             self.digest.update(chunk)
@@ -83,28 +108,44 @@ class ShardStore:
     def __init__(self, url: str, config: StorageConfig | None = None,
                  on_event: Callable[[str, int], None] | None = None) -> None:
         self._on_event = on_event or _to_metrics
-        self.folder = ObjectFolder(url, config, self._on_event)
+        self.folder = ObjectFolder(url, config, self._on_event)  # the manifest's folder
+        self.data = self.folder  # the shards' folder (another one for tars indexed in place)
         self.url, self.config = self.folder.url, self.folder.storage
-        self.root, self.local = self.folder.root, self.folder.local
         self._verified: set[str] = set()
         self._partial: dict[str, _PartialShard] = {}  # downloads interrupted by a retryable error
         self._mismatch: dict[str, str] = {}  # sha256 -> digest of the last wrong download
+        self._set_cache()
+
+    def _set_cache(self) -> None:
+        self.root, self.local = self.data.root, self.data.local
         cache_dir = self.config.cache_dir or os.path.join(
             os.environ.get("MAESCALE_CACHE", os.path.expanduser("~/.cache/maescale")), "shards")
         self.cache = None if self.local else ShardCache(cache_dir, self.config.cache_limit_bytes)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        """This process's filesystem: DataLoader workers (forked) get their own."""
-        return self.folder.fs
+        """This process's filesystem for the shards: DataLoader workers (forked) get their own."""
+        return self.data.fs
+
+    def cache_key(self, shard: ShardInfo) -> str:
+        return shard.sha256 or indexed_cache_key(self.data.url, shard)
 
     def read_object(self, name: str, limit: int | None = None) -> bytes:
         """A small object of the dataset (manifest, keys file), under the retry policy."""
         return self.folder.read(name, limit)
 
     def read_manifest(self) -> ShardManifest:
-        data = self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
-        return ShardManifest.from_json(data, self.folder.where_of(MANIFEST_NAME))
+        """The dataset's manifest; when it names a ``data_url`` (tars indexed in place,
+        manifest kept elsewhere) shards are read from there from now on."""
+        where = self.folder.where_of(MANIFEST_NAME)
+        manifest = ShardManifest.from_json(self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), where)
+        if manifest.data_url is not None and manifest.data_url != self.data.url:
+            if is_local(manifest.data_url) and not self.folder.local:
+                raise ManifestError(f"{where}: data_url points at local files; a manifest read from an object store "
+                                    "may only point at object-store data")
+            self.data = ObjectFolder(manifest.data_url, self.config, self._on_event)
+            self._set_cache()
+        return manifest
 
     def local_path(self, shard: ShardInfo, progress: bool = False) -> Path:
         """A local file holding the verified shard (downloads on a cache miss, with
@@ -112,28 +153,29 @@ class ShardStore:
         if self.local:
             path = Path(join(self.root, shard.name))
             if shard.name not in self._verified:
-                self.folder.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
+                self.data.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
                 self._verified.add(shard.name)
             return path
         assert self.cache is not None
-        hit = self.cache.get(shard.sha256)
+        key = self.cache_key(shard)
+        hit = self.cache.get(key)
         if hit is not None:
             self._on_event("cache_hit", 1)
             return hit
         self._on_event("cache_miss", 1)
-        with self.cache.download_lock(shard.sha256):
-            hit = self.cache.get(shard.sha256)  # another worker fetched it meanwhile
+        with self.cache.download_lock(key):
+            hit = self.cache.get(key)  # another worker fetched it meanwhile
             if hit is not None:
                 return hit
-            tmp = self.cache.temp_path(shard.sha256)
+            tmp = self.cache.temp_path(key)
             try:
                 with tqdm(total=shard.bytes, unit="B", unit_scale=True, desc=f"staging {shard.name}",
                           disable=not (progress and sys.stderr.isatty())) as bar:
-                    self.folder.call(f"shard {shard.name}", lambda: self._download(shard, tmp, bar.update))
+                    self.data.call(f"shard {shard.name}", lambda: self._fetch(shard, key, tmp, bar.update))
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            return self.cache.commit(shard.sha256, tmp)
+            return self.cache.commit(key, tmp)
 
     def open_shard(self, shard: ShardInfo) -> BinaryIO:
         """The verified shard, opened for reading. A cached entry is pinned while
@@ -152,16 +194,41 @@ class ShardStore:
     def _verify_local(self, path: Path, shard: ShardInfo) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
+        if shard.sha256 is None:  # indexed in place: its header fingerprint is checked when opened
+            self._check_size(path.stat().st_size, shard)
+            return
         actual = sha256_file(path)
         if actual != shard.sha256:  # rereading a local file gives the same bytes: no retry
             raise ChecksumMismatch(_mismatch_text(actual, shard), permanent=True)
 
-    def _download(self, shard: ShardInfo, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
+    @staticmethod
+    def _check_size(size: int, shard: ShardInfo) -> None:
+        if size != shard.bytes:
+            raise ObjectChanged(f"{size} bytes, manifest says {shard.bytes}: the object changed since it was "
+                                "indexed; run `mae index` again")
+
+    def _check_unchanged(self, shard: ShardInfo) -> None:
+        """An indexed object still has the size and ETag it had when indexed."""
+        info = self.fs.info(join(self.root, shard.name), refresh=True)
+        self._check_size(int(info.get("size", -1)), shard)
+        if shard.etag is not None and object_etag(info) != shard.etag:
+            raise ObjectChanged(f"ETag {object_etag(info)} != manifest {shard.etag}: the object changed since it "
+                                "was indexed; run `mae index` again")
+
+    def _fetch(self, shard: ShardInfo, key: str, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
+        if shard.sha256 is not None:
+            self._download(shard, key, tmp, on_bytes)
+            return
+        self._check_unchanged(shard)
+        self._download(shard, key, tmp, on_bytes)
+        self._check_unchanged(shard)  # not replaced while we read it
+
+    def _download(self, shard: ShardInfo, key: str, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
         """Fetch one shard into ``tmp`` as parallel ranged GETs, each written at its
         offset, hashing in order as the prefix completes (no second read). A retry
         fetches only the ranges that have not arrived; a checksum mismatch starts over."""
         remote = join(self.root, shard.name)
-        state = self._partial.setdefault(shard.sha256, _PartialShard())
+        state = self._partial.setdefault(key, _PartialShard(hashing=shard.sha256 is not None))
         ranges = [(start, min(start + RANGE_BYTES, shard.bytes)) for start in range(0, shard.bytes, RANGE_BYTES)]
         with open(tmp, "r+b" if tmp.exists() else "w+b") as f:
             f.truncate(shard.bytes)
@@ -188,7 +255,9 @@ class ShardStore:
             if errors:
                 raise errors[0]
             state.finish(f, shard.bytes)
-        del self._partial[shard.sha256]
+        del self._partial[key]
+        if state.digest is None:
+            return
         actual = state.digest.hexdigest()
         if actual != shard.sha256:
             tmp.unlink()  # a corrupt body: start over from byte 0

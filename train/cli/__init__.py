@@ -14,13 +14,14 @@ import sys
 from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
-from train.cli import (bench_encoder, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, inspect,
-                       models, plan, pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_ingest, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, index,
+                       inspect, models, plan, pretrain, probe, reconstruct, shard)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
 COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("shard",), shard, "write images as webdataset tar shards + manifest to a folder or bucket"),
+    (("index",), index, "index existing webdataset tars in place: a manifest, reading only tar headers"),
     (("inspect",), inspect, "summarize (and --verify) a shard dataset"),
     (("pretrain",), pretrain, "pretrain an MAE (one process; use deepspeed/torchrun for more)"),
     (("export",), export, "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
@@ -31,6 +32,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
+    (("bench", "ingest"), bench_ingest, "mae index on the S3 test server; mae shard one process vs Ray, side by side"),
     (("bench", "inputs"), bench_inputs, "cost of validating manifests and images: checked vs trusted, side by side"),
     (("models",), models, "list registered model sizes with parameter counts"),
     (("demo",), demo, "the end-to-end demo (see README)"),

@@ -36,3 +36,18 @@ def storage_config(args: argparse.Namespace, **fields: object):
 
     return StorageConfig(endpoint_url=args.endpoint_url, connect_timeout_s=args.connect_timeout,
                          read_timeout_s=args.read_timeout, retry=RetryPolicy(deadline_s=args.deadline), **fields)
+
+
+def add_ray_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the tasks on a Ray cluster: its address ('auto', 'ray://head:10001'), or no value to "
+                        "start a local one (pip install 'maescale[ray]')")
+
+
+def ray_target(args: argparse.Namespace, workers: int | None):
+    """The RayTarget ``--ray`` names (None without it); a local cluster gets ``workers`` CPUs."""
+    from pipeline.shards.tasks import RayTarget
+
+    if args.ray is None:
+        return None
+    return RayTarget(None, workers) if args.ray == "local" else RayTarget(args.ray)

@@ -6,11 +6,12 @@ import argparse
 import os
 
 from pipeline.images import ImagePolicy
-from train.cli.common import add_storage_arguments, parse_bytes, storage_config
+from train.cli.common import add_ray_argument, add_storage_arguments, parse_bytes, ray_target, storage_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="image folder (class subfolders = labels), list file, or fsspec URL (s3://...)")
+    p.add_argument("src", help="image folder (class subfolders = labels), list file, parquet file or folder, a "
+                               "datasets.save_to_disk folder, or any fsspec URL of these (s3://..., hf://datasets/...)")
     p.add_argument("dest", help="output folder or URL (plain path, file://, s3://, gs://)")
     p.add_argument("--shard-size", type=parse_bytes, default=parse_bytes("256MB"), help="target bytes per shard")
     p.add_argument("--max-samples-per-shard", type=int, default=None)
@@ -34,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=ImagePolicy.max_pixels, help="decompression-bomb guard")
     p.add_argument("--create-bucket", action="store_true",
                    help="create DEST's bucket if it does not exist (default: a missing bucket is an error)")
+    p.add_argument("--image-column", default=None, help="parquet/Arrow: the image column (default: detected)")
+    p.add_argument("--label-column", default=None,
+                   help="parquet/Arrow: the label column (default: label, labels, cls or class if present; '' none)")
+    add_ray_argument(p)
     add_storage_arguments(p)
 
 
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         shuffle=not args.no_shuffle, seed=args.seed, reencode=args.reencode,
         max_side=args.max_side if args.format == "tar" or args.reencode else None,
         jpeg_quality=args.quality, with_meta=not args.no_meta, create_bucket=args.create_bucket,
+        image_column=args.image_column, label_column=args.label_column,
         images=ImagePolicy(min_side=args.min_side, max_pixels=args.max_pixels, mode_policy=args.mode_policy),
         storage=storage_config(args))
     if args.format == "beton":
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             jpeg_quality=args.quality, max_side=args.max_side, workers=args.workers,
             stall_timeout_s=args.stall_timeout, staging_dir=args.staging))
     else:
-        summary = write_shards(args.src, args.dest, cfg)
+        summary = write_shards(args.src, args.dest, cfg, ray_target(args, workers=args.workers))
     print(summary.format())
     print(f"manifest: {redact(args.dest.rstrip('/'))}/manifest.json")
     return 0
