@@ -16,8 +16,8 @@ from types import ModuleType
 from infra.options import OptionError
 from pipeline.errors import PipelineError
 from pipeline.storage.redact import redact
-from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, demo, export, finetune, inspect,
-                       models, plan, pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, convert, demo, export, finetune,
+                       inspect, models, plan, pretrain, probe, reconstruct, shard)
 from train.errors import TrainError
 
 # (command path, module, help)
@@ -27,6 +27,8 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("pretrain",), pretrain, "pretrain an MAE (one process; use deepspeed/torchrun for more)"),
     (("finetune",), finetune, "fine-tune (or linear-probe, the paper's way) a pretrained encoder on labelled shards"),
     (("export",), export, "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
+    (("convert",), convert, "weights in the layout timm's ViT or transformers' ViTMAEModel / ViTForImageClassification "
+                            "load"),
     (("reconstruct",), reconstruct, "PNG grid: original | masked | reconstruction | + visible patches"),
     (("probe",), probe, "linear probe and kNN top-1 of a frozen encoder on labelled shards"),
     (("plan",), plan, "model-state and activation memory per GPU for each ZeRO stage"),
