@@ -186,6 +186,8 @@ class Finetuner:
             self._classes(self.val_loader, cfg.eval.url)
         model, kind = build_classifier(cfg, self.num_classes)
         self.model_cfg = model.cfg
+        sizes = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 sum(p.numel() for p in model.parameters()))  # before ZeRO-3 partitions them
         self.derived: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.batch_size)
         self.engine = build_engine(cfg, model, self.derived.lr, optimizer_for(cfg, model, self.derived.lr))
         self.ckpt = CheckpointManager(cfg.checkpoint, f"classifier:{cfg.model.name}", cfg.fingerprint(), self.rank,
@@ -196,7 +198,7 @@ class Finetuner:
             Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
             self.metrics_file = open(cfg.log.metrics_file, "a")
         self.result = FinetuneResult(init=kind)
-        self._log_start(model)
+        self._log_start(*sizes)
 
     def _classes(self, loader: Loader, url: str) -> list[str]:
         classes = loader.manifest.classes
@@ -207,15 +209,14 @@ class Finetuner:
                                  f"{self.cfg.model.num_classes}")
         return list(classes)
 
-    def _log_start(self, model: ViTClassifier) -> None:
+    def _log_start(self, trainable: int, total: int) -> None:
         if self.rank != 0:
             return
         d, cfg = self.derived, self.cfg
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("fine-tuning %s (%s init) for %d classes at %d px: %.2fM of %.2fM parameters trainable; world %d, "
                  "global batch %d, lr %.3g (blr %.3g, layer decay %.2f), %s, %d steps/epoch, %d steps (%d warmup), "
                  "ZeRO %d, %s", cfg.model.name, self.result.init, self.num_classes, cfg.img_size, trainable / 1e6,
-                 sum(p.numel() for p in model.parameters()) / 1e6, self.world, d.global_batch, d.lr, cfg.optim.blr,
+                 total / 1e6, self.world, d.global_batch, d.lr, cfg.optim.blr,
                  cfg.model.layer_decay, cfg.optim.name, d.steps_per_epoch, d.total_steps, d.warmup_steps,
                  cfg.deepspeed.stage, cfg.deepspeed.precision)
 
