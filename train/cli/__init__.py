@@ -16,8 +16,8 @@ from types import ModuleType
 from infra.options import OptionError
 from pipeline.errors import PipelineError
 from pipeline.storage.redact import redact
-from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, convert, demo, export, finetune,
-                       inspect, models, plan, pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_finetune, bench_metrics, bench_pipeline, bench_train, convert, demo,
+                       export, finetune, inspect, models, plan, pretrain, probe, reconstruct, shard)
 from train.errors import TrainError
 
 # (command path, module, help)
@@ -33,6 +33,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("probe",), probe, "linear probe and kNN top-1 of a frozen encoder on labelled shards"),
     (("plan",), plan, "model-state and activation memory per GPU for each ZeRO stage"),
     (("bench", "train"), bench_train, "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
+    (("bench", "finetune"), bench_finetune, "the fine-tuning step: DeepSpeed engine vs a bare PyTorch loop"),
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),

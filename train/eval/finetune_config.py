@@ -34,7 +34,6 @@ class ClassifierModelConfig:
     weights: str | None = option(None, "pretrained weights: a run's checkpoint.dir, an `mae export` folder, "
                                        "encoder.safetensors, an official MAE .pth; None: random init (a baseline)")
     num_classes: int | None = option(None, "None: the training set's classes (its manifest)")
-    img_size: int | None = option(None, "None: data.augment.img_size; position embeddings are resized to it")
     drop_path: float = option(0.1, "stochastic depth of the last block, linear from 0 (B 0.1, L 0.2, H 0.3)")
     global_pool: bool = option(True, "mean of the patch tokens + fc_norm (the recipe); false: cls token after norm")
     head: str = option("linear", "linear / bn_linear (the linear probe: BatchNorm without affine, then Linear)")
@@ -107,7 +106,9 @@ class FinetuneConfig:
 
     @property
     def img_size(self) -> int:
-        return self.model.img_size or self.data.augment.img_size
+        """The classifier's input: the loader's image size (checkpoints of another
+        resolution have their position embeddings resized on loading)."""
+        return self.data.augment.img_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
