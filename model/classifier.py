@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from model.mae import MAEConfig
-from model.vit import LAYER_NORM_EPS, Block, PatchEmbed, init_linear_and_norm, run_blocks, sincos_pos_embed_2d
+from model.vit import (LAYER_NORM_EPS, Block, PatchEmbed, init_linear_and_norm, run_blocks, sincos_pos_embed_2d,
+                       with_cls_token)
 
 HEADS = ("linear", "bn_linear")
 HEAD_INIT_STD = {"linear": 2e-5, "bn_linear": 0.01}  # the official fine-tuning / linear probe
@@ -136,8 +137,7 @@ class ViTClassifier(nn.Module):
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> pooled, normalized features (B, D): what the head reads."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = run_blocks(self.blocks, torch.cat([cls, x], dim=1), self.grad_checkpointing)  # (B, 1+L, D)
+        x = run_blocks(self.blocks, with_cls_token(x, self.cls_token, self.pos_embed), self.grad_checkpointing)
         if self.cfg.global_pool:
             return self.fc_norm(x[:, 1:].mean(dim=1))
         return self.norm(x)[:, 0]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from model.vit import LAYER_NORM_EPS, Block, PatchEmbed, init_linear_and_norm, run_blocks, sincos_pos_embed_2d
+from model.vit import (LAYER_NORM_EPS, Block, PatchEmbed, init_linear_and_norm, run_blocks, sincos_pos_embed_2d,
+                       with_cls_token)
 
 NORM_PIX_EPS = 1e-6
 
@@ -179,8 +180,7 @@ class MaskedAutoencoderViT(nn.Module):
         return run_blocks(blocks, x, self.grad_checkpointing)
 
     def _with_cls(self, x: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        return with_cls_token(x, self.cls_token, self.pos_embed)
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None

@@ -125,6 +125,12 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool 
     return x
 
 
+def with_cls_token(x: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+    """Prepend the cls token (plus its position embedding, row 0): (N, T, D) -> (N, 1 + T, D)."""
+    cls = (cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    return torch.cat([cls, x], dim=1)
+
+
 def init_linear_and_norm(m: nn.Module) -> None:
     """The official release's init, applied module by module: xavier-uniform Linear
     weights, zero biases, unit LayerNorm."""

@@ -129,3 +129,15 @@ def module_state_dict(engine) -> dict[str, torch.Tensor]:
     with gather:
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
                 for k, v in module.state_dict().items()}
+
+
+def agree_across_ranks(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool, bool]:
+    """One all-reduce per micro-step: (mean loss, any rank non-finite, any rank stopping),
+    so every rank skips, saves and stops at the same step."""
+    import torch.distributed as dist
+
+    value = loss.detach().float()
+    flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
+    if world > 1:
+        dist.all_reduce(flags)
+    return flags[0].item() / world, flags[1].item() > 0, flags[2].item() > 0

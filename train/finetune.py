@@ -12,14 +12,7 @@ SIGTERM/SIGINT save and exit. The loop itself is ``train.eval.finetune``.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-
-from pipeline.errors import PipelineError
-from train.errors import TrainError
-
-log = logging.getLogger("train.finetune")
 
 
 def finetune(cfg):
@@ -62,17 +55,9 @@ def config_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """The run as every entry point executes it: one-line errors, exit codes."""
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
-    try:
-        result = finetune(config_from(args))
-    except (TrainError, PipelineError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return e.exit_code
-    if result.stopped_by_signal:
-        log.warning("stopped by %s at step %d after saving a checkpoint", result.stopped_by_signal, result.step)
-    return 0
+    from train.pretrain import run_job
+
+    return run_job(lambda: finetune(config_from(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

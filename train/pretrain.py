@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 import os
 import sys
 
@@ -46,11 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The run as every entry point executes it: one-line errors, exit codes."""
+    return run_job(lambda: pretrain(load_config(args.config, args.overrides)))
+
+
+def run_job(job: Callable[[], object]) -> int:
+    """A training job (pretraining, fine-tuning) under a launcher: per-rank logging,
+    typed errors as one log line and an exit code, a note when a signal stopped it."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
-        result = pretrain(load_config(args.config, args.overrides))
+        result = job()
     except (TrainError, PipelineError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return e.exit_code

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from infra.metrics import sink
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
@@ -27,7 +26,7 @@ from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig
-from train.engine import build_engine, device_for, init_distributed, set_lr
+from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
 from train.errors import NonFiniteLossError
 from train.recipe import Derived, derived, lr_at
 from train.speedup import peak_flops_for
@@ -158,11 +157,7 @@ class Trainer:
 
     def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
         """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
-        value = loss.detach().float()
-        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
-        if self.world > 1:
-            dist.all_reduce(flags)
-        return flags[0].item() / self.world, flags[1].item() > 0, flags[2].item() > 0
+        return agree_across_ranks(loss, stop, self.world)
 
     def run(self, stop: StopSignal) -> RunResult:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""

@@ -39,7 +39,8 @@ from pipeline.augment import AugmentConfig
 from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
-from train.engine import adamw, build_engine, device_for, init_distributed, module_state_dict, set_lr
+from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
+                          set_lr)
 from train.errors import EvalInputError, NonFiniteLossError, WeightsError
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
@@ -276,7 +277,7 @@ class Finetuner:
         if self._micro in cfg.faults.inject_nonfinite_at:
             loss = loss * float("nan")
         self._micro += 1
-        mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
+        mean_loss, nonfinite, stopping = agree_across_ranks(loss, stop.received is not None, self.world)
         if nonfinite:
             self._skip_nonfinite()
             return False
@@ -317,14 +318,6 @@ class Finetuner:
             key = batch.keys[int(bad.nonzero()[0])]
             raise EvalInputError(f"sample {key} has label {int(labels[bad][0])}, outside [0, {self.num_classes})")
         return labels
-
-    def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
-        """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
-        value = loss.detach().float()
-        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
-        if self.world > 1:
-            dist.all_reduce(flags)
-        return flags[0].item() / self.world, flags[1].item() > 0, flags[2].item() > 0
 
     def _skip_nonfinite(self) -> None:
         self.result.nonfinite_skipped += 1
