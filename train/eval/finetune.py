@@ -352,8 +352,10 @@ class Finetuner:
     # ----------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict | None:
-        """Top-1/top-5 and loss on the validation split; exports last (and best)."""
+        """Top-1/top-5 and loss on the validation split; exports last (and best).
+        Without a validation split only ``last`` is written."""
         if self.val_loader is None:
+            self._export("last", {"epoch": epoch, "step": self.result.step})
             return None
         module = self.engine.module
         module.eval()
