@@ -33,9 +33,10 @@ def test_fine_tuning_the_pretrained_encoder_beats_random_init_and_partial_sits_b
     top1 = {name: run["evals"][-1]["top1"] for name, run in r["finetune"].items()}
     assert all(run["evals"][-1]["samples"] == 597 for run in r["finetune"].values())
     assert r["finetune"]["pretrained"]["init"] == "encoder" and r["finetune"]["random init"]["init"] == "random"
-    # measured (4 epochs, seed 0): MARGINS_MEASURED
-    assert top1["pretrained"] >= top1["random init"] + FT_MARGIN, top1
-    assert top1["linear probe"] + PARTIAL_MARGIN <= top1["partial"] <= top1["pretrained"] + 0.02, top1
+    # measured on this budget (15-epoch pretraining, 4 fine-tuning epochs, seed 0): pretrained 78.7%,
+    # random init 59.3%, the paper's LARS probe 56.1%, the last 2 of 4 blocks 78.2%
+    assert top1["pretrained"] >= top1["random init"] + 0.08, top1
+    assert top1["linear probe"] + 0.10 <= top1["partial"] <= top1["pretrained"] + 0.03, top1
 
 
 def test_held_out_reconstruction_loss_falls_well_below_its_start(demo):
