@@ -55,6 +55,13 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("mae_encoder_speedup_ratio", "gauge", "Measured step-time ratio: mask-token encoder baseline / MAE, "
                "on this run's model, micro-batch and device"),
     MetricSpec("mae_encoder_speedup_flop_ratio", "gauge", "Analytic FLOP ratio: mask-token encoder baseline / MAE"),
+    MetricSpec("mae_eval_top1_ratio", "gauge", "Fine-tuning / probe: top-1 accuracy on the validation split, last "
+               "evaluation"),
+    MetricSpec("mae_eval_top5_ratio", "gauge", "Fine-tuning / probe: top-5 accuracy on the validation split, last "
+               "evaluation"),
+    MetricSpec("mae_eval_loss", "gauge", "Fine-tuning / probe: cross-entropy on the validation split, last evaluation"),
+    MetricSpec("mae_eval_best_top1_ratio", "gauge", "Fine-tuning / probe: best validation top-1 so far (the best "
+               "export)"),
 )}
 
 

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from model.vit import LAYER_NORM_EPS, Block, PatchEmbed, sincos_pos_embed_2d
+from model.vit import (LAYER_NORM_EPS, Block, PatchEmbed, init_linear_and_norm, run_blocks, sincos_pos_embed_2d,
+                       with_cls_token)
 
 NORM_PIX_EPS = 1e-6
 
@@ -107,7 +106,7 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for token in self.learned_tokens():
             nn.init.normal_(token, std=0.02)
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)
 
     def learned_tokens(self) -> list[nn.Parameter]:
         return [self.cls_token, self.mask_token]
@@ -178,16 +177,10 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(blocks, x, self.grad_checkpointing)
 
     def _with_cls(self, x: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        return with_cls_token(x, self.cls_token, self.pos_embed)
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
@@ -280,12 +273,3 @@ class MaskTokenBaselineMAE(MaskedAutoencoderViT):
     def _decoder_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         return x  # already every position, in patch order
 
-
-def _init_linear_and_norm(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 LAYER_NORM_EPS = 1e-6
 
@@ -71,19 +72,75 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) on a residual branch, per sample.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    Training: each sample's branch is zeroed with probability ``p`` and the kept
+    ones are scaled by 1 / (1 - p), so the expectation is unchanged. Eval: the
+    identity. Draws from the global torch RNG (checkpointed with the run).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    ``drop_path`` > 0 (fine-tuning) adds stochastic depth to both branches; it has
+    no parameters, so the state-dict keys are the same either way.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+    """Apply ``blocks`` in order; with ``grad_checkpointing`` (and grad enabled) each
+    block's activations are recomputed in backward instead of kept."""
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if grad_checkpointing and torch.is_grad_enabled() else blk(x)
+    return x
+
+
+def with_cls_token(x: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+    """Prepend the cls token (plus its position embedding, row 0): (N, T, D) -> (N, 1 + T, D)."""
+    cls = (cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    return torch.cat([cls, x], dim=1)
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """The official release's init, applied module by module: xavier-uniform Linear
+    weights, zero biases, unit LayerNorm."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def sincos_pos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from model.classifier import ViTClassifier
 from model.mae import MaskedAutoencoderViT
 from model.vit import resize_pos_embed
 
@@ -78,7 +79,37 @@ def load_mae_state_dict(model: MaskedAutoencoderViT, checkpoint: Mapping[str, ob
 
 
 def _fit_pos_embed(key: str, value: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    if key in ("pos_embed", "decoder_pos_embed") and value.dim() == 3 and value.shape[-1] == own.shape[-1]:
+    if key in ("pos_embed", "decoder_pos_embed") and value.dim() == 3 and value.shape[-1] == own.shape[-1] \
+            and value.shape[1] != own.shape[1]:
         new_grid = round((own.shape[1] - 1) ** 0.5)
         return resize_pos_embed(value, new_grid)
     return value
+
+
+def load_classifier_state_dict(model: ViTClassifier, checkpoint: Mapping[str, object]) -> str:
+    """Start a classifier from an MAE (full or encoder-only: its encoder is taken,
+    the decoder ignored) or load a classifier checkpoint (``head.*`` present).
+
+    As the official fine-tuning code: with global pooling the pretrained ``norm`` is
+    not used (``fc_norm`` and the head keep their init); position embeddings of
+    another grid are resized bicubically (224 -> 448). Returns ``'encoder'`` or
+    ``'classifier'``; raises ``CheckpointMismatchError`` naming missing and
+    mis-shaped keys.
+    """
+    sd = unwrap_state_dict(checkpoint)
+    own = model.state_dict()
+    if any(k.startswith("head.") for k in sd):  # a classifier: every key, strictly
+        kind, expected, take = "classifier", set(own), set(sd)
+    else:
+        kind = "encoder"
+        expected = {k for k in own if is_encoder_key(k)}
+        take = {k for k in sd if k in expected}
+    missing, unexpected = expected - set(sd), (take - set(own)) if kind == "classifier" else set()
+    fitted = {k: _fit_pos_embed(k, sd[k], own[k]) for k in take if k in own}
+    mis_shaped = {f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in fitted.items() if v.shape != own[k].shape}
+    if missing or unexpected or mis_shaped:
+        problems = [_listing(t, s) for t, s in (("missing", missing), ("unexpected", unexpected),
+                                                 ("shape mismatch", mis_shaped)) if s]
+        raise CheckpointMismatchError(f"{kind} checkpoint does not fit the classifier: " + "; ".join(problems))
+    model.load_state_dict(fitted, strict=kind == "classifier")
+    return kind

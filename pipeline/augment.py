@@ -1,24 +1,32 @@
-"""Augmentation shared by every decode backend: crop boxes, flips, normalization.
+"""Augmentation shared by every decode backend: crop boxes, flips, normalization,
+and the fine-tuning recipe's RandAugment and random erasing parameters.
 
-The paper's recipe: RandomResizedCrop(224, scale=(0.2, 1.0), ratio=(3/4, 4/3),
-bicubic) and a horizontal flip; nothing else. Crop boxes follow torchvision's
-algorithm (10 tries of area/log-aspect sampling, then a centre crop clamped to the
-ratio range). Parameters come from a per-sample RNG keyed by (seed, epoch, sample
-id), so augmentation does not depend on workers, ranks or resume.
+Pretraining (the paper): RandomResizedCrop(224, scale=(0.2, 1.0), ratio=(3/4, 4/3),
+bicubic) and a horizontal flip; nothing else. Fine-tuning adds RandAugment
+(``pipeline.randaugment``) and random erasing (``pipeline.erasing``); evaluation is
+a centre crop of ``crop_fraction`` of the shorter side (0.875: resize to 256, crop
+224). Crop boxes follow torchvision's algorithm (10 tries of area/log-aspect
+sampling, then a centre crop clamped to the ratio range). Every parameter comes
+from a per-sample RNG keyed by (seed, epoch, sample id, stream), so augmentation
+does not depend on workers, ranks, batches or resume.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from infra.options import option, require
+from pipeline.erasing import draw_erase
+from pipeline.randaugment import draw_rand_augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_STREAM, RANDAUG_STREAM, ERASE_STREAM = 0, 1, 2  # independent per-sample RNG streams
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,14 @@ class AugmentConfig:
     ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
     flip_prob: float = option(0.5, "horizontal flip probability")
     deterministic: bool = option(False, "centre crop, no flip: for evaluation and cross-backend checks")
+    crop_fraction: float = option(1.0, "deterministic mode: centre square's side / the shorter side "
+                                       "(0.875 = resize to 256, crop 224)")
+    rand_augment_layers: int = option(0, "RandAugment ops per image (0: off; fine-tuning: 2, as timm's "
+                                         "rand-m9-mstd0.5-inc1)")
+    rand_augment_magnitude: float = option(9.0, "RandAugment magnitude, 0-10")
+    rand_augment_magnitude_std: float = option(0.5, "std of each op's magnitude around it")
+    erase_prob: float = option(0.0, "random erasing probability (fine-tuning: 0.25): one box of 2-33% of the "
+                                    "image filled with N(0, 1) noise after normalization")
     mean: tuple[float, float, float] = option(IMAGENET_MEAN, "per-channel mean of normalization (RGB, 0-1)")
     std: tuple[float, float, float] = option(IMAGENET_STD, "per-channel std of normalization (RGB, 0-1)")
 
@@ -42,6 +58,26 @@ class AugmentConfig:
                 f"must be three numbers in [0, 1] (pixels scaled to 0-1), got {list(self.mean)}")
         require(len(self.std) == 3 and all(0 < s <= 1 for s in self.std), "std",
                 f"must be three numbers in (0, 1], got {list(self.std)}")
+        require(0 < self.crop_fraction <= 1, "crop_fraction", f"must be in (0, 1], got {self.crop_fraction}")
+        require(self.rand_augment_layers >= 0, "rand_augment_layers", f"must be >= 0, got {self.rand_augment_layers}")
+        require(0 <= self.rand_augment_magnitude <= 10, "rand_augment_magnitude",
+                f"must be in [0, 10], got {self.rand_augment_magnitude}")
+        require(self.rand_augment_magnitude_std >= 0, "rand_augment_magnitude_std",
+                f"must be >= 0, got {self.rand_augment_magnitude_std}")
+        require(0 <= self.erase_prob <= 1, "erase_prob", f"must be in [0, 1], got {self.erase_prob}")
+
+    @property
+    def rand_augment(self) -> bool:
+        return self.rand_augment_layers > 0 and not self.deterministic
+
+    @property
+    def erasing(self) -> bool:
+        return self.erase_prob > 0 and not self.deterministic
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The mean colour in uint8: what geometric ops fill uncovered pixels with."""
+        return tuple(min(255, round(255 * m)) for m in self.mean)
 
 
 class Normalizer:
@@ -63,8 +99,27 @@ class Normalizer:
         return (x * self.std255 + self.mean255).div(255).clamp(0, 1)
 
 
-def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, int(sample_id)])
+def sample_rng(seed: int, epoch: int, sample_id: int, stream: int = CROP_STREAM) -> np.random.Generator:
+    """The RNG of one sample's augmentation in one epoch; ``stream`` separates crops,
+    RandAugment and erasing so each backend can draw only what it applies."""
+    key = [seed, epoch, int(sample_id)] + ([stream] if stream != CROP_STREAM else [])
+    return np.random.default_rng(key)
+
+
+def rand_augment_params(cfg: AugmentConfig, seed: int, epoch: int, ids: Sequence[int]) -> torch.Tensor:
+    """(B, layers, 2) RandAugment ops and arguments of samples ``ids`` (``pipeline.randaugment``)."""
+    out = np.zeros((len(ids), cfg.rand_augment_layers, 2), dtype=np.float32)
+    for i, gid in enumerate(ids):
+        out[i] = draw_rand_augment(sample_rng(seed, epoch, gid, RANDAUG_STREAM), cfg.rand_augment_layers,
+                                   cfg.rand_augment_magnitude, cfg.rand_augment_magnitude_std)
+    return torch.from_numpy(out)
+
+
+def erase_params(cfg: AugmentConfig, seed: int, epoch: int, ids: Sequence[int]) -> torch.Tensor:
+    """(B, 5) erasing boxes of samples ``ids`` (``pipeline.erasing``)."""
+    boxes = [draw_erase(sample_rng(seed, epoch, gid, ERASE_STREAM), cfg.erase_prob, cfg.img_size, cfg.img_size)
+             for gid in ids]
+    return torch.from_numpy(np.stack(boxes)) if boxes else torch.zeros(0, 5, dtype=torch.int64)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -89,14 +144,15 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The central square of side min(width, height)."""
-    side = min(width, height)
+def center_crop_box(width: int, height: int, fraction: float = 1.0) -> tuple[int, int, int, int]:
+    """The central square of side ``fraction`` x min(width, height): 0.875 is the
+    evaluation crop "resize the shorter side to 256, crop 224"."""
+    side = max(1, int(round(min(width, height) * fraction)))
     return (width - side) // 2, (height - side) // 2, side, side
 
 
 def crop_and_flip(width: int, height: int, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
     if cfg.deterministic:
-        return center_crop_box(width, height), False
+        return center_crop_box(width, height, cfg.crop_fraction), False
     box = random_resized_crop_box(width, height, rng, cfg.scale, cfg.ratio)
     return box, bool(rng.random() < cfg.flip_prob)

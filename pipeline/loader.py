@@ -74,6 +74,8 @@ class LoaderConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require_fraction(self, "max_corrupt_fraction")
         require_choice(self, "dtype", tuple(DTYPES))
+        require(self.normalize or not self.augment.erasing, "normalize",
+                "must be true with augment.erase_prob > 0 (erasing fills normalized pixels with N(0, 1) noise)")
 
 
 @dataclass

@@ -252,8 +252,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A preset name (see ``list_presets``) or a YAML path, then ``a.b=c`` overrides."""
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig) -> Any:
+    """A preset name (see ``list_presets``) or a YAML path, then ``a.b=c`` overrides,
+    built as ``schema`` (``RunConfig``; fine-tuning passes its own)."""
     tree: dict[str, Any] = {}
     if source:
         path = Path(source)
@@ -274,16 +275,16 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: bad value ({e})") from e
         _set_path(tree, key.strip(), value)
-    return _build(RunConfig, tree, "")
+    return _build(schema, tree, "")
 
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def reference_table() -> str:
-    """Every config key with its type, default and documentation, as Markdown (the
-    README's configuration reference is this table)."""
+def reference_table(schema: type = RunConfig) -> str:
+    """Every config key of ``schema`` with its type, default and documentation, as
+    Markdown (the README's configuration references are these tables)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
@@ -298,5 +299,5 @@ def reference_table() -> str:
             note = doc_of(f).replace("|", "/")
             rows.append(f"| `{prefix}{f.name}` | {type_name} | `{json.dumps(default)}` | {note} |")
 
-    walk(RunConfig, "")
+    walk(schema, "")
     return "\n".join(rows)

@@ -11,7 +11,10 @@
 5. `mae probe` (linear probe + kNN on the digits) of the pretrained encoder and
    of a randomly initialized one, and the held-out reconstruction loss before
    and after;
-6. a summary: images/sec, data wait, loss start -> end, probe accuracies, files.
+6. `mae finetune` on the digits, a short run of the recipe: from the pretrained
+   encoder, from random init, and the paper's linear probe (LARS, BatchNorm head);
+7. a summary: images/sec, data wait, loss start -> end, probe and fine-tuning
+   accuracies, files.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class DemoConfig:
     photos: int = 800  # photo crops for pretraining (plus 1,200 digits)
     epochs: float = 50
     probe_epochs: int = 60
+    finetune_epochs: float = 4
+    partial_blocks: int | None = None  # also fine-tune only the last k blocks (the learning test)
     s3: bool = False
     seed: int = 0
     port: int = 0  # Prometheus endpoint (0: a free port)
@@ -226,6 +231,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             say(cfg, f"$ mae probe {weights} --train {urls['probe-train']} --val {urls['probe-val']} --pool avg")
             r["probe"][name] = probe(weights, urls["probe-train"], urls["probe-val"], pool="avg",
                                      epochs=cfg.probe_epochs, seed=cfg.seed)
+        say(cfg, "== 6. fine-tune on the digits: pretrained vs random init, and the paper's linear probe")
+        r["finetune"] = finetune_digits(cfg, urls, cfg.workdir / "export" / "encoder.safetensors")
         for k in env:
             os.environ.pop(k, None)
     r["files"] = {"reconstructions": str(recon), "loss_curve": str(cfg.workdir / "loss_curve.png"),
@@ -236,6 +243,62 @@ def run_demo(cfg: DemoConfig) -> dict:
     return r
 
 
+# The recipe's optimizer (AdamW, layer decay 0.75, warmup + cosine, drop path) on a 4-epoch
+# budget, with the light augmentation such a budget can use: RandAugment, erasing, mixup and
+# 8% crops regularize 50-100 ImageNet epochs and would leave a tiny 32 px model underfit here.
+DEMO_FINETUNE = ("data.batch_size=32", "optim.lr=2e-3", "model.drop_path=0.05", "data.augment.scale=[0.5,1.0]",
+                 "data.augment.rand_augment_layers=0", "data.augment.erase_prob=0", "mixup.prob=0",
+                 "schedule.warmup_epochs=0.5", "eval.every_epochs=1000")
+# The paper's linear probe: BatchNorm head on the frozen cls token, LARS at its absolute lr (0.1 x 16384 / 256).
+DEMO_PROBE = ("model.head=bn_linear", "model.global_pool=false", "model.trainable_blocks=0", "model.drop_path=0",
+              "optim.name=lars", "optim.lr=6.4", "optim.weight_decay=0", "optim.min_lr=0", "mixup.label_smoothing=0",
+              "deepspeed.stage=0")
+
+
+def finetune_digits(cfg: DemoConfig, urls: dict[str, str], encoder: Path) -> dict[str, dict]:
+    """Short `mae finetune` runs on the digits, in this process: name -> run summary."""
+    from train.finetune import main as finetune_main
+
+    runs = {"pretrained": [f"model.weights={encoder}"], "random init": [],
+            "linear probe": [f"model.weights={encoder}", *DEMO_PROBE]}
+    if cfg.partial_blocks is not None:
+        runs["partial"] = [f"model.weights={encoder}", f"model.trainable_blocks={cfg.partial_blocks}"]
+    results = {}
+    with _one_process_group():
+        for name, extra in runs.items():
+            out = cfg.workdir / "finetune" / name.replace(" ", "-")
+            if out.exists():
+                shutil.rmtree(out)
+            argv = ["--config", "finetune_tiny_cpu", f"data.url={urls['probe-train']}", f"eval.url={urls['probe-val']}",
+                    f"model.name={MODEL}", *DEMO_FINETUNE, f"schedule.epochs={cfg.finetune_epochs}", f"seed={cfg.seed}",
+                    f"checkpoint.dir={out}", "checkpoint.enabled=false", "log.every_steps=1000", *extra]
+            say(cfg, f"$ mae finetune {shlex.join(argv)}")
+            if finetune_main(argv):
+                raise DemoError(f"demo: fine-tuning ({name}) failed")
+            results[name] = json.loads((out / "run_summary.json").read_text())
+    return results
+
+
+@contextlib.contextmanager
+def _one_process_group():
+    """DeepSpeed in this process (one rank): afterwards the group is destroyed and the
+    launcher variables it set are removed, so later subprocesses start their own."""
+    before = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                              "MASTER_PORT")}
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _s3_store(cfg: DemoConfig):
     from infra.testing.s3_server import SeaweedS3
@@ -244,6 +307,17 @@ def _s3_store(cfg: DemoConfig):
         s3.create_bucket("maescale-demo")
         say(cfg, f"   (SeaweedFS S3 server at {s3.endpoint_url}, bucket maescale-demo)")
         yield "s3://maescale-demo", s3.env()
+
+
+def finetune_lines(runs: dict[str, dict]) -> list[str]:
+    top1 = {name: run["evals"][-1]["top1"] for name, run in runs.items()}
+    epochs = runs["pretrained"]["evals"][-1]["epoch"] + 1
+    lines = [f"fine-tuning   digits top-1 {top1['pretrained']:.1%} pretrained vs {top1['random init']:.1%} random "
+             f"init ({epochs} epochs)",
+             f"LARS probe    digits top-1 {top1['linear probe']:.1%} (the paper's linear probe, same epochs)"]
+    if "partial" in top1:
+        lines.append(f"partial       digits top-1 {top1['partial']:.1%} (last blocks only)")
+    return lines
 
 
 def format_summary(r: dict) -> str:
@@ -259,6 +333,7 @@ def format_summary(r: dict) -> str:
         f"{r['heldout_loss_pretrained']:.4f} (pretrained)",
         f"linear probe  digits top-1 {pre['linear_top1']:.1%} pretrained vs {rnd['linear_top1']:.1%} random init",
         f"kNN (k={pre['k']})    digits top-1 {pre['knn_top1']:.1%} pretrained vs {rnd['knn_top1']:.1%} random init",
+        *finetune_lines(r["finetune"]),
         f"pictures      {r['files']['reconstructions']}, {r['files']['loss_curve']}",
         f"checkpoints   {r['files']['checkpoints']} (exported: {r['files']['export']})",
         f"total         {r['wall_s'] / 60:.1f} min",

@@ -9,6 +9,7 @@ the paper's AMP recipe; ZeRO shards those states.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -92,16 +93,51 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_engine(cfg: RunConfig, model: nn.Module, lr: float):
+def build_engine(cfg: RunConfig, model: nn.Module, lr: float, optimizer: torch.optim.Optimizer | None = None):
+    """The DeepSpeed engine over ``model``: the pretraining AdamW groups, or the
+    client ``optimizer`` given (fine-tuning's layer-decayed AdamW, the probe's LARS)."""
     import deepspeed
 
-    fused = torch.cuda.is_available() and not cfg.deepspeed.offload_optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=cfg.optim.betas,
-                                  fused=fused or None)
+    if optimizer is None:
+        optimizer = adamw(cfg, param_groups(model, cfg.optim.weight_decay), lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_json(cfg))
     return engine
 
 
+def adamw(cfg: RunConfig, groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """torch AdamW with the config's betas; fused on a GPU unless ZeRO offloads it."""
+    fused = torch.cuda.is_available() and not cfg.deepspeed.offload_optimizer
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas, fused=fused or None)
+
+
 def set_lr(engine, lr: float) -> None:
+    """The schedule's lr on every group, times the group's ``lr_scale`` where it has
+    one (layer-wise lr decay)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def module_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The engine's whole module state dict, floats in fp32, on the CPU (ZeRO-3
+    parameters gathered first: call it on every rank)."""
+    module = engine.module
+    gather = contextlib.nullcontext()
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather:
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}
+
+
+def agree_across_ranks(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool, bool]:
+    """One all-reduce per micro-step: (mean loss, any rank non-finite, any rank stopping),
+    so every rank skips, saves and stops at the same step."""
+    import torch.distributed as dist
+
+    value = loss.detach().float()
+    flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
+    if world > 1:
+        dist.all_reduce(flags)
+    return flags[0].item() / world, flags[1].item() > 0, flags[2].item() > 0

@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from pipeline.storage.redact import describe, redact_logs
 from train.config import RunConfig, load_config
@@ -46,12 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The run as every entry point executes it: one-line errors, exit codes."""
+    return run_job(lambda: pretrain(load_config(args.config, args.overrides)))
+
+
+def run_job(job: Callable[[], object]) -> int:
+    """A training job (pretraining, fine-tuning) under a launcher: per-rank logging,
+    typed errors as one log line and an exit code, a note when a signal stopped it."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     redact_logs()
     try:
-        result = pretrain(load_config(args.config, args.overrides))
+        result = job()
     except reported_errors() as e:
         log.error("%s", describe(e))
         return exit_code_of(e)

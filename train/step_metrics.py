@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from infra.metrics import sink
+from infra.metrics import NullSink, install, sink
 
 
 class EncoderTimer:
@@ -62,3 +62,28 @@ def record_memory(device: torch.device) -> None:
         sink().set("mae_device_memory_reserved_bytes", torch.cuda.memory_reserved(device))
     with open("/proc/self/statm") as f:
         sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+def start_prometheus(m, rank: int, local_rank: int, backend: str):
+    """This rank's Prometheus endpoint (``MetricsConfig`` m), installed as the
+    process's sink before any loader starts (its workers inherit it); None when off."""
+    if not m.enabled:
+        return None
+    from infra.prometheus_sink import PrometheusSink
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    prom = PrometheusSink(rank, local_rank, local_world, m.port_base, m.bind, m.multiproc_dir, backend=backend)
+    install(prom)
+    if m.file_sd_dir and local_rank == 0:
+        prom.write_file_sd(m.file_sd_dir, m.port_base)
+    return prom
+
+
+def stop_prometheus(prom, linger_s: float) -> None:
+    """Keep the endpoint up ``linger_s`` (a short run's last scrape), then close it."""
+    if prom is None:
+        return
+    if linger_s > 0:
+        time.sleep(linger_s)
+    prom.close()
+    install(NullSink())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 import time
 from contextlib import closing
@@ -20,19 +19,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from infra.metrics import NullSink, install, sink
+from infra.metrics import sink
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
 from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig
-from train.engine import build_engine, device_for, init_distributed, set_lr
+from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
 from train.errors import NonFiniteLossError
 from train.recipe import Derived, derived, lr_at
 from train.speedup import peak_flops_for
-from train.step_metrics import EncoderTimer, record_memory
+from train.step_metrics import EncoderTimer, record_memory, start_prometheus, stop_prometheus
 
 log = logging.getLogger(__name__)
 FIXED_BATCH_SEED = 1234
@@ -117,17 +115,9 @@ class Trainer:
                      cfg.deepspeed.stage, cfg.deepspeed.precision)
 
     def _start_metrics(self):
-        m = self.cfg.metrics
-        if not m.enabled:
+        prom = start_prometheus(self.cfg.metrics, self.rank, self.local_rank, self.cfg.data.backend)
+        if prom is None:
             return None
-        from infra.prometheus_sink import PrometheusSink
-
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        prom = PrometheusSink(self.rank, self.local_rank, local_world, m.port_base, m.bind, m.multiproc_dir,
-                              backend=self.cfg.data.backend)
-        install(prom)
-        if m.file_sd_dir and self.local_rank == 0:
-            prom.write_file_sd(m.file_sd_dir, m.port_base)
         mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.augment.img_size)
         sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
         return prom
@@ -167,11 +157,7 @@ class Trainer:
 
     def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
         """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
-        value = loss.detach().float()
-        flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
-        if self.world > 1:
-            dist.all_reduce(flags)
-        return flags[0].item() / self.world, flags[1].item() > 0, flags[2].item() > 0
+        return agree_across_ranks(loss, stop, self.world)
 
     def run(self, stop: StopSignal) -> RunResult:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
@@ -303,11 +289,7 @@ class Trainer:
         self.encoder_timer.close()
         if self.metrics_file:
             self.metrics_file.close()
-        if self.prometheus is not None:
-            if self.cfg.metrics.linger_s > 0:  # let the last values be scraped
-                time.sleep(self.cfg.metrics.linger_s)
-            self.prometheus.close()
-            install(NullSink())
+        stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)
 
 
 def _timed(it):

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 from infra.metrics import sink
-from pipeline.augment import Normalizer
+from pipeline.augment import Normalizer, erase_params, rand_augment_params
+from pipeline.erasing import random_erase
 from pipeline.errors import CorruptDataError, ManifestError, ResumeStateError
 from pipeline.loader import DTYPES, Batch, LoaderConfig, LoaderStats
 from pipeline.plan import SamplePlan, resume_segments
+from pipeline.randaugment import rand_augment
 from pipeline.shards.manifest import ShardManifest
 from pipeline.storage.store import ShardStore
 
@@ -78,6 +80,7 @@ class PlannedLoader:
     by the backends; a backend implements ``_batches``."""
 
     normalizes = False  # the backend yields images normalized, on device, in the dtype
+    rand_augments = False  # the backend applies RandAugment itself (else: here, on the device)
     dataset_format = "tar"  # manifest options["format"] this backend reads
 
     def __init__(self, config: LoaderConfig, rank: int, world_size: int, device: torch.device) -> None:
@@ -164,12 +167,22 @@ class PlannedLoader:
                 continue
             self.stats.images += len(b.keys)
             self.stats.batches += 1
-            images = b.images
-            if not self.normalizes:
-                images = (self.normalizer(images, self.dtype) if self.config.normalize
-                          else images.to(self.device, non_blocking=True))
-            yield Batch(images, b.labels, b.keys, b.ids)
+            yield Batch(self._finish(b.images, b.ids), b.labels, b.keys, b.ids)
         self.epoch, self.segments = self.epoch + 1, [[self.world_size, 0]]
+
+    def _finish(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A backend's images -> the batch's: RandAugment on the device (unless the
+        backend did it), normalization (unless the backend did it), random erasing."""
+        aug, seed = self.config.augment, self.config.plan.seed
+        if aug.rand_augment and not self.rand_augments:
+            params = rand_augment_params(aug, seed, self.epoch, ids.tolist())
+            images = rand_augment(images.to(self.device, non_blocking=True), params, aug.fill)
+        if not self.normalizes:
+            images = (self.normalizer(images, self.dtype) if self.config.normalize
+                      else images.to(self.device, non_blocking=True))
+        if aug.erasing:
+            images = random_erase(images, erase_params(aug, seed, self.epoch, ids.tolist()))
+        return images
 
     def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
         raise NotImplementedError

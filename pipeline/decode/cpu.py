@@ -6,8 +6,9 @@ order is exactly the plan's whatever the worker count. Workers fetch shards
 through the shared on-disk cache (prefetching the next ones in threads), decode
 and crop (``pipeline.decode.crop``: libjpeg-turbo at the smallest DCT scale the
 crop allows, then one bicubic resize; PIL as the reference), flip, and return
-uint8 — 4x less to move between processes than float; normalization happens after
-the copy to the device.
+uint8 — 4x less to move between processes than float; with the fine-tuning recipe
+they also apply RandAugment there (torch ops on the uint8 crops). Normalization and
+random erasing happen after the copy to the device.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra.metrics import sink
-from pipeline.augment import sample_rng
+from pipeline.augment import rand_augment_params, sample_rng
 from pipeline.decode.base import DecodedBatch, PlannedLoader
 from pipeline.decode.crop import decode_crop
 from pipeline.decode.reader import read_batches
 from pipeline.images import BadImage
+from pipeline.randaugment import rand_augment
 from pipeline.shards.tar_format import image_member, label_of
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class _RankEpoch(IterableDataset):
             kept.append(gid)
         S = cfg.augment.img_size
         stacked = torch.stack(images) if images else torch.empty(0, 3, S, S, dtype=torch.uint8)
+        if cfg.augment.rand_augment and images:  # on the uint8 crops, in this worker
+            stacked = rand_augment(stacked, rand_augment_params(cfg.augment, cfg.plan.seed, self.epoch, kept),
+                                   cfg.augment.fill)
         sink().inc("mae_pipeline_images_decoded_total", len(images), backend="cpu")
         return DecodedBatch(stacked, torch.tensor(labels, dtype=torch.int64), keys, torch.tensor(kept, dtype=torch.int64),
                             len(ids), skips, converted)
@@ -84,6 +89,8 @@ def _defer_stop_signals(worker_id: int) -> None:
 
 class CpuLoader(PlannedLoader):
     """The reference decode path (PIL in DataLoader worker processes)."""
+
+    rand_augments = True  # in the workers, on the host
 
     def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
         dataset = _RankEpoch(self, ids, epoch)

@@ -122,6 +122,9 @@ class DaliLoader(PlannedLoader):
             if self.gpu else None
         self.plan_crops = config.dali.crop == "plan" or config.augment.deterministic
         self.rebuilds = 0
+        # RandAugment runs on DALI's uint8 output, on the same device (torch ops, no
+        # PIL): DALI then stops at uint8 and normalization follows RandAugment.
+        self.normalizes = config.normalize and not config.augment.rand_augment
 
     # -- the DALI graph
     def _pipeline(self, source: Callable[[], tuple], batch_size: int, pipelined: bool = True):
@@ -129,7 +132,7 @@ class DaliLoader(PlannedLoader):
         decode = {"device": "mixed", "hw_decoder_load": cfg.dali.hw_decoder_load} if self.gpu else {"device": "cpu"}
         decode["adjust_orientation"] = False  # pixels as stored, as every backend (pipeline.images); boxes fit them
         S = aug.img_size
-        if cfg.normalize:
+        if self.normalizes:
             norm = {"dtype": DALI_OUT_DTYPES[self.dtype], "mean": [m * 255 for m in aug.mean],
                     "std": [s * 255 for s in aug.std]}
         else:
@@ -240,10 +243,10 @@ class DaliLoader(PlannedLoader):
         cfg = self.config
         S = cfg.augment.img_size
         if out is None:
-            images = torch.empty(0, 3, S, S, device=self.device, dtype=self.dtype if cfg.normalize else torch.uint8)
+            images = torch.empty(0, 3, S, S, device=self.device, dtype=self.dtype if self.normalizes else torch.uint8)
         else:
             images = self._to_torch(out.as_tensor())
-            if cfg.normalize and images.dtype != self.dtype:
+            if self.normalizes and images.dtype != self.dtype:
                 images = images.to(self.dtype)
         sink().inc("mae_pipeline_images_decoded_total", len(batch.keys), backend="dali")
         return DecodedBatch(images, torch.tensor(batch.labels, dtype=torch.int64), batch.keys,

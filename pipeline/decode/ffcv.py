@@ -61,7 +61,7 @@ class FfcvLoader(PlannedLoader):
             self._built_at = time.perf_counter()
             S = aug.img_size
             if aug.deterministic:
-                image = [CenterCropRGBImageDecoder((S, S), ratio=1.0)]
+                image = [CenterCropRGBImageDecoder((S, S), ratio=aug.crop_fraction)]
             else:
                 image = [RandomResizedCropRGBImageDecoder((S, S), scale=aug.scale, ratio=aug.ratio),
                          RandomHorizontalFlip(aug.flip_prob)]

@@ -14,8 +14,9 @@ import sys
 from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
-from train.cli import (bench_encoder, bench_ingest, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, index,
-                       inspect, models, plan, pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_finetune, bench_ingest, bench_inputs, bench_metrics, bench_pipeline,
+                       bench_train, convert, demo, export, finetune, index, inspect, models, plan, pretrain, probe,
+                       reconstruct, shard)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
@@ -24,11 +25,15 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("index",), index, "index existing webdataset tars in place: a manifest, reading only tar headers"),
     (("inspect",), inspect, "summarize (and --verify) a shard dataset"),
     (("pretrain",), pretrain, "pretrain an MAE (one process; use deepspeed/torchrun for more)"),
+    (("finetune",), finetune, "fine-tune (or linear-probe, the paper's way) a pretrained encoder on labelled shards"),
     (("export",), export, "consolidate a ZeRO checkpoint to fp32 safetensors (full MAE + encoder)"),
+    (("convert",), convert, "weights in the layout timm's ViT or transformers' ViTMAEModel / ViTForImageClassification "
+                            "load"),
     (("reconstruct",), reconstruct, "PNG grid: original | masked | reconstruction | + visible patches"),
     (("probe",), probe, "linear probe and kNN top-1 of a frozen encoder on labelled shards"),
     (("plan",), plan, "model-state and activation memory per GPU for each ZeRO stage"),
     (("bench", "train"), bench_train, "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
+    (("bench", "finetune"), bench_finetune, "the fine-tuning step: DeepSpeed engine vs a bare PyTorch loop"),
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),

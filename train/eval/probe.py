@@ -1,7 +1,9 @@
-"""How good are the frozen features? (`mae probe WEIGHTS --train URL [--val URL]`)
+"""How good are the frozen features? The quick check (`mae probe WEIGHTS --train URL
+[--val URL]`); the paper's full linear-probe protocol (LARS, batch 16384, 90 epochs of
+augmented crops) is `mae finetune --config linprobe_vit_*` (``train.eval.finetune``).
 
 Two classifiers on the frozen encoder's features of a labelled shard dataset:
-- linear probe, the paper's protocol: BatchNorm without affine parameters, then a
+- linear probe with the paper's head: BatchNorm without affine parameters, then a
   linear layer, trained with SGD (momentum 0.9, cosine schedule, no weight decay);
   features are the cls token or the average of the patch tokens (``--pool``);
 - k-nearest neighbours: cosine similarity, k=20, votes weighted by exp(sim / 0.07).

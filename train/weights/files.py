@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from infra.files import atomic_path
+from model.classifier import ClassifierConfig
 from model.mae import MaskedAutoencoderViT
 from model.weights import encoder_state_dict, unwrap_state_dict
 from train.errors import WeightsError
@@ -57,3 +58,27 @@ def export_encoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) ->
     meta = {"arch": "vit", "img_size": cfg.img_size, "patch_size": cfg.patch_size,
             "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads}
     return save_safetensors(encoder_state_dict(model), path, meta)
+
+
+CLASSIFIER_ARCH = "vit_classifier"
+
+
+def export_classifier(state_dict: Mapping[str, torch.Tensor], cfg: ClassifierConfig, path: str | os.PathLike[str],
+                      extra: Mapping[str, object] | None = None) -> Path:
+    """A fine-tuned classifier (timm ViT layout) with its architecture, and ``extra``
+    (class names, scores) as metadata: what `mae finetune` writes to best/ and last/."""
+    meta = {"arch": CLASSIFIER_ARCH, **{k: getattr(cfg, k) for k in (
+        "num_classes", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "global_pool",
+        "head")}, **(extra or {})}
+    return save_safetensors(state_dict, path, meta)
+
+
+def classifier_config_of(meta: Mapping[str, object], source: object) -> ClassifierConfig:
+    """The ``ClassifierConfig`` recorded by ``export_classifier`` (drop path off: inference)."""
+    if meta.get("arch") != CLASSIFIER_ARCH:
+        raise WeightsError(f"{source} is not a classifier written by `mae finetune` (no arch={CLASSIFIER_ARCH})")
+    try:
+        return ClassifierConfig(**{k: meta[k] for k in ("num_classes", "img_size", "patch_size", "embed_dim", "depth",
+                                                        "num_heads", "mlp_ratio", "global_pool", "head")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: classifier metadata is incomplete or invalid ({e})") from e

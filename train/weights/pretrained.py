@@ -3,25 +3,31 @@
 Accepted: a run's ``checkpoint.dir`` (its latest complete checkpoint) or one
 ``step*`` directory of it — any ZeRO stage —; the output folder of ``mae export``;
 ``mae.safetensors`` (full MAE); ``encoder.safetensors`` (encoder only, decoder left
-at its initialization); or ``random:<model>`` for a seeded random init (the
-baseline a probe is compared against). Everything is read as plain tensors
-(safetensors, or ``torch.load(weights_only=True)``).
+at its initialization); an official MAE ``.pth`` (``{'model': state_dict}``, full or
+encoder-only; its size is recognized among the registered ones); or
+``random:<model>`` for a seeded random init (the baseline a probe is compared
+against). ``read_weights`` gives the bare state dict of the same sources (and of a
+fine-tuned ``classifier.safetensors``) for fine-tuning. Everything is read as plain
+tensors (safetensors, or ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from model.mae import MAEConfig, MaskedAutoencoderViT
-from model.registry import create_model, model_config
+from model.registry import create_model, list_models, model_config
 from model.weights import load_mae_state_dict
 from train.errors import WeightsError
 from train.weights.files import read_state_dict
 
 RANDOM_PREFIX = "random:"
+TORCH_SUFFIXES = (".pth", ".pt")
+WEIGHT_FILES = ("classifier.safetensors", "mae.safetensors")  # what an export folder holds, in preference
 
 
 def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None) -> tuple[MaskedAutoencoderViT, dict]:
@@ -40,9 +46,15 @@ def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None
 
         model, info = load_checkpoint(path)
         return model.eval(), {**info, "kind": "full"}
+    if path.suffix in TORCH_SUFFIXES:
+        sd = read_state_dict(path)
+        name = registered_size_of(sd, path)
+        model = create_model(name, img_size=_img_size_of(sd))
+        kind = load_mae_state_dict(model, sd)
+        return model.eval(), {"kind": kind, "model": name, "path": str(path)}
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: expected a checkpoint directory, an `mae export` folder, a "
-                                  f".safetensors file or random:<model>")
+                                  f".safetensors or official .pth file, or random:<model>")
     meta = _safetensors_metadata(path)
     if "model" in meta:  # mae.safetensors from `mae export`
         cfg = model_config(meta["model"], img_size=int(meta.get("img_size", model_config(meta["model"]).img_size)),
@@ -56,6 +68,49 @@ def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None
     model = MaskedAutoencoderViT(cfg)
     kind = load_mae_state_dict(model, read_state_dict(path))
     return model.eval(), {"kind": kind, "model": name, "path": str(path)}
+
+
+def read_weights(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict behind a weights source, as it is (MAE, encoder or classifier):
+    a run's checkpoint dir or step dir (consolidated, any stage), an `mae export` or
+    fine-tuning export folder, a .safetensors file or an official .pth."""
+    path = Path(spec)
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                path = path / name
+                break
+    if path.is_dir():
+        from train.weights.consolidate import consolidate, resolve_tag
+
+        root, tag = resolve_tag(path)
+        sd, _ = consolidate(root, tag)
+        return sd, {"path": str(root / tag)}
+    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise WeightsError(f"{path}: expected a checkpoint directory, an export folder, a .safetensors or "
+                           ".pth file")
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    return read_state_dict(path), {"path": str(path), **meta}
+
+
+def registered_size_of(sd: dict[str, torch.Tensor], source: object) -> str:
+    """The registered model whose encoder has this state dict's width, depth and patch
+    (official checkpoints carry no architecture metadata; heads are the paper's)."""
+    try:
+        width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    except KeyError:
+        raise WeightsError(f"{source}: no cls_token / patch_embed.proj.weight: not a ViT encoder") from None
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for name in list_models():
+        cfg = model_config(name)
+        if (cfg.embed_dim, cfg.depth, cfg.patch_size) == (width, depth, patch):
+            return name
+    raise WeightsError(f"{source}: no registered model has width {width}, depth {depth}, patch {patch} (mae models)")
+
+
+def _img_size_of(sd: dict[str, torch.Tensor]) -> int:
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else 14
+    return grid * sd["patch_embed.proj.weight"].shape[-1]
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

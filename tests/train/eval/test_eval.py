@@ -13,6 +13,7 @@ from model.registry import create_model
 from train.weights.pretrained import load_pretrained
 from train.eval.probe import knn, linear_probe, split
 from train.eval.reconstruct import NORMALIZE, reconstruct, save_grid, visible_patch_stats
+from train.errors import WeightsError
 from train.weights.files import export_encoder, save_safetensors
 
 
@@ -99,3 +100,20 @@ def test_load_pretrained_reads_every_kind_of_weights(tmp_path):
     out = subprocess.run([sys.executable, "-m", "train.cli", "reconstruct", str(tmp_path / "encoder.safetensors"),
                           str(tmp_path), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert out.returncode != 0 and "encoder only" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_official_mae_pth_loads_by_its_shapes(tmp_path):
+    """The official release ships {'model': state_dict} .pth files without metadata:
+    the size is recognized among the registered ones, the pickle read weights-only."""
+    torch.manual_seed(4)
+    model = create_model("mae_vit_test_patch4").eval()
+    encoder_only = {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": encoder_only}, tmp_path / "mae_pretrain_vit_test.pth")
+    loaded, info = load_pretrained(tmp_path / "mae_pretrain_vit_test.pth")
+    assert info["kind"] == "encoder" and info["model"] == "mae_vit_test_patch4"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.forward_features(x), model.forward_features(x), atol=1e-6)
+    odd = {**encoder_only, "cls_token": torch.zeros(1, 1, 48)}
+    torch.save({"model": odd}, tmp_path / "odd.pth")
+    with pytest.raises(WeightsError, match="no registered model has width 48"):
+        load_pretrained(tmp_path / "odd.pth")

@@ -1,0 +1,140 @@
+"""Our weights as timm and transformers load them (`mae convert SRC OUT --to ...`).
+
+Sources: a pretrained MAE or encoder (a run's checkpoint dir, an `mae export`
+folder, ``mae.safetensors``, ``encoder.safetensors``, an official ``.pth``) or a
+fine-tuned classifier (``RUN/best`` or ``RUN/last`` of `mae finetune`, or its
+``classifier.safetensors``). Each target is a folder of ``model.safetensors`` +
+``config.json`` in that library's own format:
+
+- ``timm``: timm's ``VisionTransformer`` keys; ``config.json`` holds the
+  architecture, ``model_args`` and ``pretrained_cfg`` (input size, crop, mean/std,
+  label names), as timm's Hub configs do. An encoder loads with ``num_classes=0``.
+- ``transformers``: an encoder as ``ViTMAEModel``, a classifier as
+  ``ViTForImageClassification`` (cls-token classifiers only: transformers' ViT has
+  no global-average-pooling head), plus ``preprocessor_config.json``;
+  ``from_pretrained(OUT)`` loads it offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from infra.files import atomic_write
+from model.classifier import ClassifierConfig
+from model.layouts import LayoutError, timm_state_dict, transformers_classifier_state_dict, \
+    transformers_encoder_state_dict
+from model.mae import MAEConfig
+from model.registry import model_config
+from train.errors import WeightsError
+from train.weights.files import classifier_config_of, save_safetensors
+from train.weights.pretrained import read_weights, registered_size_of
+
+TARGETS = ("timm", "transformers")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TIMM_NAMES = {(768, 12, 16): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
+              (1280, 32, 14): "vit_huge_patch14_224", (384, 12, 16): "vit_small_patch16_224",
+              (192, 12, 16): "vit_tiny_patch16_224"}
+
+
+def convert(source: str | Path, out: str | Path, target: str) -> dict:
+    """Write ``source`` in ``target``'s layout under ``out``; returns what was written."""
+    if target not in TARGETS:
+        raise WeightsError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
+    sd, meta = read_weights(source)
+    out = Path(out)
+    try:
+        if any(k.startswith("head.") for k in sd):
+            cfg = classifier_config_of(meta, source)
+            classes = meta.get("classes") or [str(i) for i in range(cfg.num_classes)]
+            written = _classifier(sd, cfg, classes, out, target)
+        else:
+            written = _encoder(sd, _encoder_config(sd, meta, source), out, target)
+    except LayoutError as e:
+        raise WeightsError(f"{source} cannot be written for {target}: {e}") from None
+    return {"source": str(source), "target": target, "out": str(out), **written}
+
+
+def _encoder_config(sd: dict[str, torch.Tensor], meta: dict, source: object) -> MAEConfig:
+    if "model" in meta:  # mae.safetensors
+        return model_config(meta["model"], img_size=int(meta.get("img_size", 224)))
+    if meta.get("arch") == "vit":  # encoder.safetensors
+        return MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
+    name = registered_size_of(sd, source)  # an official .pth or a checkpoint dir
+    grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    return model_config(name, img_size=grid * model_config(name).patch_size)
+
+
+def _encoder(sd: dict[str, torch.Tensor], cfg: MAEConfig, out: Path, target: str) -> dict:
+    if target == "timm":
+        args = _timm_args(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+                          num_classes=0, global_pool="token")
+        return _write(out, timm_state_dict(sd, encoder_only=True), _timm_config(args, [], crop=0.875))
+    config = {**_hf_common(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio),
+              "model_type": "vit_mae", "architectures": ["ViTMAEModel"], "mask_ratio": 0.75,
+              "norm_pix_loss": cfg.norm_pix_loss, "decoder_hidden_size": cfg.decoder_embed_dim,
+              "decoder_num_hidden_layers": cfg.decoder_depth, "decoder_num_attention_heads": cfg.decoder_num_heads,
+              "decoder_intermediate_size": int(cfg.decoder_embed_dim * cfg.mlp_ratio)}
+    return _write(out, transformers_encoder_state_dict(sd), config, _hf_preprocessor(cfg.img_size))
+
+
+def _classifier(sd: dict[str, torch.Tensor], cfg: ClassifierConfig, classes: list[str], out: Path,
+                target: str) -> dict:
+    shape = (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+    if target == "timm":
+        if cfg.head != "linear":
+            raise LayoutError("the linear probe's BatchNorm head is not a timm ViT head")
+        args = _timm_args(*shape, num_classes=cfg.num_classes, global_pool="avg" if cfg.global_pool else "token")
+        crop = 0.875 if cfg.img_size <= 224 else 1.0
+        return _write(out, timm_state_dict(sd), _timm_config(args, classes, crop))
+    config = {**_hf_common(*shape), "model_type": "vit", "architectures": ["ViTForImageClassification"],
+              "id2label": {str(i): name for i, name in enumerate(classes)},
+              "label2id": {name: i for i, name in enumerate(classes)}}
+    return _write(out, transformers_classifier_state_dict(sd), config, _hf_preprocessor(cfg.img_size))
+
+
+def _timm_args(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float,
+               num_classes: int, global_pool: str) -> dict:
+    return {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
+            "num_heads": num_heads, "mlp_ratio": mlp_ratio, "num_classes": num_classes, "global_pool": global_pool,
+            "qkv_bias": True, "class_token": True}
+
+
+def _timm_config(args: dict, classes: list[str], crop: float) -> dict:
+    """timm's Hub config: ``timm.create_model(architecture, pretrained=True,
+    pretrained_cfg_overlay={"file": "model.safetensors"}, **model_args)``."""
+    name = TIMM_NAMES.get((args["embed_dim"], args["depth"], args["patch_size"]), "vit_base_patch16_224")
+    size = args["img_size"]
+    return {"architecture": name, "num_classes": args["num_classes"], "num_features": args["embed_dim"],
+            "global_pool": args["global_pool"], "model_args": args, "label_names": classes,
+            "pretrained_cfg": {"input_size": [3, size, size], "fixed_input_size": True, "interpolation": "bicubic",
+                               "crop_pct": crop, "crop_mode": "center", "mean": list(MEAN), "std": list(STD),
+                               "num_classes": args["num_classes"], "first_conv": "patch_embed.proj",
+                               "classifier": "head"}}
+
+
+def _hf_common(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> dict:
+    return {"hidden_size": embed_dim, "num_hidden_layers": depth, "num_attention_heads": num_heads,
+            "intermediate_size": int(embed_dim * mlp_ratio), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": 1e-6,
+            "image_size": img_size, "patch_size": patch_size, "num_channels": 3, "qkv_bias": True}
+
+
+def _hf_preprocessor(size: int) -> dict:
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(MEAN), "image_std": list(STD)}
+
+
+def _write(out: Path, sd: dict[str, torch.Tensor], config: dict, preprocessor: dict | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(sd, out / "model.safetensors")
+    atomic_write(out / "config.json", json.dumps(config, indent=1))
+    files = ["model.safetensors", "config.json"]
+    if preprocessor is not None:
+        atomic_write(out / "preprocessor_config.json", json.dumps(preprocessor, indent=1))
+        files.append("preprocessor_config.json")
+    return {"files": files, "tensors": len(sd), "architecture": config.get("architectures", [config.get(
+        "architecture")])[0]}
