@@ -288,10 +288,9 @@ def _one_process_group():
     try:
         yield
     finally:
-        import torch.distributed as dist
+        from train.engine import shutdown_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -52,6 +52,17 @@ def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def shutdown_distributed() -> None:
+    """Destroy this process's group through DeepSpeed, which also drops the groups it
+    cached (a later run in the same process would otherwise reuse dead ones)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
 def device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

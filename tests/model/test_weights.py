@@ -126,7 +126,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": _Payload()}, f)
-    with pytest.raises(WeightsError, match="cannot read weights"):
+    with pytest.raises(WeightsError, match="refused to load .*objects other than tensors"):
         read_state_dict(path)
     assert not (tmp_path / "pwned").exists()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,7 +31,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, wrong format
+    except pickle.UnpicklingError as e:  # objects beyond tensors: possibly code
+        raise WeightsError(
+            f"refused to load {path}: it holds objects other than tensors and plain containers "
+            "(a pickle that could run code); only plain weights are read"
+        ) from e
+    except Exception as e:  # corrupt file, wrong format
         raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
     if not isinstance(raw, Mapping):
         raise WeightsError(f"{path} holds a {type(raw).__name__}, not a state dict")
