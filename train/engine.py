@@ -51,6 +51,24 @@ def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def all_ranks(value: Any) -> list[Any]:
+    """Every rank's ``value`` (small picklable objects between our own processes),
+    in rank order; a collective, so also a barrier."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def first_error(error: str | None) -> str | None:
+    """The first error any rank hit (in rank order), on every rank: ranks go on or
+    stop together, all with the same message, and no rank waits for one that died."""
+    return next((e for e in all_ranks(error) if e), None)
+
+
 def device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

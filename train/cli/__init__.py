@@ -16,8 +16,8 @@ from types import ModuleType
 from infra.options import OptionError
 from pipeline.errors import PipelineError
 from pipeline.storage.redact import redact
-from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, demo, export, inspect, models, plan,
-                       pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, chaos, demo, export, inspect, models,
+                       plan, pretrain, probe, reconstruct, shard)
 from train.errors import TrainError
 
 # (command path, module, help)
@@ -35,6 +35,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("models",), models, "list registered model sizes with parameter counts"),
     (("demo",), demo, "the end-to-end demo (see README)"),
+    (("chaos",), chaos, "kill a tiny pretraining at random points under S3 faults; check losses, weights, samples"),
 ]
 
 

@@ -1,46 +1,78 @@
-"""moto's S3 server behind a small WSGI fault layer, for faults a real server
-will not produce on demand: 503 SlowDown, 500, delays, truncated bodies, stalls.
+"""moto's S3 server behind a small WSGI fault layer, for faults a real server will
+not produce on demand: 503 SlowDown, 500, delays, connection resets, truncated
+bodies, stalls.
 
-Faults apply to GETs of object keys containing ``match``, each a given number of
-times, in the order they were added.
+Two ways to inject, on GETs of object keys containing ``match``:
+
+- ``faults.add(kind, match, times)``: exactly these faults, in the order added;
+- ``faults.set_rate(0.1, kinds, seed)``: each GET fails with probability ``rate``,
+  the kind drawn at random (seeded) — the chaos soak's object store.
+
+``injected`` lists the kinds injected so far; ``object_gets`` counts object GETs.
 """
 
 from __future__ import annotations
 
+import random
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
 
 from moto.server import DomainDispatcherApplication, create_backend_app
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 ERROR_XML = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{msg}</Message></Error>'
+KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
 
 
 @dataclass
 class Fault:
-    kind: str  # slowdown | error500 | delay | truncate | stall
+    kind: str  # one of KINDS
     match: str
     times: int
     seconds: float = 0.0
+
+
+@dataclass
+class FaultRate:
+    rate: float
+    kinds: tuple[str, ...]
+    match: str
+    seconds: float  # delay and stall length
+    rng: random.Random
 
 
 class FaultInjector:
     def __init__(self, app) -> None:
         self.app = app
         self.faults: list[Fault] = []
+        self.random_faults: FaultRate | None = None
         self.injected: list[str] = []
         self.object_gets = 0
         self._lock = threading.Lock()
 
     def add(self, kind: str, match: str = ".tar", times: int = 1, seconds: float = 0.0) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"fault kind must be one of {', '.join(KINDS)}; got {kind!r}")
         with self._lock:
             self.faults.append(Fault(kind, match, times, seconds))
+
+    def set_rate(self, rate: float, kinds: tuple[str, ...] = KINDS, seed: int = 0, match: str = "",
+                 seconds: float = 2.0) -> None:
+        """Fail each matching object GET with probability ``rate`` (0 turns it off)."""
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not 0 <= rate <= 1:
+            raise ValueError(f"rate must be in [0, 1] and kinds among {KINDS}; got {rate}, {sorted(unknown)}")
+        with self._lock:
+            self.random_faults = FaultRate(rate, tuple(kinds), match, seconds, random.Random(seed)) if rate else None
 
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
             self.injected.clear()
+            self.random_faults = None
 
     def _take(self, path: str) -> Fault | None:
         with self._lock:
@@ -49,6 +81,11 @@ class FaultInjector:
                     f.times -= 1
                     self.injected.append(f.kind)
                     return f
+            r = self.random_faults
+            if r is not None and r.match in path and r.rng.random() < r.rate:
+                kind = r.rng.choice(r.kinds)
+                self.injected.append(kind)
+                return Fault(kind, r.match, 1, r.seconds)
         return None
 
     def __call__(self, environ, start_response):
@@ -68,6 +105,9 @@ class FaultInjector:
         if fault.kind == "delay":
             time.sleep(fault.seconds)
             return self.app(environ, start_response)
+        if fault.kind == "reset":
+            _reset(environ["werkzeug.socket"])
+            raise ConnectionResetError("injected reset")  # the handler drops the dead connection
         # truncate / stall: real headers (full Content-Length), then part of the body
         captured = {}
 
@@ -87,12 +127,34 @@ class FaultInjector:
         return partial()
 
 
+def _reset(sock: socket.socket) -> None:
+    """Abort the connection: RST instead of FIN, before any response byte."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log; a connection the fault layer aborted is not an error."""
+
+    def log_request(self, *args, **kwargs) -> None:
+        pass
+
+    def log_error(self, *args, **kwargs) -> None:
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, OSError):
+            pass
+
+
 class FaultyS3:
     """``with FaultyS3() as s3: s3.faults.add('slowdown', times=2)``."""
 
     def __init__(self) -> None:
         self.faults = FaultInjector(DomainDispatcherApplication(create_backend_app))
-        self.server = make_server("127.0.0.1", 0, self.faults, threaded=True)
+        self.server = make_server("127.0.0.1", 0, self.faults, threaded=True, request_handler=_QuietHandler)
         self.endpoint_url = f"http://127.0.0.1:{self.server.server_port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
