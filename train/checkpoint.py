@@ -39,10 +39,12 @@ import torch
 from infra.files import atomic_write
 from infra.metrics import sink
 from pipeline.storage.objects import sha256_file
-from train.checkpoint_io import FileRecord, RecordingCheckpointEngine, plain_data_only, storage_problem, write_hashed
+from train.checkpoint_io import (FileRecord, RecordingCheckpointEngine, load_plain, plain_data_only, storage_problem,
+                                 write_hashed)
 from train.config import CheckpointConfig
-from train.engine import all_ranks, first_error
-from train.errors import CheckpointIntegrityError, CheckpointStorageError, ResumeError
+from train.engine import all_ranks, raise_first
+from train.errors import (CheckpointIntegrityError, CheckpointLockError, CheckpointStorageError, ResumeError,
+                          TrainError, UnsafeCheckpointError)
 from train.run_lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -169,11 +171,6 @@ def checkpoint_bytes(tag_dir: Path) -> int | None:
         return None
 
 
-def _raise_storage(error: str | None) -> None:
-    if error:
-        raise CheckpointStorageError(error)
-
-
 def _size(n: int | None) -> str:
     return "an unknown amount" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -199,7 +196,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         tag = tag_for(step)
         tag_dir = self.root / tag
-        _raise_storage(first_error(self._prepare(tag_dir) if self.rank == 0 else None))
+        raise_first(self._prepare(tag_dir) if self.rank == 0 else None)
         recorder = RecordingCheckpointEngine.install(engine)
         recorder.start(tag_dir)
         engine.save_checkpoint(str(self.root), tag=tag, client_state={}, save_latest=False)
@@ -214,11 +211,9 @@ class CheckpointManager:
             files = {name: rec for written, _ in gathered for name, rec in written.items()}
             error = self._commit(tag_dir, files, {**meta, "world_size": self.world_size, "step": step,
                                                   "fingerprint": self.fingerprint})
-        error = first_error(error)
-        if error:
-            if self.rank == 0:
-                shutil.rmtree(tag_dir, ignore_errors=True)  # frees the space; the previous checkpoint is untouched
-            _raise_storage(error)
+        if error and self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # frees the space; the previous checkpoint is untouched
+        raise_first(CheckpointStorageError(error) if error else None)
         self.trusted = tag
         if self.rank == 0:
             self._prune()
@@ -226,21 +221,23 @@ class CheckpointManager:
         log.info("saved checkpoint %s in %.1fs", tag_dir, seconds)
         return seconds
 
-    def _prepare(self, tag_dir: Path) -> str | None:
+    def _prepare(self, tag_dir: Path) -> TrainError | None:
         """Rank 0, before a save: the storage and the lock are still there; a leftover
         folder of the same step (a crash in a save, a set-aside failure) goes."""
         try:
             if self.lock is not None:
                 self.lock.check()
-            elif not self.root.is_dir():
-                return f"cannot write checkpoint {tag_dir}: checkpoint.dir {self.root} vanished"
+            elif self.trusted and not self.root.is_dir():
+                return CheckpointStorageError(f"cannot write checkpoint {tag_dir}: checkpoint.dir {self.root} vanished")
             if tag_dir.exists():
                 log.warning("removing %s left by an earlier save that did not finish", tag_dir)
                 shutil.rmtree(tag_dir)
+        except CheckpointLockError as e:
+            return e
         except CheckpointStorageError as e:
-            return f"cannot write checkpoint {tag_dir}: {e}"
+            return CheckpointStorageError(f"cannot write checkpoint {tag_dir}: {e}")
         except OSError as e:
-            return self._storage_message(tag_dir, tag_dir, e)
+            return CheckpointStorageError(self._storage_message(tag_dir, tag_dir, e))
         return None
 
     def _failure_message(self, recorder: RecordingCheckpointEngine, tag_dir: Path) -> str | None:
@@ -288,7 +285,7 @@ class CheckpointManager:
         tags = complete_tags(self.root)
         failed: list[tuple[str, str]] = []
         for tag in reversed(tags):
-            problem = first_error(self._verify_share(self.root / tag))
+            problem = self._check_agreed(self.root / tag)
             if problem is None:
                 break
             failed.append((tag, problem))
@@ -304,12 +301,18 @@ class CheckpointManager:
         meta = read_meta(tag_dir)
         self._check_compatible(tag_dir, meta)
         set_aside = self._set_aside([t for t, _ in failed], tag) if failed else []
-        with plain_data_only():
-            path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+        RecordingCheckpointEngine.install(engine)  # its loads: plain data, refused by file name
+        try:
+            with plain_data_only():
+                path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:  # plain data, wrong content
+            raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        rng = self._load_rng(tag_dir) if meta["world_size"] == self.world_size else None
+        rng, error = self._load_rng(tag_dir) if meta["world_size"] == self.world_size else (None, None)
+        raise_first(error)
         self.trusted = tag
         sink().set("mae_checkpoint_resumed_step", meta["step"])
         if failed:
@@ -319,13 +322,25 @@ class CheckpointManager:
             log.info("resumed from %s (step %d)", tag_dir, meta["step"])
         return Resumed(tag, meta["step"], meta, rng, set_aside)
 
-    def _verify_share(self, tag_dir: Path) -> str | None:
-        """This rank's share of the files (every world_size-th), checked."""
+    def _check_agreed(self, tag_dir: Path) -> str | None:
+        """Every rank checks its share of the files (every world_size-th): size,
+        sha256, and that each .pt file unpickles as plain data. A file needing a
+        pickle stops the run on every rank; the first other problem is returned."""
+        problems = all_ranks(self._check_share(tag_dir))
+        for problem in problems:
+            if isinstance(problem, UnsafeCheckpointError):
+                raise problem
+        return next((str(p) for p in problems if p is not None), None)
+
+    def _check_share(self, tag_dir: Path) -> TrainError | None:
         try:
-            names = sorted(read_record(tag_dir))
-            verify(tag_dir, names[self.rank::self.world_size])
-        except CheckpointIntegrityError as e:
-            return str(e)
+            names = sorted(read_record(tag_dir))[self.rank::self.world_size]
+            verify(tag_dir, names)
+            for name in names:
+                if name.endswith(".pt"):
+                    load_plain(tag_dir / name, mmap=True)  # what DeepSpeed will unpickle, before it does
+        except (CheckpointIntegrityError, UnsafeCheckpointError) as e:
+            return e
         return None
 
     def _check_compatible(self, tag_dir: Path, meta: dict[str, Any]) -> None:
@@ -349,19 +364,24 @@ class CheckpointManager:
         (kept for inspection, never loaded or rotated) and points ``latest`` back."""
         names = [f"{t}.corrupt" for t in tags]
         if self.rank == 0:
-            for tag, name in zip(tags, names):
-                if (self.root / name).exists():  # set aside before: keep the first one
-                    shutil.rmtree(self.root / tag, ignore_errors=True)
-                else:
-                    os.replace(self.root / tag, self.root / name)
-            atomic_write(self.root / "latest", resumed)
-        first_error(None)  # the others wait for the renames
+            try:
+                for tag, name in zip(tags, names):
+                    if (self.root / name).exists():  # set aside before: keep the first one
+                        shutil.rmtree(self.root / tag, ignore_errors=True)
+                    else:
+                        os.replace(self.root / tag, self.root / name)
+                atomic_write(self.root / "latest", resumed)
+            except OSError as e:  # read-only storage: they stay, and fail verification again next time
+                log.warning("could not set aside %s: %s", ", ".join(tags), e)
+        all_ranks(None)  # the others wait for the renames
         return names
 
-    def _load_rng(self, tag_dir: Path) -> dict[str, torch.Tensor] | None:
+    def _load_rng(self, tag_dir: Path) -> tuple[dict[str, torch.Tensor] | None, ResumeError | None]:
+        """This rank's random streams, or the error every rank will raise."""
         from safetensors.torch import load_file
 
         path = tag_dir / rng_file(self.rank)
-        if not path.exists():
-            return None
-        return load_file(str(path))
+        try:
+            return load_file(str(path)), None
+        except Exception as e:  # missing, or a record forged around a damaged file
+            return None, ResumeError(f"cannot read {path}: {type(e).__name__}: {e}")

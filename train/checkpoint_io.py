@@ -20,6 +20,7 @@ import errno
 import hashlib
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from train.errors import UnsafeCheckpointError
+from train.errors import CheckpointIntegrityError, UnsafeCheckpointError
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -124,16 +125,22 @@ def plain_data_only() -> Iterator[None]:
         os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
-def load_plain(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+def load_plain(path: str | os.PathLike[str], map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load`` of plain data (tensors, containers, DeepSpeed's enums); a file
-    that needs arbitrary unpickling is refused with a message naming it."""
+    that needs arbitrary unpickling is refused with a message naming it
+    (``UnsafeCheckpointError``), one that is not a torch file at all is a
+    ``CheckpointIntegrityError``. ``mmap``: map the tensor data instead of reading
+    it — checks what a file would unpickle at the cost of its small pickle alone."""
     with plain_data_only():
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UnsafeCheckpointError(f"refusing {path}: it is not plain tensor data and could run code when "
                                         f"unpickled ({first})") from e
+        except Exception as e:  # a damaged zip, a truncated or foreign file
+            raise CheckpointIntegrityError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
 class RecordingCheckpointEngine:

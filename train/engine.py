@@ -63,10 +63,13 @@ def all_ranks(value: Any) -> list[Any]:
     return values
 
 
-def first_error(error: str | None) -> str | None:
-    """The first error any rank hit (in rank order), on every rank: ranks go on or
-    stop together, all with the same message, and no rank waits for one that died."""
-    return next((e for e in all_ranks(error) if e), None)
+def raise_first(error: Exception | None) -> None:
+    """Every rank raises the first error any rank hit (in rank order), or none does:
+    ranks go on or stop together, all with the same message, and no rank is left
+    waiting in a collective for one that raised alone."""
+    first = next((e for e in all_ranks(error) if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def device_for(local_rank: int) -> torch.device:

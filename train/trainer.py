@@ -28,8 +28,8 @@ from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig
-from train.engine import all_ranks, build_engine, device_for, init_distributed, set_lr
-from train.errors import NonFiniteLossError, TrainError
+from train.engine import build_engine, device_for, init_distributed, raise_first, set_lr
+from train.errors import NonFiniteLossError, ResumeError, TrainError
 from train.recipe import Derived, derived, lr_at
 from train.rng import StepStreams
 from train.run_lock import RunLock
@@ -105,16 +105,13 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.enabled:
             return None
-        lock, error = (RunLock(Path(ck.dir), ck.lock_stale_s), None) if self.rank == 0 else (None, None)
+        lock, error = RunLock(Path(ck.dir), ck.lock_stale_s) if self.rank == 0 else None, None
         if lock is not None:
             try:
                 lock.acquire()
             except TrainError as e:
                 lock, error = None, e
-        error = next((e for e in all_ranks(error) if e is not None), None)
-        if error is not None:
-            self._release_lock(lock)
-            raise error
+        raise_first(error)
         return lock
 
     def _release_lock(self, lock: RunLock | None = None) -> None:
@@ -197,13 +194,17 @@ class Trainer:
         if resumed is None:
             return
         state = resumed.meta["trainer"]
+        try:
+            self.micro_steps = int(state["micro_steps"])
+            self.result.nonfinite_skipped = int(state["nonfinite_skipped"])
+            self.loader.load_state_dict(state["loader"])
+            if resumed.rng is not None:
+                self.streams.load_state_dict(resumed.rng)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ResumeError(f"checkpoint {self.ckpt.root / resumed.tag} has a malformed trainer state "
+                              f"({type(e).__name__}: {e})") from e
         self.result.step = resumed.step
-        self.micro_steps = int(state.get("micro_steps", 0))
-        self.result.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
-        self.loader.load_state_dict(state["loader"])
-        if resumed.rng is not None:
-            self.streams.load_state_dict(resumed.rng)
-        else:  # another world size: the saved streams do not map onto these ranks
+        if resumed.rng is None:  # another world size: the saved streams do not map onto these ranks
             self.streams = StepStreams(self.cfg.seed, self.rank, self.device, step=resumed.step)
             if self.rank == 0:
                 log.warning("elastic resume from %d to %d ranks: every remaining sample is seen once, but batches, "

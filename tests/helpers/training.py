@@ -169,13 +169,14 @@ def poison_weight(tag_dir: Path, param: str, value: float) -> None:
 
     optim_name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim = load_plain(tag_dir / optim_name)
-    state = optim["optimizer_state_dict"]
-    for group, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
-        if param in mapping:
-            group[mapping[param].start] = value
-    torch.save(optim, tag_dir / optim_name)
     model = load_plain(tag_dir / "mp_rank_00_model_states.pt")
-    model["module"][param].view(-1)[0] = value
+    state = optim["optimizer_state_dict"]
+    with torch.no_grad():  # the saved tensors keep requires_grad
+        for group, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            if param in mapping:
+                group[mapping[param].start] = value
+        model["module"][param].view(-1)[0] = value
+    torch.save(optim, tag_dir / optim_name)
     torch.save(model, tag_dir / "mp_rank_00_model_states.pt")
     reseal(tag_dir, optim_name)
     reseal(tag_dir, "mp_rank_00_model_states.pt")

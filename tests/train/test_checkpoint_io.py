@@ -85,3 +85,20 @@ def test_the_recording_engine_keeps_a_failed_write_instead_of_raising(tmp_path):
     engine.start(tmp_path)
     engine.save({"w": torch.ones(4)}, str(tmp_path.parent / "outside.pt"))
     assert engine.failure is not None and "outside.pt" in str(engine.failure[0])
+
+
+def test_checking_only_the_pickle_refuses_a_payload_too(tmp_path):
+    """mmap=True maps the tensor data and unpickles only the small pickle: the cheap
+    check resume runs on every .pt file before DeepSpeed reads any."""
+    path, marker = _payload_file(tmp_path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_plain(path, mmap=True)
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_torch_file_is_an_integrity_error(tmp_path):
+    from train.errors import CheckpointIntegrityError
+
+    (tmp_path / "x.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointIntegrityError, match="cannot read"):
+        load_plain(tmp_path / "x.pt")

@@ -1,6 +1,7 @@
 """The trainer's random streams: seeded per rank, unmoved by anything else that draws
 from torch's global RNG, saved and restored exactly."""
 
+import pytest
 import torch
 
 from train.rng import StepStreams
@@ -9,7 +10,7 @@ from train.rng import StepStreams
 def _draws(streams: StepStreams) -> tuple[torch.Tensor, torch.Tensor]:
     noise = streams.mask_noise(4, 16)
     with streams.model_stream():
-        dropout = torch.nn.functional.dropout(torch.ones(32), p=0.5)
+        dropout = torch.nn.functional.dropout(torch.ones(32, device=streams.device), p=0.5)
     return noise, dropout
 
 
@@ -29,12 +30,14 @@ def test_the_model_stream_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_saved_streams_continue_exactly():
-    streams = StepStreams(7, 1, torch.device("cpu"))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_saved_streams_continue_exactly(device):
+    streams = StepStreams(7, 1, torch.device(device))
     _draws(streams)
     state = streams.state_dict()
     expected = _draws(streams)
-    restored = StepStreams(0, 0, torch.device("cpu"))
+    torch.rand(100, device=device)  # other draws in between change nothing
+    restored = StepStreams(0, 0, torch.device(device))
     restored.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(expected, _draws(restored)))
 

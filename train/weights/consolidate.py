@@ -45,10 +45,8 @@ def _verified(tag_dir: Path) -> list[str]:
 def _safe_load(file: Path) -> dict:
     try:
         return load_plain(file)
-    except UnsafeCheckpointError as e:
+    except (UnsafeCheckpointError, CheckpointIntegrityError) as e:
         raise WeightsError(str(e)) from e
-    except Exception as e:  # a damaged zip, a truncated file
-        raise WeightsError(f"cannot read {file}: {type(e).__name__}: {e}") from e
 
 
 def consolidate(root: Path, tag: str) -> dict[str, torch.Tensor]:
