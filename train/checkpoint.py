@@ -257,16 +257,20 @@ class CheckpointManager:
                 f"{need}; {kept}. Fix the storage and relaunch to resume")
 
     def _commit(self, tag_dir: Path, files: dict[str, FileRecord], meta: dict[str, Any]) -> str | None:
-        """Rank 0: meta.json, then COMPLETE (the record), then ``latest``."""
+        """Rank 0: meta.json, then COMPLETE (the record: the checkpoint exists from
+        here on), then ``latest`` (a pointer for people; failing to move it is logged)."""
         text = json.dumps(meta, indent=1).encode()
         try:
             files[META] = write_hashed(tag_dir / META, lambda f: f.write(text))
             record = {"format": RECORD_FORMAT, "step": meta["step"],
                       "files": {name: {"bytes": r.bytes, "sha256": r.sha256} for name, r in sorted(files.items())}}
             atomic_write(tag_dir / COMPLETE, json.dumps(record, indent=1))
-            atomic_write(self.root / "latest", tag_dir.name)
         except OSError as e:
             return self._storage_message(tag_dir, Path(e.filename or tag_dir), e)
+        try:
+            atomic_write(self.root / "latest", tag_dir.name)
+        except OSError as e:
+            log.warning("checkpoint %s is complete, but %s could not be updated: %s", tag_dir, self.root / "latest", e)
         return None
 
     def _prune(self) -> None:
@@ -282,21 +286,10 @@ class CheckpointManager:
     # -- resume
     def resume(self, engine: Any) -> Resumed | None:
         """Load the newest checkpoint that verifies (None: there is none to resume)."""
-        tags = complete_tags(self.root)
-        failed: list[tuple[str, str]] = []
-        for tag in reversed(tags):
-            problem = self._check_agreed(self.root / tag)
-            if problem is None:
-                break
-            failed.append((tag, problem))
-            log.error("checkpoint %s fails verification: %s", self.root / tag, problem)
-            sink().inc("mae_checkpoint_verify_failures_total")
-        else:
-            if failed:
-                listing = "; ".join(f"{t}: {p}" for t, p in failed)
-                raise ResumeError(f"no checkpoint in {self.root} verifies ({listing}); move them aside to start "
-                                  "over, or restore them from a copy")
+        found = self._newest_verified()
+        if found is None:
             return None
+        tag, failed = found
         tag_dir = self.root / tag
         meta = read_meta(tag_dir)
         self._check_compatible(tag_dir, meta)
@@ -321,6 +314,24 @@ class CheckpointManager:
         else:
             log.info("resumed from %s (step %d)", tag_dir, meta["step"])
         return Resumed(tag, meta["step"], meta, rng, set_aside)
+
+    def _newest_verified(self) -> tuple[str, list[tuple[str, str]]] | None:
+        """(newest tag that verifies, [(newer tag, its problem)]); None if there are no
+        checkpoints; ResumeError if none verifies."""
+        tags = complete_tags(self.root)
+        failed: list[tuple[str, str]] = []
+        for tag in reversed(tags):
+            problem = self._check_agreed(self.root / tag)
+            if problem is None:
+                return tag, failed
+            failed.append((tag, problem))
+            log.error("checkpoint %s fails verification: %s", self.root / tag, problem)
+            sink().inc("mae_checkpoint_verify_failures_total")
+        if failed:
+            listing = "; ".join(f"{t}: {p}" for t, p in failed)
+            raise ResumeError(f"no checkpoint in {self.root} verifies ({listing}); move them aside to start over, "
+                              "or restore them from a copy")
+        return None
 
     def _check_agreed(self, tag_dir: Path) -> str | None:
         """Every rank checks its share of the files (every world_size-th): size,

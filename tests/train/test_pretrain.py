@@ -110,7 +110,7 @@ def test_mismatched_resume_is_refused(shards, stage_runs, tmp_path):
                          "schedule.max_steps=12"), run)
     assert out.returncode != 0 and "is of model mae_vit_test_patch4, this run is mae_vit_tiny_patch16" in out.stderr
     out = _run(_torchrun(shards, run, "deepspeed.stage=2", "seed=1", "schedule.max_steps=12"), run)
-    assert out.returncode == 2 and "seed: 0 -> 1" in out.stderr  # the seed is part of the fingerprint
+    assert out.returncode != 0 and "seed: 0 -> 1" in out.stderr  # the seed is part of the fingerprint
 
 
 def test_two_nodes_on_loopback_partition_by_global_rank(shards, stage_runs, tmp_path):
