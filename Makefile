@@ -47,7 +47,7 @@ demo-s3: venv
 
 # The long chaos soak (docs/RELIABILITY.md): 20 SIGKILLs under 10% S3 faults, then the audit.
 chaos: venv
-	$(VENV)/bin/mae chaos --workdir chaos --kills 20 --epochs 6 --fault-rate 0.1 --seed 0
+	$(VENV)/bin/mae chaos --workdir chaos --kills 20 --epochs 10 --fault-rate 0.1 --seed 0
 
 bench-encoder: venv
 	$(VENV)/bin/mae bench encoder --model mae_vit_base_patch16 --batch 4 --steps 5

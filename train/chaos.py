@@ -55,7 +55,7 @@ class ChaosError(TrainError):
 class ChaosConfig:
     workdir: str = option("chaos", "where data, runs, logs and chaos_report.json go (emptied first)")
     kills: int = option(6, "SIGKILLs at random points; every other one inside a checkpoint save")
-    epochs: int = option(3, "epochs of the tiny run")
+    epochs: int = option(3, "epochs of the tiny run (a kill costs ~3 of its 8 steps per epoch: kills <= 2 x epochs)")
     images: int = option(128, "real-photo crops in the dataset (even: 2 ranks, no padding)")
     ranks: int = option(2, "processes per launch (torchrun, gloo)")
     stage: int = option(2, "ZeRO stage")
@@ -108,7 +108,8 @@ class ChaosReport:
     def summary(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
         return "\n".join([
-            f"kills survived       {self.kills} ({self.kills_in_save} inside a checkpoint save), {self.launches} launches",
+            f"kills survived       {self.kills} ({self.kills_in_save} inside a checkpoint save), "
+            f"{self.launches} launches",
             f"faults injected      {sum(self.faults.values())} of {self.object_gets} object GETs ({faults})",
             f"steps, epochs        {self.steps}, {self.epochs}; resumed from steps {self.resumed_from}",
             f"samples lost / dup   {self.samples_lost} / {self.samples_duplicated}",
@@ -136,7 +137,8 @@ def write_dataset(cfg: ChaosConfig, s3, root: Path) -> str:
 
 def launch_command(cfg: ChaosConfig, url: str, endpoint: str, run: Path, cache: Path, *extra: str) -> list[str]:
     overrides = [
-        f"data.url={url}", f"data.storage.endpoint_url={endpoint}", f"data.storage.cache_dir={cache}", "data.storage.cache_limit_gb=0.00002",
+        f"data.url={url}", f"data.storage.endpoint_url={endpoint}", f"data.storage.cache_dir={cache}",
+        "data.storage.cache_limit_gb=0.00002",  # ~20 KB: shards are evicted and fetched again every epoch
         "data.storage.read_timeout_s=1.0", "data.storage.retry.base_delay_s=0.05", "data.storage.retry.max_attempts=10",
         f"data.backend={cfg.backend}", f"data.batch_size={MICRO_BATCH}", "data.num_workers=1",
         f"schedule.max_steps={cfg.steps}", "optim.lr=1.0e-3", "schedule.warmup_epochs=0.5",
@@ -181,11 +183,13 @@ def steps_done(metrics: Path) -> int:
 
 
 def kill_point(cfg: ChaosConfig, rng: random.Random, resumed: int, in_save: bool) -> int:
-    """A step after ``resumed``: the kill comes once it is done (before the last
-    step), or while its checkpoint is being saved (the final save included)."""
+    """Where the next kill lands: after this launch wrote at least one checkpoint (so
+    every relaunch must resume from a newer one) — 1 or 2 steps past it, or inside
+    the save that follows it (the final save included)."""
+    first = resumed + EVERY_STEPS  # the first checkpoint this launch writes
     if in_save:
-        return rng.choice([s for s in range(resumed + 1, cfg.steps + 1) if s % EVERY_STEPS == 0 or s == cfg.steps])
-    return rng.randint(resumed + 1, max(resumed + 1, cfg.steps - 1))
+        return min(first + EVERY_STEPS, cfg.steps)
+    return min(first + rng.randint(1, EVERY_STEPS), cfg.steps - 1)
 
 
 def wait_and_kill(proc: subprocess.Popen, run: Path, step: int, in_save: bool, timeout_s: float) -> bool:

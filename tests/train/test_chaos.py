@@ -26,8 +26,10 @@ def test_a_short_soak_loses_nothing_and_changes_nothing(tmp_path):
     assert all(step > 0 for step in report.resumed_from[1:])  # each relaunch resumed, none started over
     # the same verdict from the raw files: every step's loss, every replay, equal to the clean run's
     work = tmp_path / "chaos"
-    clean = {json.loads(l)["step"]: json.loads(l)["loss"] for l in (work / "clean" / "metrics.jsonl").read_text().splitlines()}
-    chaos = [json.loads(l) for l in (work / "chaos" / "metrics.jsonl").read_text().splitlines() if l.endswith("}")]
+    lines = (work / "clean" / "metrics.jsonl").read_text().splitlines()
+    clean = {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+    chaos = [json.loads(line) for line in (work / "chaos" / "metrics.jsonl").read_text().splitlines()
+             if line.endswith("}")]
     assert sorted(clean) == list(range(1, cfg.steps + 1))
     assert {r["step"] for r in chaos} == set(clean) and all(r["loss"] == clean[r["step"]] for r in chaos)
     replays = Counter(r["step"] for r in chaos)

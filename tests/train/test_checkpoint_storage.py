@@ -53,8 +53,9 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(s
         run = tmp_path / "run"
         out = run_cmd(torchrun(shards, run, "deepspeed.stage=2", f"checkpoint.dir={disk / 'ckpt'}"), run)
         assert out.returncode != 0
-        line = assert_one_clear_line(out.stderr, "CheckpointStorageError", f"cannot write checkpoint {disk}/ckpt/step000000008",
-                                     "disk full", "free for it", "the previous checkpoint step000000004 is intact")
+        line = assert_one_clear_line(out.stderr, "CheckpointStorageError", "disk full", "free for it",
+                                     f"cannot write checkpoint {disk}/ckpt/step000000008",
+                                     "the previous checkpoint step000000004 is intact")
         assert "MiB free for it" in line
         assert complete_tags(disk / "ckpt") == ["step000000004"]
         verify(disk / "ckpt" / "step000000004")

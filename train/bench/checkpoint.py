@@ -51,8 +51,8 @@ def bench_checkpoint(model_name: str = "mae_vit_small_patch16", stage: int = 2, 
     times: dict[str, list[float]] = {k: [] for k in ("plain_save", "our_save", "verify", "plain_load", "our_load")}
     with tempfile.TemporaryDirectory(prefix="mae-bench-ckpt-", dir=directory) as tmp:
         root = Path(tmp)
-        manager = CheckpointManager(CheckpointConfig(dir=str(root / "ours"), keep_last=rounds + 1), {"model": model_name},
-                                    rank=0, world_size=1)
+        ours = CheckpointConfig(dir=str(root / "ours"), keep_last=rounds + 1)
+        manager = CheckpointManager(ours, {"model": model_name}, rank=0, world_size=1)
         meta = {"model": model_name, "config": {}, "trainer": {}}
         rng = {"mask": torch.zeros(16, dtype=torch.uint8), "model": torch.zeros(16, dtype=torch.uint8)}
         for r in range(1, rounds + 1):

@@ -31,7 +31,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("plan",), plan, "model-state and activation memory per GPU for each ZeRO stage"),
     (("bench", "train"), bench_train, "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
-    (("bench", "checkpoint"), bench_checkpoint, "DeepSpeed's checkpoint save/load vs ours: hashed, verified, plain data"),
+    (("bench", "checkpoint"), bench_checkpoint, "DeepSpeed's checkpoint save and load vs ours (hashed, verified)"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("models",), models, "list registered model sizes with parameter counts"),

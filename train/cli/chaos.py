@@ -8,7 +8,8 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="chaos", help="where data, runs, logs and chaos_report.json go (emptied)")
     p.add_argument("--kills", type=int, default=6, help="SIGKILLs at random points, every other one inside a save")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of the tiny run (8 steps each with 128 images)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="epochs of the tiny run (8 steps each with 128 images); a kill costs ~3 steps")
     p.add_argument("--images", type=int, default=128, help="real-photo crops (a multiple of ranks x 8)")
     p.add_argument("--ranks", type=int, default=2, help="processes per launch (torchrun, gloo on CPU)")
     p.add_argument("--stage", type=int, default=2, help="ZeRO stage")
