@@ -101,13 +101,18 @@ class CheckpointConfig:
 
 @dataclass
 class FaultConfig:
-    max_nonfinite_in_row: int = option(5, "consecutive non-finite losses before the run stops")
+    max_nonfinite_in_row: int = option(5, "consecutive skipped updates (non-finite loss, or gradients DeepSpeed "
+                                          "found overflowed) before the run stops")
     inject_nonfinite_at: tuple[int, ...] = option((), "drill: make these micro-steps' loss non-finite "
                                                       "(0-based, this process)")
     slow_save_s: float = option(0.0, "drill: pause this long inside each checkpoint save, after the files and "
                                       "before COMPLETE (a window for kill tests)")
 
     def __post_init__(self) -> None:
+        require_positive(self, "max_nonfinite_in_row")
+        self.inject_nonfinite_at = tuple(self.inject_nonfinite_at)
+        require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.inject_nonfinite_at),
+                "inject_nonfinite_at", f"must be micro-step numbers >= 0, got {list(self.inject_nonfinite_at)}")
         require(self.slow_save_s >= 0, "slow_save_s", f"must be >= 0, got {self.slow_save_s}")
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from infra.files import atomic_write
 from train.checkpoint_io import storage_problem
-from train.errors import CheckpointLockError, CheckpointStorageError
+from train.config import CheckpointConfig
+from train.engine import raise_first
+from train.errors import CheckpointLockError, CheckpointStorageError, TrainError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "LOCK"
@@ -232,3 +234,18 @@ class RunLock:
             except OSError as e:  # read-only or vanished: the next run sees a dead holder
                 log.warning("could not remove the checkpoint lock %s: %s", self.path, e)
         self.holder = None
+
+
+def take_run_lock(cfg: CheckpointConfig, rank: int) -> RunLock | None:
+    """Rank 0 takes ``cfg.dir``'s lock for a run that saves there (None when it does
+    not, and on other ranks); if it cannot, every rank raises the same error."""
+    if not cfg.enabled:
+        return None
+    lock, error = RunLock(Path(cfg.dir), cfg.lock_stale_s) if rank == 0 else None, None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except TrainError as e:
+            lock, error = None, e
+    raise_first(error)
+    return lock

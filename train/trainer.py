@@ -28,11 +28,11 @@ from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig
-from train.engine import build_engine, device_for, init_distributed, raise_first, set_lr
-from train.errors import NonFiniteLossError, ResumeError, TrainError
+from train.engine import build_engine, device_for, init_distributed, set_lr
+from train.errors import NonFiniteLossError, ResumeError
 from train.recipe import Derived, derived, lr_at
 from train.rng import StepStreams
-from train.run_lock import RunLock
+from train.run_lock import take_run_lock
 from train.speedup import peak_flops_for
 from train.step_metrics import EncoderTimer, record_memory
 
@@ -93,31 +93,16 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.local_rank, self.world = init_distributed(cfg.deepspeed)
         self.device = device_for(self.local_rank)
-        self.lock = self._take_lock()  # first: a second run on this checkpoint.dir stops here
+        self.lock = take_run_lock(cfg.checkpoint, self.rank)  # first: a second run on this dir stops here
         try:
             self._build()
         except BaseException:
             self._release_lock()
             raise
 
-    def _take_lock(self) -> RunLock | None:
-        """Rank 0 takes checkpoint.dir's lock; every rank learns whether it did."""
-        ck = self.cfg.checkpoint
-        if not ck.enabled:
-            return None
-        lock, error = RunLock(Path(ck.dir), ck.lock_stale_s) if self.rank == 0 else None, None
-        if lock is not None:
-            try:
-                lock.acquire()
-            except TrainError as e:
-                lock, error = None, e
-        raise_first(error)
-        return lock
-
-    def _release_lock(self, lock: RunLock | None = None) -> None:
-        lock = lock or getattr(self, "lock", None)
-        if lock is not None:
-            lock.release()
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _build(self) -> None:
         cfg = self.cfg

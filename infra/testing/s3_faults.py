@@ -171,3 +171,35 @@ class FaultyS3:
 
         return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="fake",
                             aws_secret_access_key="fake-secret", region_name="us-east-1")
+
+
+class SilentEndpoint:
+    """A loopback TCP server that accepts every connection and never sends a byte:
+    an endpoint that hangs. ``with SilentEndpoint() as s: s.url``."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.accepted: list = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(conn)
+
+    def __enter__(self) -> SilentEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self._server.close()
+        for conn in self.accepted:
+            conn.close()

@@ -36,7 +36,7 @@ def s3_env(seaweed, monkeypatch):
 
 @pytest.fixture(scope="module")
 def faulty_s3():
-    from infra.testing.s3_faults import FaultyS3
+    from tests.helpers.s3_faults import FaultyS3
 
     with FaultyS3() as s3:
         s3.client().create_bucket(Bucket="faults")
