@@ -70,3 +70,16 @@ def bench_checkpoint(model_name: str = "mae_vit_small_patch16", stage: int = 2, 
             "per_round_s": times, "save_overhead": med["our_save"] / med["plain_save"] - 1,
             "load_overhead": med["our_load"] / med["plain_load"] - 1,
             "verify_gb_per_s": size / med["verify"] / 1e9}
+
+
+def format_report(r: dict[str, object]) -> str:
+    m = r["median_s"]
+    return "\n".join([
+        f"mae bench checkpoint: {r['model']}, ZeRO-{r['stage']}, one process, {r['checkpoint_bytes'] / 2**20:.0f} MiB "
+        f"per checkpoint, median of {r['rounds']} alternated rounds",
+        f"  save: DeepSpeed {m['plain_save']:.2f} s, ours {m['our_save']:.2f} s (sha256 + fsync + record) -> "
+        f"{r['save_overhead']:+.0%}",
+        f"  verify (read back every file against its sha256): {m['verify']:.2f} s = {r['verify_gb_per_s']:.2f} GB/s",
+        f"  load: DeepSpeed {m['plain_load']:.2f} s, ours {m['our_load']:.2f} s (verify + weights_only) -> "
+        f"{r['load_overhead']:+.0%}",
+    ])

@@ -15,18 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.bench.checkpoint import bench_checkpoint
+    from train.bench.checkpoint import bench_checkpoint, format_report
 
-    r = bench_checkpoint(args.model, args.stage, args.rounds, args.dir)
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    m = r["median_s"]
-    print(f"mae bench checkpoint: {args.model}, ZeRO-{args.stage}, one process, {r['checkpoint_bytes'] / 2**20:.0f} "
-          f"MiB per checkpoint, median of {args.rounds} alternated rounds")
-    print(f"  save: DeepSpeed {m['plain_save']:.2f} s, ours {m['our_save']:.2f} s (sha256 + fsync + record) -> "
-          f"{r['save_overhead']:+.0%}")
-    print(f"  verify (read back every file against its sha256): {m['verify']:.2f} s = {r['verify_gb_per_s']:.2f} GB/s")
-    print(f"  load: DeepSpeed {m['plain_load']:.2f} s, ours {m['our_load']:.2f} s (verify + weights_only) -> "
-          f"{r['load_overhead']:+.0%}")
+    report = bench_checkpoint(args.model, args.stage, args.rounds, args.dir)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
