@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # features add theirs). FFCV builds from source against libturbojpeg and OpenCV 4.
 APT_PACKAGES ?= prometheus pkg-config g++ libturbojpeg0-dev libopencv-dev
 
-.PHONY: venv test test-fast demo demo-s3 bench-encoder gpu-check-dry-run clean
+.PHONY: venv test test-fast demo demo-s3 chaos bench-encoder gpu-check-dry-run clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ demo: venv
 demo-s3: venv
 	$(VENV)/bin/mae demo --s3 --workdir demo-s3
 
+# The long chaos soak (docs/RELIABILITY.md): 20 SIGKILLs under 10% S3 faults, then the audit.
+chaos: venv
+	$(VENV)/bin/mae chaos --workdir chaos --kills 20 --epochs 10 --fault-rate 0.1 --seed 0
+
 bench-encoder: venv
 	$(VENV)/bin/mae bench encoder --model mae_vit_base_patch16 --batch 4 --steps 5
 
@@ -52,4 +56,4 @@ gpu-check-dry-run: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash infra/gpu_check.sh --dry-run
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info demo demo-s3
+	rm -rf $(VENV) .pytest_cache build *.egg-info demo demo-s3 chaos

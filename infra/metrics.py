@@ -44,11 +44,15 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("mae_encoder_forward_duration_seconds", "histogram", "Wall time of the encoder forward in a step"),
     MetricSpec("mae_checkpoint_save_duration_seconds", "histogram", "Wall time of one checkpoint save (all ranks)",
                buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
+    MetricSpec("mae_checkpoint_verify_failures_total", "counter", "Checkpoints refused at resume: a file missing, "
+               "truncated or altered against its sha256 record (resume fell back to an older one)"),
+    MetricSpec("mae_checkpoint_resumed_step", "gauge", "Step of the checkpoint this run resumed from"),
     MetricSpec("mae_loss", "gauge", "Training loss of the last optimizer step (mean over ranks)"),
     MetricSpec("mae_learning_rate", "gauge", "Learning rate of the last optimizer step"),
     MetricSpec("mae_epoch", "gauge", "Current epoch"),
     MetricSpec("mae_step", "gauge", "Optimizer steps done"),
-    MetricSpec("mae_nonfinite_steps_skipped_total", "counter", "Micro-steps skipped for a non-finite loss"),
+    MetricSpec("mae_nonfinite_steps_skipped_total", "counter", "Micro-steps whose update was skipped: a non-finite loss, "
+               "or gradients DeepSpeed found overflowed"),
     MetricSpec("mae_device_memory_allocated_bytes", "gauge", "Accelerator memory allocated by tensors"),
     MetricSpec("mae_device_memory_reserved_bytes", "gauge", "Accelerator memory reserved by the caching allocator"),
     MetricSpec("mae_host_memory_rss_bytes", "gauge", "Resident memory of the rank's main process"),

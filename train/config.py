@@ -11,7 +11,6 @@ values (global batch, effective lr, steps per epoch) are computed by
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import types
@@ -99,30 +98,38 @@ class CheckpointConfig:
     every_steps: int = option(1000, "optimizer steps between checkpoints (and one at the end)")
     keep_last: int = option(3, "complete checkpoints kept")
     enabled: bool = option(True, "false: never save (benchmarks)")
-    resume: bool = option(True, "resume from the latest complete checkpoint in dir, if any")
+    resume: bool = option(True, "resume from the newest checkpoint in dir that verifies, if any")
+    lock_stale_s: float = option(300.0, "a LOCK whose holder on another host has not refreshed it for this long "
+                                        "is taken over (on this host: as soon as its process is gone)")
 
     def __post_init__(self) -> None:
-        require_positive(self, "every_steps", "keep_last")
+        require_positive(self, "every_steps", "keep_last", "lock_stale_s")
         require_text(self, "dir")
 
 
 @dataclass
 class FaultConfig:
-    max_nonfinite_in_row: int = option(5, "consecutive non-finite losses before the run stops")
+    max_nonfinite_in_row: int = option(5, "consecutive skipped updates (non-finite loss, or gradients DeepSpeed "
+                                          "found overflowed) before the run stops")
     inject_nonfinite_at: tuple[int, ...] = option((), "drill: make these micro-steps' loss non-finite "
                                                       "(0-based, this process)")
+    slow_save_s: float = option(0.0, "drill: pause this long inside each checkpoint save, after the files and "
+                                      "before COMPLETE (a window for kill tests)")
 
     def __post_init__(self) -> None:
         require_positive(self, "max_nonfinite_in_row")
         self.inject_nonfinite_at = tuple(self.inject_nonfinite_at)
         require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.inject_nonfinite_at),
                 "inject_nonfinite_at", f"must be micro-step numbers >= 0, got {list(self.inject_nonfinite_at)}")
+        require(self.slow_save_s >= 0, "slow_save_s", f"must be >= 0, got {self.slow_save_s}")
 
 
 @dataclass
 class LogConfig:
     every_steps: int = option(10, "optimizer steps between log lines")
     metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
+    sample_ids_dir: str | None = option(None, "each rank appends the sample ids of every micro-step to "
+                                              "samples_rank<R>.jsonl here (audits: every sample once per epoch)")
 
     def __post_init__(self) -> None:
         require_positive(self, "every_steps")
@@ -158,7 +165,7 @@ class RunConfig:
     faults: FaultConfig = option(factory=FaultConfig)
     log: LogConfig = option(factory=LogConfig)
     metrics: MetricsConfig = option(factory=MetricsConfig)
-    seed: int = option(0, "model init and mask noise")
+    seed: int = option(0, "model init, mask noise and the model's own random draws (dropout)")
 
     def __post_init__(self) -> None:
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
@@ -174,14 +181,16 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed: the model and what shapes the
-        optimizer state (not lr, schedule or data, which may change on resume)."""
-        key = {"model": self.model.name, "norm_pix_loss": self.model.norm_pix_loss,
-               "img_size": self.data.augment.img_size,
-               "stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
-               "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    def fingerprint(self, dataset: str) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed, key by key: the model (its whole
+        architecture), the seeds, the data (``dataset``: the manifest's hash) and what
+        shapes the optimizer state. Not lr, schedule or world size, which may change."""
+        arch = dataclasses.asdict(model_config(self.model.name, img_size=self.data.augment.img_size,
+                                               norm_pix_loss=self.model.norm_pix_loss))
+        return {"model": self.model.name, "architecture": arch, "mask_ratio": self.model.mask_ratio,
+                "seed": self.seed, "data_seed": self.data.plan.seed, "dataset": dataset,
+                "zero_stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
+                "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
 
 
 # ------------------------------------------------------------- loading

@@ -63,6 +63,27 @@ def shutdown_distributed() -> None:
         deepspeed.comm.destroy_process_group()
 
 
+def all_ranks(value: Any) -> list[Any]:
+    """Every rank's ``value`` (small picklable objects between our own processes),
+    in rank order; a collective, so also a barrier."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def raise_first(error: Exception | None) -> None:
+    """Every rank raises the first error any rank hit (in rank order), or none does:
+    ranks go on or stop together, all with the same message, and no rank is left
+    waiting in a collective for one that raised alone."""
+    first = next((e for e in all_ranks(error) if e is not None), None)
+    if first is not None:
+        raise first
+
+
 def device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

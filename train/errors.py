@@ -26,6 +26,30 @@ class ResumeError(TrainError):
     exit_code = 2
 
 
+class CheckpointLockError(TrainError):
+    """Another live run holds the checkpoint directory's lock, or this run lost it."""
+
+    exit_code = 2
+
+
+class CheckpointStorageError(TrainError):
+    """Checkpoint storage is full, read-only or gone; the message names the path and
+    what the run needs. The previous checkpoint is left intact."""
+
+
+class CheckpointIntegrityError(TrainError):
+    """A checkpoint fails verification: no integrity record, or a file missing,
+    truncated or altered; the message names the file."""
+
+    exit_code = 2
+
+
+class UnsafeCheckpointError(TrainError):
+    """A checkpoint file needs arbitrary unpickling (it could run code): refused."""
+
+    exit_code = 2
+
+
 class NonFiniteLossError(TrainError):
     """Too many consecutive non-finite losses; the last good checkpoint is intact."""
 

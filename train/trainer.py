@@ -27,8 +27,10 @@ from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
-from train.errors import NonFiniteLossError
+from train.errors import NonFiniteLossError, ResumeError
 from train.recipe import Derived, derived, lr_at
+from train.rng import StepStreams
+from train.run_lock import take_run_lock
 from train.speedup import peak_flops_for
 from train.step_metrics import EncoderTimer, record_memory, start_prometheus, stop_prometheus
 
@@ -89,23 +91,40 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.local_rank, self.world = init_distributed(cfg.deepspeed)
         self.device = device_for(self.local_rank)
-        torch.manual_seed(cfg.seed * 1000 + self.rank)
+        self.lock = take_run_lock(cfg.checkpoint, self.rank)  # first: a second run on this dir stops here
+        try:
+            self._build()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed * 1000 + self.rank)  # model init (DeepSpeed broadcasts rank 0's weights)
+        self.streams = StepStreams(cfg.seed, self.rank, self.device)
         self.prometheus = self._start_metrics()  # before the loader: its workers inherit the sink
         self.loader = build_loader(cfg.data, self.rank, self.world, device=self.device)
         img_size = cfg.data.augment.img_size
         model = create_model(cfg.model.name, img_size=img_size, norm_pix_loss=cfg.model.norm_pix_loss)
+        self.num_patches = model.patch_embed.num_patches
         model.set_grad_checkpointing(cfg.model.grad_checkpointing)
         self.derived: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.batch_size)
         self._measure_speedup()
         self.engine = build_engine(cfg, model, self.derived.lr)
         self.encoder_timer = EncoderTimer(self.engine.module, self.device)
         self.forward = torch.compile(self.engine) if cfg.model.compile else self.engine
-        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.model.name, cfg.fingerprint(), self.rank, self.world)
-        self.metrics_file = None
-        if cfg.log.metrics_file and self.rank == 0:
-            Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_file = open(cfg.log.metrics_file, "a")
+        dataset = self.loader.state_dict().get("dataset", cfg.data.backend)
+        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.fingerprint(dataset), self.rank, self.world, self.lock,
+                                      cfg.faults.slow_save_s)
+        self.metrics_file = _open_log(cfg.log.metrics_file) if self.rank == 0 else None
+        ids_dir = cfg.log.sample_ids_dir
+        self.ids_file = _open_log(ids_dir and str(Path(ids_dir) / f"samples_rank{self.rank:05d}.jsonl"))
         self.result = RunResult()
+        self.micro_steps = 0  # micro-steps of the whole run (restored on resume)
         if self.rank == 0:
             d = self.derived
             log.info("world %d, global batch %d (micro %d x accum %d x world), lr %.3g (blr %.3g), "
@@ -142,18 +161,42 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def resume(self) -> None:
+        """Continue from the newest checkpoint that verifies: step, data position and
+        random streams, so the next step is the one the uninterrupted run took."""
         if not self.cfg.checkpoint.resume:
             return
         resumed = self.ckpt.resume(self.engine)
         if resumed is None:
             return
+        state = resumed.meta["trainer"]
+        try:
+            self.micro_steps = int(state["micro_steps"])
+            self.result.nonfinite_skipped = int(state["nonfinite_skipped"])
+            self.loader.load_state_dict(state["loader"])
+            if resumed.rng is not None:
+                self.streams.load_state_dict(resumed.rng)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ResumeError(f"checkpoint {self.ckpt.root / resumed.tag} has a malformed trainer state "
+                              f"({type(e).__name__}: {e})") from e
         self.result.step = resumed.step
-        self.loader.load_state_dict(resumed.client_state["loader"])
+        if resumed.rng is None:  # another world size: the saved streams do not map onto these ranks
+            self.streams = StepStreams(self.cfg.seed, self.rank, self.device, step=resumed.step)
+            if self.rank == 0:
+                log.warning("elastic resume from %d to %d ranks: every remaining sample is seen once, but batches, "
+                            "mask noise and losses differ from an uninterrupted run", resumed.meta["world_size"],
+                            self.world)
+        if self.cfg.data.backend == "dali" and self.cfg.data.dali.crop == "random" and self.rank == 0:
+            log.warning("data.dali.crop=random: DALI's own crop RNG is not saved, so crops after this resume differ "
+                        "from the uninterrupted run (data.dali.crop=plan resumes exactly)")
 
     def save(self) -> None:
-        state = {"step": self.result.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
-                 "config": json.dumps(self.cfg.to_dict()), "derived": json.dumps(asdict(self.derived))}
-        sink().observe("mae_checkpoint_save_duration_seconds", self.ckpt.save(self.engine, self.result.step, state))
+        r = self.result
+        meta = {"model": self.cfg.model.name, "epoch": self.loader.epoch, "config": self.cfg.to_dict(),
+                "derived": asdict(self.derived),
+                "trainer": {"micro_steps": self.micro_steps, "nonfinite_skipped": r.nonfinite_skipped,
+                            "loader": self.loader.state_dict()}}
+        seconds = self.ckpt.save(self.engine, r.step, meta, self.streams.state_dict())
+        sink().observe("mae_checkpoint_save_duration_seconds", seconds)
 
     def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
         """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
@@ -164,6 +207,7 @@ class Trainer:
         r = self.result
         self.t_start = time.perf_counter()
         self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
+        self._save_due = False
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
             with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
                 for batch, wait, t0 in _timed(it):
@@ -192,25 +236,25 @@ class Trainer:
         """Forward, agree across ranks, backward/step; returns True to stop now."""
         cfg, r = self.cfg, self.result
         set_lr(self.engine, lr_at(r.step, self.derived, cfg.optim.min_lr))
-        loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio)  # bf16: the engine autocasts
+        noise = self.streams.mask_noise(len(batch.keys), self.num_patches)
+        with self.streams.model_stream():
+            loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio, noise)  # bf16: the engine autocasts
         if self._micro in cfg.faults.inject_nonfinite_at:
             loss = loss * float("nan")  # fault drill: a poisoned batch
         self._micro += 1
+        self._log_ids(batch)
+        self.micro_steps += 1
         mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
         if nonfinite:  # every rank skips this micro-batch together: no update, no hang
-            r.nonfinite_skipped += 1
-            sink().inc("mae_nonfinite_steps_skipped_total")
-            self._in_a_row += 1
-            log.warning("non-finite loss at step %d (micro-step %d): update skipped (%d in a row)",
-                        r.step, self._micro - 1, self._in_a_row)
-            if self._in_a_row >= cfg.faults.max_nonfinite_in_row:
-                raise NonFiniteLossError(f"{self._in_a_row} non-finite losses in a row, the last at step {r.step}; "
-                                         "stopping with the last good checkpoint intact")
+            self._skipped(f"non-finite loss at step {r.step} (micro-step {self._micro - 1}): update skipped")
             return False
-        self._in_a_row = 0
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()
+        if boundary and not self.engine.was_step_applied():  # DeepSpeed found inf/NaN gradients
+            self._skipped(f"gradient overflow at step {r.step}: DeepSpeed skipped the update")
+        elif boundary:
+            self._in_a_row = 0
         r.images += len(batch.keys) * self.world
         r.data_wait_s += wait
         self._window.append(mean_loss)
@@ -223,8 +267,7 @@ class Trainer:
         r.losses.append(step_loss)
         self._log_step(step_loss, batch, wait, t0)
         self._record_step(step_loss)
-        every = cfg.checkpoint.every_steps
-        saved = cfg.checkpoint.enabled and (r.step % every == 0 or r.step == self.derived.total_steps)
+        saved = cfg.checkpoint.enabled and self._checkpoint_due()
         if saved:
             self.save()
         if stopping:  # a signal on any rank: all ranks save this same step and leave
@@ -233,6 +276,33 @@ class Trainer:
                 self.save()
             return True
         return False
+
+    def _skipped(self, what: str) -> None:
+        """A micro-step whose update did not happen (non-finite loss, overflowed
+        gradients): counted; too many in a row stop the run."""
+        self.result.nonfinite_skipped += 1
+        sink().inc("mae_nonfinite_steps_skipped_total")
+        self._in_a_row += 1
+        log.warning("%s (%d in a row)", what, self._in_a_row)
+        if self._in_a_row >= self.cfg.faults.max_nonfinite_in_row:
+            raise NonFiniteLossError(f"{self._in_a_row} non-finite losses or skipped updates in a row, the last: "
+                                     f"{what}; stopping with the last good checkpoint intact")
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``every_steps`` and at the end; never inside a run of skipped updates
+        (a due save waits for the next applied one), so a run that stopped learning
+        stops before it rotates good checkpoints out."""
+        r, total = self.result, self.derived.total_steps
+        due = self._save_due or r.step % self.cfg.checkpoint.every_steps == 0 or r.step == total
+        self._save_due = due and self._in_a_row > 0 and r.step < total
+        return due and not self._save_due
+
+    def _log_ids(self, batch: Batch) -> None:
+        if self.ids_file:
+            record = {"micro": self.micro_steps, "step": self.result.step + 1, "epoch": self.loader.epoch,
+                      "ids": batch.sample_ids.tolist()}
+            self.ids_file.write(json.dumps(record) + "\n")
+            self.ids_file.flush()
 
     def _record_micro_step(self, images: int, wait: float, t0: float) -> None:
         sink().inc("mae_trainer_images_total", images)
@@ -287,9 +357,19 @@ class Trainer:
 
     def close(self) -> None:
         self.encoder_timer.close()
-        if self.metrics_file:
-            self.metrics_file.close()
+        for f in (self.metrics_file, self.ids_file):
+            if f:
+                f.close()
         stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)
+        self._release_lock()
+
+
+def _open_log(path: str | None):
+    """A JSON-lines file opened for appending (None: no file)."""
+    if not path:
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a")
 
 
 def _timed(it):

@@ -106,11 +106,22 @@ def test_deepspeed_json_is_generated_from_the_config():
     assert ds["gradient_clipping"] == 1.0 and ds["zero_force_ds_cpu_optimizer"] is False
 
 
-def test_fingerprint_tracks_what_breaks_the_optimizer_state():
-    a = load_config("tiny_cpu")
-    assert a.fingerprint() == load_config("tiny_cpu", ["optim.lr=0.5", "schedule.epochs=3"]).fingerprint()
-    assert a.fingerprint() != load_config("tiny_cpu", ["deepspeed.stage=3"]).fingerprint()
-    assert a.fingerprint() != load_config("tiny_cpu", ["model.name=mae_vit_tiny_patch16"]).fingerprint()
+def test_fingerprint_tracks_the_model_seeds_data_and_optimizer_state():
+    a = load_config("tiny_cpu").fingerprint("data-a")
+    assert a == load_config("tiny_cpu", ["optim.lr=0.5", "schedule.epochs=3", "data.batch_size=4"]).fingerprint("data-a")
+    changed = {
+        "zero_stage": load_config("tiny_cpu", ["deepspeed.stage=3"]).fingerprint("data-a"),
+        "model": load_config("tiny_cpu", ["model.name=mae_vit_tiny_patch16"]).fingerprint("data-a"),
+        "seed": load_config("tiny_cpu", ["seed=1"]).fingerprint("data-a"),
+        "data_seed": load_config("tiny_cpu", ["data.plan.seed=1"]).fingerprint("data-a"),
+        "dataset": load_config("tiny_cpu").fingerprint("data-b"),
+        "mask_ratio": load_config("tiny_cpu", ["model.mask_ratio=0.5"]).fingerprint("data-a"),
+    }
+    for key, other in changed.items():
+        assert a[key] != other[key], key
+    assert a["architecture"]["embed_dim"] == 64 and a["architecture"]["img_size"] == 32
+    img = load_config("tiny_cpu", ["data.augment.img_size=64"]).fingerprint("data-a")
+    assert [k for k in a if a[k] != img[k]] == ["architecture"]
 
 
 def test_lr_schedule_warmup_then_half_cosine():

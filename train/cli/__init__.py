@@ -14,9 +14,9 @@ import sys
 from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
-from train.cli import (bench_encoder, bench_finetune, bench_ingest, bench_inputs, bench_metrics, bench_pipeline,
-                       bench_train, convert, demo, export, finetune, index, inspect, models, plan, pretrain, probe,
-                       reconstruct, shard)
+from train.cli import (bench_checkpoint, bench_encoder, bench_finetune, bench_ingest, bench_inputs, bench_metrics,
+                       bench_pipeline, bench_train, chaos, convert, demo, export, finetune, index, inspect, models, plan,
+                       pretrain, probe, reconstruct, shard)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
@@ -35,12 +35,14 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "train"), bench_train, "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
     (("bench", "finetune"), bench_finetune, "the fine-tuning step: DeepSpeed engine vs a bare PyTorch loop"),
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
+    (("bench", "checkpoint"), bench_checkpoint, "DeepSpeed's checkpoint save and load vs ours (hashed, verified)"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("bench", "ingest"), bench_ingest, "mae index on the S3 test server; mae shard one process vs Ray, side by side"),
     (("bench", "inputs"), bench_inputs, "cost of validating manifests and images: checked vs trusted, side by side"),
     (("models",), models, "list registered model sizes with parameter counts"),
     (("demo",), demo, "the end-to-end demo (see README)"),
+    (("chaos",), chaos, "kill a tiny pretraining at random points under S3 faults; check losses, weights, samples"),
 ]
 
 

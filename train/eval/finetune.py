@@ -41,11 +41,13 @@ from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
 from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
                           set_lr)
-from train.errors import EvalInputError, NonFiniteLossError, WeightsError
+from train.errors import EvalInputError, NonFiniteLossError, ResumeError, WeightsError
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
 from train.recipe import Derived, derived, lr_at
+from train.rng import StepStreams
+from train.run_lock import take_run_lock
 from train.step_metrics import record_memory, start_prometheus, stop_prometheus
 from train.trainer import StopSignal, _timed
 from train.weights.files import export_classifier
@@ -177,6 +179,16 @@ class Finetuner:
         self.cfg = cfg
         self.rank, self.local_rank, self.world = init_distributed(cfg.deepspeed)
         self.device = device_for(self.local_rank)
+        self.lock = take_run_lock(cfg.checkpoint, self.rank)  # first: a second run on this dir stops here
+        self.prometheus, self.metrics_file = None, None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         self.prometheus = start_prometheus(cfg.metrics, self.rank, self.local_rank, cfg.data.backend)
         self.loader = build_loader(cfg.data, self.rank, self.world, device=self.device)
         self.classes = self._classes(self.loader, cfg.data.url)
@@ -191,9 +203,9 @@ class Finetuner:
                  sum(p.numel() for p in model.parameters()))  # before ZeRO-3 partitions them
         self.derived: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.batch_size)
         self.engine = build_engine(cfg, model, self.derived.lr, optimizer_for(cfg, model, self.derived.lr))
-        self.ckpt = CheckpointManager(cfg.checkpoint, f"classifier:{cfg.model.name}", cfg.fingerprint(), self.rank,
-                                      self.world)
-        torch.manual_seed(cfg.seed * 1000 + self.rank)  # drop path: each rank its own draws
+        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.fingerprint(), self.rank, self.world, self.lock,
+                                      cfg.faults.slow_save_s)
+        self.streams = StepStreams(cfg.seed, self.rank, self.device)  # drop path: each rank its own saved stream
         self.metrics_file = None
         if cfg.log.metrics_file and self.rank == 0:
             Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
@@ -228,18 +240,29 @@ class Finetuner:
         resumed = self.ckpt.resume(self.engine)
         if resumed is None:
             return
-        state = resumed.client_state
+        try:
+            state = resumed.meta["trainer"]
+            self.loader.load_state_dict(state["loader"])
+            self.result.nonfinite_skipped = int(state["nonfinite_skipped"])
+            self.result.evals = list(state["evals"])
+            self.result.best_top1 = state["best_top1"]
+            if resumed.rng is not None:
+                self.streams.load_state_dict(resumed.rng)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ResumeError(f"checkpoint {self.ckpt.root / resumed.tag} has a malformed fine-tuning state "
+                              f"({type(e).__name__}: {e})") from e
         self.result.step = resumed.step
-        self.loader.load_state_dict(state["loader"])
-        self.result.evals = json.loads(state.get("evals", "[]"))
-        self.result.best_top1 = state.get("best_top1")
+        if resumed.rng is None:  # another world size: fresh streams for these ranks
+            self.streams = StepStreams(self.cfg.seed, self.rank, self.device, step=resumed.step)
 
     def save(self) -> None:
         r = self.result
-        state = {"step": r.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
-                 "config": json.dumps(self.cfg.to_dict()), "derived": json.dumps(asdict(self.derived)),
-                 "evals": json.dumps(r.evals), "best_top1": r.best_top1}
-        sink().observe("mae_checkpoint_save_duration_seconds", self.ckpt.save(self.engine, r.step, state))
+        meta = {"model": self.cfg.fingerprint()["model"], "epoch": self.loader.epoch, "config": self.cfg.to_dict(),
+                "derived": asdict(self.derived),
+                "trainer": {"loader": self.loader.state_dict(), "nonfinite_skipped": r.nonfinite_skipped,
+                            "evals": r.evals, "best_top1": r.best_top1}}
+        seconds = self.ckpt.save(self.engine, r.step, meta, self.streams.state_dict())
+        sink().observe("mae_checkpoint_save_duration_seconds", seconds)
 
     # ----------------------------------------------------------------- loop
     def run(self, stop: StopSignal) -> FinetuneResult:
@@ -273,7 +296,9 @@ class Finetuner:
         labels = self._labels(batch)
         images, targets, _ = mix_batch(cfg.mixup, batch.images, labels, self.num_classes, cfg.seed,
                                        self.loader.epoch, batch.sample_ids)
-        loss = soft_cross_entropy(self.engine(images), targets)  # bf16: the engine autocasts the forward
+        with self.streams.model_stream():  # drop path draws from the saved stream
+            logits = self.engine(images)  # bf16: the engine autocasts the forward
+        loss = soft_cross_entropy(logits, targets)
         if self._micro in cfg.faults.inject_nonfinite_at:
             loss = loss * float("nan")
         self._micro += 1
@@ -411,3 +436,5 @@ class Finetuner:
         if self.metrics_file:
             self.metrics_file.close()
         stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)
+        if self.lock is not None:
+            self.lock.release()

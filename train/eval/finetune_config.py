@@ -12,8 +12,6 @@ fine-tuning recipe's defaults and the few fields fine-tuning adds. Presets:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,11 +111,12 @@ class FinetuneConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed (model shape and optimizer state)."""
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed, key by key: the classifier's shape,
+        the seeds, and what shapes the optimizer state (not lr, schedule or world size)."""
         m = self.model
-        key = {"model": m.name, "img_size": self.img_size, "num_classes": m.num_classes, "head": m.head,
-               "global_pool": m.global_pool, "trainable_blocks": m.trainable_blocks, "optim": self.optim.name,
-               "stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
-               "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return {"model": f"classifier:{m.name}", "img_size": self.img_size, "num_classes": m.num_classes,
+                "head": m.head, "global_pool": m.global_pool, "trainable_blocks": m.trainable_blocks,
+                "optim": self.optim.name, "seed": self.seed, "data_seed": self.data.plan.seed,
+                "zero_stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
+                "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}

@@ -1,0 +1,48 @@
+"""Killing a launched job the way a dead node does: the launcher and every process
+it started, at once, with no chance to react.
+
+``torchrun`` starts each rank in a session of its own, so ``killpg`` of the
+launcher's group leaves the ranks running (and finishing the run). ``kill_tree``
+finds every descendant through /proc, stops them all (SIGSTOP: nobody can notice
+the others dying and react, e.g. by a graceful save), then SIGKILLs them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def _children() -> dict[int, list[int]]:
+    """parent pid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, parents first."""
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(tree.get(p, []))
+    return out
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGSTOP then SIGKILL ``pid`` and all its descendants; returns the pids."""
+    pids = descendants(pid)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+    return pids

@@ -1,0 +1,205 @@
+"""moto's S3 server behind a small WSGI fault layer, for faults a real server will
+not produce on demand: 503 SlowDown, 500, delays, connection resets, truncated
+bodies, stalls.
+
+Two ways to inject, on GETs of object keys containing ``match``:
+
+- ``faults.add(kind, match, times)``: exactly these faults, in the order added;
+- ``faults.set_rate(0.1, kinds, seed)``: each GET fails with probability ``rate``,
+  the kind drawn at random (seeded) — the chaos soak's object store.
+
+``injected`` lists the kinds injected so far; ``object_gets`` counts object GETs.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+ERROR_XML = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{msg}</Message></Error>'
+KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
+
+
+@dataclass
+class Fault:
+    kind: str  # one of KINDS
+    match: str
+    times: int
+    seconds: float = 0.0
+
+
+@dataclass
+class FaultRate:
+    rate: float
+    kinds: tuple[str, ...]
+    match: str
+    seconds: float  # delay and stall length
+    rng: random.Random
+
+
+class FaultInjector:
+    def __init__(self, app) -> None:
+        self.app = app
+        self.faults: list[Fault] = []
+        self.random_faults: FaultRate | None = None
+        self.injected: list[str] = []
+        self.object_gets = 0
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, match: str = ".tar", times: int = 1, seconds: float = 0.0) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"fault kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        with self._lock:
+            self.faults.append(Fault(kind, match, times, seconds))
+
+    def set_rate(self, rate: float, kinds: tuple[str, ...] = KINDS, seed: int = 0, match: str = "",
+                 seconds: float = 2.0) -> None:
+        """Fail each matching object GET with probability ``rate`` (0 turns it off)."""
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not 0 <= rate <= 1:
+            raise ValueError(f"rate must be in [0, 1] and kinds among {KINDS}; got {rate}, {sorted(unknown)}")
+        with self._lock:
+            self.random_faults = FaultRate(rate, tuple(kinds), match, seconds, random.Random(seed)) if rate else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+            self.injected.clear()
+            self.random_faults = None
+
+    def _take(self, path: str) -> Fault | None:
+        with self._lock:
+            for f in self.faults:
+                if f.match in path and f.times > 0:
+                    f.times -= 1
+                    self.injected.append(f.kind)
+                    return f
+            r = self.random_faults
+            if r is not None and r.match in path and r.rng.random() < r.rate:
+                kind = r.rng.choice(r.kinds)
+                self.injected.append(kind)
+                return Fault(kind, r.match, 1, r.seconds)
+        return None
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        fault = None
+        if environ["REQUEST_METHOD"] == "GET" and "." in path.rsplit("/", 1)[-1]:
+            with self._lock:
+                self.object_gets += 1
+            fault = self._take(path)
+        if fault is None:
+            return self.app(environ, start_response)
+        if fault.kind in ("slowdown", "error500"):
+            status, code = ("503 Slow Down", "SlowDown") if fault.kind == "slowdown" else ("500 Internal Server Error", "InternalError")
+            body = ERROR_XML.replace(b"{code}", code.encode()).replace(b"{msg}", b"injected")
+            start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
+        if fault.kind == "delay":
+            time.sleep(fault.seconds)
+            return self.app(environ, start_response)
+        if fault.kind == "reset":
+            _reset(environ["werkzeug.socket"])
+            raise ConnectionResetError("injected reset")  # the handler drops the dead connection
+        # truncate / stall: real headers (full Content-Length), then part of the body
+        captured = {}
+
+        def capture(status, headers, exc_info=None):
+            captured["status"], captured["headers"] = status, headers
+            return lambda data: None
+
+        body = b"".join(self.app(environ, capture))
+        start_response(captured["status"], captured["headers"])
+
+        def partial():
+            yield body[: len(body) // 2]
+            if fault.kind == "stall":
+                time.sleep(fault.seconds)  # the client's read timeout fires first
+            # returning early closes the connection short of Content-Length
+
+        return partial()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Abort the connection: RST instead of FIN, before any response byte."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log; a connection the fault layer aborted is not an error."""
+
+    def log_request(self, *args, **kwargs) -> None:
+        pass
+
+    def log_error(self, *args, **kwargs) -> None:
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, OSError):
+            pass
+
+
+class FaultyS3:
+    """``with FaultyS3() as s3: s3.faults.add('slowdown', times=2)``."""
+
+    def __init__(self) -> None:
+        self.faults = FaultInjector(DomainDispatcherApplication(create_backend_app))
+        self.server = make_server("127.0.0.1", 0, self.faults, threaded=True, request_handler=_QuietHandler)
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultyS3:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="fake",
+                            aws_secret_access_key="fake-secret", region_name="us-east-1")
+
+
+class SilentEndpoint:
+    """A loopback TCP server that accepts every connection and never sends a byte:
+    an endpoint that hangs. ``with SilentEndpoint() as s: s.url``."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.accepted: list = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(conn)
+
+    def __enter__(self) -> SilentEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self._server.close()
+        for conn in self.accepted:
+            conn.close()

@@ -1,0 +1,141 @@
+"""Exact resume, by the strongest measure: a run interrupted and relaunched — kill -9
+mid-run or inside a save, SIGTERM, a clean restart from a checkpoint — logs every
+later step's loss bit for bit equal to the uninterrupted run's (`==`, on every
+replay of a step), reads the same samples at every micro-step, and ends with the
+same weights (`torch.equal`). Covered: ZeRO 0/2/3 on 2 ranks, the cpu and dali
+backends, and the three entry points (torchrun, the DeepSpeed launcher, `mae
+pretrain`). Elastic resume (another world size) sees every sample once."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.training import (STEPS, all_losses, assert_same_weights, copy_checkpoint, ds_launcher,
+                                    final_weights, kill_9, mae_pretrain, metrics, run_cmd, sample_ids, saving, start,
+                                    steps_logged, summary, torchrun, wait_for)
+
+pytestmark = pytest.mark.integration
+
+
+def assert_exact(run: Path, ref: Path, resumed_at: int) -> None:
+    """Every step after ``resumed_at`` equals the reference exactly, on every replay;
+    the same samples at every micro-step; the same final weights."""
+    expected, got = metrics(ref), all_losses(run)
+    for step in range(resumed_at + 1, STEPS + 1):
+        assert got[step] and all(loss == expected[step]["loss"] for loss in got[step]), (step, got[step],
+                                                                                         expected[step]["loss"])
+    ref_ids = sample_ids(ref)
+    for key, records in sample_ids(run).items():  # (rank, micro-step): every time it was read
+        assert all(r["ids"] == ref_ids[key][-1]["ids"] for r in records), key
+    assert_same_weights(final_weights(run), final_weights(ref))
+
+
+def resumed_step(log: str) -> int:
+    found = re.findall(r"resumed from \S+ \(step (\d+)\)", log)
+    assert found, log[-3000:]
+    return int(found[0])
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_restart_from_a_checkpoint_is_exact(stage, shards, stage_runs, tmp_path):
+    """A clean restart: a fresh process resumes the step-4 checkpoint of the
+    uninterrupted run and reproduces its steps 5-8 and final weights."""
+    run = copy_checkpoint(stage_runs[stage], tmp_path / "restart", 4)
+    out = run_cmd(torchrun(shards, run, f"deepspeed.stage={stage}"), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed_step(out.stderr) == 4
+    assert_exact(run, stage_runs[stage], resumed_at=4)
+
+
+def test_kill_9_inside_a_save_then_restart_is_exact(shards, stage_runs, tmp_path):
+    """The DeepSpeed launcher; kill -9 of every process while the step-4 checkpoint
+    is half written: the restart takes over the dead run's lock, resumes from step
+    2, replaces the partial checkpoint and reproduces the run."""
+    run = tmp_path / "killed-in-save"
+    every2 = ("deepspeed.stage=2", "checkpoint.every_steps=2")
+    proc = start(ds_launcher(shards, run, *every2, "faults.slow_save_s=3"), run)
+    wait_for(lambda: saving(run, 4), proc=proc)
+    kill_9(proc)
+    assert not (run / "ckpt" / "step000000004" / "COMPLETE").exists()
+    assert (run / "ckpt" / "LOCK").exists()  # left by the dead rank 0
+    out = run_cmd(ds_launcher(shards, run, *every2), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "taking over the checkpoint lock" in out.stderr and "its process is not running" in out.stderr
+    assert resumed_step(out.stderr) == 2
+    assert (run / "ckpt" / "step000000004" / "COMPLETE").exists() or not (run / "ckpt" / "step000000004").exists()
+    assert_exact(run, stage_runs[2], resumed_at=2)
+
+
+def test_kill_9_mid_run_then_restart_is_exact(shards, single_run, tmp_path):
+    """`mae pretrain` (one process), killed between checkpoints."""
+    run = tmp_path / "killed"
+    proc = start(mae_pretrain(shards, run, "checkpoint.every_steps=2", "faults.slow_save_s=1"), run)
+    wait_for(lambda: steps_logged(run) >= 5, proc=proc)
+    kill_9(proc)
+    killed_at = steps_logged(run)
+    assert 5 <= killed_at < STEPS
+    out = run_cmd(mae_pretrain(shards, run, "checkpoint.every_steps=2"), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed_step(out.stderr) in (4, 6)
+    assert_exact(run, single_run, resumed_at=resumed_step(out.stderr))
+
+
+def test_sigterm_then_restart_is_exact(shards, stage_runs, tmp_path):
+    """torchrun, ZeRO-3: SIGTERM saves at the end of the step and exits; the
+    relaunch continues exactly."""
+    run = tmp_path / "preempted"
+    proc = start(torchrun(shards, run, "deepspeed.stage=3", "faults.slow_save_s=1"), run)
+    wait_for(lambda: steps_logged(run) >= 3, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    stopped = summary(run)
+    assert stopped["stopped_by_signal"] == "SIGTERM", output[-3000:]
+    assert 3 <= stopped["step"] < STEPS
+    assert (run / "ckpt" / f"step{stopped['step']:09d}" / "COMPLETE").exists()
+    assert not (run / "ckpt" / "LOCK").exists()  # released on the way out
+    out = run_cmd(torchrun(shards, run, "deepspeed.stage=3"), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed_step(out.stderr) == stopped["step"]
+    assert_exact(run, stage_runs[3], resumed_at=stopped["step"])
+
+
+def test_the_dali_backend_resumes_exactly(shards, dali_run, tmp_path):
+    """data.backend=dali (CPU mode, crops from the plan), killed mid-run."""
+    run = tmp_path / "dali-killed"
+    dali = ("deepspeed.stage=2", "data.backend=dali", "checkpoint.every_steps=2")
+    proc = start(torchrun(shards, run, *dali, "faults.slow_save_s=1"), run)
+    wait_for(lambda: steps_logged(run) >= 3, proc=proc)
+    kill_9(proc)
+    out = run_cmd(torchrun(shards, run, *dali), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    resumed = resumed_step(out.stderr)
+    assert 2 <= resumed < STEPS
+    assert_exact(run, dali_run, resumed_at=resumed)
+
+
+def test_elastic_resume_sees_every_sample_once(shards, stage_runs, tmp_path):
+    """ZeRO-0 checkpoint of 2 ranks at step 4, resumed by one process: the 32
+    samples the two ranks had not read of epoch 0 are read once, none again."""
+    run = copy_checkpoint(stage_runs[0], tmp_path / "elastic", 4)
+    out = run_cmd(mae_pretrain(shards, run, "deepspeed.stage=0"), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "elastic resume from 2 to 1 ranks" in out.stderr
+    before = [r[-1] for (rank, micro), r in sample_ids(stage_runs[0]).items() if r[-1]["step"] <= 4]
+    after = [r[-1] for r in sample_ids(run).values()]
+    seen = Counter(i for rec in before + after if rec["epoch"] == 0 for i in rec["ids"])
+    assert sorted(seen) == list(range(96)) and set(seen.values()) == {1}
+    assert summary(run)["step"] == STEPS
+
+
+def test_elastic_resume_of_partitioned_optimizer_state_is_refused_clearly(shards, stage_runs, tmp_path):
+    run = copy_checkpoint(stage_runs[2], tmp_path / "elastic2", 4)
+    out = run_cmd(mae_pretrain(shards, run, "deepspeed.stage=2"), run)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "ZeRO-2 optimizer state partitioned over 2 ranks" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,111 @@
+"""One writer per checkpoint directory: the lock file, its holder, staleness,
+take-over and the heartbeat (real processes and files; no trainer needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import pytest
+
+from train.errors import CheckpointLockError, CheckpointStorageError
+from train.run_lock import LOCK_NAME, RunLock, read_holder, stale_reason, this_process
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write(path, holder) -> None:
+    path.write_text(json.dumps(asdict(holder)))
+
+
+def test_the_lock_names_its_holder_and_goes_away_on_release(tmp_path):
+    lock = RunLock(tmp_path / "ckpt", stale_after_s=60)
+    lock.acquire()
+    holder = read_holder(tmp_path / "ckpt" / LOCK_NAME)
+    assert holder.pid == os.getpid() and holder.host == this_process().host and holder.token == lock.holder.token
+    lock.check()  # still ours
+    lock.release()
+    assert not (tmp_path / "ckpt" / LOCK_NAME).exists()
+
+
+def test_a_live_holder_is_refused_in_one_line(tmp_path):
+    first = RunLock(tmp_path, stale_after_s=60)
+    first.acquire()
+    try:
+        with pytest.raises(CheckpointLockError) as e:
+            RunLock(tmp_path, stale_after_s=60).acquire()
+        message = str(e.value)
+        assert "in use by another run" in message and f"pid {os.getpid()}" in message and "\n" not in message
+    finally:
+        first.release()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over(tmp_path, caplog):
+    _write(tmp_path / LOCK_NAME, replace(this_process(), pid=_dead_pid(), pid_start=None))
+    lock = RunLock(tmp_path, stale_after_s=3600)
+    lock.acquire()
+    assert read_holder(tmp_path / LOCK_NAME).pid == os.getpid()
+    assert "its process is not running" in caplog.text
+    lock.release()
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_holder():
+    me = this_process()
+    assert stale_reason(me, 60) is None
+    assert "another process" in stale_reason(replace(me, pid_start=(me.pid_start or 0) + 12345), 60)
+
+
+def test_a_holder_on_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path):
+    remote = replace(this_process(), host="other-node", boot_id="x", pid=1)
+    assert stale_reason(replace(remote, heartbeat=time.time() - 10), 60) is None
+    assert "no heartbeat for" in stale_reason(replace(remote, heartbeat=time.time() - 120), 60)
+    _write(tmp_path / LOCK_NAME, replace(remote, heartbeat=time.time()))
+    with pytest.raises(CheckpointLockError, match="host other-node pid 1"):
+        RunLock(tmp_path, stale_after_s=60).acquire()
+    _write(tmp_path / LOCK_NAME, replace(remote, heartbeat=time.time() - 120))
+    lock = RunLock(tmp_path, stale_after_s=60)
+    lock.acquire()
+    assert read_holder(tmp_path / LOCK_NAME).token == lock.holder.token
+    lock.release()
+
+
+def test_a_restarted_host_frees_its_locks():
+    assert stale_reason(replace(this_process(), boot_id="an-earlier-boot"), 60) == "its host restarted since"
+
+
+def test_the_heartbeat_refreshes_and_notices_a_take_over(tmp_path):
+    lock = RunLock(tmp_path, stale_after_s=5)  # heartbeat every 0.5 s
+    lock.acquire()
+    first = read_holder(tmp_path / LOCK_NAME).heartbeat
+    time.sleep(1.2)
+    assert read_holder(tmp_path / LOCK_NAME).heartbeat > first
+    _write(tmp_path / LOCK_NAME, replace(this_process(), host="thief", token="t"))  # another run took it
+    time.sleep(1.2)
+    with pytest.raises(CheckpointLockError, match="lost the lock .* now held by host thief"):
+        lock.check()
+    lock.release()
+    assert read_holder(tmp_path / LOCK_NAME).host == "thief"  # not ours: left alone
+
+
+def test_a_vanished_directory_is_noticed(tmp_path):
+    lock = RunLock(tmp_path / "ckpt", stale_after_s=60)
+    lock.acquire()
+    (tmp_path / "ckpt").rename(tmp_path / "moved")
+    with pytest.raises(CheckpointStorageError, match="vanished"):
+        lock.check()
+    lock.release()
+
+
+def test_a_directory_that_cannot_be_written_is_a_storage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CheckpointStorageError, match="cannot use checkpoint.dir .*the run needs"):
+        RunLock(blocker / "ckpt", stale_after_s=60).acquire()

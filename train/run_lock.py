@@ -1,0 +1,251 @@
+"""One writer per checkpoint directory: a lock file naming its holder.
+
+``checkpoint.dir/LOCK`` is JSON: host, boot id, pid (and the pid's start time, so a
+reused pid is not mistaken for the holder), start time, a heartbeat and a random
+token. It is created with ``O_EXCL``; rank 0 holds it for the whole run and a
+thread refreshes the heartbeat every ``stale_after_s / 10`` seconds.
+
+A lock is stale, and taken over with a warning, when its holder is gone: on this
+host (same boot) its process is not running; on this host after a reboot, always;
+on another host, when its heartbeat is older than ``stale_after_s``. A live one
+is refused with one line naming the holder. The heartbeat thread also notices a
+lock that vanished or was taken over (storage unmounted, another run decided this
+one was dead): ``check()`` then raises, and the run stops before its next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from infra.files import atomic_write
+from train.checkpoint_io import storage_problem
+from train.config import CheckpointConfig
+from train.engine import raise_first
+from train.errors import CheckpointLockError, CheckpointStorageError, TrainError
+
+log = logging.getLogger(__name__)
+LOCK_NAME = "LOCK"
+UNREADABLE_GRACE_S = 10.0  # a lock file still being written by its creator
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    host: str
+    boot_id: str
+    pid: int
+    pid_start: int | None  # clock ticks after boot (Linux), tells a reused pid apart
+    started: float  # unix time
+    heartbeat: float  # unix time of the last refresh
+    token: str
+
+    def describe(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"host {self.host} pid {self.pid}, running since {since}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks after boot, None where /proc has no such
+    process or is absent; a zombie counts as absent."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped
+        return None
+    return int(fields[19])
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def this_process() -> LockHolder:
+    now = time.time()
+    return LockHolder(socket.gethostname(), _boot_id(), os.getpid(), _process_start(os.getpid()), now, now,
+                      secrets.token_hex(8))
+
+
+def stale_reason(holder: LockHolder, stale_after_s: float, now: float | None = None) -> str | None:
+    """Why ``holder`` no longer holds its lock, or None while it may be running."""
+    now = time.time() if now is None else now
+    if holder.host == socket.gethostname() and holder.boot_id == _boot_id():
+        if not _pid_running(holder.pid):
+            return "its process is not running"
+        started = _process_start(holder.pid)
+        if holder.pid_start is not None and started != holder.pid_start:
+            return "its process is not running (the pid now belongs to another process)"
+        return None
+    if holder.host == socket.gethostname():
+        return "its host restarted since"
+    age = now - holder.heartbeat
+    return f"no heartbeat for {age:.0f}s (> {stale_after_s:.0f}s)" if age > stale_after_s else None
+
+
+def read_holder(path: Path) -> LockHolder | None:
+    """The lock's holder; None if the file is missing or not a lock we can read."""
+    try:
+        data = json.loads(path.read_text())
+        return LockHolder(**{k: data[k] for k in LockHolder.__dataclass_fields__})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+class RunLock:
+    """``lock.acquire()`` ... ``lock.check()`` before each save ... ``lock.release()``."""
+
+    def __init__(self, root: Path, stale_after_s: float) -> None:
+        self.root, self.path, self.stale_after_s = Path(root), Path(root) / LOCK_NAME, stale_after_s
+        self.holder: LockHolder | None = None
+        self.problem: str | None = None  # set by the heartbeat thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._identity: tuple[int, int] | None = None
+        self._mutex = threading.Lock()  # the heartbeat thread and check() both refresh
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; raise if a live run holds it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                if self._create():
+                    break
+                self._take_over_if_stale()
+            else:
+                raise CheckpointLockError(f"could not take the lock {self.path}: other runs keep taking it")
+            stat = os.stat(self.root)
+        except OSError as e:
+            what, need = storage_problem(e)
+            raise CheckpointStorageError(f"cannot use checkpoint.dir {self.root}: {what} ({e.strerror or e}); "
+                                         f"the run needs {need} there") from e
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._thread = threading.Thread(target=self._heartbeat, name="checkpoint-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _create(self) -> bool:
+        holder = this_process()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(holder)))
+            f.flush()
+            os.fsync(f.fileno())
+        self.holder = holder
+        return True
+
+    def _take_over_if_stale(self) -> None:
+        holder = read_holder(self.path)
+        if holder is None:
+            if not self.path.exists():
+                return
+            age = time.time() - self.path.stat().st_mtime
+            if age < UNREADABLE_GRACE_S:  # its creator is still writing it
+                time.sleep(0.5)
+                return
+            reason, who = "it is unreadable", f"an unreadable lock ({age:.0f}s old)"
+        else:
+            reason, who = stale_reason(holder, self.stale_after_s), holder.describe()
+            if reason is None:
+                beat = time.time() - holder.heartbeat
+                raise CheckpointLockError(
+                    f"checkpoint.dir {self.root} is in use by another run ({who}, heartbeat {beat:.0f}s ago): "
+                    f"stop that run or set another checkpoint.dir")
+        log.warning("taking over the checkpoint lock %s of %s: %s", self.path, who, reason)
+        current = read_holder(self.path)
+        if current == holder:  # nobody took it over in between
+            self.path.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        interval = max(0.5, self.stale_after_s / 10)
+        while not self._stop.wait(interval):
+            self.problem = self._refresh()
+            if self.problem:
+                return
+
+    def _refresh(self) -> str | None:
+        """Renew the heartbeat; a message if the lock is no longer ours."""
+        with self._mutex:
+            return self._renew()
+
+    def _renew(self) -> str | None:
+        assert self.holder is not None
+        try:
+            stat = os.stat(self.root)
+        except OSError as e:
+            return f"checkpoint.dir {self.root} vanished ({e.strerror or e})"
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            return f"checkpoint.dir {self.root} was replaced (deleted and recreated, or unmounted)"
+        current = read_holder(self.path)
+        if current is None or current.token != self.holder.token:
+            who = current.describe() if current else "nobody (the lock file is gone)"
+            return f"lost the lock of checkpoint.dir {self.root}: it is now held by {who}"
+        self.holder = replace(self.holder, heartbeat=time.time())
+        try:
+            atomic_write(self.path, json.dumps(asdict(self.holder)))
+        except OSError as e:
+            what, need = storage_problem(e)
+            return f"cannot refresh the lock {self.path}: {what} ({e.strerror or e}); the run needs {need}"
+        return None
+
+    def check(self) -> None:
+        """Raise if the heartbeat found the lock or the directory gone."""
+        problem = self.problem or (self._refresh() if self._thread is not None else None)
+        if problem:
+            self.problem = problem
+            error = CheckpointLockError if problem.startswith("lost the lock") else CheckpointStorageError
+            raise error(problem)
+
+    def release(self) -> None:
+        """Stop the heartbeat; remove the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.holder is None:
+            return
+        current = read_holder(self.path)
+        if current is not None and current.token == self.holder.token:
+            try:
+                self.path.unlink()
+            except OSError as e:  # read-only or vanished: the next run sees a dead holder
+                log.warning("could not remove the checkpoint lock %s: %s", self.path, e)
+        self.holder = None
+
+
+def take_run_lock(cfg: CheckpointConfig, rank: int) -> RunLock | None:
+    """Rank 0 takes ``cfg.dir``'s lock for a run that saves there (None when it does
+    not, and on other ranks); if it cannot, every rank raises the same error."""
+    if not cfg.enabled:
+        return None
+    lock, error = RunLock(Path(cfg.dir), cfg.lock_stale_s) if rank == 0 else None, None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except TrainError as e:
+            lock, error = None, e
+    raise_first(error)
+    return lock
