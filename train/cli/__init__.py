@@ -16,8 +16,8 @@ from types import ModuleType
 from infra.options import OptionError
 from pipeline.errors import PipelineError
 from pipeline.storage.redact import redact
-from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, demo, export, inspect, models, plan,
-                       pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, demo, export, inspect, launch_slurm,
+                       models, plan, pretrain, probe, reconstruct, shard)
 from train.errors import TrainError
 
 # (command path, module, help)
@@ -34,6 +34,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("models",), models, "list registered model sizes with parameter counts"),
+    (("launch", "slurm"), launch_slurm, "write (and --submit) the sbatch script of a pretrain/finetune/shard job"),
     (("demo",), demo, "the end-to-end demo (see README)"),
 ]
 
