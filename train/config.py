@@ -22,8 +22,10 @@ from typing import Any
 import yaml
 
 from infra.options import OptionError, doc_of, option, require, require_choice, require_positive
+from infra.tracking import TrackingConfig
 from model.registry import list_models
 from pipeline.loader import LoaderConfig
+from pipeline.storage.redact import redact
 from train.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).with_name("configs")
@@ -106,9 +108,9 @@ class FaultConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/tracking.py
     every_steps: int = option(10, "optimizer steps between log lines")
-    metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
+    metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait, grad norm)")
 
 
 @dataclass
@@ -236,6 +238,22 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"override {item!r}: bad value ({e})") from e
         _set_path(tree, key.strip(), value)
     return _build(RunConfig, tree, "")
+
+
+def flat_config(cfg: RunConfig) -> dict[str, str]:
+    """Every key as ``a.b.c: value`` text, credentials redacted: the run's parameters
+    as experiment trackers record them."""
+    out: dict[str, str] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "raw" and key != "options":
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = redact(json.dumps(value))
+
+    walk(cfg.to_dict(), "")
+    return out
 
 
 def list_presets() -> list[str]:

@@ -62,3 +62,45 @@ def record_memory(device: torch.device) -> None:
         sink().set("mae_device_memory_reserved_bytes", torch.cuda.memory_reserved(device))
     with open("/proc/self/statm") as f:
         sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+class StepClock:
+    """Images/s and the share of wall time spent waiting for data, per optimizer
+    step (over all its micro-steps)."""
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+        self._images, self._wait = 0, 0.0
+
+    def micro_step(self, images: int, wait: float) -> None:
+        self._images += images
+        self._wait += wait
+
+    def step(self) -> tuple[float, float]:
+        """(images/s, data-wait fraction) since the last optimizer step."""
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        rates = (self._images / elapsed, min(self._wait / elapsed, 1.0))
+        self._since, self._images, self._wait = now, 0, 0.0
+        return rates
+
+
+class GradNorm:
+    """The global gradient norm of the last optimizer step, kept as a tensor (read
+    later, off the step's path). ZeRO 1-3 compute it in their step; with stage 0
+    DeepSpeed does not, so it is taken from the all-reduced gradients just before
+    the step."""
+
+    def __init__(self, engine, enabled: bool = True) -> None:
+        self.engine, self.enabled = engine, enabled
+        self.own = engine.zero_optimization_stage() == 0
+        self.last: torch.Tensor | float | None = None
+
+    def before_step(self, boundary: bool) -> None:
+        if self.enabled and self.own and boundary:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self.last = torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def after_step(self, boundary: bool) -> None:
+        if self.enabled and not self.own and boundary:
+            self.last = self.engine.get_global_grad_norm()
