@@ -270,3 +270,16 @@ class MlflowBackend:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def record_results(cfg: TrackingConfig, run_dir: str, step: int, scalars: Mapping[str, float],
+                   images: Mapping[str, np.ndarray] | None = None) -> None:
+    """Evaluation results (probe accuracies, a reconstruction figure) into a run's
+    record at ``step``: opened, written and closed in one call."""
+    tracker = open_tracker(cfg, 0, run_dir)
+    try:
+        tracker.scalars(step, scalars)
+        for tag, image in (images or {}).items():
+            tracker.image(tag, step, image)
+    finally:
+        tracker.close()

@@ -17,7 +17,7 @@ from infra.options import OptionError
 from pipeline.errors import PipelineError
 from pipeline.storage.redact import redact
 from train.cli import (bench_encoder, bench_metrics, bench_pipeline, bench_train, demo, export, inspect, launch_slurm,
-                       models, plan, pretrain, probe, reconstruct, shard)
+                       models, plan, plot_bench, plot_run, pretrain, probe, reconstruct, shard)
 from train.errors import TrainError
 
 # (command path, module, help)
@@ -33,6 +33,8 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
+    (("plot", "run"), plot_run, "a run's loss curve (lr on a second axis) and throughput/data wait, as PNGs"),
+    (("plot", "bench"), plot_bench, "figures of benchmark reports (mae bench ... --json)"),
     (("models",), models, "list registered model sizes with parameter counts"),
     (("launch", "slurm"), launch_slurm, "write (and --submit) the sbatch script of a pretrain/finetune/shard job"),
     (("demo",), demo, "the end-to-end demo (see README)"),
