@@ -60,6 +60,7 @@ def record_memory(device: torch.device) -> None:
     if device.type == "cuda":
         sink().set("mae_device_memory_allocated_bytes", torch.cuda.memory_allocated(device))
         sink().set("mae_device_memory_reserved_bytes", torch.cuda.memory_reserved(device))
+        sink().set("mae_device_memory_total_bytes", torch.cuda.get_device_properties(device).total_memory)
     with open("/proc/self/statm") as f:
         sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 

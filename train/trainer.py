@@ -129,9 +129,10 @@ class Trainer:
                               backend=self.cfg.data.backend)
         install(prom)
         if m.file_sd_dir and self.local_rank == 0:
-            prom.write_file_sd(m.file_sd_dir, m.port_base)
+            prom.write_file_sd(m.file_sd_dir, m.port_base, run=Path(self.cfg.checkpoint.dir).name)
         mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.augment.img_size)
         sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
+        sink().set("mae_world_size", self.world)
         return prom
 
     def _measure_speedup(self) -> None:

@@ -23,6 +23,7 @@ from infra.metrics import METRICS
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra" / "grafana" / "maescale-dashboard.json"
+ALERTS = ROOT / "infra" / "prometheus" / "alerts.yml"
 # metrics only a GPU run has; on CPU their queries are rightly empty
 GPU_ONLY = ("mae_device_memory_allocated_bytes", "mae_device_memory_reserved_bytes")
 EPOCHS, STEPS_PER_EPOCH = 16, 13  # 97 samples (one corrupt) in micro-batches of 8
@@ -34,6 +35,7 @@ class Prometheus:
         config = root / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{ALERTS}']\n"
             "scrape_configs:\n  - job_name: maescale\n    file_sd_configs:\n"
             f"      - files: ['{sd_dir}/*.json']\n        refresh_interval: 1s\n")
         binary = shutil.which("prometheus")
@@ -163,6 +165,24 @@ def test_every_dashboard_panel_and_query_returns_data(scraped_run):
     assert not empty, f"dashboard queries without data: {empty}"
 
 
+def test_the_alert_rules_load_and_evaluate_on_the_run(scraped_run):
+    import yaml
+
+    prom, t0, t1, _, _ = scraped_run
+    loaded = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
+    declared = [r.get("alert") or r["record"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert sorted(loaded) == sorted(declared) and len(declared) == 12
+    for name, rule in loaded.items():
+        assert rule["health"] == "ok" and not rule.get("lastError"), (name, rule)
+    # the recording rules see the run, labelled by the run name the file-SD targets carry
+    series = prom.api("query_range", query="mae:images_per_second:rate5m", start=t0, end=t1 + 5, step=1)["result"]
+    assert [s["metric"] for s in series] == [{"__name__": "mae:images_per_second:rate5m", "job": "maescale",
+                                               "run": "ckpt"}]
+    assert max(float(v) for _, v in series[0]["values"]) > 0
+    assert prom.value("max_over_time(mae:data_wait_fraction:rate5m[10m])", t1) > 0
+    assert [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"] == []
+
+
 def test_metric_names_follow_the_conventions(scraped_run):
     prom = scraped_run[0]
     names = [n for n in prom.api("label/__name__/values") if n.startswith("mae_")]
@@ -230,6 +250,8 @@ def test_each_rank_serves_its_own_endpoint_and_file_sd_lists_them(tmp_path):
         assert seen == {0: "0", 1: "1"}, seen  # port base + local rank serves that rank
         targets = json.loads(next((tmp_path / "sd").glob("maescale-*.json")).read_text())
         assert targets[0]["targets"] == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
+        assert targets[0]["labels"]["run"] == "ckpt"
     finally:
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
+    assert list((tmp_path / "sd").glob("*.json")) == []  # a run that ended is no longer a target
