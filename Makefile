@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # Extras installed for the test suite; later features add theirs here.
-TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics,dali,ffcv
+TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics,dali,ffcv,tracking,wandb,mlflow
 STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # Debian packages the tests need (installed with apt-get when missing; later
 # features add theirs). FFCV builds from source against libturbojpeg and OpenCV 4;

@@ -110,7 +110,7 @@ class FaultConfig:
 @dataclass
 class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/tracking.py
     every_steps: int = option(10, "optimizer steps between log lines")
-    metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait, grad norm)")
+    metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
 
 
 @dataclass

@@ -146,7 +146,7 @@ def _shard(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Pa
 
 def _required(config: str | None) -> str:
     if not config:
-        raise LaunchError("--config is required for pretrain and finetune jobs (a preset such as vit_l, or a YAML file)")
+        raise LaunchError("--config is required for pretrain and finetune jobs (a preset such as vit_l, or YAML)")
     return config
 
 

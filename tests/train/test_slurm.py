@@ -111,11 +111,14 @@ def _finished(slurm, job_id: str, run: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm, shards, tmp_path_factory) -> tuple[Path, str, int]:
+def reference(slurm, shards, tmp_path_factory) -> tuple[Path, str, int, list]:
+    """The job uninterrupted; the Prometheus file-SD targets it lists while it runs."""
     run = tmp_path_factory.mktemp("slurm-reference")
     job_id, port = _launch(slurm, shards, run)
+    _wait_for_step(slurm, job_id, run, 1)
+    targets = [json.loads(p.read_text()) for p in (run / "job" / "prometheus-targets").glob("*.json")]
     _finished(slurm, job_id, run)
-    return run, job_id, port
+    return run, job_id, port, targets
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,7 @@ def interrupted(slurm, shards, tmp_path_factory) -> tuple[Path, str, list[int]]:
 
 
 def test_a_two_task_job_trains_end_to_end_under_slurm(slurm, reference):
-    run, job_id, port = reference
+    run, job_id, port, targets = reference
     steps = [r["step"] for r in _steps(run)]
     assert steps == list(range(1, STEPS + 1))
     summary = json.loads((run / "ckpt" / "run_summary.json").read_text())
@@ -147,12 +150,10 @@ def test_a_two_task_job_trains_end_to_end_under_slurm(slurm, reference):
     assert "attempt 1 on" in log and "2 tasks" in log and "requeueing" not in log
     assert re.search(r"^0: .*world 2, global batch 16", log, re.M)  # srun --label: rank 0's line
     assert slurm.job(job_id)["Restarts"] == "0"
-    # local rank 0 wrote this node's Prometheus file-SD targets: both ranks' endpoints
-    sd_files = list((run / "job" / "prometheus-targets").glob("maescale-*.json"))
-    assert len(sd_files) == 1
-    targets = json.loads(sd_files[0].read_text())
-    assert targets[0]["targets"] == [f"{socket.getfqdn()}:{port}", f"{socket.getfqdn()}:{port + 1}"]
-    assert targets[0]["labels"]["node"] == socket.gethostname()
+    # while it ran, local rank 0 listed this node's two endpoints for Prometheus file-SD
+    assert targets == [[{"targets": [f"{socket.getfqdn()}:{port}", f"{socket.getfqdn()}:{port + 1}"],
+                         "labels": {"job": "maescale", "node": socket.gethostname(), "run": "ckpt"}}]]
+    assert list((run / "job" / "prometheus-targets").glob("*.json")) == []  # and removed them at the end
 
 
 def test_each_interruption_checkpoints_requeues_and_resumes_the_remaining_steps(slurm, reference, interrupted):

@@ -24,7 +24,7 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_tensorboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write the results as TensorBoard events here (e.g. the run's <checkpoint.dir>/tensorboard)")
+                   help="also write the results as TensorBoard events here (e.g. <checkpoint.dir>/tensorboard)")
     p.add_argument("--step", type=int, default=0, help="with --tensorboard: the step to record them at")
 
 

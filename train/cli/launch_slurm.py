@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra sbatch option (repeatable), e.g. --sbatch-arg=--constraint=h100")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", default=None,
                    help="pretrain: no Prometheus endpoints / file-SD targets")
-    p.add_argument("--file-sd-dir", default=None, help="Prometheus file-SD targets (default: <job dir>/prometheus-targets)")
+    p.add_argument("--file-sd-dir", default=None,
+                   help="Prometheus file-SD targets (default: <job dir>/prometheus-targets)")
     p.add_argument("--submit", action="store_true", help="submit with sbatch (default: only write the script)")
     p.add_argument("args", nargs="*", help="pretrain/finetune: a.b=value overrides; shard: `mae shard` arguments "
                    "after --")
