@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from infra.net import free_port
+from infra.testing.processes import stop_process
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 
@@ -131,15 +132,7 @@ class LocalSlurm:
             self.run("scancel", "--user", "root", check=False)
             time.sleep(1)
         for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(self.procs.pop(name, None), 15)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

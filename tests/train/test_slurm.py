@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from infra.net import free_port, port_is_free
-from infra.testing.photos import write_photo_folder
-from pipeline.shards.writer import ShardWriterConfig, write_shards
+from tests.helpers.shards import photo_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,10 +36,7 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm-data")
-    write_photo_folder(root / "src", 96, size=(64, 48), seed=3)
-    write_shards(str(root / "src"), str(root / "shards"), ShardWriterConfig(shard_bytes=60_000))
-    return root / "shards"
+    return photo_shards(tmp_path_factory.mktemp("slurm-data"), 96, seed=3)
 
 
 def _port_pair() -> int:

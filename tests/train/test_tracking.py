@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.testing.photos import write_photo_folder
-from pipeline.shards.writer import ShardWriterConfig, write_shards
+from tests.helpers.shards import photo_shards
 from tests.helpers.wandb_records import history
 from tests.infra.test_tracking import events
 
@@ -25,10 +24,7 @@ TAGS = ["train/data_wait_fraction", "train/epoch", "train/grad_norm", "train/ima
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tracking-data")
-    write_photo_folder(root / "src", 64, size=(64, 48), seed=5)
-    write_shards(str(root / "src"), str(root / "shards"), ShardWriterConfig(shard_bytes=60_000))
-    return root / "shards"
+    return photo_shards(tmp_path_factory.mktemp("tracking-data"), 64, seed=5)
 
 
 def _pretrain(shards: Path, run: Path, steps: int, *extra: str) -> None:
