@@ -1,6 +1,6 @@
 # ---- maescale job preamble (infra/slurm/preamble.sh) ------------------------------
-set -u
 {{setup}}
+set -u  # after the setup lines: `module load` and some activate scripts read unset variables
 # Rendezvous on the job's first node; each srun task maps SLURM_PROCID/LOCALID/...
 # to RANK/LOCAL_RANK/WORLD_SIZE itself (infra/slurm/env.py): no ssh, no hostfile.
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"

@@ -255,3 +255,26 @@ def test_each_rank_serves_its_own_endpoint_and_file_sd_lists_them(tmp_path):
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert list((tmp_path / "sd").glob("*.json")) == []  # a run that ended is no longer a target
+
+
+def test_file_sd_targets_name_the_run_and_go_when_it_ends(tmp_path):
+    """A finished run must not stay a scrape target (it would page as a rank down)."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from infra.net import free_port
+from infra.prometheus_sink import PrometheusSink
+sink = PrometheusSink(0, 0, 2, free_port(), multiproc_dir={str(tmp_path / 'mp')!r})
+path = sink.write_file_sd({str(tmp_path / 'sd')!r}, 9400, run="vit l/ü")
+print(json.dumps([path.name, json.loads(path.read_text())]))
+sink.close()
+print(json.dumps(sorted(p.name for p in Path({str(tmp_path / 'sd')!r}).iterdir())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    written, after = map(json.loads, out.stdout.splitlines())
+    name, targets = written
+    assert name.startswith("maescale-") and name.endswith("-vit_l__.json")  # the run's name, file-safe
+    assert targets[0]["targets"] == ["127.0.0.1:9400", "127.0.0.1:9401"]
+    assert targets[0]["labels"]["run"] == "vit_l__"
+    assert after == []
