@@ -63,8 +63,14 @@ def by_step(records: list[dict]) -> list[dict]:
 
 
 def loss_curve(records: list[dict], out: str | Path, title: str = "training loss") -> tuple[float, float]:
-    """Loss per step (raw and smoothed) with the lr on a second axis; returns the
-    (first, last) loss."""
+    """``loss_figure`` as a PNG; returns the (first, last) loss."""
+    save(loss_figure(records, title), out)
+    steps_ = by_step(records)
+    return float(steps_[0]["loss"]), float(steps_[-1]["loss"])
+
+
+def loss_figure(records: list[dict], title: str = "training loss") -> Any:
+    """Loss per step (raw, and smoothed when long) with the lr on a second axis."""
     steps_ = by_step(records)
     step = np.array([r["step"] for r in steps_], dtype=float)
     loss = np.array([r["loss"] for r in steps_], dtype=float)
@@ -86,11 +92,14 @@ def loss_curve(records: list[dict], out: str | Path, title: str = "training loss
         extra_h, extra_l = lr_ax.get_legend_handles_labels()
         handles, labels = handles + extra_h, labels + extra_l
     ax.legend(handles, labels, loc="upper right")
-    save(fig, out)
-    return float(loss[0]), float(loss[-1])
+    return fig
 
 
 def throughput_curve(records: list[dict], out: str | Path, title: str = "throughput and data wait") -> Path:
+    return save(throughput_figure(records, title), out)
+
+
+def throughput_figure(records: list[dict], title: str = "throughput and data wait") -> Any:
     """Images/s and the share of each step spent waiting for data, over wall time
     (every record as written: a requeued run shows its gap)."""
     timed = [r for r in records if "time" in r and "images_per_s" in r]
@@ -107,4 +116,4 @@ def throughput_curve(records: list[dict], out: str | Path, title: str = "through
     wait_ax.set(xlabel="wall time since the first step (min)", ylabel="data wait (% of step)", ylim=(0, 100))
     for ax in (rate_ax, wait_ax):
         ax.grid(alpha=0.3)
-    return save(fig, out)
+    return fig

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,17 +43,17 @@ def load_reports(paths: list[str | Path]) -> dict[str, list[dict]]:
     return kinds
 
 
-def encoder_figure(reports: list[dict], out: Path) -> Path:
+def encoder_figure(reports: list[dict]) -> Any:
     """Per configuration: step time of MAE vs the mask-token baseline, and the
     measured speedup beside the FLOP ratio."""
     labels = [_encoder_label(r) for r in reports]
     x = np.arange(len(reports))
-    fig = new_figure(max(6.0, 2.2 * len(reports) + 2), 4.5)
+    fig = new_figure(max(8.0, 2.2 * len(reports) + 2), 4.5)
     times, ratio = fig.subplots(1, 2)
     mae = [1e3 * r["results"]["mae"]["median_s"] for r in reports]
     base = [1e3 * r["results"]["mask_token_baseline"]["median_s"] for r in reports]
-    times.bar(x - 0.2, mae, 0.4, color=MAE_COLOR, label="MAE (visible patches only)")
-    times.bar(x + 0.2, base, 0.4, color=BASE_COLOR, label="baseline (encoder sees mask tokens)")
+    times.bar(x - 0.2, mae, 0.4, color=MAE_COLOR, label="MAE (visible patches)")
+    times.bar(x + 0.2, base, 0.4, color=BASE_COLOR, label="baseline (+ mask tokens)")
     times.set(ylabel="training step time (ms, median)", title="step time")
     ratio.bar(x - 0.2, [r["measured_speedup"] for r in reports], 0.4, color=MAE_COLOR, label="measured speedup")
     ratio.bar(x + 0.2, [r["flop_ratio"] for r in reports], 0.4, color=FLOP_COLOR, label="FLOP ratio")
@@ -62,7 +63,7 @@ def encoder_figure(reports: list[dict], out: Path) -> Path:
         ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small", loc="upper left")
-    return save(fig, out)
+    return fig
 
 
 def _encoder_label(r: dict) -> str:
@@ -71,7 +72,7 @@ def _encoder_label(r: dict) -> str:
     return f"{model} b{c['batch']} {c['dtype']}{' compiled' if c.get('compile') else ''} ({r['device']})"
 
 
-def pipeline_figure(reports: list[dict], out: Path) -> Path:
+def pipeline_figure(reports: list[dict]) -> Any:
     """Decode contenders (img/s and CPU-ms per image) and/or read bandwidth (MiB/s)
     of one `mae bench pipeline` report."""
     r = reports[-1]
@@ -97,10 +98,10 @@ def pipeline_figure(reports: list[dict], out: Path) -> Path:
             ax.set_xlabel("shard read bandwidth (MiB/s)")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"mae bench pipeline: {r['images']} images, {r.get('cpus')} CPUs, device {r.get('device')}")
-    return save(fig, out)
+    return fig
 
 
-def train_figure(reports: list[dict], out: Path) -> Path:
+def train_figure(reports: list[dict]) -> Any:
     """Images/s of a bare PyTorch loop vs the DeepSpeed engine, per configuration."""
     labels = [f"{r['model'].removeprefix('mae_vit_')} b{r['batch']} ZeRO-{r['stage']}" for r in reports]
     x = np.arange(len(reports))
@@ -118,14 +119,14 @@ def train_figure(reports: list[dict], out: Path) -> Path:
     ax.set_ylim(top=ax.get_ylim()[1] * 1.25)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left")
-    return save(fig, out)
+    return fig
 
 
-FIGURES: dict[str, Callable[[list[dict], Path], Path]] = {
+FIGURES: dict[str, Callable[[list[dict]], Any]] = {
     "encoder": encoder_figure, "pipeline": pipeline_figure, "train": train_figure}
 
 
 def plot_reports(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     """One PNG per report kind found: ``<out_dir>/bench_<kind>.png``."""
-    return [FIGURES[kind](reports, Path(out_dir) / f"bench_{kind}.png")
+    return [save(FIGURES[kind](reports), Path(out_dir) / f"bench_{kind}.png")
             for kind, reports in load_reports(paths).items()]
