@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from infra.net import free_port, port_is_free
-from tests.helpers.shards import photo_shards
+from tests.helpers.photos import photo_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

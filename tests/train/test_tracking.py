@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.shards import photo_shards
+from tests.helpers.photos import photo_shards
 from tests.helpers.wandb_records import history
 from tests.infra.test_tracking import events
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from train.cli.common import add_tensorboard_arguments, record_to_tensorboard
+from train.cli.eval_tracking import add_tensorboard_arguments, record_to_tensorboard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from train.cli.common import add_tensorboard_arguments, record_to_tensorboard
+from train.cli.eval_tracking import add_tensorboard_arguments, record_to_tensorboard
 
 UNNORMALIZE_HELP = """\
 with norm-pix loss (the default recipe) the decoder predicts each patch's pixels
