@@ -112,6 +112,9 @@ class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/track
     every_steps: int = option(10, "optimizer steps between log lines")
     metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()  # the tracking fields' checks
+
 
 @dataclass
 class MetricsConfig:

@@ -124,3 +124,13 @@ def test_bad_tracking_options_are_named():
         TrackingConfig(wandb_mode="sometimes")
     with pytest.raises(OptionError, match="queue_size"):
         TrackingConfig(queue_size=0)
+
+
+def test_the_run_config_checks_its_tracking_keys():
+    from train.config import load_config
+    from train.errors import ConfigError
+
+    cfg = load_config("tiny_cpu", ["log.tensorboard=true", "log.wandb_mode=offline", "log.project=mae-l"])
+    assert isinstance(cfg.log, TrackingConfig) and cfg.log.enabled() and cfg.log.project == "mae-l"
+    with pytest.raises(ConfigError, match="log.wandb_mode must be one of online, offline"):
+        load_config("tiny_cpu", ["log.wandb_mode=sometimes"])
