@@ -37,6 +37,7 @@ from infra.options import option, require_choice, require_positive
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 120.0
+FLUSH_S = 30  # TensorBoard files reach the disk at least this often (a live `tensorboard --logdir`)
 
 
 @dataclass
@@ -188,7 +189,8 @@ class TensorBoardBackend:
         except ImportError as e:
             raise ImportError("log.tensorboard needs the tensorboard package: pip install 'maescale[tracking]'") from e
         # a resumed run hides what the interrupted one logged after its checkpoint
-        self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None,
+                                    flush_secs=FLUSH_S)
         self.log_dir = log_dir
         if params and not start_step:
             self.writer.add_text("config", "\n".join(f"    {k} = {v}" for k, v in sorted(params.items())), 0)
