@@ -7,11 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # Extras installed for the test suite; later features add theirs here.
-TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics,dali,ffcv,parquet,ray,interop
+TEST_EXTRAS ?= dev,s3,demo,deepspeed,metrics,dali,ffcv,parquet,ray,interop,tracking,wandb,mlflow
 STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # Debian packages the tests need (installed with apt-get when missing; later
-# features add theirs). FFCV builds from source against libturbojpeg and OpenCV 4.
-APT_PACKAGES ?= prometheus pkg-config g++ libturbojpeg0-dev libopencv-dev
+# features add theirs). FFCV builds from source against libturbojpeg and OpenCV 4;
+# slurm-wlm + munge: the Slurm tests start a one-node cluster on localhost.
+APT_PACKAGES ?= prometheus pkg-config g++ libturbojpeg0-dev libopencv-dev slurm-wlm munge
 
 .PHONY: venv test test-fast demo demo-s3 chaos bench-encoder gpu-check-dry-run clean
 

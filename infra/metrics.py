@@ -55,7 +55,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                "or gradients DeepSpeed found overflowed"),
     MetricSpec("mae_device_memory_allocated_bytes", "gauge", "Accelerator memory allocated by tensors"),
     MetricSpec("mae_device_memory_reserved_bytes", "gauge", "Accelerator memory reserved by the caching allocator"),
+    MetricSpec("mae_device_memory_total_bytes", "gauge", "Accelerator memory of the rank's device (its limit)"),
     MetricSpec("mae_host_memory_rss_bytes", "gauge", "Resident memory of the rank's main process"),
+    MetricSpec("mae_world_size", "gauge", "Ranks of the run (alerts compare it with the ranks reporting)"),
     MetricSpec("mae_encoder_speedup_ratio", "gauge", "Measured step-time ratio: mask-token encoder baseline / MAE, "
                "on this run's model, micro-batch and device"),
     MetricSpec("mae_encoder_speedup_flop_ratio", "gauge", "Analytic FLOP ratio: mask-token encoder baseline / MAE"),

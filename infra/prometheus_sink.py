@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -53,6 +54,7 @@ class PrometheusSink:
         MultiProcessCollector(registry, path=str(directory))
         self.server, self._thread = start_http_server(self.port, addr=bind, registry=registry)
         self.bind, self.local_world_size = bind, local_world_size
+        self.file_sd_path: Path | None = None
         log.info("metrics endpoint http://%s:%d/metrics (rank %s)", bind, self.port, self.rank)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
@@ -72,16 +74,23 @@ class PrometheusSink:
 
         Finalize(None, multiprocess.mark_process_dead, args=(os.getpid(), str(self.directory)), exitpriority=16)
 
-    def write_file_sd(self, directory: str | os.PathLike[str], port_base: int) -> Path:
-        """A Prometheus file_sd target file for this node's ranks (written by local rank 0)."""
+    def write_file_sd(self, directory: str | os.PathLike[str], port_base: int, run: str = "") -> Path:
+        """A Prometheus file_sd target file for this node's ranks (written by local
+        rank 0), labelled with the node and the run; ``close`` removes it, so a run
+        that ended is no longer scraped (a crashed one stays, and alerts)."""
         host = self.bind if self.bind not in ("0.0.0.0", "::") else socket.getfqdn()
-        targets = [{"targets": [f"{host}:{port_base + i}" for i in range(self.local_world_size)],
-                    "labels": {"job": "maescale", "node": socket.gethostname()}}]
-        path = Path(directory) / f"maescale-{socket.gethostname()}.json"
+        node = socket.gethostname()
+        run = re.sub(r"[^A-Za-z0-9_.-]", "_", run)[:64]
+        labels = {"job": "maescale", "node": node, **({"run": run} if run else {})}
+        targets = [{"targets": [f"{host}:{port_base + i}" for i in range(self.local_world_size)], "labels": labels}]
+        path = Path(directory) / (f"maescale-{node}-{run}.json" if run else f"maescale-{node}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write(path, json.dumps(targets))
+        self.file_sd_path = atomic_write(path, json.dumps(targets))
+        return self.file_sd_path
 
     def close(self) -> None:
+        if self.file_sd_path is not None:
+            self.file_sd_path.unlink(missing_ok=True)
         self.server.shutdown()
         self.server.server_close()
 

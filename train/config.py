@@ -23,9 +23,11 @@ import yaml
 
 from infra.options import (OptionError, doc_of, option, require, require_choice, require_non_negative,
                            require_positive, require_positive_or_none, require_text)
+from infra.tracking import TrackingConfig
 from model.mae import num_visible_patches
 from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
+from pipeline.storage.redact import redact
 from train.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).with_name("configs")
@@ -125,13 +127,14 @@ class FaultConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/tracking.py
     every_steps: int = option(10, "optimizer steps between log lines")
     metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
     sample_ids_dir: str | None = option(None, "each rank appends the sample ids of every micro-step to "
                                               "samples_rank<R>.jsonl here (audits: every sample once per epoch)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the tracking fields' checks
         require_positive(self, "every_steps")
         require_text(self, "metrics_file")
 
@@ -285,6 +288,22 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"override {item!r}: bad value ({e})") from e
         _set_path(tree, key.strip(), value)
     return _build(schema, tree, "")
+
+
+def flat_config(cfg: RunConfig) -> dict[str, str]:
+    """Every key as ``a.b.c: value`` text, credentials redacted: the run's parameters
+    as experiment trackers record them."""
+    out: dict[str, str] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "raw" and key != "options":
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = redact(json.dumps(value))
+
+    walk(cfg.to_dict(), "")
+    return out
 
 
 def list_presets() -> list[str]:

@@ -7,7 +7,8 @@
    server (SeaweedFS) started for the demo;
 3. `mae pretrain` of a 0.9M-parameter MAE through the DeepSpeed trainer (ZeRO-2,
    CPU), Prometheus endpoint up; progress comes from scraping that endpoint;
-4. `mae export`, `mae reconstruct` (PNG grid) and a loss-curve PNG;
+4. `mae export`, `mae reconstruct` (PNG grid), the loss curve (lr on a second
+   axis) and throughput/data wait over time (matplotlib);
 5. `mae probe` (linear probe + kNN on the digits) of the pretrained encoder and
    of a randomly initialized one, and the held-out reconstruction loss before
    and after;
@@ -15,6 +16,8 @@
    encoder, from random init, and the paper's linear probe (LARS, BatchNorm head);
 7. a summary: images/sec, data wait, loss start -> end, probe and fine-tuning
    accuracies, files.
+TensorBoard holds the run's curves, the probe accuracies and the reconstruction
+figure (`log.tensorboard=true`, <run>/tensorboard).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from infra.net import free_port
 from train.errors import TrainError
@@ -112,6 +114,7 @@ def pretrain(cfg: DemoConfig, data_url: str, env: dict[str, str]) -> dict:
     port = cfg.port or free_port()
     overrides = [f"data.url={data_url}", f"checkpoint.dir={run}", f"log.metrics_file={run / 'metrics.jsonl'}",
                  f"metrics.port_base={port}", "metrics.linger_s=3", f"schedule.epochs={cfg.epochs}",
+                 "log.tensorboard=true",
                  f"seed={cfg.seed}"]
     argv = ["pretrain", "--config", "demo_cpu", *overrides]
     say(cfg, f"$ mae {shlex.join(argv)}")
@@ -149,41 +152,28 @@ def progress_line(m: dict[str, float], port: int, elapsed: float) -> str:
 
 
 # ----------------------------------------------------------- 4. pictures
-def loss_curve_png(metrics_file: Path, out: Path, size: tuple[int, int] = (640, 360)) -> tuple[float, float]:
-    """Training loss per step, drawn with PIL; returns (first, last) loss."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    steps = np.array([r["step"] for r in records], dtype=float)
-    loss = np.array([r["loss"] for r in records], dtype=float)
-    W, H = size
-    left, right, top, bottom = 60, 20, 30, 40
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    lo, hi = float(loss.min()), float(loss.max())
-    span = hi - lo or 1.0
+def run_figures(metrics_file: Path, workdir: Path) -> tuple[float, float]:
+    """The loss curve (lr on a second axis) and throughput/data wait over time,
+    drawn with matplotlib; returns the (first, last) training loss."""
+    from train.figures import loss_curve, read_metrics, throughput_curve
 
-    def xy(s: float, v: float) -> tuple[float, float]:
-        return (left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - left - right),
-                top + (hi - v) / span * (H - top - bottom))
+    records = read_metrics(metrics_file)
+    throughput_curve(records, workdir / "throughput.png", f"{MODEL}: throughput and data wait")
+    return loss_curve(records, workdir / "loss_curve.png", f"{MODEL}: training loss (masked patches, norm-pix)")
 
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for frac in (0, 0.25, 0.5, 0.75, 1):
-        v = lo + frac * span
-        y = xy(steps[0], v)[1]
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{v:.3f}", fill="black")
-    for frac in (0, 0.5, 1):
-        s = steps[0] + frac * (steps[-1] - steps[0])
-        x = xy(s, lo)[0]
-        draw.text((x - 10, H - bottom + 6), f"{int(s)}", fill="black")
-    window = max(1, len(loss) // 50)
-    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-    draw.line([xy(s, v) for s, v in zip(steps, loss)], fill=(180, 200, 230), width=1)
-    draw.line([xy(s, v) for s, v in zip(steps[window - 1:], smooth)], fill=(20, 60, 160), width=2)
-    draw.text((left, 8), f"{MODEL}: training loss (masked patches, norm-pix) per step", fill="black")
-    draw.text((W // 2 - 20, H - 18), "step", fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
-    return float(loss[0]), float(loss[-1])
+
+def record_evaluation(run: Path, step: int, r: dict) -> None:
+    """Probe accuracies and held-out losses into the run's TensorBoard record (the
+    reconstruction figure is written there by `mae reconstruct --tensorboard`)."""
+    from infra.tracking import TrackingConfig, record_results
+
+    scalars = {}
+    for kind in ("pretrained", "random"):
+        scalars[f"eval/linear_top1_{kind}"] = r["probe"][kind]["linear_top1"]
+        scalars[f"eval/knn_top1_{kind}"] = r["probe"][kind]["knn_top1"]
+        scalars[f"eval/heldout_loss_{kind}"] = r[f"heldout_loss_{kind}"]
+    tb = str(run / "tensorboard")
+    record_results(TrackingConfig(tensorboard=True, tensorboard_dir=tb), str(run), step, scalars)
 
 
 def heldout_losses(weights: list[str], folder: Path, seed: int) -> list[float]:
@@ -217,9 +207,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         say(cfg, "== 4. export, reconstructions, loss curve")
         mae(cfg, "export", str(run), str(cfg.workdir / "export"))
         recon = cfg.workdir / "reconstructions.png"
+        step = str(r["pretrain"]["step"])
         mae(cfg, "reconstruct", str(cfg.workdir / "export"), str(src["heldout"]), "--num", "8", "--out", str(recon),
-            "--seed", str(cfg.seed))
-        r["loss_first"], r["loss_last"] = loss_curve_png(run / "metrics.jsonl", cfg.workdir / "loss_curve.png")
+            "--seed", str(cfg.seed), "--tensorboard", str(run / "tensorboard"), "--step", step)
+        r["loss_first"], r["loss_last"] = run_figures(run / "metrics.jsonl", cfg.workdir)
         r["heldout_loss_random"], r["heldout_loss_pretrained"] = heldout_losses(
             [f"random:{MODEL}", str(cfg.workdir / "export")], src["heldout"], cfg.seed)
         say(cfg, "== 5. linear probe + kNN on the digits: pretrained vs random init")
@@ -231,11 +222,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             say(cfg, f"$ mae probe {weights} --train {urls['probe-train']} --val {urls['probe-val']} --pool avg")
             r["probe"][name] = probe(weights, urls["probe-train"], urls["probe-val"], pool="avg",
                                      epochs=cfg.probe_epochs, seed=cfg.seed)
+        record_evaluation(run, r["pretrain"]["step"], r)
         say(cfg, "== 6. fine-tune on the digits: pretrained vs random init, and the paper's linear probe")
         r["finetune"] = finetune_digits(cfg, urls, cfg.workdir / "export" / "encoder.safetensors")
         for k in env:
             os.environ.pop(k, None)
     r["files"] = {"reconstructions": str(recon), "loss_curve": str(cfg.workdir / "loss_curve.png"),
+                  "throughput": str(cfg.workdir / "throughput.png"), "tensorboard": str(run / "tensorboard"),
                   "checkpoints": str(run), "export": str(cfg.workdir / "export"),
                   "pretrain_log": str(cfg.workdir / "pretrain.log")}
     r["wall_s"] = time.monotonic() - t_start
@@ -333,7 +326,8 @@ def format_summary(r: dict) -> str:
         f"linear probe  digits top-1 {pre['linear_top1']:.1%} pretrained vs {rnd['linear_top1']:.1%} random init",
         f"kNN (k={pre['k']})    digits top-1 {pre['knn_top1']:.1%} pretrained vs {rnd['knn_top1']:.1%} random init",
         *finetune_lines(r["finetune"]),
-        f"pictures      {r['files']['reconstructions']}, {r['files']['loss_curve']}",
+        f"pictures      {r['files']['reconstructions']}, {r['files']['loss_curve']}, {r['files']['throughput']}",
+        f"tensorboard   tensorboard --logdir {r['files']['tensorboard']}",
         f"checkpoints   {r['files']['checkpoints']} (exported: {r['files']['export']})",
         f"total         {r['wall_s'] / 60:.1f} min",
     ]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from infra.net import free_port
+from infra.slurm.env import torch_env_from_slurm
 from train.config import DeepSpeedConfig, RunConfig
 from train.recipe import param_groups
 
@@ -26,11 +27,14 @@ log = logging.getLogger(__name__)
 
 def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     """(global rank, local rank, world size) from the launcher's environment
-    (deepspeed, torchrun), or a single process when there is none."""
+    (deepspeed, torchrun, an srun task of a Slurm job), or a single process when
+    there is none."""
     try:
         import deepspeed
     except ImportError as e:
         raise ImportError("the trainer needs DeepSpeed: pip install 'maescale[deepspeed]'") from e
+    if "RANK" not in os.environ:  # an srun task: Slurm's variables say who it is
+        os.environ.update(torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:  # plain `python -m train.pretrain` / `mae pretrain`
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))

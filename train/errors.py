@@ -60,6 +60,12 @@ class WeightsError(TrainError):
     exit_code = 2
 
 
+class LaunchError(TrainError):
+    """A cluster job cannot be written or submitted (bad options, sbatch refused it)."""
+
+    exit_code = 2
+
+
 class EvalInputError(TrainError):
     """Evaluation input that cannot be used (no labels, no images, encoder-only weights)."""
 

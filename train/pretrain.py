@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 def run_job(job: Callable[[], object]) -> int:
     """A training job (pretraining, fine-tuning) under a launcher: per-rank logging,
     typed errors as one log line and an exit code, a note when a signal stopped it."""
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # srun tasks map RANK later
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     redact_logs()

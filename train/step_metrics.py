@@ -60,13 +60,15 @@ def record_memory(device: torch.device) -> None:
     if device.type == "cuda":
         sink().set("mae_device_memory_allocated_bytes", torch.cuda.memory_allocated(device))
         sink().set("mae_device_memory_reserved_bytes", torch.cuda.memory_reserved(device))
+        sink().set("mae_device_memory_total_bytes", torch.cuda.get_device_properties(device).total_memory)
     with open("/proc/self/statm") as f:
         sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
-def start_prometheus(m, rank: int, local_rank: int, backend: str):
+def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = ""):
     """This rank's Prometheus endpoint (``MetricsConfig`` m), installed as the
-    process's sink before any loader starts (its workers inherit it); None when off."""
+    process's sink before any loader starts (its workers inherit it); None when off.
+    ``run`` labels the node's file-SD targets."""
     if not m.enabled:
         return None
     from infra.prometheus_sink import PrometheusSink
@@ -75,7 +77,7 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str):
     prom = PrometheusSink(rank, local_rank, local_world, m.port_base, m.bind, m.multiproc_dir, backend=backend)
     install(prom)
     if m.file_sd_dir and local_rank == 0:
-        prom.write_file_sd(m.file_sd_dir, m.port_base)
+        prom.write_file_sd(m.file_sd_dir, m.port_base, run=run)
     return prom
 
 
@@ -87,3 +89,45 @@ def stop_prometheus(prom, linger_s: float) -> None:
         time.sleep(linger_s)
     prom.close()
     install(NullSink())
+
+
+class StepClock:
+    """Images/s and the share of wall time spent waiting for data, per optimizer
+    step (over all its micro-steps)."""
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+        self._images, self._wait = 0, 0.0
+
+    def micro_step(self, images: int, wait: float) -> None:
+        self._images += images
+        self._wait += wait
+
+    def step(self) -> tuple[float, float]:
+        """(images/s, data-wait fraction) since the last optimizer step."""
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        rates = (self._images / elapsed, min(self._wait / elapsed, 1.0))
+        self._since, self._images, self._wait = now, 0, 0.0
+        return rates
+
+
+class GradNorm:
+    """The global gradient norm of the last optimizer step, kept as a tensor (read
+    later, off the step's path). ZeRO 1-3 compute it in their step; with stage 0
+    DeepSpeed does not, so it is taken from the all-reduced gradients just before
+    the step."""
+
+    def __init__(self, engine, enabled: bool = True) -> None:
+        self.engine, self.enabled = engine, enabled
+        self.own = engine.zero_optimization_stage() == 0
+        self.last: torch.Tensor | float | None = None
+
+    def before_step(self, boundary: bool) -> None:
+        if self.enabled and self.own and boundary:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self.last = torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def after_step(self, boundary: bool) -> None:
+        if self.enabled and not self.own and boundary:
+            self.last = self.engine.get_global_grad_norm()

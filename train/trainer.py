@@ -21,18 +21,19 @@ from pathlib import Path
 import torch
 
 from infra.metrics import sink
+from infra.tracking import NullTracker, open_tracker
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
 from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
-from train.config import RunConfig
+from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
 from train.errors import NonFiniteLossError, ResumeError
 from train.recipe import Derived, derived, lr_at
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.speedup import peak_flops_for
-from train.step_metrics import EncoderTimer, record_memory, start_prometheus, stop_prometheus
+from train.step_metrics import EncoderTimer, GradNorm, StepClock, record_memory, start_prometheus, stop_prometheus
 
 log = logging.getLogger(__name__)
 FIXED_BATCH_SEED = 1234
@@ -125,6 +126,7 @@ class Trainer:
         self.ids_file = _open_log(ids_dir and str(Path(ids_dir) / f"samples_rank{self.rank:05d}.jsonl"))
         self.result = RunResult()
         self.micro_steps = 0  # micro-steps of the whole run (restored on resume)
+        self.tracker = NullTracker()  # opened by run(), when the step a resume continues from is known
         if self.rank == 0:
             d = self.derived
             log.info("world %d, global batch %d (micro %d x accum %d x world), lr %.3g (blr %.3g), "
@@ -134,11 +136,13 @@ class Trainer:
                      cfg.deepspeed.stage, cfg.deepspeed.precision)
 
     def _start_metrics(self):
-        prom = start_prometheus(self.cfg.metrics, self.rank, self.local_rank, self.cfg.data.backend)
+        prom = start_prometheus(self.cfg.metrics, self.rank, self.local_rank, self.cfg.data.backend,
+                                run=Path(self.cfg.checkpoint.dir).name)
         if prom is None:
             return None
         mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.augment.img_size)
         sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
+        sink().set("mae_world_size", self.world)
         return prom
 
     def _measure_speedup(self) -> None:
@@ -208,6 +212,8 @@ class Trainer:
         self.t_start = time.perf_counter()
         self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
         self._save_due = False
+        self.tracker = open_tracker(self.cfg.log, self.rank, self.cfg.checkpoint.dir, r.step, flat_config(self.cfg))
+        self.clock, self.grad_norm = StepClock(), GradNorm(self.engine, enabled=self.tracker.active)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
             with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
                 for batch, wait, t0 in _timed(it):
@@ -250,7 +256,9 @@ class Trainer:
             return False
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
+        self.grad_norm.before_step(boundary)
         self.engine.step()
+        self.grad_norm.after_step(boundary)
         if boundary and not self.engine.was_step_applied():  # DeepSpeed found inf/NaN gradients
             self._skipped(f"gradient overflow at step {r.step}: DeepSpeed skipped the update")
         elif boundary:
@@ -306,6 +314,7 @@ class Trainer:
 
     def _record_micro_step(self, images: int, wait: float, t0: float) -> None:
         sink().inc("mae_trainer_images_total", images)
+        self.clock.micro_step(images * self.world, wait)
         sink().observe("mae_data_wait_seconds", wait)
         sink().observe("mae_step_duration_seconds", time.perf_counter() - t0)
         self.encoder_timer.flush()
@@ -326,8 +335,13 @@ class Trainer:
         r = self.result
         ids = hashlib.sha1(batch.sample_ids.numpy().tobytes()).hexdigest()[:12]
         lr = lr_at(r.step - 1, self.derived, self.cfg.optim.min_lr)
+        images_per_s, wait_fraction = self.clock.step()
         record = {"step": r.step, "loss": loss, "lr": lr, "epoch": self.loader.epoch,
-                  "step_time_s": time.perf_counter() - t0, "data_wait_s": wait, "ids": ids}
+                  "step_time_s": time.perf_counter() - t0, "data_wait_s": wait, "ids": ids,
+                  "images_per_s": images_per_s, "data_wait_fraction": wait_fraction, "time": time.time()}
+        self.tracker.scalars(r.step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
+                                      "train/data_wait_fraction": wait_fraction, "train/epoch": self.loader.epoch,
+                                      "train/grad_norm": self.grad_norm.last})
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
@@ -356,6 +370,7 @@ class Trainer:
         (Path(self.cfg.checkpoint.dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
 
     def close(self) -> None:
+        self.tracker.close()
         self.encoder_timer.close()
         for f in (self.metrics_file, self.ids_file):
             if f:

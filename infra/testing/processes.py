@@ -1,5 +1,6 @@
-"""Killing a launched job the way a dead node does: the launcher and every process
-it started, at once, with no chance to react.
+"""Processes the tests and the chaos soak start: killing a launched job the way a
+dead node does (the launcher and every process it started, at once, with no chance
+to react), and stopping the servers the test harness started.
 
 ``torchrun`` starts each rank in a session of its own, so ``killpg`` of the
 launcher's group leaves the ranks running (and finishing the run). ``kill_tree``
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -46,3 +48,15 @@ def kill_tree(pid: int) -> list[int]:
             except ProcessLookupError:
                 pass
     return pids
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout_s)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from infra.net import port_is_free
+from infra.testing.processes import stop_process
 
 GRPC_OFFSET = 10000
 
@@ -105,13 +106,7 @@ class SeaweedS3:
         self.client().create_bucket(Bucket=name)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.proc = None
         if getattr(self, "_log", None):
             self._log.close()

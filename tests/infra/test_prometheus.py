@@ -23,6 +23,7 @@ from infra.metrics import METRICS
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra" / "grafana" / "maescale-dashboard.json"
+ALERTS = ROOT / "infra" / "prometheus" / "alerts.yml"
 # metrics only a GPU run has; on CPU their queries are rightly empty
 GPU_ONLY = ("mae_device_memory_allocated_bytes", "mae_device_memory_reserved_bytes")
 EPOCHS, STEPS_PER_EPOCH = 16, 13  # 97 samples (one corrupt) in micro-batches of 8
@@ -34,6 +35,7 @@ class Prometheus:
         config = root / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{ALERTS}']\n"
             "scrape_configs:\n  - job_name: maescale\n    file_sd_configs:\n"
             f"      - files: ['{sd_dir}/*.json']\n        refresh_interval: 1s\n")
         binary = shutil.which("prometheus")
@@ -163,6 +165,24 @@ def test_every_dashboard_panel_and_query_returns_data(scraped_run):
     assert not empty, f"dashboard queries without data: {empty}"
 
 
+def test_the_alert_rules_load_and_evaluate_on_the_run(scraped_run):
+    import yaml
+
+    prom, t0, t1, _, _ = scraped_run
+    loaded = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
+    declared = [r.get("alert") or r["record"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert sorted(loaded) == sorted(declared) and len(declared) == 12
+    for name, rule in loaded.items():
+        assert rule["health"] == "ok" and not rule.get("lastError"), (name, rule)
+    # the recording rules see the run, labelled by the run name the file-SD targets carry
+    series = prom.api("query_range", query="mae:images_per_second:rate5m", start=t0, end=t1 + 5, step=1)["result"]
+    assert [s["metric"] for s in series] == [{"__name__": "mae:images_per_second:rate5m", "job": "maescale",
+                                               "run": "ckpt"}]
+    assert max(float(v) for _, v in series[0]["values"]) > 0
+    assert prom.value("max_over_time(mae:data_wait_fraction:rate5m[10m])", t1) > 0
+    assert [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"] == []
+
+
 def test_metric_names_follow_the_conventions(scraped_run):
     prom = scraped_run[0]
     names = [n for n in prom.api("label/__name__/values") if n.startswith("mae_")]
@@ -230,6 +250,31 @@ def test_each_rank_serves_its_own_endpoint_and_file_sd_lists_them(tmp_path):
         assert seen == {0: "0", 1: "1"}, seen  # port base + local rank serves that rank
         targets = json.loads(next((tmp_path / "sd").glob("maescale-*.json")).read_text())
         assert targets[0]["targets"] == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
+        assert targets[0]["labels"]["run"] == "ckpt"
     finally:
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
+    assert list((tmp_path / "sd").glob("*.json")) == []  # a run that ended is no longer a target
+
+
+def test_file_sd_targets_name_the_run_and_go_when_it_ends(tmp_path):
+    """A finished run must not stay a scrape target (it would page as a rank down)."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from infra.net import free_port
+from infra.prometheus_sink import PrometheusSink
+sink = PrometheusSink(0, 0, 2, free_port(), multiproc_dir={str(tmp_path / 'mp')!r})
+path = sink.write_file_sd({str(tmp_path / 'sd')!r}, 9400, run="vit l/ü")
+print(json.dumps([path.name, json.loads(path.read_text())]))
+sink.close()
+print(json.dumps(sorted(p.name for p in Path({str(tmp_path / 'sd')!r}).iterdir())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    written, after = map(json.loads, out.stdout.splitlines())
+    name, targets = written
+    assert name.startswith("maescale-") and name.endswith("-vit_l__.json")  # the run's name, file-safe
+    assert targets[0]["targets"] == ["127.0.0.1:9400", "127.0.0.1:9401"]
+    assert targets[0]["labels"]["run"] == "vit_l__"
+    assert after == []

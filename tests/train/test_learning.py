@@ -52,9 +52,29 @@ def test_the_pictures_are_written(demo):
     cfg, r = demo
     grid = Image.open(r["files"]["reconstructions"])
     assert grid.size[0] > grid.size[1] / 4 and grid.size[1] > 8 * 100  # 8 rows of 4 panels
-    curve = Image.open(r["files"]["loss_curve"])
-    assert curve.size == (640, 360)
+    assert Image.open(r["files"]["loss_curve"]).size == (800, 450)  # matplotlib, 8 x 4.5 in at 100 dpi
+    assert Image.open(r["files"]["throughput"]).size == (800, 550)
     assert (cfg.workdir / "export" / "encoder.safetensors").exists()
+
+
+def test_tensorboard_holds_the_run_the_probes_and_the_reconstructions(demo):
+    from tests.infra.test_tracking import events
+
+    _, r = demo
+    acc = events(r["files"]["tensorboard"])
+    steps = r["pretrain"]["step"]
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "train/grad_norm"):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, steps + 1)), tag
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(r["loss_first"], rel=1e-6)
+    assert acc.Scalars("train/loss")[-1].value == pytest.approx(r["loss_last"], rel=1e-6)
+    for kind in ("pretrained", "random"):
+        probe = r["probe"][kind]
+        assert [(e.step, e.value) for e in acc.Scalars(f"eval/linear_top1_{kind}")] == [
+            (steps, pytest.approx(probe["linear_top1"], rel=1e-6))]
+        assert acc.Scalars(f"eval/knn_top1_{kind}")[0].value == pytest.approx(probe["knn_top1"], rel=1e-6)
+    grid = Image.open(r["files"]["reconstructions"])
+    recon = acc.Images("eval/reconstructions")[0]
+    assert (recon.step, recon.width, recon.height) == (steps, *grid.size)
 
 
 def test_the_demo_runs_against_a_real_s3_server(tmp_path):

@@ -1,5 +1,6 @@
-"""Step time of the real trainer with the Prometheus exporter on vs off, alternated
-in one process on the same data (`mae bench metrics`)."""
+"""Step time of the real trainer with the Prometheus exporter (and with
+``tracking``, TensorBoard tracking) on vs off, alternated in one process on the same
+data (`mae bench metrics`); plus what each costs the step, timed in a loop."""
 
 from __future__ import annotations
 
@@ -36,8 +37,27 @@ def sink_cost_per_step(iterations: int = 20000) -> float:
             prom.close()
 
 
-def bench_metrics(steps: int = 150, rounds: int = 3, images: int = 256, workers: int = 1) -> dict[str, object]:
-    """Median step time with the exporter off and on, ``rounds`` alternated pairs."""
+def tracker_cost_per_step(iterations: int = 20000) -> float:
+    """Seconds one optimizer step's tracking call costs the training loop: the
+    trainer's six scalars handed to the background TensorBoard writer."""
+    from infra.tracking import TrackingConfig, open_tracker
+
+    with tempfile.TemporaryDirectory(prefix="mae-tracker-cost-") as tmp:
+        tracker = open_tracker(TrackingConfig(tensorboard=True, queue_size=iterations + 1), 0, tmp)
+        try:
+            t0 = time.perf_counter()
+            for step in range(iterations):
+                tracker.scalars(step, {"train/loss": 0.5, "train/lr": 1e-4, "train/images_per_s": 500.0,
+                                       "train/data_wait_fraction": 0.1, "train/epoch": 1, "train/grad_norm": 0.8})
+            return (time.perf_counter() - t0) / iterations
+        finally:
+            tracker.close()
+
+
+def bench_metrics(steps: int = 150, rounds: int = 3, images: int = 256, workers: int = 1,
+                  tracking: bool = False) -> dict[str, object]:
+    """Median step time with the exporter (and ``tracking``: TensorBoard) off and on,
+    ``rounds`` alternated pairs."""
     medians: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="mae-bench-metrics-") as tmp:
         root = Path(tmp)
@@ -51,7 +71,7 @@ def bench_metrics(steps: int = 150, rounds: int = 3, images: int = 256, workers:
                     f"schedule.max_steps={steps}", "checkpoint.enabled=false", f"checkpoint.dir={run_dir}",
                     f"log.metrics_file={run_dir / 'steps.jsonl'}", "log.every_steps=100000",
                     f"metrics.enabled={str(mode == 'on').lower()}", f"metrics.port_base={free_port()}",
-                    "metrics.measure_speedup=false"])
+                    "metrics.measure_speedup=false", f"log.tensorboard={str(tracking and mode == 'on').lower()}"])
                 pretrain(cfg)
                 times = [json.loads(line)["step_time_s"] for line in open(run_dir / "steps.jsonl")]
                 medians[mode].append(statistics.median(times[len(times) // 5:]))  # past the warm-up
@@ -59,5 +79,8 @@ def bench_metrics(steps: int = 150, rounds: int = 3, images: int = 256, workers:
     cost = sink_cost_per_step()
     report = {"steps": steps, "rounds": rounds, "median_step_s": {"off": off, "on": on},
               "per_round": medians, "overhead": on / off - 1, "sink_cost_per_step_s": cost,
-              "sink_cost_fraction": cost / off}
+              "sink_cost_fraction": cost / off, "tracking": tracking}
+    if tracking:
+        report["tracker_cost_per_step_s"] = tracker_cost_per_step()
+        report["tracker_cost_fraction"] = report["tracker_cost_per_step_s"] / off
     return report

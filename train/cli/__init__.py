@@ -15,8 +15,8 @@ from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
 from train.cli import (bench_checkpoint, bench_encoder, bench_finetune, bench_ingest, bench_inputs, bench_metrics,
-                       bench_pipeline, bench_train, chaos, convert, demo, export, finetune, index, inspect, models, plan,
-                       pretrain, probe, reconstruct, shard)
+                       bench_pipeline, bench_train, chaos, convert, demo, export, finetune, index, inspect, launch_slurm,
+                       models, plan, plot_bench, plot_run, pretrain, probe, reconstruct, shard)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
@@ -40,7 +40,10 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("bench", "ingest"), bench_ingest, "mae index on the S3 test server; mae shard one process vs Ray, side by side"),
     (("bench", "inputs"), bench_inputs, "cost of validating manifests and images: checked vs trusted, side by side"),
+    (("plot", "run"), plot_run, "a run's loss curve (lr on a second axis) and throughput/data wait, as PNGs"),
+    (("plot", "bench"), plot_bench, "figures of benchmark reports (mae bench ... --json)"),
     (("models",), models, "list registered model sizes with parameter counts"),
+    (("launch", "slurm"), launch_slurm, "write (and --submit) the sbatch script of a pretrain/finetune/shard job"),
     (("demo",), demo, "the end-to-end demo (see README)"),
     (("chaos",), chaos, "kill a tiny pretraining at random points under S3 faults; check losses, weights, samples"),
 ]

@@ -1,4 +1,5 @@
-"""`mae bench metrics`: the trainer's step time with the Prometheus exporter on vs off."""
+"""`mae bench metrics`: the trainer's step time with the Prometheus exporter (and
+with --tracking, TensorBoard) on vs off."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternated off/on pairs")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tracking", action="store_true", help="'on' also writes TensorBoard events (log.tensorboard)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from train.bench.metrics import bench_metrics
 
-    r = bench_metrics(args.steps, args.rounds, args.images, args.workers)
+    r = bench_metrics(args.steps, args.rounds, args.images, args.workers, args.tracking)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -29,4 +31,7 @@ def run(args: argparse.Namespace) -> int:
           f"on {[round(m * 1e3, 2) for m in r['per_round']['on']]} ms)")
     print(f"  exporter cost per micro-step, timed in a loop: {r['sink_cost_per_step_s'] * 1e6:.1f} us = "
           f"{r['sink_cost_fraction']:.2%} of this step (and less of any real GPU step)")
+    if args.tracking:
+        print(f"  tracking (TensorBoard) cost per step to the loop, timed in a loop: "
+              f"{r['tracker_cost_per_step_s'] * 1e6:.1f} us = {r['tracker_cost_fraction']:.2%} of this step")
     return 0

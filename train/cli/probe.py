@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from train.cli.eval_tracking import add_tensorboard_arguments, record_to_tensorboard
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights", help="run checkpoint dir, step* dir, `mae export` folder, mae.safetensors, "
@@ -20,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--img-size", type=int, default=None, help="random:<model> only: input size")
     p.add_argument("--json", action="store_true")
+    add_tensorboard_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     r = probe(args.weights, args.train, args.val, args.val_fraction, args.pool, args.epochs, args.lr, args.k,
               args.seed, args.workers, args.img_size)
+    record_to_tensorboard(args, {"eval/linear_top1": r["linear_top1"], "eval/knn_top1": r["knn_top1"]})
     if args.json:
         print(json.dumps(r))
     else:

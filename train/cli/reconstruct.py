@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from train.cli.eval_tracking import add_tensorboard_arguments, record_to_tensorboard
+
 UNNORMALIZE_HELP = """\
 with norm-pix loss (the default recipe) the decoder predicts each patch's pixels
 normalized by that patch's own mean and variance, so a prediction must be
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unnormalize", choices=["visible", "target"], default="visible", help=UNNORMALIZE_HELP)
     p.add_argument("--cell", type=int, default=128, help="pixels per panel")
     p.add_argument("--json", action="store_true", help="print the per-image losses as JSON")
+    add_tensorboard_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     panels = reconstruct(model, images, args.mask_ratio, args.seed, args.unnormalize)
     save_grid(panels, args.out, args.cell)
     losses = panels["loss"].tolist()
+    record_to_tensorboard(args, {"eval/masked_patch_loss": sum(losses) / len(losses)}, str(args.out),
+                          "eval/reconstructions")
     if args.json:
         print(json.dumps({"out": str(args.out), "images": names, "masked_patch_loss": losses}))
     else:

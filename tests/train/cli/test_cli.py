@@ -28,7 +28,7 @@ def test_every_command_is_one_module_with_arguments_and_run():
     parser = build_parser()
     top = next(a for a in parser._actions if a.dest == "command").choices
     assert set(top) == {"shard", "index", "inspect", "pretrain", "finetune", "export", "convert", "reconstruct",
-                        "probe", "plan", "bench", "models", "demo", "chaos"}
+                        "probe", "plan", "bench", "models", "demo", "chaos", "launch", "plot"}
     bench = next(a for a in top["bench"]._actions if a.dest == "bench").choices
     assert set(bench) == {"train", "finetune", "metrics", "encoder", "pipeline", "inputs", "ingest", "checkpoint"}
     for path, module, _ in COMMANDS:
@@ -58,7 +58,8 @@ def test_a_typed_error_is_one_line_and_an_exit_code(tmp_path):
 
 def test_importing_the_packages_pulls_no_optional_heavy_library():
     code = ("import sys, model, pipeline, train, infra, train.cli; "
-            "heavy = [m for m in ('deepspeed', 'nvidia.dali', 'ffcv', 's3fs', 'prometheus_client') if m in sys.modules]; "
+            "heavy = [m for m in ('deepspeed', 'nvidia.dali', 'ffcv', 's3fs', 'prometheus_client', 'tensorboard', "
+            "'matplotlib', 'wandb', 'mlflow') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

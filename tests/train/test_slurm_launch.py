@@ -1,0 +1,118 @@
+"""`mae launch slurm` writes the sbatch script a cluster user would write: checked
+by bash's own parser and on its content (the real-Slurm runs are test_slurm.py)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.slurm.script import SbatchOptions, render
+from train.errors import ConfigError, LaunchError
+from train.slurm_launch import job_config, write_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mae(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _sbatch_lines(text: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+def _srun_command(text: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith("srun "))
+    return shlex.split(line.removesuffix(" &"))
+
+
+def test_pretrain_job_one_task_per_gpu_requeue_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = job_config(nodes=4, gpus_per_node=8, time="48:00:00", partition="gpu", account="vision",
+                     sbatch_args=("--constraint=h100",), setup=("module load cuda/13",))
+    written = write_job(job, ["data.url=s3://bucket/shards", "checkpoint.dir=runs/vit_l"], "vit_l")
+    text = written.script.read_text()
+    assert written.script == tmp_path / "runs" / "vit_l" / "slurm" / "mae-pretrain.sbatch"
+    assert _sbatch_lines(text) == [
+        "--job-name=mae-pretrain", "--nodes=4", "--ntasks-per-node=8", "--cpus-per-task=12",  # vit_l: 10 workers + 2
+        "--gpus-per-node=8", "--time=48:00:00", "--partition=gpu", "--account=vision", f"--chdir={tmp_path}",
+        f"--output={tmp_path}/runs/vit_l/slurm/logs/%x-%j.out", "--open-mode=append", "--requeue",
+        "--signal=B:USR1@300", "--constraint=h100"]
+    cmd = _srun_command(text)
+    assert cmd[:4] == ["srun", "--label", "--kill-on-bad-exit=1", sys.executable]
+    assert cmd[4:] == ["-m", "train.pretrain", "--config", "vit_l", "data.url=s3://bucket/shards",
+                       "checkpoint.dir=runs/vit_l", f"checkpoint.dir={tmp_path}/runs/vit_l", "metrics.enabled=true",
+                       "metrics.bind=0.0.0.0", f"metrics.file_sd_dir={tmp_path}/runs/vit_l/slurm/prometheus-targets"]
+    assert "module load cuda/13" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert f"{tmp_path}/runs/vit_l/run_summary.json" in text  # the early-stop check reads the run's summary
+    assert "{{" not in text and written.log_dir.is_dir()
+    subprocess.run(["bash", "-n", str(written.script)], check=True)  # bash parses it
+
+
+def test_what_the_user_sets_wins_and_cpu_tasks_have_no_gpu_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = job_config(gpus_per_node=0, tasks_per_node=2, cpus_per_task=1, job_dir=str(tmp_path / "job"))
+    text = write_job(job, ["metrics.bind=127.0.0.1", "data.url=shards"], "tiny_cpu").script.read_text()
+    assert not any(line.startswith("--gpus") for line in _sbatch_lines(text))
+    assert "--ntasks-per-node=2" in _sbatch_lines(text) and "--cpus-per-task=1" in _sbatch_lines(text)
+    cmd = _srun_command(text)
+    assert "metrics.bind=127.0.0.1" in cmd and "metrics.bind=0.0.0.0" not in cmd
+    assert f"metrics.file_sd_dir={tmp_path}/job/prometheus-targets" in cmd
+    no_metrics = write_job(job_config(gpus_per_node=0, job_dir=str(tmp_path / "j2"), metrics=False), [], "tiny_cpu")
+    assert not any(a.startswith("metrics.") for a in _srun_command(no_metrics.script.read_text()))
+
+
+def test_shard_job_is_one_task_with_its_workers_as_cpus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _mae("launch", "slurm", "--task", "shard", "--time", "4:00:00", "--", "/data/imagenet/train",
+               "s3://bucket/imagenet", "--workers", "32", "--shard-size", "256MB", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "slurm" / "mae-shard" / "mae-shard.sbatch").read_text()
+    assert {"--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=32"} <= set(_sbatch_lines(text))
+    assert not any(line.startswith("--gpus") for line in _sbatch_lines(text))
+    assert _srun_command(text)[2:] == [sys.executable, "-m", "train.cli", "shard", "/data/imagenet/train",
+                                       "s3://bucket/imagenet", "--workers", "32", "--shard-size", "256MB"]
+    subprocess.run(["bash", "-n", str(tmp_path / "slurm" / "mae-shard" / "mae-shard.sbatch")], check=True)
+
+
+def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="unknown config key data.nope"):
+        write_job(job_config(), ["data.nope=1"], "vit_l")
+    with pytest.raises(LaunchError, match="--config is required"):
+        write_job(job_config(), [], None)
+    with pytest.raises(LaunchError, match="nodes must be positive"):
+        job_config(nodes=0)
+    with pytest.raises(LaunchError, match="one task on one node"):
+        job_config(task="shard", nodes=2)
+    with pytest.raises(LaunchError, match="whitespace"):
+        write_job(job_config(partition="gpu debug", job_dir=str(tmp_path / "j")), [], "vit_l")
+    out = _mae("launch", "slurm", "--config", "vit_l", "deepspeed.stage=7", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "deepspeed.stage" in out.stderr
+    out = _mae("launch", "slurm", "--task", "shard", "--", "src", "dest", "--bogus", cwd=tmp_path)
+    assert out.returncode == 2 and "--bogus" in out.stderr
+    assert not (tmp_path / "slurm").exists()  # nothing written for a refused job
+
+
+def test_submit_without_slurm_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "train.cli", "launch", "slurm", "--config", "tiny_cpu",
+                          "--gpus-per-node", "0", "--submit"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": "/nonexistent"})
+    assert out.returncode == 2 and out.stderr.startswith("mae: error: sbatch not found")
+
+
+def test_render_refuses_unknown_and_unused_placeholders():
+    assert render("a {{x}} b {{ y }}", {"x": "1", "y": "2"}) == "a 1 b 2"
+    with pytest.raises(KeyError, match="y"):
+        render("{{x}} {{y}}", {"x": "1"})
+    with pytest.raises(KeyError, match="unused|no placeholder"):
+        render("{{x}}", {"x": "1", "z": "3"})
+    opts = SbatchOptions("j", 1, 1, 1, 0, "/w", "/w/logs", 60, qos="high", exclusive=True)
+    assert "--qos=high" in opts.lines()[4] and "#SBATCH --exclusive" in opts.lines()

@@ -1,0 +1,23 @@
+"""`mae plot run`: a run's loss curve (lr on a second axis) and throughput/data wait
+over time, from its log.metrics_file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("metrics_file", type=Path, help="the run's log.metrics_file (JSON lines)")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for loss_curve.png and throughput.png")
+    p.add_argument("--title", default="training loss")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.figures import loss_curve, read_metrics, throughput_curve
+
+    records = read_metrics(args.metrics_file)
+    first, last = loss_curve(records, args.out / "loss_curve.png", args.title)
+    throughput_curve(records, args.out / "throughput.png")
+    print(f"loss {first:.4f} -> {last:.4f}; wrote {args.out / 'loss_curve.png'}, {args.out / 'throughput.png'}")
+    return 0

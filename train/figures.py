@@ -1,0 +1,119 @@
+"""Figures of a training run, drawn with matplotlib (headless: a ``Figure`` saved
+through the Agg canvas, no display and no pyplot state).
+
+The input is the run's ``log.metrics_file`` (JSON lines, one per optimizer step; a
+resumed run appends, and rewrites the steps after its checkpoint): the loss per step
+with the learning rate on a second axis, and images/s and the data-wait share over
+wall time. Benchmark figures (``train/bench/plots.py``) use the same ``new_figure``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.errors import EvalInputError
+
+LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red"
+
+
+def new_figure(width: float = 8.0, height: float = 4.5) -> Any:
+    """A matplotlib ``Figure`` (100 dpi) that needs no display."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("figures need matplotlib: pip install 'maescale[tracking]'") from e
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def save(fig: Any, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a metrics file, in the order written; a bad line is an
+    ``EvalInputError`` naming it."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise EvalInputError(f"cannot read the metrics file {path}: {e.strerror or e}") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            float(record["step"]), float(record["loss"])
+        except (ValueError, KeyError, TypeError):
+            raise EvalInputError(f"{path}:{n} is not a metrics record (JSON with step and loss)") from None
+        records.append(record)
+    if not records:
+        raise EvalInputError(f"{path} holds no steps")
+    return records
+
+
+def by_step(records: list[dict]) -> list[dict]:
+    """The last record of each step, in step order (a resumed run's steps win)."""
+    last = {int(r["step"]): r for r in records}
+    return [last[s] for s in sorted(last)]
+
+
+def loss_curve(records: list[dict], out: str | Path, title: str = "training loss") -> tuple[float, float]:
+    """``loss_figure`` as a PNG; returns the (first, last) loss."""
+    save(loss_figure(records, title), out)
+    steps_ = by_step(records)
+    return float(steps_[0]["loss"]), float(steps_[-1]["loss"])
+
+
+def loss_figure(records: list[dict], title: str = "training loss") -> Any:
+    """Loss per step (raw, and smoothed when long) with the lr on a second axis."""
+    steps_ = by_step(records)
+    step = np.array([r["step"] for r in steps_], dtype=float)
+    loss = np.array([r["loss"] for r in steps_], dtype=float)
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.plot(step, loss, color=LOSS_COLOR, alpha=0.3, linewidth=0.8, label="loss per step")
+    window = max(1, len(loss) // 50)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(step[window - 1:], smooth, color=LOSS_COLOR, linewidth=2, label=f"mean of {window} steps")
+    ax.set(xlabel="optimizer step", ylabel="loss (masked patches, norm-pix)", title=title)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if all("lr" in r for r in steps_):
+        lr_ax = ax.twinx()
+        lr_ax.plot(step, [r["lr"] for r in steps_], color=LR_COLOR, linewidth=1.2, label="learning rate")
+        lr_ax.set_ylabel("learning rate", color=LR_COLOR)
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        extra_h, extra_l = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + extra_h, labels + extra_l
+    ax.legend(handles, labels, loc="upper right")
+    return fig
+
+
+def throughput_curve(records: list[dict], out: str | Path, title: str = "throughput and data wait") -> Path:
+    return save(throughput_figure(records, title), out)
+
+
+def throughput_figure(records: list[dict], title: str = "throughput and data wait") -> Any:
+    """Images/s and the share of each step spent waiting for data, over wall time
+    (every record as written: a requeued run shows its gap)."""
+    timed = [r for r in records if "time" in r and "images_per_s" in r]
+    if not timed:
+        raise EvalInputError("the metrics file has no images_per_s/time fields (written by an older trainer)")
+    t0 = min(r["time"] for r in timed)
+    minutes = np.array([(r["time"] - t0) / 60 for r in timed])
+    fig = new_figure(8.0, 5.5)
+    rate_ax, wait_ax = fig.subplots(2, 1, sharex=True)
+    rate_ax.plot(minutes, [r["images_per_s"] for r in timed], ".", color=RATE_COLOR, markersize=2)
+    rate_ax.set(ylabel="images/s (all ranks)", title=title)
+    rate_ax.set_ylim(bottom=0)
+    wait_ax.plot(minutes, [100 * r["data_wait_fraction"] for r in timed], ".", color=WAIT_COLOR, markersize=2)
+    wait_ax.set(xlabel="wall time since the first step (min)", ylabel="data wait (% of step)", ylim=(0, 100))
+    for ax in (rate_ax, wait_ax):
+        ax.grid(alpha=0.3)
+    return fig
