@@ -36,7 +36,8 @@ from tqdm import tqdm
 from infra.options import option, require, require_positive
 from pipeline.errors import ObjectNotAccessible
 from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
-from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
+from pipeline.shards.manifest import Reject, ShardInfo, ShardManifest
+from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.sources import SourceItem, list_sources
 from pipeline.shards.tar_format import TarShardWriter
 from pipeline.storage.config import StorageConfig
@@ -264,6 +265,6 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig) -> WriteSummary:
         if rec["samples"]:
             shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"]))
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
-    folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
+    write_manifest(folder, manifest)  # its index first, the JSON last
     summary.manifest = manifest
     return summary

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from infra.metrics import sink
 from pipeline.errors import ShardFetchError
 from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
+from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, ShardTable, table_for
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import READ_BLOCK, ObjectFolder, sha256_file
@@ -36,7 +37,8 @@ _EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry
                   "cache_miss": "mae_shard_cache_misses_total"}
 
 
-def _to_metrics(event: str, n: int) -> None:
+def report_event(event: str, n: int) -> None:
+    """A store event (bytes fetched, retries, cache hits...) as its metric."""
     sink().inc(_EVENT_METRICS[event], n)
 
 
@@ -82,7 +84,7 @@ class ShardStore:
 
     def __init__(self, url: str, config: StorageConfig | None = None,
                  on_event: Callable[[str, int], None] | None = None) -> None:
-        self._on_event = on_event or _to_metrics
+        self._on_event = on_event or report_event
         self.folder = ObjectFolder(url, config, self._on_event)
         self.url, self.config = self.folder.url, self.folder.storage
         self.root, self.local = self.folder.root, self.folder.local
@@ -105,6 +107,13 @@ class ShardStore:
     def read_manifest(self) -> ShardManifest:
         data = self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
         return ShardManifest.from_json(data, self.folder.where_of(MANIFEST_NAME))
+
+    def read_table(self) -> ShardTable:
+        """The dataset's shards as a loader reads them: from ``manifest.index`` when
+        it stands for this ``manifest.json``, else parsed from the JSON."""
+        data = self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+        index = self.folder.read_if_exists(INDEX_NAME, limit=MAX_INDEX_BYTES)
+        return table_for(data, index, self.folder.where_of(MANIFEST_NAME))
 
     def local_path(self, shard: ShardInfo, progress: bool = False) -> Path:
         """A local file holding the verified shard (downloads on a cache miss, with
