@@ -6,7 +6,10 @@ counts and each source's samples per epoch (docs/DATA.md, "The sample plan"):
 1. *visits*: each source contributes ``samples // size`` full passes over its
    shards and, for the rest, whole shards in a random order plus a random subset
    of one more shard (down-sampling reads few shards, up-sampling repeats them);
-2. the visits of all sources are permuted together;
+2. each source's visits are shuffled and spread over the epoch by their share of
+   its samples, and all sources' visits merged in that order (one source: a
+   plain shuffle of its shards; several: every stretch of the epoch holds each
+   source in proportion to its quota);
 3. consecutive runs of ``window_shards`` visits form windows; each window's
    samples are permuted with a generator keyed by (seed, epoch, window), so a
    window is generated only by the ranks that read it;
@@ -199,11 +202,23 @@ class SamplePlan:
         parts = [self._source_visits(epoch, i, q) for i, q in enumerate(self.quotas)]
         shard, take, passes, partial = (np.concatenate([p[k] for p in parts]) for k in range(4))
         if self.config.shuffle and len(shard):
-            order = self._rng(epoch, VISIT_STREAM).permutation(len(shard))
+            order = np.argsort(np.concatenate([self._visit_times(epoch, i, p[1]) for i, p in enumerate(parts)]),
+                               kind="stable")
             shard, take, passes, partial = shard[order], take[order], passes[order], partial[order]
         w = self.config.window_shards
         sizes = np.add.reduceat(take, np.arange(0, len(take), w)) if len(take) else np.zeros(0, np.int64)
         return EpochLayout(shard, take, passes, partial, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+
+    def _visit_times(self, epoch: int, source: int, take: np.ndarray) -> np.ndarray:
+        """Where in the epoch (0-1) each of a source's visits goes: the visits in a
+        random order, each at a random point of its own stretch of the source's
+        samples. Merging every source's visits by time interleaves them in
+        proportion to their quotas all through the epoch."""
+        rng = self._rng(epoch, VISIT_STREAM, source)
+        order = rng.permutation(len(take))
+        start = np.empty(len(take), np.float64)
+        start[order] = np.cumsum(take[order]) - take[order]
+        return (start + rng.random(len(take)) * take) / max(1, int(take.sum()))
 
     def _source_visits(self, epoch: int, source: int, q: SourceQuota) -> tuple[np.ndarray, ...]:
         """(shard, take, pass, partial) of one source's visits in an epoch."""
