@@ -14,8 +14,8 @@ import sys
 from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
-from train.cli import (bench_encoder, bench_inputs, bench_metrics, bench_pipeline, bench_train, demo, export, inspect,
-                       models, plan, pretrain, probe, reconstruct, shard)
+from train.cli import (bench_encoder, bench_inputs, bench_metrics, bench_pipeline, bench_plan, bench_train, demo, export, inspect,
+                       models, plan, pretrain, probe, reconstruct, shard, simulate)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
@@ -27,10 +27,12 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("reconstruct",), reconstruct, "PNG grid: original | masked | reconstruction | + visible patches"),
     (("probe",), probe, "linear probe and kNN top-1 of a frozen encoder on labelled shards"),
     (("plan",), plan, "model-state and activation memory per GPU for each ZeRO stage"),
+    (("simulate",), simulate, "a run's downloads, cache use and plan cost per rank, from the manifest alone"),
     (("bench", "train"), bench_train, "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
+    (("bench", "plan"), bench_plan, "one rank's sample plan from 1 M to 2 B samples; manifest index vs JSON"),
     (("bench", "inputs"), bench_inputs, "cost of validating manifests and images: checked vs trusted, side by side"),
     (("models",), models, "list registered model sizes with parameter counts"),
     (("demo",), demo, "the end-to-end demo (see README)"),
