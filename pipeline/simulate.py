@@ -227,7 +227,9 @@ def node_ranks(world: int, per_node: int, nodes: int) -> list[list[int]]:
 
 
 def measure_plan(plan_factory: Callable[[], SamplePlan], world: int, rank: int = 0) -> tuple[int, float]:
-    """(peak bytes, seconds) of one rank's first epoch of sample ids from a fresh plan."""
+    """(peak bytes, seconds) of one rank's first epoch of sample ids from a fresh plan
+    (numpy's RNG module, loaded once per process, is loaded before)."""
+    np.random.default_rng(0)
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
@@ -324,35 +326,44 @@ def simulate_data(data: LoaderConfig, config: SimulationConfig, synthetic: tuple
     return simulate(lambda: SamplePlan(sizes, data.plan, quotas), nbytes, reader_settings(data), config), what
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _rate(gbit: float) -> str:
+    return f"{gbit / 1e3:,.2f} Tbit/s" if gbit >= 1e3 else f"{gbit:,.2f} Gbit/s"
+
+
 def report_lines(r: SimulationReport, what: str) -> list[str]:
     """The simulation as `mae simulate` prints it."""
     cfg, st = r.config, r.settings
     nodes = -(-cfg.world_size // cfg.ranks_per_node)
     lines = [f"{what}; {cfg.world_size:,} ranks ({nodes:,} nodes x {min(cfg.ranks_per_node, cfg.world_size)}), "
              f"window {st.keep_open - 1}, {st.readers} reader(s)/rank, prefetch {st.prefetch}, batch {st.batch_size}, "
-             f"cache {st.cache_limit_bytes / GiB:.1f} GiB/node; replayed {r.nodes_replayed} node(s), {cfg.epochs} epochs",
-             f"plan         one rank: {r.plan_bytes / MiB:.1f} MiB peak, {r.plan_seconds:.3f} s to its sample ids "
+             f"cache {_size(st.cache_limit_bytes)}/node; replayed {r.nodes_replayed} node(s), {cfg.epochs} epochs",
+             f"plan         one rank: {_size(r.plan_bytes)} peak, {r.plan_seconds:.3f} s to its sample ids "
              f"({r.per_rank(0, 'samples'):,.0f} samples/epoch)",
              f"first batch  {r.first_batch_seconds:.2f} s: manifest {cfg.manifest_seconds:.2f} s + plan "
-             f"{r.plan_seconds:.2f} s + {r.first_batch_bytes / GiB:.2f} GiB of shards per node at "
-             f"{cfg.bandwidth_gbit:g} Gbit/s"]
-    for e, t in enumerate(r.epochs):
-        lines.append(f"epoch {e:<6} per rank {r.per_rank(e, 'bytes') / GiB:,.2f} GiB downloaded "
+             f"{r.plan_seconds:.2f} s + {_size(r.first_batch_bytes)} of shards per node at {cfg.bandwidth_gbit:g} Gbit/s"]
+    for e in range(len(r.epochs)):
+        lines.append(f"epoch {e:<6} per rank {_size(r.per_rank(e, 'bytes'))} downloaded "
                      f"({r.per_rank(e, 'downloads'):,.1f} shards), {r.per_rank(e, 'redownloads'):,.1f} re-downloads "
-                     f"({r.per_rank(e, 'redownload_bytes') / GiB:,.2f} GiB) under the cache limit, "
+                     f"({_size(r.per_rank(e, 'redownload_bytes'))}) under the cache limit, "
                      f"{r.per_rank(e, 'hits'):,.0f} cache hits")
-    lines.append(f"cache        peak {r.peak_cache_bytes / GiB:.2f} GiB per node, of which held open by readers "
-                 f"{r.peak_pinned_bytes / GiB:.2f} GiB")
+    lines.append(f"cache        peak {_size(r.peak_cache_bytes)} per node, of which held open by readers "
+                 f"{_size(r.peak_pinned_bytes)}")
     if cfg.target_images_per_s:
         need = [r.node_gbit_needed(e) for e in range(len(r.epochs))]
         lines.append(f"bandwidth    at {cfg.target_images_per_s:,.0f} img/s: "
-                     + ", ".join(f"epoch {e} {g:.2f} Gbit/s per node ({g * nodes / 1e3:.2f} Tbit/s in all)"
-                                 for e, g in enumerate(need))
+                     + ", ".join(f"epoch {e} {_rate(g)} per node ({_rate(g * nodes)} in all)" for e, g in enumerate(need))
                      + ("; MORE than the node's network" if max(need) > cfg.bandwidth_gbit else ""))
     if r.peak_cache_bytes > st.cache_limit_bytes:
         ranks = min(cfg.ranks_per_node, cfg.world_size)
-        need = r.peak_pinned_bytes + ranks * st.readers * st.prefetch * r.max_shard_bytes
-        lines.append(f"warning      the cache ran over its limit (readers held {r.peak_pinned_bytes / GiB:.2f} GiB open): "
+        need_bytes = r.peak_pinned_bytes + ranks * st.readers * st.prefetch * r.max_shard_bytes
+        lines.append(f"warning      the cache ran over its limit (readers held {_size(r.peak_pinned_bytes)} open): "
                      f"prefetched shards are evicted before use and downloads depend on timing; raise "
-                     f"data.storage.cache_limit_gb to {need / GiB:.2f} or more")
+                     f"data.storage.cache_limit_gb to {need_bytes / GiB:.2f} or more")
     return lines
