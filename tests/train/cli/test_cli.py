@@ -27,10 +27,10 @@ def test_models_lists_official_parameter_counts():
 def test_every_command_is_one_module_with_arguments_and_run():
     parser = build_parser()
     top = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(top) == {"shard", "inspect", "pretrain", "export", "reconstruct", "probe", "plan", "bench", "models",
-                        "demo"}
+    assert set(top) == {"shard", "inspect", "pretrain", "export", "reconstruct", "probe", "plan", "simulate", "bench",
+                        "models", "demo"}
     bench = next(a for a in top["bench"]._actions if a.dest == "bench").choices
-    assert set(bench) == {"train", "metrics", "encoder", "pipeline", "inputs"}
+    assert set(bench) == {"train", "metrics", "encoder", "pipeline", "inputs", "plan"}
     for path, module, _ in COMMANDS:
         assert module.__name__ == "train.cli." + "_".join(path)
         assert callable(module.add_arguments) and callable(module.run)
