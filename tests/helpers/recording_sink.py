@@ -7,25 +7,16 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from infra.metrics import METRICS, install
+from infra.metrics import METRICS, NullSink, install
 
 
-class RecordingSink:
+class RecordingSink(NullSink):
     def __init__(self) -> None:
         self.counts: Counter = Counter()  # (name, sorted label items) -> total
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         assert name in METRICS and set(labels) <= set(METRICS[name].labels), (name, labels)
         self.counts[(name, tuple(sorted(labels.items())))] += value
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        pass
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        pass
-
-    def worker_init(self) -> None:
-        pass
 
     def by(self, name: str, label: str) -> dict[str, float]:
         """Totals of metric ``name`` per value of ``label``."""

@@ -26,6 +26,7 @@ from pipeline.plan import PlanConfig, SamplePlan, reference_rank_sequence
 from pipeline.shards.manifest import ShardInfo, ShardManifest
 from pipeline.shards.manifest_index import encode_index, table_for
 from pipeline.simulate import synthetic_shards
+from train.bench.inputs import alternate
 
 MiB = 2**20
 IMAGENET = (1_281_167, 1_024, 1_024)
@@ -111,13 +112,7 @@ def bench_index(shards: int, rounds: int) -> dict[str, float]:
     from_index, from_json = lambda: table_for(text, index, "bench"), lambda: table_for(text, None, "bench")  # noqa: E731
     if from_index().fingerprint() != from_json().fingerprint():
         raise RuntimeError("the index and the JSON give different shards")
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for fn, out in ((from_index, times[0]), (from_json, times[1])):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    index_s, json_s = statistics.median(times[0]), statistics.median(times[1])
+    index_s, json_s = alternate(from_index, from_json, rounds)
     return {"shards": shards, "json_mib": len(text) / MiB, "index_mib": len(index) / MiB, "index_s": index_s,
             "json_s": json_s, "speedup": json_s / index_s, "index_peak_mib": _peak(from_index) / MiB,
             "met": index_s < INDEX_TARGET_S}
