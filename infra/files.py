@@ -29,6 +29,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files ``atomic_path`` left in ``directory`` when its
+    process was killed mid-write (their pid no longer runs); returns them."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     """Write ``data`` (text is UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:

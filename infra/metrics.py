@@ -33,6 +33,12 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                ("rank", "reason")),
     MetricSpec("mae_pipeline_rebuilds_total", "counter", "Decode pipelines rebuilt after a sample failed to decode "
                "(dali)", ("rank", "backend")),
+    MetricSpec("mae_source_samples_total", "counter", "Samples delivered to training, by data source "
+               "(data.sources; one source: the dataset)", ("rank", "source")),
+    MetricSpec("mae_source_samples_skipped_total", "counter", "Corrupt samples skipped, by data source",
+               ("rank", "source")),
+    MetricSpec("mae_source_bytes_fetched_total", "counter", "Shard bytes fetched from storage, by data source",
+               ("rank", "source")),
     MetricSpec("mae_shard_bytes_fetched_total", "counter", "Shard bytes fetched from storage into the local cache"),
     MetricSpec("mae_shard_fetch_retries_total", "counter", "Shard fetch attempts retried after a transient failure"),
     MetricSpec("mae_shard_fetch_errors_total", "counter", "Shard fetches failed for good"),

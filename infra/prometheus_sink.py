@@ -7,8 +7,9 @@ gauges report the most recent value). ``PROMETHEUS_MULTIPROC_DIR`` is set before
 prometheus_client is first used, and workers mark themselves dead on exit
 (``multiprocessing.util.Finalize``: atexit does not run in DataLoader workers).
 
-Label values are limited to rank, backend and reason — never paths, URLs or
-anything a credential could hide in.
+Label values are limited to rank, backend, reason and source (a data source's
+name: set in the config, or the last part of its URL without user or password)
+— never paths, URLs or anything a credential could hide in.
 """
 
 from __future__ import annotations

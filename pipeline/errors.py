@@ -23,6 +23,13 @@ class SourceError(PipelineError):
     exit_code = 2
 
 
+class MixError(PipelineError):
+    """``data.sources`` ask for what their datasets cannot give (samples of an empty
+    source, an epoch smaller than the fixed quotas)."""
+
+    exit_code = 2
+
+
 class ShardFormatError(PipelineError):
     """A shard is not a well-formed, safe webdataset tar."""
 

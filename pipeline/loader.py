@@ -25,6 +25,7 @@ import torch
 from infra.options import option, require, require_choice, require_fraction, require_positive, require_text
 from pipeline.augment import AugmentConfig
 from pipeline.images import ImagePolicy
+from pipeline.mixture import SourceConfig
 from pipeline.plan import PlanConfig
 from pipeline.storage.config import StorageConfig
 
@@ -52,7 +53,11 @@ class DaliOptions:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    url: str = option("shards", "dataset folder or URL holding manifest.json")
+    url: str = option("shards", "dataset folder or URL holding manifest.json (one dataset; data.sources for several)")
+    sources: tuple[SourceConfig, ...] = option((), "several datasets mixed, replacing url: [{url, weight or samples, "
+                                                   "name, endpoint_url}, ...] (docs/DATA.md)")
+    epoch_samples: int | None = option(None, "samples per epoch over data.sources when some have a weight "
+                                             "(default: those sources' own total)")
     backend: str = option("cpu", "cpu | dali | ffcv (reads a .beton: mae shard --format beton) | synthetic "
                                  "(random tensors, for benchmarks)")
     batch_size: int = option(64, "samples per rank per step (the trainer's micro-batch)")
@@ -76,6 +81,11 @@ class LoaderConfig:
         require_choice(self, "dtype", tuple(DTYPES))
         require(self.normalize or not self.augment.erasing, "normalize",
                 "must be true with augment.erase_prob > 0 (erasing fills normalized pixels with N(0, 1) noise)")
+        require(all(isinstance(s, SourceConfig) for s in self.sources), "sources", "must be SourceConfig entries")
+        labels = [s.label for s in self.sources]
+        require(len(set(labels)) == len(labels), "sources", f"need distinct names (set name: ...), got {labels}")
+        require(self.epoch_samples is None or (self.epoch_samples >= 0 and any(s.weight for s in self.sources)),
+                "epoch_samples", "needs a data.sources entry with a weight, and must be >= 0")
 
 
 @dataclass
@@ -92,6 +102,7 @@ class LoaderStats:
     batches: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     converted: Counter = field(default_factory=Counter)  # mode reason -> count (converted to RGB)
+    sources: Counter = field(default_factory=Counter)  # source name -> samples delivered
     warmup_s: float = 0.0  # time to this process's first batch (ffcv: numba JIT compile)
 
 

@@ -98,6 +98,32 @@ def manifest_text(ws: Workspace, text: str | bytes) -> Path:
     return ws.ds
 
 
+def indexed(ws: Workspace, damage: Callable[[bytes], bytes]) -> Path:
+    """A dataset with a binary index (manifest.index), changed by ``damage``."""
+    from pipeline.shards.manifest_index import INDEX_NAME
+    from pipeline.shards.verify import write_index
+    from pipeline.storage.store import ShardStore
+
+    write_index(ShardStore(str(dataset(ws))))
+    index = ws.ds / INDEX_NAME
+    index.write_bytes(damage(index.read_bytes()))
+    return ws.ds
+
+
+def forged_index(data: bytes) -> bytes:
+    """The first shard renamed to escape the dataset, the checksum fixed up: what a
+    hostile writer of the bucket can do."""
+    import hashlib
+
+    forged = data[:-32].replace(b"shard-000000.tar", b"../../etc/passwd")  # same length
+    return forged + hashlib.sha256(forged).digest()
+
+
+def mix(ws: Workspace, sources: list[str], *overrides: str) -> Outcome:
+    """`mae simulate` of a data.sources mix: reads the manifests, computes the quotas."""
+    return ws.mae("simulate", f"data.sources=[{', '.join(sources)}]", *overrides, "--world", "2", "--epochs", "1")
+
+
 def shard_field(**values: object) -> Callable[[dict], None]:
     return lambda doc: doc["shards"][0].update(values)
 
@@ -308,6 +334,21 @@ CASES = [
             "total_bytes"])))), r"shards\[1\].name repeats an earlier shard"),
     error("keys file outside the dataset", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: d["options"].update(format="beton", keys="../../etc/passwd"))), "options.keys must be a relative"),
+    # the binary manifest index (read by the training loader; the JSON stays the truth)
+    ok("index with a flipped byte", lambda ws: load(ws, lambda ws: indexed(
+        ws, lambda b: b[:60] + bytes([b[60] ^ 1]) + b[61:])), r"read 3: (.|\n)*is corrupt: its checksum does not match"),
+    ok("index of another manifest.json", lambda ws: load(ws, lambda ws: (indexed(ws, lambda b: b), edit_manifest(
+        ws, lambda d: d.update(rejects=[{"source": "x.jpg", "reason": "corrupt"}])))[1]),
+        r"read 3: (.|\n)*is stale: it was made for another manifest.json"),
+    ok("index forged with a shard name ../", lambda ws: load(ws, lambda ws: indexed(ws, forged_index)),
+       r"read 3: shard-000000.tar/(.|\n)*shards\[0\].name must be a relative name inside the dataset"),
+    # several datasets mixed (data.sources)
+    error("a source asked for samples it has none of", lambda ws: mix(ws, [
+        f"{{url: {dataset(ws)}}}", f"{{url: {write_raw_shards(ws.tmp / 'empty', []) and ws.tmp / 'empty'}, samples: 5}}"]),
+        "source empty .* has no samples but is asked for 5"),
+    error("an epoch smaller than the fixed quotas", lambda ws: mix(ws, [
+        f"{{url: {dataset(ws)}, samples: 3}}", f"{{url: {ws.ds}, name: again, weight: 1}}"], "data.epoch_samples=2"),
+        "data.epoch_samples=2 is less than the 3 samples"),
     # shards (`mae inspect --verify`)
     error("shard with a flipped byte", lambda ws: inspect(ws, rotten_shard),
           r"shard shard-000000.tar at .*: checksum mismatch \(ChecksumMismatch", code=1),

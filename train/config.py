@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -226,6 +227,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     floats must be finite, tuples are checked element by element."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for opt in options:
+        if dataclasses.is_dataclass(opt) and isinstance(value, dict):  # an entry of a list, e.g. data.sources[0]
+            return _build(opt, value, key)
         if opt is type(None) and value is None:
             return None
         base = typing.get_origin(opt) or opt
@@ -324,8 +327,12 @@ def reference_table(schema: type = RunConfig) -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(" | ", " or ")
+            type_name = re.sub(r"\b[a-z_]+(?:\.[a-z_]+)+\.([A-Z]\w*)", r"\1", type_name)  # module paths
             note = doc_of(f).replace("|", "/")
             rows.append(f"| `{prefix}{f.name}` | {type_name} | `{json.dumps(default)}` | {note} |")
+            item = (typing.get_args(hint) or (None,))[0]
+            if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(item):  # fields of each entry
+                walk(item, f"{prefix}{f.name}[].")
 
     walk(schema, "")
     return "\n".join(rows)

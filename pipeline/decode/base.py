@@ -8,7 +8,6 @@ accounting against the tolerance, and normalization on the device.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,13 +21,12 @@ from pipeline.augment import Normalizer, erase_params, rand_augment_params
 from pipeline.erasing import random_erase
 from pipeline.errors import CorruptDataError, ManifestError, ResumeStateError
 from pipeline.loader import DTYPES, Batch, LoaderConfig, LoaderStats
-from pipeline.plan import SamplePlan, resume_segments
+from pipeline.mixture import DataSources
+from pipeline.plan import PLAN_VERSION, SamplePlan, check_segments, resume_segments
 from pipeline.randaugment import rand_augment
-from pipeline.shards.manifest import ShardManifest
-from pipeline.storage.store import ShardStore
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = PLAN_VERSION  # a saved position means something only under the order it was saved in
 
 
 @dataclass
@@ -68,13 +66,6 @@ def fix_malloc_mmap_threshold(threshold: int = 4 * 2**20) -> bool:
         return False
 
 
-def dataset_fingerprint(manifest: ShardManifest) -> str:
-    digest = hashlib.sha256()
-    for s in manifest.shards:
-        digest.update(f"{s.name}:{s.samples}:{s.sha256}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 class PlannedLoader:
     """Position tracking, resume, normalization and corrupt-sample accounting shared
     by the backends; a backend implements ``_batches``."""
@@ -87,17 +78,11 @@ class PlannedLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.store = ShardStore(config.url, config.storage)
-        self.manifest = self.store.read_manifest()
-        if not self.manifest.shards:
-            raise ManifestError(f"dataset {config.url} has no samples")
-        fmt = self.manifest.options.get("format", "tar")
-        if fmt != self.dataset_format:
-            raise ManifestError(f"dataset {config.url} is in {fmt!r} format, which the {config.backend!r} backend does not "
-                             f"read; use backend {'ffcv' if fmt == 'beton' else 'cpu or dali'} or re-shard with "
-                             f"`mae shard --format {self.dataset_format}`")
-        self.plan = SamplePlan([s.samples for s in self.manifest.shards], config.plan)
-        self.fingerprint = dataset_fingerprint(self.manifest)
+        self.manifest = DataSources(config)  # one dataset, or every data.sources entry end to end
+        for spec, table in zip(self.manifest.specs, self.manifest.tables):
+            self._check_format(spec.url, table.options.get("format", "tar"), len(table))
+        self.plan = SamplePlan(self.manifest.shard_sizes(), config.plan, self.manifest.plan_quotas())
+        self.fingerprint = self.manifest.fingerprint
         self.stats = LoaderStats()
         self.device = device
         self.dtype = DTYPES[config.dtype]
@@ -115,22 +100,26 @@ class PlannedLoader:
         return self.plan.rank_sequence(self.epoch, self.segments, self.rank)
 
     def epoch_samples(self) -> int:
-        return len(self._rank_ids()[0])
+        return self.plan.rank_size(self.epoch, self.segments, self.rank)[0]
 
     def __len__(self) -> int:
-        ids, consumed = self._rank_ids()
-        remaining = len(ids) - consumed
+        size, consumed = self.plan.rank_size(self.epoch, self.segments, self.rank)
+        remaining = size - consumed
         bs = self.config.batch_size
         return remaining // bs if self.config.drop_last else -(-remaining // bs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "segments": [list(s) for s in self.segments],
-                "dataset": self.fingerprint, "seed": self.config.plan.seed, "shuffle": self.config.plan.shuffle,
-                "window_shards": self.config.plan.window_shards, "uneven": self.config.plan.uneven}
+                "dataset": self.fingerprint, "mix": self.manifest.mix_state(), "seed": self.config.plan.seed,
+                "shuffle": self.config.plan.shuffle, "window_shards": self.config.plan.window_shards,
+                "uneven": self.config.plan.uneven}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ResumeStateError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise ResumeStateError(
+                f"loader state was saved under sample plan version {state.get('version')!r}; this maescale orders "
+                f"samples by plan version {STATE_VERSION} (docs/DATA.md), so the data position cannot carry over: "
+                "finish the run with the maescale that started it, or start a new checkpoint.dir")
         if state.get("dataset") != self.fingerprint:
             raise ResumeStateError("loader state was saved for another dataset (manifest fingerprint differs)")
         plan = self.config.plan
@@ -138,8 +127,31 @@ class PlannedLoader:
             if state.get(key) != getattr(plan, key):
                 raise ResumeStateError(f"loader state was saved with plan.{key}={state.get(key)!r}, "
                                        f"this loader has {getattr(plan, key)!r}; the order would differ")
-        self.epoch = int(state["epoch"])
-        self.segments = resume_segments([list(map(int, s)) for s in state["segments"]], self.world_size)
+        epoch = state.get("epoch")
+        if type(epoch) is not int or epoch < 0:
+            raise ResumeStateError(f"loader state: epoch must be an integer >= 0, got {str(epoch)[:40]}")
+        saved = [list(s) for s in check_segments(state.get("segments"))]
+        self._check_mix(state.get("mix"), saved)
+        segments = resume_segments(saved, self.world_size)
+        self.plan.rank_size(epoch, segments, 0)  # each segment's consumed fits its blocks
+        self.epoch, self.segments = epoch, segments
+
+    def _check_mix(self, saved: Any, segments: list[list[int]]) -> None:
+        """Another mix (weights, counts) changes the order: fine at an epoch's start, not mid-epoch."""
+        if saved == self.manifest.mix_state():
+            return
+        if any(consumed for _, consumed in segments):
+            raise ResumeStateError(f"loader state was saved mid-epoch with data sources {saved}, this loader has "
+                                   f"{self.manifest.mix_state()}; change the mix at an epoch boundary")
+        log.info("data sources changed at an epoch boundary: %s -> %s", saved, self.manifest.mix_state())
+
+    def _check_format(self, url: str, fmt: object, shards: int) -> None:
+        if not shards:
+            raise ManifestError(f"dataset {url} has no samples")
+        if fmt != self.dataset_format:
+            raise ManifestError(f"dataset {url} is in {fmt!r} format, which the {self.config.backend!r} backend does "
+                                f"not read; use backend {'ffcv' if fmt == 'beton' else 'cpu or dali'} or re-shard "
+                                f"with `mae shard --format {self.dataset_format}`")
 
     # -- iteration
     def __iter__(self) -> Iterator[Batch]:
@@ -149,6 +161,7 @@ class PlannedLoader:
         budget = int(self.config.max_corrupt_fraction * len(ids))
         epoch_skipped = 0
         for b in self._batches(ids[consumed:end], self.epoch):
+            self._count_sources(ids[self.segments[-1][1]:self.segments[-1][1] + b.planned], b.ids)
             self.segments[-1][1] += b.planned
             self.stats.converted.update(b.converted)
             for reason in b.converted:
@@ -183,6 +196,18 @@ class PlannedLoader:
         if aug.erasing:
             images = random_erase(images, erase_params(aug, seed, self.epoch, ids.tolist()))
         return images
+
+    def _count_sources(self, planned: np.ndarray, kept: torch.Tensor) -> None:
+        """Per source: samples delivered, and those planned but skipped as corrupt."""
+        names = self.manifest.names
+        n_planned = np.bincount(self.plan.source_of(planned), minlength=len(names))
+        n_kept = np.bincount(self.plan.source_of(kept.numpy()), minlength=len(names))
+        for i in np.flatnonzero(n_planned).tolist():
+            if n_kept[i]:
+                self.stats.sources[names[i]] += int(n_kept[i])
+                sink().inc("mae_source_samples_total", int(n_kept[i]), source=names[i])
+            if n_planned[i] > n_kept[i]:
+                sink().inc("mae_source_samples_skipped_total", int(n_planned[i] - n_kept[i]), source=names[i])
 
     def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
         raise NotImplementedError

@@ -46,6 +46,10 @@ class FfcvLoader(PlannedLoader):
 
     def __init__(self, config, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(config, rank, world_size, device)
+        if len(self.manifest.tables) > 1:
+            raise ManifestError("the ffcv backend reads one .beton; mix data.sources of tar shards with backend cpu "
+                                "or dali")
+        self.store = self.manifest.stores[0]
         keys_name = self.manifest.options.get("keys")
         text = self.store.read_object(keys_name).decode("utf-8", "replace") if keys_name else ""
         self.keys = text.splitlines()
@@ -81,7 +85,7 @@ class FfcvLoader(PlannedLoader):
             return
         first = self._ffcv is None
         loader = self._loader()
-        loader.traversal_order.indices = ids.astype(np.uint64)  # Sequential walks exactly these
+        loader.traversal_order.indices = self.plan.sample_of(ids).astype(np.uint64)  # Sequential walks exactly these
         bs = self.config.batch_size
         for j, (images, labels) in enumerate(loader):
             if first:
@@ -94,5 +98,6 @@ class FfcvLoader(PlannedLoader):
             if not self.config.normalize and self.device.type == "cpu":
                 images = images.clone()  # FFCV reuses its output buffers a few batches later
             sink().inc("mae_pipeline_images_decoded_total", len(batch_ids), backend="ffcv")
-            yield DecodedBatch(images, labels.reshape(-1).long(), [self.keys[g] for g in batch_ids.tolist()],
+            keys = [self.keys[g] for g in self.plan.sample_of(batch_ids).tolist()]
+            yield DecodedBatch(images, labels.reshape(-1).long(), keys,
                                torch.from_numpy(batch_ids.astype(np.int64)), len(batch_ids))

@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from pipeline.errors import ShardFormatError
-from pipeline.shards.labels import LabelRule, rule_of
-from pipeline.shards.manifest import ShardInfo
+from pipeline.shards.labels import rule_of
 from pipeline.shards.tar_format import SampleIndex, index_shard, read_members
-from pipeline.storage.store import ShardStore
 
 if TYPE_CHECKING:
     from pipeline.decode.base import PlannedLoader
+    from pipeline.mixture import DataSources
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +30,11 @@ class ShardReader:
     """Per-process access to a dataset's samples by (shard, index), keeping a few
     shards open (and pinned in the cache) and prefetching upcoming ones."""
 
-    def __init__(self, store: ShardStore, shards: list[ShardInfo], keep_open: int, prefetch: int,
-                 rule: LabelRule | None = None, classes: list[str] | tuple[str, ...] = ()) -> None:
-        self.store, self.shards = store, shards
-        self.rule, self.class_index = rule, {c: i for i, c in enumerate(classes)}  # labels of tars indexed in place
+    def __init__(self, data: DataSources, keep_open: int, prefetch: int) -> None:
+        self.data = data  # shard g: data.shard(g), fetched through data.store_of(g)
+        # labels of tars indexed in place: each source's rule, against its classes
+        self.rules = [rule_of(t.options) for t in data.tables]
+        self.class_index = [{c: i for i, c in enumerate(data.classes or t.classes)} for t in data.tables]
         self.keep_open, self.prefetch = max(1, keep_open), prefetch
         self._open: OrderedDict[int, tuple[BinaryIO, list[SampleIndex]]] = OrderedDict()
         self._pool = cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shard-prefetch")
@@ -44,13 +44,15 @@ class ShardReader:
         """Start fetching the next shards this reader will need."""
         for s in upcoming[: self.prefetch]:
             if s not in self._futures and s not in self._open:
-                self._futures[s] = self._pool.submit(self.store.local_path, self.shards[s])
+                self._futures[s] = self._pool.submit(self.data.store_of(s).local_path, self.data.shard(s))
 
     def sample(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
         f, samples = self._shard(shard)
         entry = samples[index]
         members = read_members(f, entry)
-        return entry.key, members if self.rule is None else self.rule.members(entry.key, members, self.class_index)
+        source = self.data.source_of_shard(shard)
+        rule = self.rules[source]
+        return entry.key, members if rule is None else rule.members(entry.key, members, self.class_index[source])
 
     def _shard(self, shard: int) -> tuple[BinaryIO, list[SampleIndex]]:
         if shard in self._open:
@@ -59,8 +61,8 @@ class ShardReader:
         future = self._futures.pop(shard, None)
         if future is not None:
             future.result()  # prefetched into the cache (or raises its fetch error)
-        f = self.store.open_shard(self.shards[shard])  # pinned while open
-        info = self.shards[shard]
+        info = self.data.shard(shard)
+        f = self.data.store_of(shard).open_shard(info)  # pinned while open
         samples = index_shard(f, info)
         if len(samples) != info.samples:
             f.close()
@@ -93,10 +95,8 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
     shard_of, index_of = loader.plan.locate(mine)
     order = list(dict.fromkeys(shard_of.tolist()))  # shards in first-use order
     first_use = {s: k for k, s in enumerate(order)}
-    shards = loader.manifest.shards
-    reader = ShardReader(loader.store, shards, keep_open=loader.config.plan.window_shards + 1,
-                         prefetch=loader.config.storage.prefetch_shards, rule=rule_of(loader.manifest.options),
-                         classes=loader.manifest.classes)
+    reader = ShardReader(loader.manifest, keep_open=loader.config.plan.window_shards + 1,
+                         prefetch=loader.config.storage.prefetch_shards)
     try:
         pos = 0
         for j in batches:
@@ -106,7 +106,7 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
             samples = []
             for k, gid in enumerate(batch_ids.tolist()):
                 key, members = reader.sample(int(shard_of[pos + k]), int(index_of[pos + k]))
-                samples.append((gid, f"{shards[int(shard_of[pos + k])].name}/{key}", members))
+                samples.append((gid, f"{loader.manifest.label(int(shard_of[pos + k]))}/{key}", members))
             yield batch_ids, samples
             pos += len(batch_ids)
     finally:

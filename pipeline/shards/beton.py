@@ -30,7 +30,8 @@ from tqdm import tqdm
 from infra.options import option, require, require_positive, require_positive_or_none, require_text
 from pipeline.errors import BetonWriteError
 from pipeline.images import ImagePolicy, load_pixels, open_image
-from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
+from pipeline.shards.manifest import ShardInfo, ShardManifest
+from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.tar_format import image_member, index_tar, label_of, read_members
 from pipeline.shards.writer import ShardWriterConfig, WriteSummary, write_shards
 from pipeline.storage.objects import ObjectFolder, sha256_file
@@ -105,7 +106,7 @@ def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions)
                    "max_side": opts.max_side}
         manifest = ShardManifest(shards=[info], classes=summary.manifest.classes, rejects=summary.manifest.rejects,
                                  options=options)
-        folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
+        write_manifest(folder, manifest)  # its index first, the JSON last
     summary.manifest = manifest
     return summary
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.shards.manifest import ShardManifest
+from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardManifest
+from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, encode_index, index_status, indexable
 from pipeline.shards.tar_format import index_shard
 from pipeline.storage.store import ShardStore
 
@@ -21,6 +22,22 @@ def summarize(manifest: ShardManifest) -> str:
         f"classes {len(manifest.classes)}{classes}",
         f"rejects {len(manifest.rejects)}{rejects}",
         f"options {manifest.options}"])
+
+
+def write_index(store: ShardStore) -> ShardManifest:
+    """(Re)write ``manifest.index`` for the dataset's current ``manifest.json``."""
+    data = store.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+    manifest = ShardManifest.from_json(data, store.folder.where_of(MANIFEST_NAME))
+    store.folder.put_bytes(INDEX_NAME, encode_index(manifest, data))
+    return manifest
+
+
+def index_report(store: ShardStore) -> str:
+    """One line: is the dataset's binary index current, missing, stale or corrupt."""
+    data = store.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+    if not indexable(ShardManifest.from_json(data, store.folder.where_of(MANIFEST_NAME))):
+        return "index: none (tars indexed in place: readers parse manifest.json)"
+    return f"index: {index_status(data, store.folder.read_if_exists(INDEX_NAME, limit=MAX_INDEX_BYTES))}"
 
 
 def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[str]:

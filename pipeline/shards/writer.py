@@ -32,10 +32,12 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
+from infra.files import remove_dead_temps
 from infra.options import option, require, require_positive
 from pipeline.errors import ObjectNotAccessible
 from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
-from pipeline.shards.manifest import MANIFEST_NAME, Reject, ShardInfo, ShardManifest
+from pipeline.shards.manifest import Reject, ShardInfo, ShardManifest
+from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.sources import SourceItem, list_sources
 from pipeline.shards.tables import TableColumns, image_extension, read_rows
@@ -283,7 +285,9 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | N
         if rec["samples"]:
             shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"]))
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
-    folder.put_bytes(MANIFEST_NAME, manifest.to_json().encode())
+    write_manifest(folder, manifest)  # its index first, the JSON last
+    if folder.local:  # a writer killed mid-file (a lost Ray worker) left its temporary file
+        remove_dead_temps(folder.root)
     summary.manifest = manifest
     summary.seconds = time.monotonic() - start
     return summary

@@ -91,10 +91,13 @@ class ObjectFolder:
             return self.call(name, lambda: self.fs.cat_file(self.path(name)))
         return self.call(name, lambda: self.fs.cat_file(self.path(name), start=0, end=limit + 1))
 
-    def read_if_exists(self, name: str) -> bytes | None:
+    def read_if_exists(self, name: str, limit: int | None = None) -> bytes | None:
+        """Like ``read``, or None when the object does not exist."""
+        span = {} if limit is None else {"start": 0, "end": limit + 1}
+
         def read() -> bytes | None:
             try:
-                return self.fs.cat_file(self.path(name))
+                return self.fs.cat_file(self.path(name), **span)
             except FileNotFoundError:
                 return None
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from infra.metrics import sink
 from pipeline.errors import ManifestError, ShardFetchError
 from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
+from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, ShardTable, table_for
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import READ_BLOCK, ObjectFolder, object_etag, sha256_file
@@ -44,7 +45,8 @@ _EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry
                   "cache_miss": "mae_shard_cache_misses_total"}
 
 
-def _to_metrics(event: str, n: int) -> None:
+def report_event(event: str, n: int) -> None:
+    """A store event (bytes fetched, retries, cache hits...) as its metric."""
     sink().inc(_EVENT_METRICS[event], n)
 
 
@@ -107,7 +109,7 @@ class ShardStore:
 
     def __init__(self, url: str, config: StorageConfig | None = None,
                  on_event: Callable[[str, int], None] | None = None) -> None:
-        self._on_event = on_event or _to_metrics
+        self._on_event = on_event or report_event
         self.folder = ObjectFolder(url, config, self._on_event)  # the manifest's folder
         self.data = self.folder  # the shards' folder (another one for tars indexed in place)
         self.url, self.config = self.folder.url, self.folder.storage
@@ -139,13 +141,28 @@ class ShardStore:
         manifest kept elsewhere) shards are read from there from now on."""
         where = self.folder.where_of(MANIFEST_NAME)
         manifest = ShardManifest.from_json(self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), where)
-        if manifest.data_url is not None and manifest.data_url != self.data.url:
-            if is_local(manifest.data_url) and not self.folder.local:
-                raise ManifestError(f"{where}: data_url points at local files; a manifest read from an object store "
-                                    "may only point at object-store data")
-            self.data = ObjectFolder(manifest.data_url, self.config, self._on_event)
-            self._set_cache()
+        self._read_data_from(manifest.data_url, where)
         return manifest
+
+    def read_table(self) -> ShardTable:
+        """The dataset's shards as a loader reads them: from ``manifest.index`` when
+        it stands for this ``manifest.json``, else parsed from the JSON (and, as
+        ``read_manifest``, read from the ``data_url`` it names)."""
+        data = self.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
+        index = self.folder.read_if_exists(INDEX_NAME, limit=MAX_INDEX_BYTES)
+        where = self.folder.where_of(MANIFEST_NAME)
+        table = table_for(data, index, where)
+        self._read_data_from(table.data_url, where)
+        return table
+
+    def _read_data_from(self, data_url: str | None, where: str) -> None:
+        if data_url is None or data_url == self.data.url:
+            return
+        if is_local(data_url) and not self.folder.local:
+            raise ManifestError(f"{where}: data_url points at local files; a manifest read from an object store "
+                                "may only point at object-store data")
+        self.data = ObjectFolder(data_url, self.config, self._on_event)
+        self._set_cache()
 
     def local_path(self, shard: ShardInfo, progress: bool = False) -> Path:
         """A local file holding the verified shard (downloads on a cache miss, with

@@ -110,6 +110,11 @@ def test_images_rate_and_counts_match_the_run(scraped_run):
     assert prom.value("max_over_time(mae_data_wait_seconds_count[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
     assert prom.value("max_over_time(mae_step[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
     assert prom.value('max_over_time(mae_pipeline_samples_skipped_total{reason="truncated"}[10m])', t1) == EPOCHS
+    # one dataset is one source, named after the URL's last part
+    assert prom.value('max_over_time(mae_source_samples_total{source="ds"}[10m])', t1) == trainer
+    assert prom.value('max_over_time(mae_source_samples_skipped_total{source="ds"}[10m])', t1) == EPOCHS
+    assert prom.value('max_over_time(mae_source_bytes_fetched_total{source="ds"}[10m])', t1) == \
+        prom.value("max_over_time(mae_shard_bytes_fetched_total[10m])", t1)
     assert prom.value("max_over_time(mae_shard_cache_misses_total[10m])", t1) >= 1
     assert prom.value("max_over_time(mae_shard_cache_hits_total[10m])", t1) >= 1
     assert prom.value("max_over_time(mae_shard_bytes_fetched_total[10m])", t1) > 0
@@ -192,7 +197,7 @@ def test_metric_names_follow_the_conventions(scraped_run):
         assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
         if spec.kind == "histogram":
             assert spec.name.endswith("_seconds")
-        assert set(spec.labels) <= {"rank", "backend", "reason"}  # low cardinality only
+        assert set(spec.labels) <= {"rank", "backend", "reason", "source"}  # low cardinality only
     for name in names:  # everything scraped is declared (histograms add _bucket/_sum/_count)
         assert re.sub(r"_(bucket|sum|count)$", "", name) in specs or name in specs, name
 

@@ -38,7 +38,7 @@ def trusting_load(text: str) -> list[ShardInfo]:
     return [ShardInfo(**s) for s in json.loads(text)["shards"]]
 
 
-def _alternate(a: Callable[[], object], b: Callable[[], object], rounds: int) -> tuple[float, float]:
+def alternate(a: Callable[[], object], b: Callable[[], object], rounds: int) -> tuple[float, float]:
     """Median seconds of ``a`` and ``b``, run alternately."""
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(rounds):
@@ -53,7 +53,7 @@ def bench_manifest(shards: int, rounds: int) -> dict[str, float]:
     text = synthetic_manifest(shards)
     if ShardManifest.from_json(text).shards != trusting_load(text):
         raise RuntimeError("the validated manifest differs from the trusted one")
-    trusted, validated = _alternate(lambda: trusting_load(text), lambda: ShardManifest.from_json(text), rounds)
+    trusted, validated = alternate(lambda: trusting_load(text), lambda: ShardManifest.from_json(text), rounds)
     return {"shards": shards, "mib": len(text) / 2**20, "trusted_s": trusted, "validated_s": validated,
             "ratio": validated / trusted}
 
@@ -86,7 +86,7 @@ def bench_image_checks(images: int, rounds: int) -> dict[str, object]:
             for d in data:
                 check_image(d, policy)
 
-        before, after = _alternate(decode_only, with_orientation, rounds)
+        before, after = alternate(decode_only, with_orientation, rounds)
         report[name] = {"before_ms_per_image": before / images * 1e3, "after_ms_per_image": after / images * 1e3,
                         "overhead": after / before - 1}
     return report

@@ -15,8 +15,8 @@ from types import ModuleType
 
 from pipeline.storage.redact import one_line, redact_logs
 from train.cli import (bench_checkpoint, bench_encoder, bench_finetune, bench_ingest, bench_inputs, bench_metrics,
-                       bench_pipeline, bench_train, chaos, convert, demo, export, finetune, index, inspect, launch_slurm,
-                       models, plan, plot_bench, plot_run, pretrain, probe, reconstruct, shard)
+                       bench_pipeline, bench_plan, bench_train, chaos, convert, demo, export, finetune, index, inspect,
+                       launch_slurm, models, plan, plot_bench, plot_run, pretrain, probe, reconstruct, shard, simulate)
 from train.errors import exit_code_of, reported_errors
 
 # (command path, module, help)
@@ -32,6 +32,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("reconstruct",), reconstruct, "PNG grid: original | masked | reconstruction | + visible patches"),
     (("probe",), probe, "linear probe and kNN top-1 of a frozen encoder on labelled shards"),
     (("plan",), plan, "model-state and activation memory per GPU for each ZeRO stage"),
+    (("simulate",), simulate, "a run's downloads, cache use and plan cost per rank, from the manifest alone"),
     (("bench", "train"), bench_train, "DeepSpeed trainer vs a bare PyTorch loop: images/sec, data wait"),
     (("bench", "finetune"), bench_finetune, "the fine-tuning step: DeepSpeed engine vs a bare PyTorch loop"),
     (("bench", "metrics"), bench_metrics, "trainer step time with the Prometheus exporter on vs off"),
@@ -39,6 +40,7 @@ COMMANDS: list[tuple[tuple[str, ...], ModuleType, str]] = [
     (("bench", "encoder"), bench_encoder, "time MAE vs the mask-token encoder baseline"),
     (("bench", "pipeline"), bench_pipeline, "shard read bandwidth, decode img/s and CPU per image, RSS"),
     (("bench", "ingest"), bench_ingest, "mae index on the S3 test server; mae shard one process vs Ray, side by side"),
+    (("bench", "plan"), bench_plan, "one rank's sample plan from 1 M to 2 B samples; manifest index vs JSON"),
     (("bench", "inputs"), bench_inputs, "cost of validating manifests and images: checked vs trusted, side by side"),
     (("plot", "run"), plot_run, "a run's loss curve (lr on a second axis) and throughput/data wait, as PNGs"),
     (("plot", "bench"), plot_bench, "figures of benchmark reports (mae bench ... --json)"),

@@ -11,16 +11,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="dataset folder or URL holding manifest.json")
     p.add_argument("--verify", action="store_true", help="fetch every shard and check its sha256 and sample count")
     p.add_argument("--samples", type=int, default=5, help="sample keys to show from the first shard")
+    p.add_argument("--write-index", action="store_true",
+                   help="(re)write manifest.index, the binary index loaders read, for the current manifest.json")
     add_storage_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.shards.verify import first_keys, summarize, verify_shards
+    from pipeline.shards.verify import first_keys, index_report, summarize, verify_shards, write_index
     from pipeline.storage.store import ShardStore
 
     store = ShardStore(args.url, storage_config(args, cache_limit_gb=1024))
-    manifest = store.read_manifest()
+    manifest = write_index(store) if args.write_index else store.read_manifest()
     print(summarize(manifest))
+    print(index_report(store))
+    if args.write_index:
+        print(f"wrote manifest.index for {len(manifest.shards)} shards")
     keys = first_keys(store, manifest, args.samples)
     if keys:
         print(f"first keys of {manifest.shards[0].name}: {', '.join(keys)}")

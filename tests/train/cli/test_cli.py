@@ -28,9 +28,10 @@ def test_every_command_is_one_module_with_arguments_and_run():
     parser = build_parser()
     top = next(a for a in parser._actions if a.dest == "command").choices
     assert set(top) == {"shard", "index", "inspect", "pretrain", "finetune", "export", "convert", "reconstruct",
-                        "probe", "plan", "bench", "models", "demo", "chaos", "launch", "plot"}
+                        "probe", "plan", "simulate", "bench", "models", "demo", "chaos", "launch", "plot"}
     bench = next(a for a in top["bench"]._actions if a.dest == "bench").choices
-    assert set(bench) == {"train", "finetune", "metrics", "encoder", "pipeline", "inputs", "ingest", "checkpoint"}
+    assert set(bench) == {"train", "finetune", "metrics", "encoder", "pipeline", "inputs", "ingest", "checkpoint",
+                          "plan"}
     for path, module, _ in COMMANDS:
         assert module.__name__ == "train.cli." + "_".join(path)
         assert callable(module.add_arguments) and callable(module.run)

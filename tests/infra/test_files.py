@@ -1,0 +1,30 @@
+"""Atomic writes leave nothing behind, and what a killed writer left is removed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infra.files import atomic_path, atomic_write, remove_dead_temps
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    target = atomic_write(tmp_path / "f.json", "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_temporaries_of_dead_writers_go_those_of_live_ones_stay(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".shard-000000.tar.tmp-{int(dead.stdout)}"
+    live = tmp_path / f".shard-000001.tar.tmp-{os.getpid()}"
+    other = tmp_path / "shard-000000.tar"
+    for p in (left, live, other):
+        p.write_bytes(b"x")
+    assert remove_dead_temps(tmp_path) == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
