@@ -28,12 +28,13 @@ from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
-from train.errors import NonFiniteLossError, ResumeError
+from train.errors import ResumeError
 from train.recipe import Derived, derived, lr_at
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.speedup import peak_flops_for
 from train.step_metrics import EncoderTimer, GradNorm, StepClock, record_memory, start_prometheus, stop_prometheus
+from train.update_guard import UpdateGuard
 
 log = logging.getLogger(__name__)
 FIXED_BATCH_SEED = 1234
@@ -210,8 +211,9 @@ class Trainer:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
         r = self.result
         self.t_start = time.perf_counter()
-        self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
-        self._save_due = False
+        self._micro, self._window, self._gauges_at = 0, [], float("-inf")
+        self.guard = UpdateGuard(r, self.cfg.faults.max_nonfinite_in_row, self.cfg.checkpoint.every_steps,
+                                 self.derived.total_steps)
         self.tracker = open_tracker(self.cfg.log, self.rank, self.cfg.checkpoint.dir, r.step, flat_config(self.cfg))
         self.clock, self.grad_norm = StepClock(), GradNorm(self.engine, enabled=self.tracker.active)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
@@ -252,17 +254,14 @@ class Trainer:
         self.micro_steps += 1
         mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
         if nonfinite:  # every rank skips this micro-batch together: no update, no hang
-            self._skipped(f"non-finite loss at step {r.step} (micro-step {self._micro - 1}): update skipped")
+            self.guard.skipped(f"non-finite loss at step {r.step} (micro-step {self._micro - 1}): update skipped")
             return False
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.grad_norm.before_step(boundary)
         self.engine.step()
         self.grad_norm.after_step(boundary)
-        if boundary and not self.engine.was_step_applied():  # DeepSpeed found inf/NaN gradients
-            self._skipped(f"gradient overflow at step {r.step}: DeepSpeed skipped the update")
-        elif boundary:
-            self._in_a_row = 0
+        self.guard.stepped(self.engine, boundary, r.step)
         r.images += len(batch.keys) * self.world
         r.data_wait_s += wait
         self._window.append(mean_loss)
@@ -275,35 +274,8 @@ class Trainer:
         r.losses.append(step_loss)
         self._log_step(step_loss, batch, wait, t0)
         self._record_step(step_loss)
-        saved = cfg.checkpoint.enabled and self._checkpoint_due()
-        if saved:
-            self.save()
-        if stopping:  # a signal on any rank: all ranks save this same step and leave
-            r.stopped_by_signal = stop.received or "signal on another rank"
-            if not saved and cfg.checkpoint.enabled:
-                self.save()
-            return True
-        return False
-
-    def _skipped(self, what: str) -> None:
-        """A micro-step whose update did not happen (non-finite loss, overflowed
-        gradients): counted; too many in a row stop the run."""
-        self.result.nonfinite_skipped += 1
-        sink().inc("mae_nonfinite_steps_skipped_total")
-        self._in_a_row += 1
-        log.warning("%s (%d in a row)", what, self._in_a_row)
-        if self._in_a_row >= self.cfg.faults.max_nonfinite_in_row:
-            raise NonFiniteLossError(f"{self._in_a_row} non-finite losses or skipped updates in a row, the last: "
-                                     f"{what}; stopping with the last good checkpoint intact")
-
-    def _checkpoint_due(self) -> bool:
-        """Every ``every_steps`` and at the end; never inside a run of skipped updates
-        (a due save waits for the next applied one), so a run that stopped learning
-        stops before it rotates good checkpoints out."""
-        r, total = self.result, self.derived.total_steps
-        due = self._save_due or r.step % self.cfg.checkpoint.every_steps == 0 or r.step == total
-        self._save_due = due and self._in_a_row > 0 and r.step < total
-        return due and not self._save_due
+        r.stopped_by_signal = self.guard.end_step(r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save)
+        return r.stopped_by_signal is not None
 
     def _log_ids(self, batch: Batch) -> None:
         if self.ids_file:

@@ -39,9 +39,16 @@ from pipeline.augment import AugmentConfig
 from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
-from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
-                          set_lr)
-from train.errors import EvalInputError, NonFiniteLossError, ResumeError, WeightsError
+from train.engine import (
+    adamw,
+    agree_across_ranks,
+    build_engine,
+    device_for,
+    init_distributed,
+    module_state_dict,
+    set_lr,
+)
+from train.errors import EvalInputError, ResumeError, WeightsError
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
@@ -50,6 +57,7 @@ from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.step_metrics import record_memory, start_prometheus, stop_prometheus
 from train.trainer import StopSignal, _timed
+from train.update_guard import UpdateGuard
 from train.weights.files import export_classifier
 from train.weights.pretrained import read_weights
 
@@ -270,7 +278,9 @@ class Finetuner:
         until a stop signal."""
         r, every = self.result, self.cfg.eval.every_epochs
         self.t_start = time.perf_counter()
-        self._in_a_row, self._micro, self._window, self._gauges_at = 0, 0, [], float("-inf")
+        self._micro, self._window, self._gauges_at = 0, [], float("-inf")
+        self.guard = UpdateGuard(r, self.cfg.faults.max_nonfinite_in_row, self.cfg.checkpoint.every_steps,
+                                 self.derived.total_steps)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
             epoch = self.loader.epoch
             if self._train_epoch(stop) and (epoch + 1) % every == 0:
@@ -303,13 +313,13 @@ class Finetuner:
             loss = loss * float("nan")
         self._micro += 1
         mean_loss, nonfinite, stopping = agree_across_ranks(loss, stop.received is not None, self.world)
-        if nonfinite:
-            self._skip_nonfinite()
+        if nonfinite:  # every rank skips this micro-batch together: no update, no hang
+            self.guard.skipped(f"non-finite loss at step {r.step} (micro-step {self._micro - 1}): update skipped")
             return False
-        self._in_a_row = 0
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()
+        self.guard.stepped(self.engine, boundary, r.step)
         r.images += len(batch.keys) * self.world
         r.data_wait_s += wait
         self._window.append(mean_loss)
@@ -325,16 +335,8 @@ class Finetuner:
         r.step += 1
         r.losses.append(step_loss)
         self._record_step(step_loss, batch)
-        saved = cfg.checkpoint.enabled and (r.step % cfg.checkpoint.every_steps == 0
-                                            or r.step == self.derived.total_steps)
-        if saved:
-            self.save()
-        if stopping:  # a signal on any rank: every rank saves this same step and leaves
-            r.stopped_by_signal = stop.received or "signal on another rank"
-            if not saved and cfg.checkpoint.enabled:
-                self.save()
-            return True
-        return False
+        r.stopped_by_signal = self.guard.end_step(r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save)
+        return r.stopped_by_signal is not None
 
     def _labels(self, batch: Batch) -> torch.Tensor:
         labels = batch.labels.to(self.device, non_blocking=True)
@@ -343,15 +345,6 @@ class Finetuner:
             key = batch.keys[int(bad.nonzero()[0])]
             raise EvalInputError(f"sample {key} has label {int(labels[bad][0])}, outside [0, {self.num_classes})")
         return labels
-
-    def _skip_nonfinite(self) -> None:
-        self.result.nonfinite_skipped += 1
-        self._in_a_row += 1
-        sink().inc("mae_nonfinite_steps_skipped_total")
-        log.warning("non-finite loss at step %d: update skipped (%d in a row)", self.result.step, self._in_a_row)
-        if self._in_a_row >= self.cfg.faults.max_nonfinite_in_row:
-            raise NonFiniteLossError(f"{self._in_a_row} non-finite losses in a row, the last at step "
-                                     f"{self.result.step}; stopping with the last good checkpoint intact")
 
     def _record_step(self, loss: float, batch: Batch) -> None:
         r = self.result
