@@ -55,7 +55,7 @@ def test_cluster_commands_parse():
     checked = 0
     for block in blocks("console"):
         for cmd in commands(block):
-            argv = shlex.split(cmd)
+            argv = shlex.split(cmd, comments=True)
             if argv[0].endswith("bin/mae"):
                 parser.parse_args(argv[1:])  # exits (fails the test) on a bad option
                 checked += 1

@@ -176,8 +176,6 @@ def test_each_interruption_checkpoints_requeues_and_resumes_the_remaining_steps(
     assert summary["step"] == STEPS and summary["stopped_by_signal"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="resume is not loss-exact yet (the mask noise differs after a mid-epoch resume); "
-                                       "issue 12 makes it exact: then this passes and the mark must go")
 def test_the_resumed_job_has_the_uninterrupted_losses(reference, interrupted):
     ref = {r["step"]: r["loss"] for r in _steps(reference[0])}
     got = {r["step"]: r["loss"] for r in _steps(interrupted[0])}

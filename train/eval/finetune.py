@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from infra.metrics import sink
+from infra.tracking import NullTracker, open_tracker
 from model.classifier import ClassifierConfig, ViTClassifier, param_groups_lrd
 from model.registry import model_config
 from model.weights import CheckpointMismatchError, load_classifier_state_dict
@@ -39,15 +40,9 @@ from pipeline.augment import AugmentConfig
 from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
-from train.engine import (
-    adamw,
-    agree_across_ranks,
-    build_engine,
-    device_for,
-    init_distributed,
-    module_state_dict,
-    set_lr,
-)
+from train.config import flat_config
+from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
+                          set_lr)
 from train.errors import EvalInputError, ResumeError, WeightsError
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
@@ -189,6 +184,7 @@ class Finetuner:
         self.device = device_for(self.local_rank)
         self.lock = take_run_lock(cfg.checkpoint, self.rank)  # first: a second run on this dir stops here
         self.prometheus, self.metrics_file = None, None
+        self.tracker = NullTracker()  # opened by run(), when the step a resume continues from is known
         try:
             self._build()
         except BaseException:
@@ -279,6 +275,7 @@ class Finetuner:
         r, every = self.result, self.cfg.eval.every_epochs
         self.t_start = time.perf_counter()
         self._micro, self._window, self._gauges_at = 0, [], float("-inf")
+        self.tracker = open_tracker(self.cfg.log, self.rank, self.cfg.checkpoint.dir, r.step, flat_config(self.cfg))
         self.guard = UpdateGuard(r, self.cfg.faults.max_nonfinite_in_row, self.cfg.checkpoint.every_steps,
                                  self.derived.total_steps)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
@@ -351,6 +348,7 @@ class Finetuner:
         lr = lr_at(r.step - 1, self.derived, self.cfg.optim.min_lr)
         self._write({"step": r.step, "loss": loss, "lr": lr, "epoch": self.loader.epoch,
                      "ids": batch.sample_ids[:4].tolist()})
+        self.tracker.scalars(r.step, {"train/loss": loss, "train/lr": lr, "train/epoch": self.loader.epoch})
         if self.rank == 0 and (r.step % self.cfg.log.every_steps == 0 or r.step == 1):
             log.info("step %d/%d epoch %d loss %.4f lr %.3g", r.step, self.derived.total_steps, self.loader.epoch,
                      loss, lr)
@@ -401,6 +399,8 @@ class Finetuner:
             sink().set(name, scores[key])
         sink().set("mae_eval_best_top1_ratio", self.result.best_top1)
         self._write({"eval": True, **scores, "best_top1": self.result.best_top1})
+        self.tracker.scalars(scores["step"], {f"eval/{k}": scores[k] for k in ("top1", "top5", "loss")}
+                             | {"eval/best_top1": self.result.best_top1})
         if self.rank == 0:
             log.info("eval after epoch %d (step %d): top-1 %.2f%%, top-5 %.2f%%, loss %.4f on %d samples "
                      "(best top-1 %.2f%%)", scores["epoch"], scores["step"], 100 * scores["top1"],
@@ -426,6 +426,7 @@ class Finetuner:
         (Path(self.cfg.checkpoint.dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
 
     def close(self) -> None:
+        self.tracker.close()
         if self.metrics_file:
             self.metrics_file.close()
         stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)

@@ -86,7 +86,7 @@ def _records(run: Path) -> tuple[dict[int, dict], list[dict]]:
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ft-ref")
-    out = _run(_torchrun(data, run), run)
+    out = _run(_torchrun(data, run, "log.tensorboard=true"), run)
     assert out.returncode == 0, out.stderr[-4000:]
     return run
 
@@ -113,6 +113,14 @@ def test_two_ranks_train_evaluate_once_per_sample_and_export(data, reference):
     assert start.head.weight.std() < 3e-5 and (last["head.weight"] - start.head.weight).abs().max() > 1e-4
     assert torch.equal(last["blocks.0.attn.qkv.weight"], best["blocks.0.attn.qkv.weight"]) == (
         summary["best_top1"] == summary["evals"][-1]["top1"])
+    from tests.infra.test_tracking import events
+
+    acc = events(reference / "ckpt" / "tensorboard")  # rank 0's curves and accuracies
+    assert {e.step: e.value for e in acc.Scalars("train/loss")} == pytest.approx(
+        {s: r["loss"] for s, r in steps.items()}, rel=1e-6)
+    top1 = acc.Scalars("eval/top1")
+    assert [e.step for e in top1] == [e["step"] for e in evals]
+    assert [e.value for e in top1] == pytest.approx([e["top1"] for e in evals], rel=1e-6)
 
 
 def test_kill_9_mid_epoch_then_restart_reproduces_every_loss(data, reference, tmp_path):
