@@ -32,11 +32,12 @@ def write_index(store: ShardStore) -> ShardManifest:
     return manifest
 
 
-def index_report(store: ShardStore) -> str:
-    """One line: is the dataset's binary index current, missing, stale or corrupt."""
-    data = store.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
-    if not indexable(ShardManifest.from_json(data, store.folder.where_of(MANIFEST_NAME))):
+def index_report(store: ShardStore, manifest: ShardManifest) -> str:
+    """One line: is the dataset's binary index (for ``manifest``, already read)
+    current, missing, stale or corrupt."""
+    if not indexable(manifest):
         return "index: none (tars indexed in place: readers parse manifest.json)"
+    data = store.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
     return f"index: {index_status(data, store.folder.read_if_exists(INDEX_NAME, limit=MAX_INDEX_BYTES))}"
 
 

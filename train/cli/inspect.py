@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     store = ShardStore(args.url, storage_config(args, cache_limit_gb=1024))
     manifest = write_index(store) if args.write_index else store.read_manifest()
     print(summarize(manifest))
-    print(index_report(store))
+    print(index_report(store, manifest))
     if args.write_index:
         print(f"wrote manifest.index for {len(manifest.shards)} shards")
     keys = first_keys(store, manifest, args.samples)
