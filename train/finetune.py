@@ -18,17 +18,9 @@ import sys
 def finetune(cfg):
     """Build, resume if a checkpoint exists, train and evaluate, write the summary, clean up."""
     from train.eval.finetune import Finetuner
-    from train.trainer import StopSignal
+    from train.pretrain import run_to_end
 
-    tuner = Finetuner(cfg)
-    try:
-        tuner.resume()
-        with StopSignal() as stop:
-            result = tuner.run(stop)
-        tuner.write_summary()
-        return result
-    finally:
-        tuner.close()
+    return run_to_end(Finetuner(cfg))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

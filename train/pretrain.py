@@ -28,15 +28,20 @@ log = logging.getLogger("train.pretrain")
 
 def pretrain(cfg: RunConfig) -> RunResult:
     """Build, resume if a checkpoint exists, train, write the run summary, clean up."""
-    trainer = Trainer(cfg)
+    return run_to_end(Trainer(cfg))
+
+
+def run_to_end(loop):
+    """A built training loop (``Trainer``, ``Finetuner``): resume if a checkpoint
+    exists, run under the stop signals, write its summary; always clean up."""
     try:
-        trainer.resume()
+        loop.resume()
         with StopSignal() as stop:
-            result = trainer.run(stop)
-        trainer.write_summary()
+            result = loop.run(stop)
+        loop.write_summary()
         return result
     finally:
-        trainer.close()
+        loop.close()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
