@@ -8,7 +8,7 @@ shard cache (pipeline/storage/cache.py) do with them:
   ``w, w+K, ...``; the ``dali`` backend's one feed thread) opens a batch's shards
   in the order they first appear in it, keeps ``window_shards + 1`` open (pinned
   in the cache) and asks the cache for the next ``prefetch_shards`` shards of its
-  first-use order at each batch;
+  first-use order at each batch, pinning each as it lands until it is opened;
 - the node's cache, shared by its ranks, serves a hit (and marks it recently
   used) or downloads the shard, then evicts least-recently-used entries that no
   reader has open until it is under its limit.
@@ -164,41 +164,52 @@ class _Reader:
         self.order = list(dict.fromkeys(s for b in batch_shards for s in b))  # first-use order
         self.first_use = {s: k for k, s in enumerate(self.order)}
         self.open: OrderedDict[int, None] = OrderedDict()
-        self.scheduled: set[int] = set()
+        self.scheduled: set[int] = set()  # prefetched, pinned from landing until opened
+        self.landing: list[int] = []  # prefetched in this batch, still downloading
 
     def read(self, j: int) -> None:
         """Batch ``j`` of this reader: schedule prefetches, open its shards."""
         if not self.batches[j]:
             return
         k = self.first_use[self.firsts[j]]
-        landing = []  # prefetch downloads run in threads: they land after this batch opened its shards
+        self.landing = []  # prefetch downloads run in threads: they land after this batch opened its shards
         for s in self.order[k + 1:k + 1 + self.settings.prefetch]:
             if s not in self.scheduled and s not in self.open:
                 self.scheduled.add(s)
                 if s in self.cache.entries:
-                    self.cache.local_path(s)
+                    self._land(s)
                 else:
-                    landing.append(s)
+                    self.landing.append(s)
         self._open_shards(self.batches[j])
-        for s in landing:
-            self.cache.local_path(s)
+        for s in self.landing:
+            self._land(s)
+
+    def _land(self, shard: int) -> None:
+        self.cache.local_path(shard)
+        self.cache.pin(shard, 1)
 
     def _open_shards(self, shards: list[int]) -> None:
         for s in shards:
             if s in self.open:
                 self.open.move_to_end(s)
                 continue
-            self.scheduled.discard(s)
-            self.cache.local_path(s)
-            self.cache.pin(s, 1)
+            if s in self.scheduled:  # prefetched: the reader waits for it to land, then owns its pin
+                if s in self.landing:
+                    self.landing.remove(s)
+                    self._land(s)
+                self.scheduled.discard(s)
+            else:
+                self.cache.local_path(s)
+                self.cache.pin(s, 1)
             self.open[s] = None
             while len(self.open) > self.settings.keep_open:
                 self.cache.pin(self.open.popitem(last=False)[0], -1)
 
     def close(self) -> None:
-        for s in self.open:
+        for s in [*self.open, *self.scheduled]:
             self.cache.pin(s, -1)
         self.open.clear()
+        self.scheduled.clear()
 
 
 def reader_batches(plan: SamplePlan, ids: np.ndarray, settings: ReaderSettings) -> list[tuple[list[list[int]], list[int]]]:
@@ -363,7 +374,8 @@ def report_lines(r: SimulationReport, what: str) -> list[str]:
     if r.peak_cache_bytes > st.cache_limit_bytes:
         ranks = min(cfg.ranks_per_node, cfg.world_size)
         need_bytes = r.peak_pinned_bytes + ranks * st.readers * st.prefetch * r.max_shard_bytes
-        lines.append(f"warning      the cache ran over its limit (readers held {_size(r.peak_pinned_bytes)} open): "
-                     f"prefetched shards are evicted before use and downloads depend on timing; raise "
-                     f"data.storage.cache_limit_gb to {need_bytes / GiB:.2f} or more")
+        lines.append(f"warning      the cache ran over its limit to {_size(r.peak_cache_bytes)} (readers held "
+                     f"{_size(r.peak_pinned_bytes)} open or prefetched): the node's disk needs that much, and "
+                     f"shards leave the cache as soon as they close; raise data.storage.cache_limit_gb to "
+                     f"{need_bytes / GiB:.2f} or more")
     return lines

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 class ShardReader:
     """Per-process access to a dataset's samples by (shard, index), keeping a few
-    shards open (and pinned in the cache) and prefetching upcoming ones."""
+    shards open (and pinned in the cache) and prefetching upcoming ones. A
+    prefetched shard is opened (pinned) as soon as it lands, so the cache cannot
+    evict it before this reader uses it: no download is wasted."""
 
     def __init__(self, data: DataSources, keep_open: int, prefetch: int) -> None:
         self.data = data  # shard g: data.shard(g), fetched through data.store_of(g)
@@ -44,7 +46,7 @@ class ShardReader:
         """Start fetching the next shards this reader will need."""
         for s in upcoming[: self.prefetch]:
             if s not in self._futures and s not in self._open:
-                self._futures[s] = self._pool.submit(self.data.store_of(s).local_path, self.data.shard(s))
+                self._futures[s] = self._pool.submit(self.data.store_of(s).open_shard, self.data.shard(s))
 
     def sample(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
         f, samples = self._shard(shard)
@@ -59,10 +61,9 @@ class ShardReader:
             self._open.move_to_end(shard)
             return self._open[shard]
         future = self._futures.pop(shard, None)
-        if future is not None:
-            future.result()  # prefetched into the cache (or raises its fetch error)
         info = self.data.shard(shard)
-        f = self.data.store_of(shard).open_shard(info)  # pinned while open
+        # pinned while open; a prefetched one was opened when it landed (or raises its fetch error)
+        f = future.result() if future is not None else self.data.store_of(shard).open_shard(info)
         samples = index_shard(f, info)
         if len(samples) != info.samples:
             f.close()
@@ -81,7 +82,16 @@ class ShardReader:
         for f, _ in self._open.values():
             f.close()
         self._open.clear()
+        for future in self._futures.values():
+            future.cancel()
+            future.add_done_callback(_close_landed)  # one still fetching closes when it lands
+        self._futures.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_landed(future: cf.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 def read_batches(loader: PlannedLoader, ids: np.ndarray,

@@ -62,11 +62,19 @@ class ShardCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def commit(self, digest: str, tmp: Path) -> Path:
+    def commit(self, digest: str, tmp: Path) -> tuple[Path, BinaryIO]:
+        """Move a finished download into the cache; it comes back opened and
+        pinned, pinned before eviction runs, so no other thread's or process's
+        eviction can take it before its reader opens it."""
+        f = self.open_pinned(tmp)  # the lock stays with the file through the rename
         path = self._path(digest)
-        os.replace(tmp, path)
-        self.evict(keep=path)
-        return path
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            f.close()
+            raise
+        self.evict()
+        return path, f
 
     def open_pinned(self, path: Path) -> BinaryIO:
         """An entry opened for reading with a shared lock held while it is open, so
@@ -76,7 +84,7 @@ class ShardCache:
         fcntl.flock(f, fcntl.LOCK_SH)
         return f
 
-    def evict(self, keep: Path | None = None) -> int:
+    def evict(self) -> int:
         """Delete least-recently-used unpinned entries until under the limit."""
         entries = []
         for p in self.dir.glob("*.tar"):
@@ -88,8 +96,6 @@ class ShardCache:
         for _, size, path in sorted(entries):
             if total <= self.limit_bytes:
                 break
-            if path == keep:
-                continue
             try:
                 with open(path, "rb") as f:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

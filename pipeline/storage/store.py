@@ -173,17 +173,25 @@ class ShardStore:
                 self.data.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
                 self._verified.add(shard.name)
             return path
+        path, pinned = self._cached(shard, progress)
+        if pinned is not None:
+            pinned.close()
+        return path
+
+    def _cached(self, shard: ShardInfo, progress: bool = False) -> tuple[Path, BinaryIO | None]:
+        """The shard's cache entry, and on a miss the fresh download opened and
+        pinned (so it is not evicted before it is read)."""
         assert self.cache is not None
         key = self.cache_key(shard)
         hit = self.cache.get(key)
         if hit is not None:
             self._on_event("cache_hit", 1)
-            return hit
+            return hit, None
         self._on_event("cache_miss", 1)
         with self.cache.download_lock(key):
             hit = self.cache.get(key)  # another worker fetched it meanwhile
             if hit is not None:
-                return hit
+                return hit, None
             tmp = self.cache.temp_path(key)
             try:
                 with tqdm(total=shard.bytes, unit="B", unit_scale=True, desc=f"staging {shard.name}",
@@ -198,12 +206,16 @@ class ShardStore:
         """The verified shard, opened for reading. A cached entry is pinned while
         open, so eviction leaves it alone; one evicted between fetch and open is
         fetched again."""
+        if self.cache is None:
+            return open(self.local_path(shard), "rb")
         for _ in range(3):
-            path = self.local_path(shard)
+            path, pinned = self._cached(shard)
+            if pinned is not None:
+                return pinned
             try:
-                return open(path, "rb") if self.cache is None else self.cache.open_pinned(path)
+                return self.cache.open_pinned(path)
             except FileNotFoundError:
-                continue  # evicted by another process in between: fetch again
+                continue  # a hit evicted by another process in between: fetch again
         raise ShardFetchError(f"shard {shard.name}: evicted from the cache before it could be opened "
                               f"three times in a row; raise cache_limit_gb above a window of shards")
 

@@ -118,7 +118,9 @@ def test_a_hash_that_is_not_a_hash_cannot_pick_a_cache_file(tmp_path):
         with pytest.raises(ValueError, match="named by sha256 digests"):
             make(hostile)
     digest = hashlib.sha256(b"x").hexdigest()
-    for path in (cache.temp_path(digest), cache.commit(digest, _touch(cache_dir / "tmp"))):
+    committed, pinned = cache.commit(digest, _touch(cache_dir / "tmp"))
+    pinned.close()
+    for path in (cache.temp_path(digest), committed):
         assert Path(path).resolve().parent == cache_dir.resolve()
     with cache.download_lock(digest):
         assert (cache_dir / f"{digest}.lock").resolve().parent == cache_dir.resolve()

@@ -135,6 +135,24 @@ def test_cache_evicts_least_recently_used_and_spares_pinned(tmp_path):
     assert sum(p.stat().st_size for p in cache.dir.glob("*.tar")) <= 250
 
 
+def test_a_committed_download_is_pinned_before_eviction_runs(tmp_path):
+    """A download is opened and pinned before it enters the cache: neither its own
+    commit nor another thread's eviction can delete it before its reader opens it."""
+    cache = ShardCache(tmp_path, limit_bytes=150)
+    _entry(cache, "a", 100, 10)
+    tmp = cache.temp_path("b" * 64)
+    tmp.write_bytes(b"y" * 100)
+    path, pinned = cache.commit("b" * 64, tmp)
+    with pinned:
+        assert _entries(cache) == ["b"]  # a went to make room; b, pinned, stayed
+        _entry(cache, "c", 100, -10)
+        cache.evict()  # another thread's download: b is the oldest but pinned, so c goes
+        assert _entries(cache) == ["b"] and pinned.read() == b"y" * 100
+    _entry(cache, "d", 100, -10)
+    cache.evict()  # closed: b is unpinned and the oldest
+    assert _entries(cache) == ["d"] and not path.exists()
+
+
 @pytest.mark.integration
 def test_concurrent_readers_download_a_shard_once(dataset, faulty_s3, tmp_path):
     _, manifest = dataset
