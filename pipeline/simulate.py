@@ -364,7 +364,7 @@ def report_lines(r: SimulationReport, what: str) -> list[str]:
                      f"({r.per_rank(e, 'downloads'):,.1f} shards), {r.per_rank(e, 'redownloads'):,.1f} re-downloads "
                      f"({_size(r.per_rank(e, 'redownload_bytes'))}) under the cache limit, "
                      f"{r.per_rank(e, 'hits'):,.0f} cache hits")
-    lines.append(f"cache        peak {_size(r.peak_cache_bytes)} per node, of which held open by readers "
+    lines.append(f"cache        peak {_size(r.peak_cache_bytes)} per node, of which held open or prefetched by readers "
                  f"{_size(r.peak_pinned_bytes)}")
     if cfg.target_images_per_s:
         need = [r.node_gbit_needed(e) for e in range(len(r.epochs))]
@@ -372,10 +372,8 @@ def report_lines(r: SimulationReport, what: str) -> list[str]:
                      + ", ".join(f"epoch {e} {_rate(g)} per node ({_rate(g * nodes)} in all)" for e, g in enumerate(need))
                      + ("; MORE than the node's network" if max(need) > cfg.bandwidth_gbit else ""))
     if r.peak_cache_bytes > st.cache_limit_bytes:
-        ranks = min(cfg.ranks_per_node, cfg.world_size)
-        need_bytes = r.peak_pinned_bytes + ranks * st.readers * st.prefetch * r.max_shard_bytes
         lines.append(f"warning      the cache ran over its limit to {_size(r.peak_cache_bytes)} (readers held "
                      f"{_size(r.peak_pinned_bytes)} open or prefetched): the node's disk needs that much, and "
                      f"shards leave the cache as soon as they close; raise data.storage.cache_limit_gb to "
-                     f"{need_bytes / GiB:.2f} or more")
+                     f"{r.peak_pinned_bytes / GiB:.2f} or more")
     return lines
