@@ -159,6 +159,15 @@ def test_concurrent_readers_download_a_shard_once(dataset, faulty_s3, tmp_path):
     faulty_s3.faults.clear()
     events = []
     store = _store(faulty_s3, tmp_path, events)
+    fetch = store._fetch
+
+    def fetch_once_all_missed(*args, **kwargs):  # the download lands only after every reader looked
+        deadline = time.monotonic() + 30
+        while sum(n for name, n in events if name == "cache_miss") < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return fetch(*args, **kwargs)
+
+    store._fetch = fetch_once_all_missed
     threads = [threading.Thread(target=store.local_path, args=(manifest.shards[0],)) for _ in range(4)]
     for t in threads:
         t.start()
