@@ -86,7 +86,7 @@ class ShardReader:
             future.cancel()
             future.add_done_callback(_close_landed)  # one still fetching closes when it lands
         self._futures.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)
 
 
 def _close_landed(future: cf.Future) -> None:

@@ -207,7 +207,11 @@ class ShardStore:
         open, so eviction leaves it alone; one evicted between fetch and open is
         fetched again."""
         if self.cache is None:
-            return open(self.local_path(shard), "rb")
+            path = self.local_path(shard)
+            try:
+                return open(path, "rb")
+            except FileNotFoundError as e:
+                raise ShardFetchError(f"shard {shard.name}: {path} was removed after it was verified") from e
         for _ in range(3):
             path, pinned = self._cached(shard)
             if pinned is not None:

@@ -153,6 +153,16 @@ def test_a_committed_download_is_pinned_before_eviction_runs(tmp_path):
     assert _entries(cache) == ["d"] and not path.exists()
 
 
+def test_a_local_shard_removed_after_verification_is_a_named_error(tmp_path):
+    manifest = numbered_shards(tmp_path, [3, 3])
+    store = ShardStore(str(tmp_path))
+    shard = manifest.shards[0]
+    store.open_shard(shard).close()  # verified once per process
+    (tmp_path / shard.name).unlink()
+    with pytest.raises(ShardFetchError, match=rf"shard {shard.name}: .* was removed after it was verified"):
+        store.open_shard(shard)
+
+
 @pytest.mark.integration
 def test_concurrent_readers_download_a_shard_once(dataset, faulty_s3, tmp_path):
     _, manifest = dataset
