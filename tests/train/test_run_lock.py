@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, replace
 
 import pytest
+from tests.helpers.training import wait_for
 
 from infra.files import atomic_write
 from train.errors import CheckpointLockError, CheckpointStorageError
@@ -25,13 +26,6 @@ def _dead_pid() -> int:
 
 def _write(path, holder) -> None:
     path.write_text(json.dumps(asdict(holder)))
-
-
-def _wait_for(condition, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_the_lock_names_its_holder_and_goes_away_on_release(tmp_path):
@@ -93,10 +87,10 @@ def test_the_heartbeat_refreshes_and_notices_a_take_over(tmp_path):
     lock = RunLock(tmp_path, stale_after_s=5)  # heartbeat every 0.5 s
     lock.acquire()
     first = read_holder(tmp_path / LOCK_NAME).heartbeat
-    _wait_for(lambda: read_holder(tmp_path / LOCK_NAME).heartbeat > first)
+    wait_for(lambda: read_holder(tmp_path / LOCK_NAME).heartbeat > first, timeout=30)
     with lock._mutex:  # another run took it over, whole, between two heartbeats
         atomic_write(tmp_path / LOCK_NAME, json.dumps(asdict(replace(this_process(), host="thief", token="t"))))
-    _wait_for(lambda: lock.problem is not None)  # the heartbeat noticed by itself
+    wait_for(lambda: lock.problem is not None, timeout=30)  # the heartbeat noticed by itself
     with pytest.raises(CheckpointLockError, match="lost the lock .* now held by host thief"):
         lock.check()
     lock.release()
