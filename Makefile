@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(TEST_EXTRAS)
 # slurm-wlm + munge: the Slurm tests start a one-node cluster on localhost.
 APT_PACKAGES ?= prometheus pkg-config g++ libturbojpeg0-dev libopencv-dev slurm-wlm munge
 
-.PHONY: venv test test-fast demo demo-s3 chaos bench-encoder gpu-check-dry-run clean
+.PHONY: venv test test-fast demo demo-s3 chaos bench-encoder bench-peers gpu-check-dry-run clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,14 @@ chaos: venv
 
 bench-encoder: venv
 	$(VENV)/bin/mae bench encoder --model mae_vit_base_patch16 --batch 4 --steps 5
+
+# The peers of `mae bench pipeline --against litdata,webdataset,streaming`, without the
+# torchvision/torch they would pull in: their own runtime dependencies only.
+BENCH_PEERS := litdata==0.2.76 webdataset==1.0.2 mosaicml-streaming==0.13.0 braceexpand lightning-utilities \
+	filelock requests tifffile brotli python-snappy cramjam zstd catalogue
+bench-peers: venv
+	$(PY) -m pip install -q --no-deps $(BENCH_PEERS)
+	$(PY) -m pip install -q transformers  # MosaicML Streaming imports it (no torch dependency)
 
 gpu-check-dry-run: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash infra/gpu_check.sh --dry-run

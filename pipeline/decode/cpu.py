@@ -60,18 +60,36 @@ class _RankEpoch(IterableDataset):
                 continue
             if mode_reason:
                 converted.append(mode_reason)
-            images.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+            images.append(arr)
             labels.append(label)
             keys.append(name)
             kept.append(gid)
-        S = cfg.augment.img_size
-        stacked = torch.stack(images) if images else torch.empty(0, 3, S, S, dtype=torch.uint8)
+        stacked = uint8_batch(images, cfg.augment.img_size)
         if cfg.augment.rand_augment and images:  # on the uint8 crops, in this worker
             stacked = rand_augment(stacked, rand_augment_params(cfg.augment, cfg.plan.seed, self.epoch, kept),
                                    cfg.augment.fill)
         sink().inc("mae_pipeline_images_decoded_total", len(images), backend="cpu")
         return DecodedBatch(stacked, torch.tensor(labels, dtype=torch.int64), keys, torch.tensor(kept, dtype=torch.int64),
                             len(ids), skips, converted)
+
+
+def uint8_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """(S, S, 3) crops -> one (B, 3, S, S) uint8 batch, channels-last in memory.
+
+    Each crop is copied once, contiguously, into a buffer that a DataLoader worker
+    makes in shared memory (as torch's own collate does), so handing the batch to
+    the main process copies nothing more; (B, 3, S, S) is a view. Stacking (3, S, S)
+    views of HWC crops instead is a transposing, element-by-element copy that costs
+    about as much CPU as decoding the image."""
+    numel = len(images) * size * size * 3
+    if get_worker_info() is not None:
+        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
+        out = torch.empty(0, dtype=torch.uint8).new(storage).view(len(images), size, size, 3)
+    else:
+        out = torch.empty((len(images), size, size, 3), dtype=torch.uint8)
+    for slot, arr in zip(out.numpy(), images):
+        slot[...] = arr
+    return out.permute(0, 3, 1, 2)
 
 
 WORKER_STOP_GRACE_S = 60

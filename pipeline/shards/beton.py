@@ -34,7 +34,7 @@ from pipeline.shards.manifest import ShardInfo, ShardManifest
 from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.tar_format import image_member, index_tar, label_of, read_members
 from pipeline.shards.writer import ShardWriterConfig, WriteSummary, write_shards
-from pipeline.storage.objects import ObjectFolder, sha256_file
+from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, file_digests
 from pipeline.storage.store import ShardStore
 from pipeline.storage.urls import join
 
@@ -99,7 +99,7 @@ def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions)
         local = os.path.join(tmp, BETON_NAME)
         log.info("pass 2: FFCV writer, %d images -> %s", len(samples), BETON_NAME)
         run_ffcv_writer(staging, local, opts, len(samples))
-        info = ShardInfo(BETON_NAME, len(samples), os.path.getsize(local), sha256_file(local))
+        info = ShardInfo(BETON_NAME, len(samples), os.path.getsize(local), **file_digests(local, algorithms=MANIFEST_HASHES))
         folder.put_file(local, BETON_NAME)
         folder.put_bytes(KEYS_NAME, ("\n".join(samples.keys()) + "\n").encode())
         options = {**cfg.options(), "format": "beton", "keys": KEYS_NAME, "jpeg_quality": opts.jpeg_quality,

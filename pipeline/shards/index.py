@@ -255,9 +255,9 @@ def index_object(folder: ObjectFolder, obj: TarObject, cfg: IndexConfig) -> dict
         labels, names = _labels(reader, samples, obj.name, LabelRule(cfg.label_from), rejects)
     finally:
         reader.close()
-    digest = folder.sha256(obj.name) if cfg.hash else None
+    digests = folder.digests(obj.name) if cfg.hash else {"sha256": None, "xxh3_128": None}
     return {"name": obj.name, "samples": len(samples), "bytes": obj.size, "etag": obj.etag,
-            "headers_sha256": walk.headers_sha256, "sha256": digest, "rejects": rejects, "max_label": labels,
+            "headers_sha256": walk.headers_sha256, **digests, "rejects": rejects, "max_label": labels,
             "class_names": sorted(names), "requests": reader.requests,
             "bytes_read": reader.bytes + (obj.size if cfg.hash else 0)}
 
@@ -385,7 +385,7 @@ def _manifest(entries: list[dict], rejects: list[Reject], cfg: IndexConfig, data
                     for source, reason in e["rejects"]]
         if e["samples"]:
             shards.append(ShardInfo(e["name"], e["samples"], e["bytes"], e["sha256"], e["etag"],
-                                    e["headers_sha256"]))
+                                    e["headers_sha256"], e.get("xxh3_128")))
         elif not e["rejects"]:
             rejects.append(Reject(e["name"], "no_samples"))
     return ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options(), data_url=data_url)

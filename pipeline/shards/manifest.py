@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.errors import ManifestError
 from pipeline.shards.labels import LabelRule
-from pipeline.storage.objects import is_sha256
+from pipeline.storage.objects import is_sha256, is_xxh3_128
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "maescale-shards"
@@ -45,6 +45,9 @@ class ShardInfo:
     # sha256 of its header blocks, which readers check against the tar they read
     etag: str | None = None
     headers_sha256: str | None = None
+    # a fast checksum beside sha256 (readers verify with it by default); manifests
+    # written before it existed have none
+    xxh3_128: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The manifest entry: optional fields only when set, so a shard written by
@@ -172,7 +175,7 @@ class _ManifestReader:
         """One shard entry checked field by field, for the message that names the field."""
         if not isinstance(entry, dict):
             raise self.fail(key, "must be an object with name, samples, bytes and sha256", entry)
-        self.no_unknown_keys(entry, {"name", "samples", "bytes", "sha256", "etag", "headers_sha256"}, key)
+        self.no_unknown_keys(entry, {"name", "samples", "bytes", "sha256", "etag", "headers_sha256", "xxh3_128"}, key)
         name = self.string(entry, "name", key, safe_relative_name,
                            "must be a relative name inside the dataset (no '..', no leading '/', no backslash)")
         samples = self.count(entry, "samples", key, 0, MAX_SHARD_BYTES // MIN_SAMPLE_BYTES)
@@ -182,9 +185,10 @@ class _ManifestReader:
                   else self.optional(entry, "sha256", key, is_sha256, "must be 64 lowercase hex digits"))
         etag = self.optional(entry, "etag", key, lambda v: 0 < len(v) <= MAX_ETAG_CHARS and printable(v),
                              f"must be a printable string of at most {MAX_ETAG_CHARS} characters")
+        fast = self.optional(entry, "xxh3_128", key, is_xxh3_128, "must be 32 lowercase hex digits")
         if samples * MIN_SAMPLE_BYTES > size:
             raise self.fail(f"{key}.samples", f"({samples}) cannot fit in {size} bytes")
-        return ShardInfo(name, samples, size, digest, etag, headers)
+        return ShardInfo(name, samples, size, digest, etag, headers, fast)
 
     def optional(self, obj: dict, name: str, key: str, ok: Callable[[str], bool], requirement: str) -> str | None:
         return self.string(obj, name, key, ok, requirement) if obj.get(name) is not None else None
@@ -261,17 +265,20 @@ class _ManifestReader:
 
 
 _SHARD_FIELDS = {"name", "samples", "bytes", "sha256"}
+_FAST_SHARD_FIELDS = _SHARD_FIELDS | {"xxh3_128"}
 
 
 def _plain_shard(entry: Any) -> ShardInfo | None:
     """The common case in one pass (a manifest may list 100,000 shards): a
     well-formed entry, or None to check it field by field and name what is wrong."""
-    if type(entry) is not dict or entry.keys() != _SHARD_FIELDS:
+    if type(entry) is not dict or (entry.keys() != _FAST_SHARD_FIELDS and entry.keys() != _SHARD_FIELDS):
         return None
-    name, samples, size, digest = entry["name"], entry["samples"], entry["bytes"], entry["sha256"]
+    name, samples, size, digest, fast = (entry["name"], entry["samples"], entry["bytes"], entry["sha256"],
+                                         entry.get("xxh3_128"))
     if (type(samples) is int and type(size) is int and 0 <= samples * MIN_SAMPLE_BYTES <= size <= MAX_SHARD_BYTES
-            and is_sha256(digest) and isinstance(name, str) and safe_relative_name(name)):
-        return ShardInfo(name, samples, size, digest)
+            and is_sha256(digest) and (fast is None or is_xxh3_128(fast)) and isinstance(name, str)
+            and safe_relative_name(name)):
+        return ShardInfo(name, samples, size, digest, xxh3_128=fast)
     return None
 
 

@@ -1,7 +1,8 @@
 """The manifest's compact binary index, ``manifest.index``, beside ``manifest.json``.
 
 The JSON stays the human-readable, versioned source of truth. The index holds
-the same per-shard fields as arrays (names, sample counts, sizes, sha256) plus
+the same per-shard fields as arrays (names, sample counts, sizes, sha256, and
+xxh3-128 where every shard has one) plus
 the classes and options, so a loader takes in 200,000 shards in a fraction of
 the JSON's parse time: ``ShardTable`` is what a loader reads either way.
 
@@ -14,8 +15,10 @@ parses the JSON, logs why, and `mae inspect URL --write-index` rewrites it.
 
 Layout (little-endian): ``MAEIDX01``; u64 header length; the header (JSON:
 version, manifest sha256 and bytes, shard count, names bytes, totals, classes,
-options), padded to 8 bytes; int64[n] samples; int64[n] bytes; uint8[n, 32]
-sha256; the names, UTF-8, joined by newlines; the sha256 of all of the above.
+options, and from version 2 whether the xxh3-128 column is there), padded to 8
+bytes; int64[n] samples; int64[n] bytes; uint8[n, 32] sha256; (version 2 with
+the column) uint8[n, 16] xxh3-128; the names, UTF-8, joined by newlines; the
+sha256 of all of the above. Version 1 indexes (no xxh3 column) are still read.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "manifest.index"
 INDEX_MAGIC = b"MAEIDX01"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 MAX_INDEX_BYTES = MAX_MANIFEST_BYTES
-_HEADER_KEYS = {"version", "manifest_sha256", "manifest_bytes", "shards", "names_bytes", "total_samples",
-                "total_bytes", "classes", "options"}
+_HEADER_KEYS_V1 = {"version", "manifest_sha256", "manifest_bytes", "shards", "names_bytes", "total_samples",
+                   "total_bytes", "classes", "options"}
+_HEADER_KEYS = {1: _HEADER_KEYS_V1, 2: _HEADER_KEYS_V1 | {"xxh3_128"}}
 _INT64 = np.dtype("<i8")
 # bytes of plain shard names (manifest._PLAIN_NAME) and their newline separators; a part starts with one of _FIRST
 _PLAIN_OR_NEWLINE = np.zeros(256, bool)
@@ -48,7 +52,7 @@ _FIRST = np.zeros(256, bool)
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-":
     _PLAIN_OR_NEWLINE[_c] = _FIRST[_c] = True
 _PLAIN_OR_NEWLINE[[ord("."), ord("/"), ord("\n")]] = True
-INDEXED_FIELDS = ("name", "samples", "bytes", "sha256")  # the columns of the index
+INDEXED_FIELDS = ("name", "samples", "bytes", "sha256", "xxh3_128")  # the columns of the index
 # ShardInfo's other fields exist only for tars indexed in place (`mae index`), whose
 # manifests have no binary index: their tables keep the parsed entries (``infos``).
 IN_PLACE_FIELDS = ("etag", "headers_sha256")
@@ -67,6 +71,7 @@ class ShardTable:
     options: dict[str, object] = field(default_factory=dict)
     data_url: str | None = None  # where the shards are, when not beside the manifest (tars indexed in place)
     infos: tuple[ShardInfo, ...] | None = None  # the manifest's entries, when they carry IN_PLACE_FIELDS
+    fast: np.ndarray | None = None  # (n, 16) uint8: xxh3-128, when every shard has one
     name_ends: np.ndarray = field(init=False, repr=False)  # (n,) end of each name in ``names``
 
     def __post_init__(self) -> None:
@@ -79,9 +84,11 @@ class ShardTable:
         in_place = not indexable(m)
         digests = np.frombuffer(b"".join(bytes.fromhex(s.sha256 or "00" * 32) for s in m.shards),
                                 np.uint8).reshape(-1, 32)
+        fast = (np.frombuffer(b"".join(bytes.fromhex(s.xxh3_128) for s in m.shards), np.uint8).reshape(-1, 16)
+                if all(s.xxh3_128 for s in m.shards) else None)
         return cls("\n".join(s.name for s in m.shards).encode(), np.array([s.samples for s in m.shards], _INT64),
                    np.array([s.bytes for s in m.shards], _INT64), digests, list(m.classes), dict(m.options),
-                   m.data_url, tuple(m.shards) if in_place else None)
+                   m.data_url, tuple(m.shards) if in_place else None, fast)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -89,7 +96,8 @@ class ShardTable:
     def __getitem__(self, i: int) -> ShardInfo:
         if self.infos is not None:
             return self.infos[i]
-        return ShardInfo(self.name(i), int(self.samples[i]), int(self.nbytes[i]), self.digests[i].tobytes().hex())
+        return ShardInfo(self.name(i), int(self.samples[i]), int(self.nbytes[i]), self.digests[i].tobytes().hex(),
+                         xxh3_128=self.fast[i].tobytes().hex() if self.fast is not None else None)
 
     def name(self, i: int) -> str:
         start = int(self.name_ends[i - 1]) + 1 if i else 0
@@ -135,11 +143,11 @@ def encode_index(manifest: ShardManifest, manifest_json: bytes) -> bytes:
     header = {"version": INDEX_VERSION, "manifest_sha256": hashlib.sha256(manifest_json).hexdigest(),
               "manifest_bytes": len(manifest_json), "shards": len(table), "names_bytes": len(table.names),
               "total_samples": table.total_samples, "total_bytes": table.total_bytes,
-              "classes": table.classes, "options": table.options}
+              "classes": table.classes, "options": table.options, "xxh3_128": table.fast is not None}
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
     body = b"".join([INDEX_MAGIC, struct.pack("<Q", len(head)), head, table.samples.tobytes(), table.nbytes.tobytes(),
-                     table.digests.tobytes(), table.names])
+                     table.digests.tobytes(), b"" if table.fast is None else table.fast.tobytes(), table.names])
     return body + hashlib.sha256(body).digest()
 
 
@@ -191,13 +199,15 @@ def read_index(data: bytes, manifest_json: bytes, where: str = INDEX_NAME) -> Sh
     if header["manifest_sha256"] != hashlib.sha256(manifest_json).hexdigest():
         raise ManifestError(f"{where} is stale: it was made for another {MANIFEST_NAME}")
     n, names_len = header["shards"], header["names_bytes"]
+    row = 48 + (16 if header.get("xxh3_128") else 0)  # bytes per shard before the names
     body = data[16 + head_len:-32]
-    if len(body) != 48 * n + names_len:
+    if len(body) != row * n + names_len:
         raise ManifestError(f"{where} is corrupt: {len(body)} bytes of arrays for {n} shards and {names_len} "
                             "bytes of names")
-    table = ShardTable(bytes(body[48 * n:]), np.frombuffer(body, _INT64, n, 0), np.frombuffer(body, _INT64, n, 8 * n),
+    fast = np.frombuffer(body, np.uint8, 16 * n, 48 * n).reshape(n, 16) if row > 48 else None
+    table = ShardTable(bytes(body[row * n:]), np.frombuffer(body, _INT64, n, 0), np.frombuffer(body, _INT64, n, 8 * n),
                        np.frombuffer(body, np.uint8, 32 * n, 16 * n).reshape(n, 32), header["classes"],
-                       header["options"])
+                       header["options"], fast=fast)
     _check_columns(table, header, where)
     return table
 
@@ -207,10 +217,14 @@ def _header(raw: bytes, where: str) -> dict[str, Any]:
         header = json.loads(raw)
     except (ValueError, RecursionError):
         raise ManifestError(f"{where} is corrupt: its header is not JSON") from None
-    if not isinstance(header, dict) or set(header) != _HEADER_KEYS or header.get("version") != INDEX_VERSION:
-        raise ManifestError(f"{where}: header must have exactly {', '.join(sorted(_HEADER_KEYS))} "
-                            f"(version {INDEX_VERSION})")
-    for key in _HEADER_KEYS - {"manifest_sha256", "classes", "options"}:
+    version = header.get("version") if isinstance(header, dict) else None
+    keys = _HEADER_KEYS.get(version) if type(version) is int else None
+    if keys is None or set(header) != keys:
+        raise ManifestError(f"{where}: header must have exactly {', '.join(sorted(_HEADER_KEYS[INDEX_VERSION]))} "
+                            f"(version {INDEX_VERSION}, or version 1 without xxh3_128)")
+    if type(header.get("xxh3_128", False)) is not bool:
+        raise ManifestError(f"{where}: header xxh3_128 must be true or false")
+    for key in keys - {"manifest_sha256", "classes", "options", "xxh3_128"}:
         value = header[key]
         if type(value) is not int or not 0 <= value < 2**62:
             raise ManifestError(f"{where}: header {key} must be a non-negative integer")

@@ -44,7 +44,7 @@ from pipeline.shards.tables import TableColumns, image_extension, read_rows
 from pipeline.shards.tar_format import TarShardWriter
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import ObjectFolder, call_at, sha256_file
+from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, file_digests
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".record.json"
@@ -223,8 +223,8 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
                 tar.add(sample_key(pos, item.rel), members)
                 samples += 1
             tar.close()
-        record = {"name": job.name, "samples": samples, "bytes": os.path.getsize(local), "sha256": sha256_file(local),
-                  "sources_digest": job.digest, "rejects": rejects, "converted": dict(converted)}
+        record = {"name": job.name, "samples": samples, "bytes": os.path.getsize(local),
+                  **file_digests(local, algorithms=MANIFEST_HASHES), "sources_digest": job.digest, "rejects": rejects, "converted": dict(converted)}
         folder = ObjectFolder(dest, cfg.storage)
         folder.put_file(local, job.name)
     folder.put_bytes(job.name + RECORD_SUFFIX, json.dumps(record).encode())
@@ -242,10 +242,14 @@ def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
     if not isinstance(record, dict) or record.get("sources_digest") != job.digest:
         return None
     try:
-        same = folder.size(job.name) == record.get("bytes") and folder.sha256(job.name) == record.get("sha256")
+        if folder.size(job.name) != record.get("bytes"):
+            return None
+        digests = folder.digests(job.name)
     except ObjectNotAccessible:  # the shard itself is gone: write it again
         return None
-    return record if same else None
+    if "sha256" not in record or any(record.get(name, digest) != digest for name, digest in digests.items()):
+        return None
+    return {**record, **digests}  # a record from before xxh3_128 was recorded gains it
 
 
 def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | None = None) -> WriteSummary:
@@ -283,7 +287,8 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | N
         summary.converted.update(rec.get("converted", {}))
         rejects += [Reject(**r) for r in rec["rejects"]]
         if rec["samples"]:
-            shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"]))
+            shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"],
+                                    xxh3_128=rec.get("xxh3_128")))
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
     write_manifest(folder, manifest)  # its index first, the JSON last
     if folder.local:  # a writer killed mid-file (a lost Ray worker) left its temporary file

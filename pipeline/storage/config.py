@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from infra.options import option, require, require_non_negative, require_positive, require_text
+from infra.options import option, require, require_choice, require_non_negative, require_positive, require_text
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,28 @@ class StorageConfig:
     endpoint_url: str | None = option(None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)")
     cache_dir: str | None = option(None, "local shard cache (default ~/.cache/maescale/shards, or $MAESCALE_CACHE)")
     cache_limit_gb: float = option(20.0, "LRU size limit of the shard cache per node, GiB")
+    checksum: str = option("xxh3", "'xxh3': verify each shard by the manifest's xxh3-128 (its sha256 where the "
+                                   "manifest has none), ~20x less CPU; 'sha256': also stops a deliberate "
+                                   "collision by someone who can write shards but not the manifest")
     prefetch_shards: int = option(2, "shards fetched ahead of the reader")
     parallel_ranges: int = option(4, "concurrent ranged GETs per shard")
+    range_mib: int = option(8, "size of one ranged GET, MiB")
     connect_timeout_s: float = option(10.0, "a connection not made within this fails (and is retried)")
     read_timeout_s: float = option(30.0, "a request that receives nothing for this long fails (and is retried)")
     retry: RetryPolicy = option(factory=RetryPolicy, doc="")
     options: dict[str, Any] = option(factory=dict, doc="extra fsspec options, e.g. {client_kwargs: {region_name: ...}}")
 
     def __post_init__(self) -> None:
-        require_positive(self, "cache_limit_gb", "parallel_ranges", "connect_timeout_s", "read_timeout_s")
+        require_positive(self, "cache_limit_gb", "parallel_ranges", "range_mib", "connect_timeout_s", "read_timeout_s")
+        require_choice(self, "checksum", ("xxh3", "sha256"))
         require(self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
                 f"must start with http:// or https://, got {self.endpoint_url!r}")
         require(self.prefetch_shards >= 0, "prefetch_shards", f"must be >= 0, got {self.prefetch_shards}")
         require_text(self, "cache_dir")
+
+    @property
+    def range_bytes(self) -> int:
+        return self.range_mib * 2**20
 
     @property
     def cache_limit_bytes(self) -> int:

@@ -3,8 +3,12 @@
 Shards are fetched as several ranged GETs in flight, written at their offsets
 into a local file in the cache (``pipeline.storage.cache``), hashed in order as
 the prefix completes, and only handed out once the whole shard matches its
-manifest sha256 — so a read that fails halfway is resumed or redone and never
-yields a partial or duplicated sample. Local (file://) datasets are read in place
+manifest checksum — so a read that fails halfway is resumed or redone and never
+yields a partial or duplicated sample. The checksum is the manifest's xxh3-128
+where it records one (``storage.checksum='xxh3'``, the default: ~1/20 of
+sha256's CPU, and every accidental change is caught) and sha256 otherwise, or
+always with ``checksum='sha256'`` (which also stops someone who can write shards,
+not the manifest, from crafting a collision). Local (file://) datasets are read in place
 and verified once per process.
 
 A tar indexed in place without ``--hash`` (`mae index`) has no sha256. Its cache
@@ -35,11 +39,10 @@ from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInf
 from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, ShardTable, table_for
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import READ_BLOCK, ObjectFolder, object_etag, sha256_file
+from pipeline.storage.objects import HASHES, READ_BLOCK, ObjectFolder, file_digests, object_etag
 from pipeline.storage.retry import ChecksumMismatch
 from pipeline.storage.urls import is_local, join
 
-RANGE_BYTES = 8 * 2**20  # one ranged GET per 8 MiB, several in flight per shard
 _EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry": "mae_shard_fetch_retries_total",
                   "fetch_error": "mae_shard_fetch_errors_total", "cache_hit": "mae_shard_cache_hits_total",
                   "cache_miss": "mae_shard_cache_misses_total"}
@@ -50,8 +53,8 @@ def report_event(event: str, n: int) -> None:
     sink().inc(_EVENT_METRICS[event], n)
 
 
-def _mismatch_text(actual: str, shard: ShardInfo) -> str:
-    return f"sha256 {actual[:12]}… != manifest {(shard.sha256 or '')[:12]}…"
+def _mismatch_text(algorithm: str, actual: str, expected: str) -> str:
+    return f"{algorithm} {actual[:12]}… != manifest {expected[:12]}…"
 
 
 def indexed_cache_key(url: str, shard: ShardInfo) -> str:
@@ -69,12 +72,12 @@ class ObjectChanged(ChecksumMismatch):
 
 
 class _PartialShard:
-    """Ranges of a shard on disk so far, and the sha256 of its contiguous prefix.
-    Out-of-order ranges wait in memory (at most ``parallel_ranges`` of them) until
-    the prefix reaches them."""
+    """Ranges of a shard on disk so far, and the digest (``HASHES[algorithm]``, none
+    when None) of its contiguous prefix. Out-of-order ranges wait in memory (at
+    most ``parallel_ranges`` of them) until the prefix reaches them."""
 
-    def __init__(self, hashing: bool = True) -> None:
-        self.digest = hashlib.sha256() if hashing else None
+    def __init__(self, algorithm: str | None) -> None:
+        self.digest = HASHES[algorithm]() if algorithm is not None else None
         self.hashed = 0
         self.arrived: set[int] = set()
         self._waiting: dict[int, bytes] = {}
@@ -115,7 +118,7 @@ class ShardStore:
         self.url, self.config = self.folder.url, self.folder.storage
         self._verified: set[str] = set()
         self._partial: dict[str, _PartialShard] = {}  # downloads interrupted by a retryable error
-        self._mismatch: dict[str, str] = {}  # sha256 -> digest of the last wrong download
+        self._mismatch: dict[str, str] = {}  # cache key -> digest of the last wrong download
         self._set_cache()
 
     def _set_cache(self) -> None:
@@ -130,7 +133,24 @@ class ShardStore:
         return self.data.fs
 
     def cache_key(self, shard: ShardInfo) -> str:
-        return shard.sha256 or indexed_cache_key(self.data.url, shard)
+        """The shard's cache entry name: its sha256 when that is what verified it; a
+        digest of (sha256, xxh3-128) when xxh3 did — so a ``checksum='sha256'`` reader
+        never takes an entry that only the weaker check passed; for tars indexed in
+        place, ``indexed_cache_key``."""
+        check = self.checksum(shard)
+        if check is None:
+            return indexed_cache_key(self.data.url, shard)
+        if check[0] == "sha256":
+            return check[1]
+        return hashlib.sha256(f"maescale-xxh3\n{shard.sha256}\n{check[1]}".encode()).hexdigest()
+
+    def checksum(self, shard: ShardInfo) -> tuple[str, str] | None:
+        """(algorithm, expected digest) ``shard`` is verified with: its xxh3-128 unless
+        ``checksum='sha256'`` or the manifest has none; None for a tar indexed in
+        place without ``--hash`` (its header fingerprint is checked instead)."""
+        if self.config.checksum == "xxh3" and shard.xxh3_128:
+            return "xxh3_128", shard.xxh3_128
+        return ("sha256", shard.sha256) if shard.sha256 else None
 
     def read_object(self, name: str, limit: int | None = None) -> bytes:
         """A small object of the dataset (manifest, keys file), under the retry policy."""
@@ -227,12 +247,14 @@ class ShardStore:
     def _verify_local(self, path: Path, shard: ShardInfo) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        if shard.sha256 is None:  # indexed in place: its header fingerprint is checked when opened
+        check = self.checksum(shard)
+        if check is None:  # indexed in place: its header fingerprint is checked when opened
             self._check_size(path.stat().st_size, shard)
             return
-        actual = sha256_file(path)
-        if actual != shard.sha256:  # rereading a local file gives the same bytes: no retry
-            raise ChecksumMismatch(_mismatch_text(actual, shard), permanent=True)
+        algorithm, expected = check
+        actual = file_digests(path, algorithms=(algorithm,))[algorithm]
+        if actual != expected:  # rereading a local file gives the same bytes: no retry
+            raise ChecksumMismatch(_mismatch_text(algorithm, actual, expected), permanent=True)
 
     @staticmethod
     def _check_size(size: int, shard: ShardInfo) -> None:
@@ -260,9 +282,9 @@ class ShardStore:
         """Fetch one shard into ``tmp`` as parallel ranged GETs, each written at its
         offset, hashing in order as the prefix completes (no second read). A retry
         fetches only the ranges that have not arrived; a checksum mismatch starts over."""
-        remote = join(self.root, shard.name)
-        state = self._partial.setdefault(key, _PartialShard(hashing=shard.sha256 is not None))
-        ranges = [(start, min(start + RANGE_BYTES, shard.bytes)) for start in range(0, shard.bytes, RANGE_BYTES)]
+        remote, step, check = join(self.root, shard.name), self.config.range_bytes, self.checksum(shard)
+        state = self._partial.setdefault(key, _PartialShard(check[0] if check else None))
+        ranges = [(start, min(start + step, shard.bytes)) for start in range(0, shard.bytes, step)]
         with open(tmp, "r+b" if tmp.exists() else "w+b") as f:
             f.truncate(shard.bytes)
 
@@ -289,11 +311,13 @@ class ShardStore:
                 raise errors[0]
             state.finish(f, shard.bytes)
         del self._partial[key]
-        if state.digest is None:
+        if state.digest is None or check is None:
             return
+        algorithm, expected = check
         actual = state.digest.hexdigest()
-        if actual != shard.sha256:
+        if actual != expected:
             tmp.unlink()  # a corrupt body: start over from byte 0
-            same_again = self._mismatch.get(shard.sha256) == actual  # the object itself differs: retrying cannot help
-            self._mismatch[shard.sha256] = actual
-            raise ChecksumMismatch(_mismatch_text(actual, shard) + (" twice" if same_again else ""), same_again)
+            same_again = self._mismatch.get(key) == actual  # the object itself differs: retrying cannot help
+            self._mismatch[key] = actual
+            raise ChecksumMismatch(_mismatch_text(algorithm, actual, expected) + (" twice" if same_again else ""),
+                                   same_again)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import xxhash
 from PIL import Image
 
 from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest
@@ -39,7 +40,8 @@ def write_raw_shards(dest: Path, shards: list[list[tuple[str, dict[str, bytes]]]
                 w.add(key, members)
             w.close()
         data = (dest / name).read_bytes()
-        infos.append(ShardInfo(name, len(samples), len(data), hashlib.sha256(data).hexdigest()))
+        infos.append(ShardInfo(name, len(samples), len(data), hashlib.sha256(data).hexdigest(),
+                               xxh3_128=xxhash.xxh3_128_hexdigest(data)))
     manifest = ShardManifest(shards=infos, classes=list(classes))
     (dest / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pipeline.shards.writer import ShardWriterConfig, write_shards
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.store import ShardStore
 from pipeline.storage.urls import filesystem, join
+from train.bench.streaming import PEERS, bench_stream, format_stream
 
 MiB = 2**20
 
@@ -121,21 +123,35 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
     return out
 
 
+# The reader's levers, each one setting changed from the default (xxh3-128, 8 MiB
+# ranges x 4): name -> StorageConfig changes.
+READER_VARIANTS: dict[str, dict[str, object]] = {
+    "reader": {},
+    "reader_sha256": {"checksum": "sha256"},  # the verification every release before this one did
+    "reader_16mib_ranges": {"range_mib": 16},
+    "reader_4mib_ranges": {"range_mib": 4},
+}
+
+
 def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) -> dict[str, object]:
     """Raw ``cat`` (to memory), raw ``cat`` + write to local disk, and the reader's
-    verified fetch into an empty cache — shard by shard, interleaved."""
+    verified fetch into an empty cache under each lever of ``READER_VARIANTS`` —
+    shard by shard, interleaved."""
     fs, root = filesystem(url, storage)
     shards = ShardStore(url, storage).read_manifest().shards
-    seconds = {"raw_cat": 0.0, "raw_cat_to_disk": 0.0, "reader": 0.0}
+    shutil.rmtree(cache_dir, ignore_errors=True)  # every reader starts from an empty cache (a kept --workdir too)
+    Path(cache_dir).mkdir(parents=True)
+    seconds = dict.fromkeys(("raw_cat", "raw_cat_to_disk", *READER_VARIANTS), 0.0)
     cpu = dict.fromkeys(seconds, 0.0)
     total = 0
     for r in range(rounds):
-        store = ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/{r}", cache_limit_gb=1024))
+        stores = {name: ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/{r}-{name}", cache_limit_gb=1024,
+                                                **changes)) for name, changes in READER_VARIANTS.items()}
         for shard in shards:
             for name in seconds:
                 c0, t0 = time.process_time(), time.perf_counter()
-                if name == "reader":
-                    store.local_path(shard)
+                if name in stores:
+                    stores[name].local_path(shard)
                 else:
                     data = _check_len(fs.cat_file(join(root, shard.name)), shard)
                     if name == "raw_cat_to_disk":
@@ -149,6 +165,7 @@ def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) ->
         out[f"{name}_MiB_s"] = total / seconds[name] / MiB
         out[f"{name}_client_cpu_ms_per_MiB"] = 1e3 * cpu[name] / (total / MiB)
     out["reader_vs_raw"] = out["reader_MiB_s"] / out["raw_cat_MiB_s"]
+    out["reader_cpu_vs_raw"] = out["reader_client_cpu_ms_per_MiB"] / out["raw_cat_client_cpu_ms_per_MiB"]
     out["reader_vs_raw_to_disk"] = out["reader_MiB_s"] / out["raw_cat_to_disk_MiB_s"]
     return out
 
@@ -212,7 +229,7 @@ def prepare_decode_data(work: Path, images: int, shard_bytes: int = 16 * MiB) ->
     write_shards(str(work / "src"), str(work / "shards"), ShardWriterConfig(shard_bytes=shard_bytes, workers=2))
 
 
-PARTS = ("read", "decode", "rss")
+PARTS = ("read", "decode", "rss", "stream")
 
 
 @dataclass(frozen=True)
@@ -224,7 +241,8 @@ class PipelineBench:
     shard_bytes: int = option(16 * MiB, "target bytes per shard")
     backends: tuple[str, ...] = option(("cpu",), "decode backends to compare with the baseline")
     device: str = option("cpu", "where batches go")
-    parts: tuple[str, ...] = option(PARTS, "read, decode, rss")
+    parts: tuple[str, ...] = option(PARTS, "read, decode, rss, stream")
+    against: tuple[str, ...] = option((), "stream: peer libraries read side by side (litdata, webdataset, streaming)")
 
     def __post_init__(self) -> None:
         require_positive(self, "images", "batch", "rounds", "shard_bytes")
@@ -232,13 +250,14 @@ class PipelineBench:
         require(set(self.backends) <= {"cpu", "dali", "ffcv"}, "backends",
                 f"must be cpu, dali or ffcv, got {self.backends}")
         require(bool(self.parts) and set(self.parts) <= set(PARTS), "parts", f"must be among {PARTS}, got {self.parts}")
+        require(set(self.against) <= set(PEERS), "against", f"must be among {PEERS}, got {self.against}")
 
 
 def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = None,
                        storage: StorageConfig = StorageConfig()) -> dict[str, object]:
-    """Every part asked for, on images made under ``work``. ``read`` and ``rss``
-    write the shards to ``bucket_url`` (an object-store prefix reached with
-    ``storage``) and need one."""
+    """Every part asked for, on images made under ``work``. ``read``, ``rss`` and
+    ``stream`` write the shards to ``bucket_url`` (an object-store prefix reached
+    with ``storage``) and need one."""
     unknown = set(cfg.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown benchmark parts {sorted(unknown)}; valid: {', '.join(PARTS)}")
@@ -246,9 +265,9 @@ def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = 
     files = photo_files(src, cfg.images)
     report: dict[str, object] = {"images": len(files), "torch_threads": torch.get_num_threads(),
                                  "cpus": os.cpu_count(), "device": cfg.device}
-    if {"read", "rss"} & set(cfg.parts):
+    if {"read", "rss", "stream"} & set(cfg.parts):
         if bucket_url is None:
-            raise ValueError("the read and rss parts need an object-store prefix to write shards to")
+            raise ValueError("the read, rss and stream parts need an object-store prefix to write shards to")
         summary = write_shards(str(src), bucket_url, ShardWriterConfig(shard_bytes=cfg.shard_bytes, workers=2,
                                                                        storage=storage))
         if "read" in cfg.parts:
@@ -257,6 +276,9 @@ def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = 
             report["rss"] = bench_rss(bucket_url, storage.endpoint_url,
                                       cache_limit=max(summary.manifest.total_bytes // 5, 2 * cfg.shard_bytes),
                                       dataset_bytes=summary.manifest.total_bytes)
+        if "stream" in cfg.parts:
+            report["stream"] = bench_stream(files, bucket_url, storage, work, cfg.against, cfg.workers, cfg.batch,
+                                            cfg.rounds)
     if "decode" in cfg.parts:
         shard_cfg = ShardWriterConfig(shard_bytes=cfg.shard_bytes, workers=2)
         write_shards(str(src), str(work / "shards"), shard_cfg)
@@ -271,6 +293,11 @@ def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = 
     return report
 
 
+READ_LABELS = (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
+               ("reader", "reader: xxh3-128, 8 MiB ranges x 4"),
+               ("reader_sha256", "  sha256 instead (as before)"),
+               ("reader_16mib_ranges", "  16 MiB ranges"),
+               ("reader_4mib_ranges", "  4 MiB ranges"))
 DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
                  ("cpu_backend_host_normalize", "cpu backend, normalized on host"),
                  ("dali_backend", "dali backend, normalized"),
@@ -282,12 +309,11 @@ def format_report(r: dict) -> str:
     if "read" in r:
         rd = r["read"]
         lines.append("(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs):")
-        for name, label in (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
-                            ("reader", "reader (ranged, verified, cached)")):
-            lines.append(f"    {label:<36}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
+        for name, label in READ_LABELS:
+            lines.append(f"    {label:<44}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
                          f"{rd[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
-        lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat, "
-                     f"{rd['reader_vs_raw_to_disk']:.0%} of cat+write")
+        lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat's MiB/s at {rd['reader_cpu_vs_raw']:.2f}x "
+                     f"its CPU/MiB; {rd['reader_vs_raw_to_disk']:.0%} of cat+write")
     if "decode" in r:
         dc = r["decode"]
         b = dc["per_file_pil_baseline"]
@@ -309,4 +335,6 @@ def format_report(r: dict) -> str:
                      f"main peak RSS {rss['main_peak_rss_MiB']:.0f} MiB, worker peak "
                      f"{rss['worker_peak_rss_MiB']:.0f} MiB, cache at end {rss['cache_final_MiB']:.0f} MiB, "
                      f"{rss['images']} images; main RSS at each quarter {rss['main_rss_trace_MiB']} MiB")
+    if "stream" in r:
+        lines += format_stream(r["stream"])
     return "\n".join(lines)

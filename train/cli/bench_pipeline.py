@@ -13,6 +13,7 @@ from pathlib import Path
 from train.cli.common import add_storage_arguments, storage_config
 
 MiB = 2**20
+PARTS = ("read", "decode", "rss", "stream")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="cpu", choices=["cpu", "dali", "ffcv", "all"],
                    help="decode backends to compare with the baseline (all: cpu, dali, ffcv)")
     p.add_argument("--device", default="cpu", help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
-    p.add_argument("--parts", type=_parts, default=("read", "decode", "rss"),
-                   help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory)")
+    p.add_argument("--parts", type=_parts, default=PARTS,
+                   help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory), "
+                        "stream (samples from S3 through the Loader, bytes only and end to end)")
+    p.add_argument("--against", type=_peers, default=(),
+                   help="stream: peers read side by side, comma list of litdata, webdataset, streaming "
+                        "(pip install 'maescale[bench]')")
     p.add_argument("--bucket-url", default=None,
                    help="read/rss: an s3:// prefix of yours to write the shards to (credentials from the AWS "
                         "chain); default: a SeaweedFS server started on loopback for the run")
@@ -36,10 +41,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p for p in text.split(",") if p)
-    unknown = sorted(set(parts) - {"read", "decode", "rss"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: read, decode, rss")
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: {', '.join(PARTS)}")
     return parts
+
+
+def _peers(text: str) -> tuple[str, ...]:
+    from train.bench.streaming import PEERS, peer_available
+
+    peers = tuple(p for p in text.split(",") if p)
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peers {unknown}; valid: {', '.join(PEERS)}")
+    missing = [p for p in peers if not peer_available(p)]
+    if missing:
+        raise argparse.ArgumentTypeError(f"not installed: {', '.join(missing)}; pip install 'maescale[bench]'")
+    return peers
 
 
 @contextlib.contextmanager
@@ -47,7 +65,7 @@ def _bucket(args: argparse.Namespace, parts: tuple[str, ...]):
     """(bucket prefix, StorageConfig): the user's, or a loopback SeaweedFS for the run."""
     from pipeline.storage.config import StorageConfig
 
-    if args.bucket_url or not {"read", "rss"} & set(parts):
+    if args.bucket_url or not {"read", "rss", "stream"} & set(parts):
         yield args.bucket_url, storage_config(args)
         return
     from infra.testing.s3_server import SeaweedS3
@@ -71,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     parts = args.parts
     cfg = PipelineBench(images=args.images, batch=args.batch, workers=args.workers, rounds=args.rounds,
-                        shard_bytes=args.shard_size, device=args.device, parts=parts,
+                        shard_bytes=args.shard_size, device=args.device, parts=parts, against=args.against,
                         backends=("cpu", "dali", "ffcv") if args.backend == "all" else (args.backend,))
     with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp, _bucket(args, parts) as (bucket, storage):
         report = run_pipeline_bench(cfg, Path(args.workdir or tmp), bucket, storage)

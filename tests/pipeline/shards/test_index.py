@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from pipeline.augment import AugmentConfig
 from pipeline.errors import ShardFetchError, ShardFormatError
@@ -97,13 +98,14 @@ def test_only_headers_are_read(tmp_path):
     assert ShardManifest.from_json((tmp_path / "tars/manifest.json").read_text()).data_url is None
 
 
-def test_hash_records_sha256_and_reads_like_our_own_shards(tmp_path):
+def test_hash_records_sha256_and_xxh3_and_reads_like_our_own_shards(tmp_path):
     webdataset_tars(tmp_path / "tars", count=2, hostile=False)
     summary = index_tars(str(tmp_path / "tars"), str(tmp_path / "idx"), IndexConfig(hash=True))
     import hashlib
 
     for s in summary.manifest.shards:
         assert s.sha256 == hashlib.sha256((tmp_path / "tars" / s.name).read_bytes()).hexdigest()
+        assert s.xxh3_128 == xxhash.xxh3_128_hexdigest((tmp_path / "tars" / s.name).read_bytes())
     assert len(read_all(str(tmp_path / "idx"))) == 8
 
 

@@ -56,7 +56,30 @@ def test_the_index_holds_every_field_of_every_shard():
     assert (table.total_samples, table.total_bytes) == (m.total_samples, m.total_bytes)
     assert table.fingerprint() == ShardTable.from_manifest(m).fingerprint()
     # a new field needs a column, or a place among the fields only in-place manifests carry
-    assert INDEXED_FIELDS + IN_PLACE_FIELDS == tuple(f.name for f in dataclasses.fields(ShardInfo))
+    assert sorted(INDEXED_FIELDS + IN_PLACE_FIELDS) == sorted(f.name for f in dataclasses.fields(ShardInfo))
+
+
+def test_the_xxh3_column_round_trips_and_a_version_1_index_is_still_read():
+    fast = [hashlib.md5(str(i).encode()).hexdigest() for i in range(4)]  # any 32 hex digits
+    m = _manifest([ShardInfo(f"shard-{i}.tar", 3, 4096, SHA[i], xxh3_128=fast[i]) for i in range(4)])
+    text, index = _pair(m)
+    table = read_index(index, text)
+    assert [table[i].xxh3_128 for i in range(4)] == fast and [table[i] for i in range(4)] == m.shards
+    # one shard without xxh3: no column, every shard verified by its sha256
+    mixed = _manifest([*m.shards[:3], ShardInfo("shard-3.tar", 3, 4096, SHA[3])])
+    text2, index2 = _pair(mixed)
+    assert [read_index(index2, text2)[i].xxh3_128 for i in range(4)] == [None] * 4
+    assert b'"xxh3_128": false' in index2 and b'"xxh3_128": true' in index
+
+    def as_version_1(h):
+        h["version"] = 1
+        del h["xxh3_128"]
+    old = read_index(_with_header(index2, as_version_1), text2)  # as the previous release wrote it
+    assert [old[i] for i in range(4)] == [dataclasses.replace(s, xxh3_128=None) for s in mixed.shards]
+    with pytest.raises(ManifestError, match="corrupt: .* bytes of arrays"):  # claims a column it lacks
+        read_index(_with_header(index2, lambda h: h.update(xxh3_128=True)), text2)
+    with pytest.raises(ManifestError, match="xxh3_128 must be true or false"):
+        read_index(_with_header(index, lambda h: h.update(xxh3_128=1)), text)
 
 
 def test_plain_non_ascii_names_and_an_empty_dataset_round_trip():
@@ -149,7 +172,8 @@ def test_a_hostile_index_is_refused_like_a_hostile_manifest(forge, message):
 
 @pytest.mark.parametrize("change, message", [
     (lambda h: h.update(extra=1), "header must have exactly"),
-    (lambda h: h.update(version=2), "header must have exactly"),
+    (lambda h: h.update(version=3), "header must have exactly"),
+    (lambda h: h.update(version=1), "header must have exactly"),  # version 1 has no xxh3_128 key
     (lambda h: h.update(shards=5), "bytes of arrays for 5 shards"),
     (lambda h: h.update(names_bytes=-1), "header names_bytes must be a non-negative integer"),
     (lambda h: h.update(total_samples=1), "header totals differ"),

@@ -10,7 +10,7 @@ from tests.helpers.shards import jpeg_bytes, read_json
 from pipeline.errors import SourceError
 from pipeline.images import ImagePolicy
 from pipeline.shards.manifest import ShardManifest
-from pipeline.storage.objects import sha256_file
+from pipeline.storage.objects import file_digests, sha256_file
 from pipeline.shards.sources import list_sources
 from pipeline.shards.writer import ShardWriterConfig, write_shards
 
@@ -30,6 +30,7 @@ def test_round_trip_keeps_original_bytes_and_labels(photos, tmp_path):
     seen = {}
     for shard in m.shards:
         assert sha256_file(out / shard.name) == shard.sha256 and (out / shard.name).stat().st_size == shard.bytes
+        assert file_digests(out / shard.name, algorithms=("xxh3_128",))["xxh3_128"] == shard.xxh3_128
         members = _tar_members(out / shard.name)
         assert len([n for n in members if n.endswith(".jpg")]) == shard.samples
         for name, data in members.items():
@@ -116,6 +117,18 @@ def test_resumed_writer_skips_complete_shards_and_gives_the_same_manifest(photos
     assert ShardManifest.from_json(manifest_text).shards == again.manifest.shards
     third = write_shards(str(photos), str(out), cfg)
     assert third.written == 0
+
+
+def test_a_record_written_before_xxh3_gains_it_on_resume_and_a_wrong_one_rewrites(photos, tmp_path):
+    out = tmp_path / "out"
+    cfg = ShardWriterConfig(shard_bytes=300_000)
+    first = write_shards(str(photos), str(out), cfg).manifest
+    old, wrong = (out / (s.name + ".record.json") for s in first.shards[:2])
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "xxh3_128"}))
+    wrong.write_text(json.dumps({**json.loads(wrong.read_text()), "xxh3_128": "0" * 32}))
+    again = write_shards(str(photos), str(out), cfg)
+    assert again.written == 1 and again.skipped_existing == len(first.shards) - 1  # the wrong record's shard
+    assert again.manifest.shards == first.shards and all(s.xxh3_128 for s in again.manifest.shards)
 
 
 def test_changed_options_rewrite_instead_of_reusing(photos, tmp_path):

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import threading
 import time
@@ -104,6 +105,42 @@ def test_checksum_mismatch_after_retries(dataset, faulty_s3, tmp_path):
     with pytest.raises(ShardFetchError, match=r"checksum mismatch \(ChecksumMismatch: sha256 \w+… != manifest f+… twice\)"):
         _store(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02)).local_path(wrong)
     assert not list((tmp_path / "cache").glob("*.tar"))  # nothing unverified is cached
+
+
+@pytest.mark.integration
+def test_xxh3_verifies_by_default_and_sha256_mode_takes_nothing_only_xxh3_checked(dataset, faulty_s3, tmp_path):
+    """Which digest guards a download, shown with a manifest entry whose one digest
+    is wrong: the other mode accepts it. A body that only xxh3 vouched for (what a
+    crafted collision would be) is cached under another name than its sha256, so a
+    ``checksum='sha256'`` reader on the same node fetches and checks it itself."""
+    root, manifest = dataset
+    faulty_s3.faults.clear()
+    good = manifest.shards[0]
+    body = (root / good.name).read_bytes()
+    assert good.xxh3_128 and good.sha256
+    bad_fast = dataclasses.replace(good, xxh3_128="0" * 32)
+    with pytest.raises(ShardFetchError, match=r"ChecksumMismatch: xxh3_128 \w+… != manifest 0+… twice"):
+        _store(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02)).local_path(bad_fast)
+    assert _store(faulty_s3, tmp_path, checksum="sha256").local_path(bad_fast).read_bytes() == body
+
+    bad_sha = dataclasses.replace(good, sha256="e" * 64)  # the body matches only its xxh3
+    events = []
+    assert _store(faulty_s3, tmp_path, events).local_path(bad_sha).read_bytes() == body
+    assert ("cache_miss", 1) in events
+    with pytest.raises(ShardFetchError, match=r"ChecksumMismatch: sha256 \w+… != manifest e+…"):
+        _store(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02), checksum="sha256").local_path(bad_sha)
+
+
+def test_a_damaged_local_shard_is_named_by_the_checksum_that_caught_it(tmp_path):
+    manifest = numbered_shards(tmp_path, [3, 3])
+    shard = manifest.shards[1]
+    data = bytearray((tmp_path / shard.name).read_bytes())
+    data[len(data) // 2] ^= 1  # one bit flipped, same size
+    (tmp_path / shard.name).write_bytes(bytes(data))
+    for mode, algorithm in (("xxh3", "xxh3_128"), ("sha256", "sha256")):
+        with pytest.raises(ShardFetchError, match=rf"{shard.name}.*ChecksumMismatch: {algorithm} \w+… != manifest"):
+            ShardStore(str(tmp_path), StorageConfig(checksum=mode)).open_shard(shard)
+    ShardStore(str(tmp_path)).open_shard(manifest.shards[0]).close()  # the undamaged one reads
 
 
 def _entry(cache: ShardCache, name: str, size: int, age: float) -> None:

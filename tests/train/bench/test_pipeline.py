@@ -9,14 +9,25 @@ pytestmark = pytest.mark.integration
 
 def test_bench_pipeline_report_is_consistent(tmp_path):
     out = subprocess.run([sys.executable, "-m", "train.cli", "bench", "pipeline", "--images", "60", "--batch", "16",
-                          "--rounds", "1", "--shard-size", "1000000", "--workdir", str(tmp_path), "--json"],
-                         capture_output=True, text=True, timeout=600)
+                          "--rounds", "1", "--shard-size", "1000000", "--workdir", str(tmp_path), "--json",
+                          "--against", "webdataset"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert r["images"] == 60
     read = r["read"]
     assert read["reader_vs_raw"] == pytest.approx(read["reader_MiB_s"] / read["raw_cat_MiB_s"])
     assert read["bytes"] > 0 and all(read[k] > 0 for k in ("raw_cat_MiB_s", "raw_cat_to_disk_MiB_s", "reader_MiB_s"))
+    assert read["reader_cpu_vs_raw"] == pytest.approx(read["reader_client_cpu_ms_per_MiB"]
+                                                      / read["raw_cat_client_cpu_ms_per_MiB"])
+    assert all(read[f"{lever}_MiB_s"] > 0 for lever in ("reader_sha256", "reader_16mib_ranges", "reader_4mib_ranges"))
+    stream = r["stream"]  # every contender delivered every image, once per run
+    for name in ("raw_cat/bytes", "maescale/bytes", "webdataset/bytes", "maescale/e2e", "webdataset/e2e"):
+        assert [run["samples"] for run in stream[name]["runs"]] == [60], name
+        assert stream[name]["first_batch_s"] <= stream[name]["wall_s"]
+    assert stream["maescale/bytes"]["cpu_ms_per_mib"] > 0 and stream["maescale/e2e"]["cpu_ms_per_mib"] is None
+    assert stream["bytes_vs_fastest_peer"]["samples_per_s"] == pytest.approx(
+        stream["maescale/bytes"]["samples_per_s"] / stream["webdataset/bytes"]["samples_per_s"])
+    assert stream["versions"]["webdataset"] == "1.0.2"
     dec = r["decode"]
     base = dec["per_file_pil_baseline"]
     for name in ("cpu_backend_uint8", "cpu_backend_host_normalize"):
