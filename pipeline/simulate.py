@@ -155,7 +155,8 @@ class NodeCache:
 
 
 class _Reader:
-    """One ``ShardReader``: its open shards and its prefetch schedule."""
+    """One ``ShardReader``: its open shards, the batch's shards fetched side by side,
+    and its prefetch schedule."""
 
     def __init__(self, cache: NodeCache, settings: ReaderSettings, batch_shards: list[list[int]],
                  first_shards: list[int]) -> None:
@@ -164,7 +165,7 @@ class _Reader:
         self.order = list(dict.fromkeys(s for b in batch_shards for s in b))  # first-use order
         self.first_use = {s: k for k, s in enumerate(self.order)}
         self.open: OrderedDict[int, None] = OrderedDict()
-        self.scheduled: set[int] = set()  # prefetched, pinned from landing until opened
+        self.scheduled: set[int] = set()  # fetched ahead, pinned from landing until opened
         self.landing: list[int] = []  # prefetched in this batch, still downloading
 
     def read(self, j: int) -> None:
@@ -172,6 +173,10 @@ class _Reader:
         if not self.batches[j]:
             return
         k = self.first_use[self.firsts[j]]
+        for s in dict.fromkeys(self.batches[j]):  # a batch's own shards are fetched side by side before it
+            if s not in self.open and s not in self.scheduled:  # reads them: all land (pinned) first
+                self.scheduled.add(s)
+                self._land(s)
         self.landing = []  # prefetch downloads run in threads: they land after this batch opened its shards
         for s in self.order[k + 1:k + 1 + self.settings.prefetch]:
             if s not in self.scheduled and s not in self.open:

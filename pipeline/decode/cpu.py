@@ -115,7 +115,10 @@ class CpuLoader(PlannedLoader):
         workers = self.config.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_defer_stop_signals,
-                            prefetch_factor=2 if workers else None, persistent_workers=False)
+                            prefetch_factor=2 if workers else None, persistent_workers=False,
+                            # workers are forked whatever the process's default start method (a library
+                            # such as LitData sets 'spawn'): they inherit the plan and the reader set-up
+                            multiprocessing_context="fork" if workers else None)
         it = iter(loader)
         try:
             yield from it

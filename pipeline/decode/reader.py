@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 class ShardReader:
     """Per-process access to a dataset's samples by (shard, index), keeping a few
-    shards open (and pinned in the cache) and prefetching upcoming ones. A
-    prefetched shard is opened (pinned) as soon as it lands, so the cache cannot
-    evict it before this reader uses it: no download is wasted."""
+    shards open (and pinned in the cache) and fetching in threads both the shards
+    a batch is about to read (all at once) and the next ones. A fetched shard is
+    opened (pinned) as soon as it lands, so the cache cannot evict it before this
+    reader uses it: no download is wasted."""
 
     def __init__(self, data: DataSources, keep_open: int, prefetch: int) -> None:
         self.data = data  # shard g: data.shard(g), fetched through data.store_of(g)
@@ -39,14 +40,20 @@ class ShardReader:
         self.class_index = [{c: i for i, c in enumerate(data.classes or t.classes)} for t in data.tables]
         self.keep_open, self.prefetch = max(1, keep_open), prefetch
         self._open: OrderedDict[int, tuple[BinaryIO, list[SampleIndex]]] = OrderedDict()
-        self._pool = cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shard-prefetch")
+        # a thread per shard a batch can hold open, and per prefetched one: nothing queues
+        self._pool = cf.ThreadPoolExecutor(self.keep_open + prefetch, thread_name_prefix="shard-fetch")
         self._futures: dict[int, cf.Future] = {}
+
+    def fetch(self, shards: Iterable[int]) -> None:
+        """Start fetching these shards now, side by side (a batch's own, before it
+        reads them: the batch waits for the slowest, not for their sum)."""
+        for s in shards:
+            if s not in self._futures and s not in self._open:
+                self._futures[s] = self._pool.submit(self.data.store_of(s).open_shard, self.data.shard(s))
 
     def schedule(self, upcoming: list[int]) -> None:
         """Start fetching the next shards this reader will need."""
-        for s in upcoming[: self.prefetch]:
-            if s not in self._futures and s not in self._open:
-                self._futures[s] = self._pool.submit(self.data.store_of(s).open_shard, self.data.shard(s))
+        self.fetch(upcoming[: self.prefetch])
 
     def sample(self, shard: int, index: int) -> tuple[str, dict[str, bytes]]:
         f, samples = self._shard(shard)
@@ -98,8 +105,9 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
                  batches: Iterable[int]) -> Iterator[tuple[np.ndarray, list[tuple[int, str, dict[str, bytes]]]]]:
     """The samples of batches ``batches`` (numbers into ``ids`` cut in batch_size
     pieces), in order: per batch its planned ids and ``(id, "<shard>/<key>",
-    members)`` of each sample, read through one ShardReader that prefetches the
-    shards it will need next."""
+    members)`` of each sample, read through one ShardReader: a batch's shards not
+    open yet are fetched side by side before it reads them, and the ones after
+    are prefetched."""
     bs, batches = loader.config.batch_size, list(batches)
     mine = np.concatenate([ids[j * bs:(j + 1) * bs] for j in batches]) if batches else ids[:0]
     shard_of, index_of = loader.plan.locate(mine)
@@ -112,6 +120,7 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
         for j in batches:
             batch_ids = ids[j * bs:(j + 1) * bs]
             if len(batch_ids):
+                reader.fetch(dict.fromkeys(shard_of[pos:pos + len(batch_ids)].tolist()))
                 reader.schedule(order[first_use[int(shard_of[pos])] + 1:])
             samples = []
             for k, gid in enumerate(batch_ids.tolist()):

@@ -22,6 +22,7 @@ same shards fetched whole by plain s3fs, two threads, nothing parsed.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -61,8 +62,12 @@ def prepare_litdata(files: list[Path], url: str, storage: StorageConfig, work: P
 
     local = work / "litdata"
     if not (local / "index.json").exists():
-        litdata.optimize(fn=_litdata_item, inputs=[(str(f), y) for f, y in _samples(files)], output_dir=str(local),
-                         chunk_bytes=CHUNK, num_workers=1, mode="overwrite")
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        try:
+            litdata.optimize(fn=_litdata_item, inputs=[(str(f), y) for f, y in _samples(files)],
+                             output_dir=str(local), chunk_bytes=CHUNK, num_workers=1, mode="overwrite")
+        finally:  # optimize() sets 'spawn' process-wide; the rest of the benchmark runs as it would have
+            multiprocessing.set_start_method(start_method, force=True)
     _upload(local, url, storage)
 
 

@@ -62,6 +62,29 @@ def test_worker_count_does_not_change_order_or_pixels(ds, workers):
     assert torch.equal(images, ref_images)
 
 
+def test_workers_are_forked_even_where_the_default_start_method_is_spawn(ds):
+    """A library (LitData does on import of its optimizer) may set 'spawn' process-wide."""
+    import multiprocessing
+
+    ref_ids, ref_images = _drain(build_loader(_cfg(ds), 0, 1))
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        ids, images = _drain(build_loader(_cfg(ds, num_workers=2), 0, 1))
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert ids == ref_ids and torch.equal(images, ref_images)
+
+
+def test_a_workers_batch_is_one_channels_last_uint8_buffer(ds):
+    batch = next(iter(build_loader(_cfg(ds, num_workers=1, normalize=False), 0, 1)))
+    images = batch.images
+    assert images.dtype == torch.uint8 and images.shape[1] == 3
+    assert images.is_contiguous(memory_format=torch.channels_last)  # one copy per crop, no transposing stack
+    reference = next(iter(build_loader(_cfg(ds, normalize=False), 0, 1))).images
+    assert torch.equal(images, reference)
+
+
 def test_ranks_partition_the_epoch(ds):
     parts = [_drain(build_loader(_cfg(ds, plan=PlanConfig(uneven="drop")), r, 3))[0] for r in range(3)]
     assert len({len(p) for p in parts}) == 1
