@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -40,6 +41,11 @@ class SampleIndex:
 
 def split_member_name(name: str, shard: str) -> tuple[str, str]:
     """'a/b/000_x.jpg' -> ('a/b/000_x', 'jpg'); refuses unsafe names."""
+    if _PLAIN_MEMBER.fullmatch(name):  # the usual name, safe by its characters alone: no pathlib
+        folder, _, base = name.rpartition("/")
+        if "." in base:
+            stem, ext = base.split(".", 1)
+            return (f"{folder}/{stem}" if folder else stem), ext.lower()
     path = PurePosixPath(name)
     if name.startswith("/") or path.is_absolute() or ".." in path.parts or "\\" in name or not name:
         raise ShardFormatError(f"{shard}: unsafe member name {name!r} (absolute or escapes the shard)")
@@ -52,7 +58,10 @@ def split_member_name(name: str, shard: str) -> tuple[str, str]:
     return str(path.parent / stem) if path.parent != PurePosixPath(".") else stem, ext.lower()
 
 
+# relative names whose every part starts with [A-Za-z0-9_-] (so none is '.' or '..')
+_PLAIN_MEMBER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 BLOCK = 512  # tar header and padding unit
+_USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar magic and version, as the shard writer writes
 MAX_EXTENDED_HEADER = 2**20  # a pax or GNU long-name payload larger than this is refused as corrupt
 _EXTENDED = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
              tarfile.SOLARIS_XHDTYPE}
@@ -128,6 +137,16 @@ class _Walker:
                 block = self.read(offset, BLOCK)
                 if block == bytes(BLOCK):
                     break  # end-of-archive marker
+                plain = None if extended else _plain_header(block)
+                if plain is not None:  # the usual header, read without tarfile (~5x less CPU)
+                    name, size = plain
+                    data = offset + BLOCK
+                    if data + size > self.size:
+                        raise ShardFormatError(f"{self.shard}: truncated tar: member {name!r} runs past the end "
+                                               "of the file")
+                    self.member(name, tarfile.REGTYPE, data, size)
+                    offset = data + _padded(size)
+                    continue
                 try:
                     info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
                 except tarfile.HeaderError as e:
@@ -146,7 +165,7 @@ class _Walker:
                 extended = {}
                 if data + size > self.size:
                     raise ShardFormatError(f"{self.shard}: truncated tar: member {name!r} runs past the end of the file")
-                self.member(name, info, data, size)
+                self.member(name, info.type, data, size)
                 offset = data + _padded(size)
         except ShardFormatError as e:
             if self.strict:
@@ -170,10 +189,10 @@ class _Walker:
             return {k: v for k, v in fields.items() if k in ("path", "size")}
         return {}  # a long link name or global pax header: nothing a regular member needs
 
-    def member(self, name: str, info: tarfile.TarInfo, data: int, size: int) -> None:
-        if info.type == tarfile.DIRTYPE and not self.strict:
+    def member(self, name: str, kind: bytes, data: int, size: int) -> None:
+        if kind == tarfile.DIRTYPE and not self.strict:
             return  # a folder entry is not a sample: nothing lost
-        if info.type not in tarfile.REGULAR_TYPES or info.type == tarfile.GNUTYPE_SPARSE:
+        if kind not in tarfile.REGULAR_TYPES or kind == tarfile.GNUTYPE_SPARSE:
             self.skip(_shown(name), "not_a_file", f"member {name!r} is not a regular file")
             return
         try:
@@ -185,6 +204,28 @@ class _Walker:
             log.debug("%s", e)
             return
         self.members.append(TarMember(name, data, size))
+
+
+def _octal(field: bytes) -> int:
+    """A NUL- or space-terminated octal header field (ValueError if it is not one)."""
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _plain_header(block: bytes) -> tuple[str, int] | None:
+    """(name, size) of a plain POSIX ustar regular-file header with a valid checksum
+    and a UTF-8 name not ending in '/', parsed without tarfile; None for anything
+    else (then ``tarfile.TarInfo.frombuf`` parses and judges the header)."""
+    if block[257:265] != _USTAR_MAGIC or block[156] not in (0x30, 0) or block[124] & 0x80:
+        return None  # another format or type, or a base-256 size
+    try:
+        size, checksum = _octal(block[124:136]), _octal(block[148:156])
+        name, prefix = block[:100].split(b"\0", 1)[0], block[345:500].split(b"\0", 1)[0]
+        text = (prefix + b"/" + name if prefix else name).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if checksum != sum(block[:148]) + 256 + sum(block[156:]) or not text or text.endswith("/"):
+        return None  # a bad checksum or a folder: tarfile names the problem
+    return text, size
 
 
 def _shown(name: str) -> str:

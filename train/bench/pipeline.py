@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -82,6 +83,19 @@ def _timed(iterable) -> dict[str, float]:
 DECODE_BACKENDS = ("cpu", "dali", "ffcv")
 
 
+def dali_host_side(loader) -> Iterator:
+    """One epoch of what the ``dali`` backend does on the host, without DALI: read
+    each sample's bytes, check its JPEG header and plan its crop, build the
+    external-source inputs. On a GPU node, where nvJPEG decodes, this is the
+    whole host cost per image."""
+    from pipeline.decode.dali import dali_inputs
+
+    ids, _ = loader._rank_ids()
+    for batch in loader._prepare(ids, 0):
+        dali_inputs(batch, loader.plan_crops)
+        yield batch
+
+
 def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batch: int, workers: int, rounds: int,
                  backends: tuple[str, ...] = ("cpu",), device: str = "cpu") -> dict[str, object]:
     """The per-file PIL baseline vs each backend, same images, same worker/thread
@@ -98,6 +112,7 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
         runners["cpu_backend_host_normalize"] = lambda: build_loader(cfg, 0, 1, device)
     if "dali" in backends:
         runners["dali_backend"] = lambda: build_loader(replace(cfg, backend="dali"), 0, 1, device)
+        runners["dali_host_side"] = lambda: dali_host_side(build_loader(replace(cfg, backend="dali"), 0, 1, device))
     warmup = {}
     if "ffcv" in backends:
         ffcv = build_loader(replace(cfg, backend="ffcv", url=beton_url), 0, 1, device)
@@ -301,6 +316,7 @@ READ_LABELS = (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw
 DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
                  ("cpu_backend_host_normalize", "cpu backend, normalized on host"),
                  ("dali_backend", "dali backend, normalized"),
+                 ("dali_host_side", "dali host side only (read, check, feed)"),
                  ("ffcv_backend", "ffcv backend, normalized"))
 
 

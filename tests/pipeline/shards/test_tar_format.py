@@ -87,3 +87,45 @@ def test_a_label_that_is_not_a_class_index_is_a_bad_label(cls):
     with pytest.raises(BadImage) as e:
         label_of({"jpg": b"x", "cls": cls}, 2)
     assert e.value.reason == "bad_label"
+
+
+def _tar_of(entries, fmt) -> bytes:
+    """A tar of (name, type, data) entries in tarfile's ``fmt``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("strict", [True, False])
+def test_the_fast_header_path_reads_exactly_what_tarfile_reads(fmt, strict, monkeypatch):
+    """Plain ustar headers are parsed without tarfile; on every kind of header the
+    walk's members, problems and fingerprint are the same as tarfile's alone."""
+    from pipeline.shards import tar_format
+
+    long_dir = "d" * 90 + "/" + "e" * 40  # > 100 bytes: ustar splits it into prefix and name
+    entries = [("a/000_x.jpg", tarfile.REGTYPE, b"1" * 700), (f"{long_dir}/001.jpg", tarfile.REGTYPE, b"2"),
+               ("é/002_ü.jpg", tarfile.REGTYPE, b"3" * 3), ("003.JPG", tarfile.REGTYPE, b"")]
+    if not strict:  # what only the lenient walk (tars indexed in place) gets past
+        entries += [("folder", tarfile.DIRTYPE, b""), ("link.jpg", tarfile.SYMTYPE, b""),
+                    ("noext", tarfile.REGTYPE, b"4")]
+    data = _tar_of(entries, fmt)
+    # the fast path takes ustar headers (PAX format writes them too), not GNU's
+    assert tar_format._plain_header(data[:512]) == (None if fmt == tarfile.GNU_FORMAT else ("a/000_x.jpg", 700))
+    fast = tar_format.walk_tar(lambda o, n: data[o:o + n], len(data), "s", strict)
+    calls = []
+    monkeypatch.setattr(tar_format, "_plain_header", lambda block: calls.append(1))  # tarfile for every header
+    slow = tar_format.walk_tar(lambda o, n: data[o:o + n], len(data), "s", strict)
+    assert calls and fast == slow
+    assert [m.name for m in fast.members] == [e[0] for e in entries[:4]]
+
+
+def test_a_plain_header_with_a_bad_checksum_is_left_to_tarfile_and_refused():
+    data = bytearray(_tar_of([("000.jpg", tarfile.REGTYPE, b"x")], tarfile.USTAR_FORMAT))
+    data[10] ^= 1  # in the name: the stored checksum no longer matches
+    with pytest.raises(ShardFormatError, match="truncated or corrupt tar .*checksum"):
+        index_tar(io.BytesIO(bytes(data)), "s")
