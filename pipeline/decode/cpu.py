@@ -25,7 +25,7 @@ from infra.metrics import sink
 from pipeline.augment import rand_augment_params, sample_rng
 from pipeline.decode.base import DecodedBatch, PlannedLoader
 from pipeline.decode.crop import decode_crop
-from pipeline.decode.reader import read_batches
+from pipeline.decode.reader import read_batches, warm_first_batch
 from pipeline.images import BadImage
 from pipeline.randaugment import rand_augment
 from pipeline.shards.tar_format import image_member, label_of
@@ -119,7 +119,9 @@ class CpuLoader(PlannedLoader):
                             # workers are forked whatever the process's default start method (a library
                             # such as LitData sets 'spawn'): they inherit the plan and the reader set-up
                             multiprocessing_context="fork" if workers else None)
-        it = iter(loader)
+        it = iter(loader)  # forks the workers
+        if workers:  # after the fork: no worker inherits these threads
+            warm_first_batch(self, ids)
         try:
             yield from it
         finally:  # also on close() or an exception upstream: stop workers now, gracefully

@@ -130,3 +130,22 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
             pos += len(batch_ids)
     finally:
         reader.close()
+
+
+def warm_first_batch(loader: PlannedLoader, ids: np.ndarray) -> None:
+    """Start fetching, in threads of this (the parent) process, the shards the first
+    batch of ``ids`` needs into the node's cache — while the DataLoader workers are
+    still starting (fork, object-store client). The worker that reads a shard then
+    finds it cached, or waits on its download lock instead of fetching it again. An
+    error here is left for that worker to meet and report; datasets read in place
+    need nothing."""
+    if not len(ids):
+        return
+    shard_of, _ = loader.plan.locate(ids[:loader.config.batch_size])
+    shards = [s for s in dict.fromkeys(shard_of.tolist()) if loader.manifest.store_of(s).cache is not None]
+    if not shards:
+        return
+    pool = cf.ThreadPoolExecutor(len(shards), thread_name_prefix="first-batch")
+    for s in shards:
+        pool.submit(loader.manifest.store_of(s).local_path, loader.manifest.shard(s))
+    pool.shutdown(wait=False)

@@ -131,6 +131,43 @@ def test_xxh3_verifies_by_default_and_sha256_mode_takes_nothing_only_xxh3_checke
         _store(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02), checksum="sha256").local_path(bad_sha)
 
 
+@pytest.mark.integration
+def test_the_first_batchs_shards_are_warmed_by_the_parent_and_each_shard_is_fetched_once(dataset, faulty_s3, tmp_path,
+                                                                                        monkeypatch):
+    from pipeline.decode.reader import warm_first_batch
+
+    _, manifest = dataset
+    faulty_s3.faults.clear()
+    cfg = LoaderConfig(url="s3://faults/ds", batch_size=5, storage=_config(faulty_s3, tmp_path / "warm"),
+                       plan=PlanConfig(window_shards=1))
+    loader = build_loader(cfg, 0, 1)
+    ids, _ = loader._rank_ids()
+    first = {manifest.shards[s].name for s in loader.plan.locate(ids[:5])[0].tolist()}
+    warm_first_batch(loader, ids)
+    store = loader.manifest.store_of(0)
+    keys = {store.cache_key(s): s.name for s in manifest.shards}
+    deadline = time.monotonic() + 30
+    while {keys.get(p.stem) for p in store.cache.dir.glob("*.tar")} != first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {keys.get(p.stem) for p in store.cache.dir.glob("*.tar")} == first  # those, and nothing else
+
+    log = tmp_path / "downloads.log"
+    download = ShardStore._download
+
+    def logged(self, shard, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {shard.name}\n")
+        return download(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(ShardStore, "_download", logged)
+    cfg = LoaderConfig(url="s3://faults/ds", batch_size=5, num_workers=2, storage=_config(faulty_s3, tmp_path / "run"),
+                       plan=PlanConfig(window_shards=1))
+    ids = [i for b in build_loader(cfg, 0, 1) for i in b.sample_ids.tolist()]
+    assert sorted(ids) == list(range(manifest.total_samples))
+    fetched = [line.split()[1] for line in log.read_text().splitlines()]
+    assert sorted(fetched) == sorted(s.name for s in manifest.shards)  # parent and workers: once each
+
+
 def test_a_damaged_local_shard_is_named_by_the_checksum_that_caught_it(tmp_path):
     manifest = numbered_shards(tmp_path, [3, 3])
     shard = manifest.shards[1]
