@@ -113,6 +113,11 @@ class CpuLoader(PlannedLoader):
     def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
         dataset = _RankEpoch(self, ids, epoch)
         workers = self.config.num_workers
+        if workers > 1 and self.config.storage.cache_mode == "memory" and not getattr(self, "_warned_memory", False):
+            self._warned_memory = True
+            log.warning("storage.cache_mode='memory' with %d cpu workers: each worker fetches the shards it reads "
+                        "for itself, so a shard may be downloaded up to %d times; use cache_mode='disk' (shared "
+                        "by the node's processes) or num_workers <= 1", workers, workers)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_defer_stop_signals,
                             prefetch_factor=2 if workers else None, persistent_workers=False,

@@ -38,6 +38,10 @@ class StorageConfig:
     endpoint_url: str | None = option(None, "S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)")
     cache_dir: str | None = option(None, "local shard cache (default ~/.cache/maescale/shards, or $MAESCALE_CACHE)")
     cache_limit_gb: float = option(20.0, "LRU size limit of the shard cache per node, GiB")
+    cache_mode: str = option("disk", "'disk': shards go through the node-shared cache; 'memory': each reader keeps "
+                                     "the shards it reads in RAM and writes nothing to disk (datasets read once "
+                                     "per epoch, far larger than the cache; one reader per rank: the dali backend "
+                                     "or cpu with num_workers <= 1, since every cpu worker fetches for itself)")
     checksum: str = option("xxh3", "'xxh3': verify each shard by the manifest's xxh3-128 (its sha256 where the "
                                    "manifest has none), ~20x less CPU; 'sha256': also stops a deliberate "
                                    "collision by someone who can write shards but not the manifest")
@@ -52,6 +56,7 @@ class StorageConfig:
     def __post_init__(self) -> None:
         require_positive(self, "cache_limit_gb", "parallel_ranges", "range_mib", "connect_timeout_s", "read_timeout_s")
         require_choice(self, "checksum", ("xxh3", "sha256"))
+        require_choice(self, "cache_mode", ("disk", "memory"))
         require(self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
                 f"must start with http:// or https://, got {self.endpoint_url!r}")
         require(self.prefetch_shards >= 0, "prefetch_shards", f"must be >= 0, got {self.prefetch_shards}")

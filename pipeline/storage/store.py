@@ -22,8 +22,10 @@ checked by decode-time validation only: ``--hash`` buys the full sha256 check.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures as cf
 import hashlib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -71,6 +73,92 @@ class ObjectChanged(ChecksumMismatch):
         super().__init__(message, permanent=True)
 
 
+class ShardBytes(io.RawIOBase):
+    """A verified shard held in memory (``cache_mode='memory'``) as the ranges it
+    arrived in — never joined into one buffer — and read like a read-only file."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self._pos = size, 0
+        self._chunks: dict[int, bytes] = {}
+        self._starts: list[int] = []
+
+    # -- filled by the download
+    def put(self, start: int, data: bytes) -> None:
+        if start not in self._chunks:
+            bisect.insort(self._starts, start)
+        self._chunks[start] = data
+
+    def reset(self) -> None:
+        self._chunks.clear()
+        self._starts.clear()
+
+    def read_at(self, start: int, n: int) -> bytes:
+        """``n`` bytes from ``start`` (fewer at the end): a slice of one range, or the
+        pieces of the ranges it spans, joined."""
+        n = max(0, min(n, self.size - start))
+        pieces = []
+        i = bisect.bisect_right(self._starts, start) - 1
+        while n > 0 and 0 <= i < len(self._starts):
+            first = self._starts[i]
+            piece = self._chunks[first][start - first:start - first + n]
+            if not piece:
+                break
+            pieces.append(piece)
+            start, n, i = start + len(piece), n - len(piece), i + 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    # -- a read-only file
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence] + offset)
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = self.read_at(self._pos, self.size - self._pos if n is None or n < 0 else n)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.reset()  # the memory goes with the last reader
+        super().close()
+
+
+class _FileSink:
+    """A download's ranges written at their offsets into the cache's part file."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.size = size
+        self.file = open(path, "r+b" if path.exists() else "w+b")
+        self.file.truncate(size)
+
+    def put(self, start: int, data: bytes) -> None:
+        os.pwrite(self.file.fileno(), data, start)
+
+    def read_at(self, start: int, n: int) -> bytes:
+        return os.pread(self.file.fileno(), n, start)
+
+    def reset(self) -> None:
+        self.file.truncate(0)
+        self.file.truncate(self.size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _PartialShard:
     """Ranges of a shard on disk so far, and the digest (``HASHES[algorithm]``, none
     when None) of its contiguous prefix. Out-of-order ranges wait in memory (at
@@ -91,13 +179,12 @@ class _PartialShard:
                 self.digest.update(chunk)
             self.hashed += len(chunk)
 
-    def finish(self, f: BinaryIO, size: int) -> None:
-        """Hash what an earlier attempt left on disk beyond the in-memory prefix."""
+    def finish(self, stored: _FileSink | ShardBytes, size: int) -> None:
+        """Hash what an earlier attempt stored beyond the in-memory prefix."""
         self._waiting.clear()
         if self.digest is None:
             return
-        f.seek(self.hashed)
-        while self.hashed < size and (chunk := f.read(min(READ_BLOCK, size - self.hashed))):
+        while self.hashed < size and (chunk := stored.read_at(self.hashed, min(READ_BLOCK, size - self.hashed))):
             self.digest.update(chunk)
             self.hashed += len(chunk)
 
@@ -106,8 +193,9 @@ class _PartialShard:
 class ShardStore:
     """Fetches verified shards of one dataset to local disk.
 
-    Remote shards go through the LRU cache; local (file://) shards are read in
-    place and verified once per process.
+    Remote shards go through the LRU cache, or with ``cache_mode='memory'`` are
+    held in memory by their reader; local (file://) shards are read in place and
+    verified once per process.
     """
 
     def __init__(self, url: str, config: StorageConfig | None = None,
@@ -123,9 +211,10 @@ class ShardStore:
 
     def _set_cache(self) -> None:
         self.root, self.local = self.data.root, self.data.local
+        self.in_memory = not self.local and self.config.cache_mode == "memory"
         cache_dir = self.config.cache_dir or os.path.join(
             os.environ.get("MAESCALE_CACHE", os.path.expanduser("~/.cache/maescale")), "shards")
-        self.cache = None if self.local else ShardCache(cache_dir, self.config.cache_limit_bytes)
+        self.cache = None if self.local or self.in_memory else ShardCache(cache_dir, self.config.cache_limit_bytes)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -193,6 +282,9 @@ class ShardStore:
                 self.data.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
                 self._verified.add(shard.name)
             return path
+        if self.in_memory:
+            raise ShardFetchError(f"shard {shard.name}: this reader needs the shard as a local file, and "
+                                  "storage.cache_mode='memory' keeps shards off disk; use cache_mode='disk'")
         path, pinned = self._cached(shard, progress)
         if pinned is not None:
             pinned.close()
@@ -214,18 +306,33 @@ class ShardStore:
                 return hit, None
             tmp = self.cache.temp_path(key)
             try:
-                with tqdm(total=shard.bytes, unit="B", unit_scale=True, desc=f"staging {shard.name}",
-                          disable=not (progress and sys.stderr.isatty())) as bar:
-                    self.data.call(f"shard {shard.name}", lambda: self._fetch(shard, key, tmp, bar.update))
+                sink = _FileSink(tmp, shard.bytes)
+                try:
+                    if progress and sys.stderr.isatty():
+                        with tqdm(total=shard.bytes, unit="B", unit_scale=True, desc=f"staging {shard.name}") as bar:
+                            self._fetch(shard, key, sink, bar.update)
+                    else:  # no tqdm at all: its global lock must never be held by a thread when a process forks
+                        self._fetch(shard, key, sink)
+                finally:
+                    sink.close()
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             return self.cache.commit(key, tmp)
 
+    def fetch_bytes(self, shard: ShardInfo) -> ShardBytes:
+        """The verified shard in memory (``cache_mode='memory'``): nothing on disk."""
+        memory = ShardBytes(shard.bytes)
+        self._fetch(shard, self.cache_key(shard), memory)
+        return memory
+
     def open_shard(self, shard: ShardInfo) -> BinaryIO:
         """The verified shard, opened for reading. A cached entry is pinned while
         open, so eviction leaves it alone; one evicted between fetch and open is
-        fetched again."""
+        fetched again. With ``cache_mode='memory'`` each call fetches the shard
+        into memory."""
+        if self.in_memory:
+            return self.fetch_bytes(shard)
         if self.cache is None:
             path = self.local_path(shard)
             try:
@@ -270,53 +377,63 @@ class ShardStore:
             raise ObjectChanged(f"ETag {object_etag(info)} != manifest {shard.etag}: the object changed since it "
                                 "was indexed; run `mae index` again")
 
-    def _fetch(self, shard: ShardInfo, key: str, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
+    def _fetch(self, shard: ShardInfo, key: str, stored: _FileSink | ShardBytes,
+               on_bytes: Callable[[int], Any] | None = None) -> None:
+        """The download under the retry policy. One that ends in an error forgets the
+        ranges it had (they go with the part file), so a later fetch starts over."""
+        try:
+            self.data.call(f"shard {shard.name}", lambda: self._checked_download(shard, key, stored, on_bytes))
+        except BaseException:
+            self._partial.pop(key, None)
+            raise
+
+    def _checked_download(self, shard: ShardInfo, key: str, stored: _FileSink | ShardBytes,
+                          on_bytes: Callable[[int], Any] | None) -> None:
         if shard.sha256 is not None:
-            self._download(shard, key, tmp, on_bytes)
+            self._download(shard, key, stored, on_bytes)
             return
         self._check_unchanged(shard)
-        self._download(shard, key, tmp, on_bytes)
+        self._download(shard, key, stored, on_bytes)
         self._check_unchanged(shard)  # not replaced while we read it
 
-    def _download(self, shard: ShardInfo, key: str, tmp: Path, on_bytes: Callable[[int], Any] | None = None) -> None:
-        """Fetch one shard into ``tmp`` as parallel ranged GETs, each written at its
+    def _download(self, shard: ShardInfo, key: str, stored: _FileSink | ShardBytes,
+                  on_bytes: Callable[[int], Any] | None = None) -> None:
+        """Fetch one shard into ``stored`` as parallel ranged GETs, each stored at its
         offset, hashing in order as the prefix completes (no second read). A retry
         fetches only the ranges that have not arrived; a checksum mismatch starts over."""
         remote, step, check = join(self.root, shard.name), self.config.range_bytes, self.checksum(shard)
         state = self._partial.setdefault(key, _PartialShard(check[0] if check else None))
         ranges = [(start, min(start + step, shard.bytes)) for start in range(0, shard.bytes, step)]
-        with open(tmp, "r+b" if tmp.exists() else "w+b") as f:
-            f.truncate(shard.bytes)
 
-            def fetch(r: tuple[int, int]) -> tuple[int, bytes]:
-                data = self.fs.cat_file(remote, start=r[0], end=r[1])
-                if len(data) != r[1] - r[0]:
-                    raise EOFError(f"range {r[0]}-{r[1]} returned {len(data)} bytes")
-                os.pwrite(f.fileno(), data, r[0])
-                self._on_event("bytes_fetched", len(data))
-                return r[0], data
+        def fetch(r: tuple[int, int]) -> tuple[int, bytes]:
+            data = self.fs.cat_file(remote, start=r[0], end=r[1])
+            if len(data) != r[1] - r[0]:
+                raise EOFError(f"range {r[0]}-{r[1]} returned {len(data)} bytes")
+            stored.put(r[0], data)
+            self._on_event("bytes_fetched", len(data))
+            return r[0], data
 
-            errors = []
-            with cf.ThreadPoolExecutor(max(1, self.config.parallel_ranges)) as pool:
-                futures = [pool.submit(fetch, r) for r in ranges if r[0] not in state.arrived]
-                for fut in cf.as_completed(futures):
-                    try:
-                        start, data = fut.result()
-                        state.add(start, data)
-                        if on_bytes is not None:
-                            on_bytes(len(data))
-                    except Exception as e:  # the first one is raised below, for the retry logic
-                        errors.append(e)
-            if errors:
-                raise errors[0]
-            state.finish(f, shard.bytes)
+        errors = []
+        with cf.ThreadPoolExecutor(max(1, self.config.parallel_ranges)) as pool:
+            futures = [pool.submit(fetch, r) for r in ranges if r[0] not in state.arrived]
+            for fut in cf.as_completed(futures):
+                try:
+                    start, data = fut.result()
+                    state.add(start, data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+                except Exception as e:  # the first one is raised below, for the retry logic
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+        state.finish(stored, shard.bytes)
         del self._partial[key]
         if state.digest is None or check is None:
             return
         algorithm, expected = check
         actual = state.digest.hexdigest()
         if actual != expected:
-            tmp.unlink()  # a corrupt body: start over from byte 0
+            stored.reset()  # a corrupt body: start over from byte 0
             same_again = self._mismatch.get(key) == actual  # the object itself differs: retrying cannot help
             self._mismatch[key] = actual
             raise ChecksumMismatch(_mismatch_text(algorithm, actual, expected) + (" twice" if same_again else ""),

@@ -143,6 +143,7 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
 READER_VARIANTS: dict[str, dict[str, object]] = {
     "reader": {},
     "reader_sha256": {"checksum": "sha256"},  # the verification every release before this one did
+    "reader_memory": {"cache_mode": "memory"},
     "reader_16mib_ranges": {"range_mib": 16},
     "reader_4mib_ranges": {"range_mib": 4},
 }
@@ -150,8 +151,8 @@ READER_VARIANTS: dict[str, dict[str, object]] = {
 
 def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) -> dict[str, object]:
     """Raw ``cat`` (to memory), raw ``cat`` + write to local disk, and the reader's
-    verified fetch into an empty cache under each lever of ``READER_VARIANTS`` —
-    shard by shard, interleaved."""
+    verified fetch into an empty cache (or into memory) under each lever of
+    ``READER_VARIANTS`` — shard by shard, interleaved."""
     fs, root = filesystem(url, storage)
     shards = ShardStore(url, storage).read_manifest().shards
     shutil.rmtree(cache_dir, ignore_errors=True)  # every reader starts from an empty cache (a kept --workdir too)
@@ -166,7 +167,7 @@ def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) ->
             for name in seconds:
                 c0, t0 = time.process_time(), time.perf_counter()
                 if name in stores:
-                    stores[name].local_path(shard)
+                    stores[name].open_shard(shard).close()
                 else:
                     data = _check_len(fs.cat_file(join(root, shard.name)), shard)
                     if name == "raw_cat_to_disk":
@@ -311,6 +312,7 @@ def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = 
 READ_LABELS = (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
                ("reader", "reader: xxh3-128, 8 MiB ranges x 4"),
                ("reader_sha256", "  sha256 instead (as before)"),
+               ("reader_memory", "  cache_mode=memory (no disk write)"),
                ("reader_16mib_ranges", "  16 MiB ranges"),
                ("reader_4mib_ranges", "  4 MiB ranges"))
 DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import statistics
 import subprocess
 import sys

@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 from tests.helpers.shards import numbered_shards
 
 from pipeline.errors import ShardFetchError
@@ -166,6 +167,38 @@ def test_the_first_batchs_shards_are_warmed_by_the_parent_and_each_shard_is_fetc
     assert sorted(ids) == list(range(manifest.total_samples))
     fetched = [line.split()[1] for line in log.read_text().splitlines()]
     assert sorted(fetched) == sorted(s.name for s in manifest.shards)  # parent and workers: once each
+
+
+@pytest.mark.integration
+def test_memory_mode_reads_the_same_samples_and_writes_nothing_to_disk(dataset, faulty_s3, tmp_path):
+    root, manifest = dataset
+    faulty_s3.faults.clear()
+    for shard in manifest.shards:  # a retried, half-arrived download too
+        faulty_s3.faults.add("truncate", match=shard.name, times=1)
+
+    def epoch(mode):
+        cfg = LoaderConfig(url="s3://faults/ds", batch_size=5, num_workers=1, normalize=False,
+                           plan=PlanConfig(window_shards=2),
+                           storage=_config(faulty_s3, tmp_path / mode, cache_mode=mode))
+        batches = list(build_loader(cfg, 0, 1))
+        return [i for b in batches for i in b.sample_ids.tolist()], torch.cat([b.images for b in batches])
+
+    ids, images = epoch("memory")
+    assert faulty_s3.faults.injected.count("truncate") == len(manifest.shards)
+    assert not (tmp_path / "memory").exists()  # no cache, no part file
+    disk_ids, disk_images = epoch("disk")
+    assert ids == disk_ids and sorted(ids) == list(range(manifest.total_samples)) and torch.equal(images, disk_images)
+
+    store = _store(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02), cache_mode="memory")
+    with store.open_shard(manifest.shards[1]) as f:
+        assert f.read() == (root / manifest.shards[1].name).read_bytes()
+        f.seek(100)
+        assert f.read(7) == (root / manifest.shards[1].name).read_bytes()[100:107]
+    bad = dataclasses.replace(manifest.shards[0], xxh3_128="0" * 32)
+    with pytest.raises(ShardFetchError, match=r"xxh3_128 \w+… != manifest 0+… twice"):
+        store.open_shard(bad)
+    with pytest.raises(ShardFetchError, match="needs the shard as a local file.*cache_mode='disk'"):
+        store.local_path(manifest.shards[0])
 
 
 def test_a_damaged_local_shard_is_named_by_the_checksum_that_caught_it(tmp_path):

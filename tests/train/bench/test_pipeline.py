@@ -19,7 +19,8 @@ def test_bench_pipeline_report_is_consistent(tmp_path):
     assert read["bytes"] > 0 and all(read[k] > 0 for k in ("raw_cat_MiB_s", "raw_cat_to_disk_MiB_s", "reader_MiB_s"))
     assert read["reader_cpu_vs_raw"] == pytest.approx(read["reader_client_cpu_ms_per_MiB"]
                                                       / read["raw_cat_client_cpu_ms_per_MiB"])
-    assert all(read[f"{lever}_MiB_s"] > 0 for lever in ("reader_sha256", "reader_16mib_ranges", "reader_4mib_ranges"))
+    assert all(read[f"{lever}_MiB_s"] > 0 for lever in ("reader_sha256", "reader_memory", "reader_16mib_ranges",
+                                                        "reader_4mib_ranges"))
     stream = r["stream"]  # every contender delivered every image, once per run
     for name in ("raw_cat/bytes", "maescale/bytes", "webdataset/bytes", "maescale/e2e", "webdataset/e2e"):
         assert [run["samples"] for run in stream[name]["runs"]] == [60], name
