@@ -43,7 +43,7 @@ class StorageConfig:
                                      "per epoch, far larger than the cache; one reader per rank: the dali backend "
                                      "or cpu with num_workers <= 1, since every cpu worker fetches for itself)")
     checksum: str = option("xxh3", "'xxh3': verify each shard by the manifest's xxh3-128 (its sha256 where the "
-                                   "manifest has none), ~20x less CPU; 'sha256': also stops a deliberate "
+                                   "manifest has none), ~9x less CPU per byte; 'sha256': also stops a deliberate "
                                    "collision by someone who can write shards but not the manifest")
     prefetch_shards: int = option(2, "shards fetched ahead of the reader")
     parallel_ranges: int = option(4, "concurrent ranged GETs per shard")

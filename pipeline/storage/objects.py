@@ -32,7 +32,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _XXH3_128 = re.compile(r"[0-9a-f]{32}")
 T = TypeVar("T")
 # The checksums a manifest records per shard. sha256 is the interchange digest and
-# names cache entries; xxh3-128 costs ~20x less CPU to verify and catches every
+# names cache entries; xxh3-128 costs ~9x less CPU to verify and catches every
 # accidental change (bit rot, a damaged or truncated body), but is no defence against
 # someone who can write shards (not the manifest) and crafts a collision.
 HASHES: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}

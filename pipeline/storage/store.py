@@ -5,7 +5,7 @@ into a local file in the cache (``pipeline.storage.cache``), hashed in order as
 the prefix completes, and only handed out once the whole shard matches its
 manifest checksum — so a read that fails halfway is resumed or redone and never
 yields a partial or duplicated sample. The checksum is the manifest's xxh3-128
-where it records one (``storage.checksum='xxh3'``, the default: ~1/20 of
+where it records one (``storage.checksum='xxh3'``, the default: ~1/9 of
 sha256's CPU, and every accidental change is caught) and sha256 otherwise, or
 always with ``checksum='sha256'`` (which also stops someone who can write shards,
 not the manifest, from crafting a collision). Local (file://) datasets are read in place

@@ -98,3 +98,19 @@ def flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def log_downloads(monkeypatch, log: Path, line) -> None:
+    """Append ``line(store, shard)`` to ``log`` for every shard download a
+    ``ShardStore`` starts, in this process and in the ones it forks (DataLoader
+    workers): a file, not a list in memory."""
+    from pipeline.storage.store import ShardStore
+
+    download = ShardStore._download
+
+    def logged(self, shard, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write(line(self, shard) + "\n")
+        return download(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(ShardStore, "_download", logged)

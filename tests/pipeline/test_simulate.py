@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tests.helpers.cli import run_mae
-from tests.helpers.shards import numbered_shards
+from tests.helpers.shards import log_downloads, numbered_shards
 
 from pipeline.augment import AugmentConfig
 from pipeline.loader import LoaderConfig, build_loader
@@ -28,14 +28,7 @@ def _measured_run(tmp_path: Path, monkeypatch, url: str, shard_bytes: int, *, wo
     """Two ranks (each its own node, its own cache) read two epochs through the real
     loader; every shard download is logged (from DataLoader workers too)."""
     log = tmp_path / f"downloads-{workers}-{prefetch}.log"
-    download = ShardStore._download
-
-    def logged(self, shard, *args, **kwargs):
-        with open(log, "a") as f:
-            f.write(f"{self.cache.dir.name} {shard.name} {shard.bytes}\n")
-        return download(self, shard, *args, **kwargs)
-
-    monkeypatch.setattr(ShardStore, "_download", logged)
+    log_downloads(monkeypatch, log, lambda store, shard: f"{store.cache.dir.name} {shard.name} {shard.bytes}")
     for rank in range(2):
         cfg = LoaderConfig(url=url, batch_size=4, num_workers=workers, augment=AugmentConfig(img_size=16),
                            plan=PlanConfig(window_shards=2, seed=3),

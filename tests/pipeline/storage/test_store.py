@@ -5,7 +5,8 @@ import time
 
 import pytest
 import torch
-from tests.helpers.shards import numbered_shards
+from tests.helpers.shards import log_downloads, numbered_shards
+from tests.helpers.training import wait_for
 
 from pipeline.errors import ShardFetchError
 from pipeline.loader import LoaderConfig, build_loader
@@ -147,20 +148,12 @@ def test_the_first_batchs_shards_are_warmed_by_the_parent_and_each_shard_is_fetc
     warm_first_batch(loader, ids)
     store = loader.manifest.store_of(0)
     keys = {store.cache_key(s): s.name for s in manifest.shards}
-    deadline = time.monotonic() + 30
-    while {keys.get(p.stem) for p in store.cache.dir.glob("*.tar")} != first and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: {keys.get(p.stem) for p in store.cache.dir.glob("*.tar")} == first, timeout=30)
+    time.sleep(0.2)
     assert {keys.get(p.stem) for p in store.cache.dir.glob("*.tar")} == first  # those, and nothing else
 
     log = tmp_path / "downloads.log"
-    download = ShardStore._download
-
-    def logged(self, shard, *args, **kwargs):
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()} {shard.name}\n")
-        return download(self, shard, *args, **kwargs)
-
-    monkeypatch.setattr(ShardStore, "_download", logged)
+    log_downloads(monkeypatch, log, lambda store, shard: f"{os.getpid()} {shard.name}")
     cfg = LoaderConfig(url="s3://faults/ds", batch_size=5, num_workers=2, storage=_config(faulty_s3, tmp_path / "run"),
                        plan=PlanConfig(window_shards=1))
     ids = [i for b in build_loader(cfg, 0, 1) for i in b.sample_ids.tolist()]
