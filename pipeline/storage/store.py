@@ -321,7 +321,13 @@ class ShardStore:
             return self.cache.commit(key, tmp)
 
     def fetch_bytes(self, shard: ShardInfo) -> ShardBytes:
-        """The verified shard in memory (``cache_mode='memory'``): nothing on disk."""
+        """The verified shard in memory (``cache_mode='memory'``): nothing on disk. A
+        shard larger than ``cache_limit_gb`` is refused before anything is read (the
+        manifest is untrusted; its sizes must not decide a reader's memory)."""
+        if shard.bytes > self.config.cache_limit_bytes:
+            raise ShardFetchError(f"shard {shard.name}: {shard.bytes / 2**30:.1f} GiB, more than cache_limit_gb "
+                                  f"({self.config.cache_limit_gb:g}), which bounds one shard held in memory with "
+                                  "cache_mode='memory'; raise it, or use cache_mode='disk'")
         memory = ShardBytes(shard.bytes)
         self._fetch(shard, self.cache_key(shard), memory)
         return memory

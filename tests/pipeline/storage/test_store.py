@@ -192,6 +192,9 @@ def test_memory_mode_reads_the_same_samples_and_writes_nothing_to_disk(dataset, 
         store.open_shard(bad)
     with pytest.raises(ShardFetchError, match="needs the shard as a local file.*cache_mode='disk'"):
         store.local_path(manifest.shards[0])
+    huge = dataclasses.replace(manifest.shards[0], bytes=2**40)  # what a hostile manifest may claim
+    with pytest.raises(ShardFetchError, match=r"1024.0 GiB, more than cache_limit_gb \(20\)"):
+        store.open_shard(huge)
 
 
 def test_a_damaged_local_shard_is_named_by_the_checksum_that_caught_it(tmp_path):
