@@ -142,10 +142,12 @@ def warm_first_batch(loader: PlannedLoader, ids: np.ndarray) -> None:
     if not len(ids):
         return
     shard_of, _ = loader.plan.locate(ids[:loader.config.batch_size])
-    shards = [s for s in dict.fromkeys(shard_of.tolist()) if loader.manifest.store_of(s).cache is not None]
-    if not shards:
+    data = loader.manifest
+    stores = {s: data.store_of(s) for s in dict.fromkeys(shard_of.tolist())}
+    cached = [(store, data.shard(s)) for s, store in stores.items() if store.cache is not None]
+    if not cached:
         return
-    pool = cf.ThreadPoolExecutor(len(shards), thread_name_prefix="first-batch")
-    for s in shards:
-        pool.submit(loader.manifest.store_of(s).local_path, loader.manifest.shard(s))
+    pool = cf.ThreadPoolExecutor(len(cached), thread_name_prefix="first-batch")
+    for store, shard in cached:
+        pool.submit(store.local_path, shard)
     pool.shutdown(wait=False)

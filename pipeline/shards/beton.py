@@ -99,7 +99,8 @@ def write_beton(src: str, dest: str, cfg: ShardWriterConfig, opts: BetonOptions)
         local = os.path.join(tmp, BETON_NAME)
         log.info("pass 2: FFCV writer, %d images -> %s", len(samples), BETON_NAME)
         run_ffcv_writer(staging, local, opts, len(samples))
-        info = ShardInfo(BETON_NAME, len(samples), os.path.getsize(local), **file_digests(local, algorithms=MANIFEST_HASHES))
+        info = ShardInfo(BETON_NAME, len(samples), os.path.getsize(local),
+                         **file_digests(local, algorithms=MANIFEST_HASHES))
         folder.put_file(local, BETON_NAME)
         folder.put_bytes(KEYS_NAME, ("\n".join(samples.keys()) + "\n").encode())
         options = {**cfg.options(), "format": "beton", "keys": KEYS_NAME, "jpeg_quality": opts.jpeg_quality,

@@ -30,8 +30,10 @@ MAX_SHARD_BYTES = 2**40
 MIN_SAMPLE_BYTES = 512  # every sample has at least one tar header block
 MAX_ETAG_CHARS = 256
 DATASET_FORMATS = ("tar", "beton")
+# relative names whose every part starts with [A-Za-z0-9_-] (so none is '.' or '..'):
+# safe as they are, without a closer look (shard names, tar member names)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 # newlines, terminal escapes, NUL, bidi overrides, undecodable bytes (lone surrogates)
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
@@ -64,7 +66,7 @@ class Reject:
 def safe_relative_name(name: str) -> bool:
     """A name that stays inside its folder: relative, ``/``-separated parts that are
     neither empty, ``.`` nor ``..``; no backslash, no control character."""
-    if len(name) <= 1024 and _PLAIN_NAME.fullmatch(name):
+    if len(name) <= 1024 and PLAIN_NAME.fullmatch(name):
         return True  # the common case, e.g. shard-000123.tar
     if not name or len(name) > 1024 or name.startswith("/") or "\\" in name or _CONTROL.search(name):
         return False

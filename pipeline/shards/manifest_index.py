@@ -46,7 +46,7 @@ _HEADER_KEYS_V1 = {"version", "manifest_sha256", "manifest_bytes", "shards", "na
                    "total_bytes", "classes", "options"}
 _HEADER_KEYS = {1: _HEADER_KEYS_V1, 2: _HEADER_KEYS_V1 | {"xxh3_128"}}
 _INT64 = np.dtype("<i8")
-# bytes of plain shard names (manifest._PLAIN_NAME) and their newline separators; a part starts with one of _FIRST
+# bytes of plain shard names (manifest.PLAIN_NAME) and their newline separators; a part starts with one of _FIRST
 _PLAIN_OR_NEWLINE = np.zeros(256, bool)
 _FIRST = np.zeros(256, bool)
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-":

@@ -16,7 +16,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -26,7 +25,7 @@ from typing import BinaryIO
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import IMAGE_EXTENSIONS, BadImage
-from pipeline.shards.manifest import ShardInfo, printable
+from pipeline.shards.manifest import PLAIN_NAME, ShardInfo, printable
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class SampleIndex:
 
 def split_member_name(name: str, shard: str) -> tuple[str, str]:
     """'a/b/000_x.jpg' -> ('a/b/000_x', 'jpg'); refuses unsafe names."""
-    if _PLAIN_MEMBER.fullmatch(name):  # the usual name, safe by its characters alone: no pathlib
+    if PLAIN_NAME.fullmatch(name):  # the usual name, safe by its characters alone: no pathlib
         folder, _, base = name.rpartition("/")
         if "." in base:
             stem, ext = base.split(".", 1)
@@ -58,8 +57,6 @@ def split_member_name(name: str, shard: str) -> tuple[str, str]:
     return str(path.parent / stem) if path.parent != PurePosixPath(".") else stem, ext.lower()
 
 
-# relative names whose every part starts with [A-Za-z0-9_-] (so none is '.' or '..')
-_PLAIN_MEMBER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 BLOCK = 512  # tar header and padding unit
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar magic and version, as the shard writer writes
 MAX_EXTENDED_HEADER = 2**20  # a pax or GNU long-name payload larger than this is refused as corrupt

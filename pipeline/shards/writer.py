@@ -224,7 +224,8 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
                 samples += 1
             tar.close()
         record = {"name": job.name, "samples": samples, "bytes": os.path.getsize(local),
-                  **file_digests(local, algorithms=MANIFEST_HASHES), "sources_digest": job.digest, "rejects": rejects, "converted": dict(converted)}
+                  **file_digests(local, algorithms=MANIFEST_HASHES), "sources_digest": job.digest,
+                  "rejects": rejects, "converted": dict(converted)}
         folder = ObjectFolder(dest, cfg.storage)
         folder.put_file(local, job.name)
     folder.put_bytes(job.name + RECORD_SUFFIX, json.dumps(record).encode())

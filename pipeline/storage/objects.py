@@ -36,7 +36,7 @@ T = TypeVar("T")
 # accidental change (bit rot, a damaged or truncated body), but is no defence against
 # someone who can write shards (not the manifest) and crafts a collision.
 HASHES: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
-MANIFEST_HASHES = ("sha256", "xxh3_128")
+MANIFEST_HASHES = tuple(HASHES)
 
 
 def is_sha256(text: object) -> bool:

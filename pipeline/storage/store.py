@@ -434,7 +434,7 @@ class ShardStore:
             raise errors[0]
         state.finish(stored, shard.bytes)
         del self._partial[key]
-        if state.digest is None or check is None:
+        if check is None:  # indexed in place: nothing to hash against
             return
         algorithm, expected = check
         actual = state.digest.hexdigest()
