@@ -43,10 +43,19 @@ from train.bench.streaming import PEERS, bench_stream, format_stream
 MiB = 2**20
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     """CPU time of this process plus its finished (waited-for) children."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def official_recipe(img: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> Image.Image:
+    """The official MAE recipe in PIL, as its users write it: RGB, RandomResizedCrop
+    (crop, then a bicubic resize), flip."""
+    img = img.convert("RGB")
+    (x, y, w, h), flip = crop_and_flip(img.size[0], img.size[1], aug, rng)
+    img = img.crop((x, y, x + w, y + h)).resize((aug.img_size,) * 2, Image.BICUBIC)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
 
 class PerFileBaseline(Dataset):
@@ -62,21 +71,17 @@ class PerFileBaseline(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         with open(self.paths[i], "rb") as f:
-            img = Image.open(f).convert("RGB")
-        (x, y, w, h), flip = crop_and_flip(img.size[0], img.size[1], self.aug, sample_rng(0, 0, i))
-        img = img.crop((x, y, x + w, y + h)).resize((self.aug.img_size,) * 2, Image.BICUBIC)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = official_recipe(Image.open(f), self.aug, sample_rng(0, 0, i))
         return self.normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None])[0]
 
 
 def _timed(iterable) -> dict[str, float]:
-    cpu0, t0, n = _cpu_seconds(), time.perf_counter(), 0
+    cpu0, t0, n = cpu_seconds(), time.perf_counter(), 0
     for batch in iterable:
         n += len(batch.keys) if hasattr(batch, "keys") else len(batch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     return {"images": n, "wall_s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
 
 

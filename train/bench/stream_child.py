@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -21,20 +20,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.augment import AugmentConfig, crop_and_flip
+from pipeline.augment import AugmentConfig
+from train.bench.pipeline import cpu_seconds, official_recipe
 
 MiB = 2**20
 AUG = AugmentConfig()
 
 
 def official_recipe_uint8(data: bytes, rng: np.random.Generator) -> torch.Tensor:
-    """The official MAE recipe in PIL (decode, RGB, RandomResizedCrop with a bicubic
-    resize, flip), to uint8 CHW: what a peer's user writes."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    (x, y, w, h), flip = crop_and_flip(img.size[0], img.size[1], AUG, rng)
-    img = img.crop((x, y, x + w, y + h)).resize((AUG.img_size,) * 2, Image.BICUBIC)
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    """The official MAE recipe in PIL on encoded bytes, to uint8 CHW: what a peer's
+    user writes."""
+    img = official_recipe(Image.open(io.BytesIO(data)), AUG, rng)
     return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
@@ -171,11 +167,6 @@ CONTENDERS: dict[str, Callable[..., Iterable]] = {"maescale": maescale, "raw_cat
                                                   "litdata": litdata, "streaming": streaming}
 
 
-def _cpu_seconds() -> float:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def _count(batch) -> tuple[int, int]:
     images, labels = batch
     if isinstance(images, _RawShard):
@@ -187,14 +178,14 @@ def _count(batch) -> tuple[int, int]:
 
 def timed_pass(contender: str, mode: str, urls: dict, endpoint: str, workers: int, batch: int,
                cache: str) -> dict[str, float]:
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     first, samples, nbytes = None, 0, 0
     for b in CONTENDERS[contender](urls, endpoint, workers, batch, cache, mode):
         n, k = _count(b)
         if n and first is None:
             first = time.perf_counter() - t0
         samples, nbytes = samples + n, nbytes + k
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {"samples": samples, "samples_per_s": samples / wall, "cpu_ms_per_image": 1e3 * cpu / samples,
             "cpu_ms_per_mib": 1e3 * cpu / (nbytes / MiB) if nbytes else None,  # e2e: images, not bytes, come out
             "first_batch_s": first or wall, "wall_s": wall}

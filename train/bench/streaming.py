@@ -41,7 +41,7 @@ def peer_available(name: str) -> bool:
     """Whether a peer library is installed (the ``bench`` extra)."""
     import importlib.util
 
-    return importlib.util.find_spec({"streaming": "streaming"}.get(name, name)) is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def _samples(files: list[Path]) -> list[tuple[Path, int]]:
