@@ -109,9 +109,10 @@ class CpuLoader(PlannedLoader):
     """The reference decode path (PIL in DataLoader worker processes)."""
 
     rand_augments = True  # in the workers, on the host
+    epoch_class = _RankEpoch  # what a worker makes of its samples (the streaming benchmark's: bytes only)
 
     def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
-        dataset = _RankEpoch(self, ids, epoch)
+        dataset = self.epoch_class(self, ids, epoch)
         workers = self.config.num_workers
         if workers > 1 and self.config.storage.cache_mode == "memory" and not getattr(self, "_warned_memory", False):
             self._warned_memory = True

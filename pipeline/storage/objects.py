@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -73,6 +74,20 @@ def object_etag(info: dict[str, Any]) -> str | None:
     return str(etag) if etag else None
 
 
+# one client per process: a forked worker's threads (a shard's ranges, prefetches)
+# that all meet the parent's client at once make one new client, not one each. A
+# fresh lock in each child: a parent thread may hold this one when it forks.
+_NEW_CLIENT = threading.Lock()
+
+
+def _fresh_client_lock() -> None:
+    global _NEW_CLIENT
+    _NEW_CLIENT = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_client_lock)
+
+
 class ObjectFolder:
     """A local folder or an object-store prefix, read and written object by object."""
 
@@ -90,11 +105,13 @@ class ObjectFolder:
     def fs(self) -> fsspec.AbstractFileSystem:
         """This process's filesystem: forked processes (DataLoader workers) get their own."""
         if self._fs_pid != os.getpid():
-            # the parent's client stays referenced, never closed here: closing it would
-            # touch connections of the parent's event loop, which does not run in this process
-            self._inherited = self._fs
-            self._fs, _ = filesystem(self.url, self.storage, fresh=True, parent=self._inherited)
-            self._fs_pid = os.getpid()
+            with _NEW_CLIENT:
+                if self._fs_pid != os.getpid():  # no other thread of this process made it meanwhile
+                    # the parent's client stays referenced, never closed here: closing it would
+                    # touch connections of the parent's event loop, which does not run in this process
+                    self._inherited = self._fs
+                    self._fs, _ = filesystem(self.url, self.storage, fresh=True, parent=self._inherited)
+                    self._fs_pid = os.getpid()
         return self._fs
 
     def path(self, name: str) -> str:

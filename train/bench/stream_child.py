@@ -64,14 +64,16 @@ def maescale(urls: dict, endpoint: str, workers: int, batch: int, cache: str, mo
     if mode == "e2e":
         return ((b.images, b.labels) for b in build_loader(cfg, 0, 1))
 
-    class BytesEpoch(_RankEpoch):  # the cpu backend's reader and worker split, without the decode
+    class BytesEpoch(_RankEpoch):  # the cpu backend's reader, workers and warm-up, without the decode
         def _batch(self, ids, samples):
             return [image_member(m) for _, _, m in samples], [label_of(m, self.classes) for _, _, m in samples]
 
-    loader = CpuLoader(cfg, 0, 1, torch.device("cpu"))
+    class BytesLoader(CpuLoader):
+        epoch_class = BytesEpoch
+
+    loader = BytesLoader(cfg, 0, 1, torch.device("cpu"))
     ids, _ = loader._rank_ids()
-    return DataLoader(BytesEpoch(loader, ids, 0), batch_size=None, num_workers=workers,
-                      prefetch_factor=2 if workers else None)
+    return loader._batches(ids, 0)
 
 
 def raw_cat(urls: dict, endpoint: str, workers: int, batch: int, cache: str, mode: str) -> Iterable:

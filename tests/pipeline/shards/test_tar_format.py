@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import BadImage
-from pipeline.shards.tar_format import TarShardWriter, index_tar, label_of, read_members
+from pipeline.shards.tar_format import TarShardWriter, group_samples, index_tar, label_of, read_members
 
 
 def _tar_with(names_and_data, kind=tarfile.REGTYPE) -> io.BytesIO:
@@ -122,6 +122,53 @@ def test_the_fast_header_path_reads_exactly_what_tarfile_reads(fmt, strict, monk
     slow = tar_format.walk_tar(lambda o, n: data[o:o + n], len(data), "s", strict)
     assert calls and fast == slow
     assert [m.name for m in fast.members] == [e[0] for e in entries[:4]]
+
+
+_PLAIN = [("a/000_x.jpg", tarfile.REGTYPE, b"1" * 700), ("a/000_x.cls", tarfile.REGTYPE, b"3"),
+          ("a/000_x.jpg", tarfile.REGTYPE, b"again"), ("001.JPG", tarfile.REGTYPE, b""),
+          ("b/002.tar.gz", tarfile.REGTYPE, b"5" * 513)]
+
+
+@pytest.mark.parametrize("entries, fmt, plain", [
+    (_PLAIN, tarfile.USTAR_FORMAT, True),  # what the shard writer makes: a repeated member, an upper-case
+    (_PLAIN, tarfile.PAX_FORMAT, True),  # extension, a two-part one, a member ending on a block
+    ([], tarfile.USTAR_FORMAT, True),
+    (_PLAIN, tarfile.GNU_FORMAT, False),
+    (_PLAIN + [("é/003_ü.jpg", tarfile.REGTYPE, b"3")], tarfile.USTAR_FORMAT, False),
+    (_PLAIN + [("d" * 90 + "/" + "e" * 40 + "/004.jpg", tarfile.REGTYPE, b"4")], tarfile.USTAR_FORMAT, False),
+])
+def test_the_plain_index_is_the_walks_or_leaves_the_tar_to_it(entries, fmt, plain):
+    """Our own shards are indexed without the walker; the samples are exactly the
+    walker's, and any other tar is left to the walker."""
+    from pipeline.shards import tar_format
+
+    data = _tar_of(entries, fmt)
+    walked = group_samples(tar_format.walk_tar(lambda o, n: data[o:o + n], len(data), "s").members, "s")
+    fast = tar_format._plain_index(lambda o, n: data[o:o + n], len(data), "s")
+    assert fast == (walked if plain else None)
+    assert index_tar(io.BytesIO(data), "s") == walked
+    if entries is _PLAIN:
+        assert [(s.key, sorted(s.members), s.renamed_from) for s in walked] == [
+            ("a/000_x", ["cls", "jpg"], None), ("a/000_x#2", ["jpg"], "a/000_x"), ("001", ["jpg"], None),
+            ("b/002", ["tar.gz"], None)]
+
+
+@pytest.mark.parametrize("damage", ["checksum", "truncated", "stray"])
+def test_a_damaged_plain_tar_is_left_to_the_walker_and_refused(damage):
+    from pipeline.shards import tar_format
+
+    data = bytearray(_tar_of(_PLAIN, tarfile.USTAR_FORMAT))
+    if damage == "checksum":
+        data[512 + 1024 + 100] ^= 1  # the mode field of the second header: only its checksum tells
+    if damage == "truncated":
+        data = data[:2048]  # the first member's data ends past the end of the file
+    if damage == "stray":
+        last = tar_format.walk_tar(lambda o, n: bytes(data[o:o + n]), len(data), "s").members[-1]
+        data = data[:last.offset + 1024] + b"\0" * 100  # no end marker, and bytes short of a block
+    data = bytes(data)
+    assert tar_format._plain_index(lambda o, n: data[o:o + n], len(data), "s") is None
+    with pytest.raises(ShardFormatError, match="corrupt|truncated"):
+        index_tar(io.BytesIO(data), "s")
 
 
 def test_a_plain_header_with_a_bad_checksum_is_left_to_tarfile_and_refused():

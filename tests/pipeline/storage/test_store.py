@@ -298,3 +298,45 @@ def test_redact_removes_credentials(monkeypatch):
     for secret in ("s3cr3t-value-123", "deadbeef", "AKIAABCDEFGHIJKLMNOP", "pa55"):
         assert secret not in out
     assert "https://b.s3.amazonaws.com/x" in out
+
+
+@pytest.mark.integration
+def test_a_forked_process_makes_one_client_however_many_threads_meet_the_parents(dataset, faulty_s3, tmp_path,
+                                                                                monkeypatch):
+    """A worker's fetch threads that all reach the inherited client at once make one
+    new client between them, and each reads through it."""
+    import multiprocessing
+
+    from pipeline.storage import objects
+
+    faulty_s3.faults.clear()
+    store = _store(faulty_s3, tmp_path)
+    parent = store.fs
+    made = []
+    real = objects.filesystem
+
+    def slow_filesystem(*args, **kwargs):  # widens the window in which the threads race
+        made.append(1)
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objects, "filesystem", slow_filesystem)
+
+    def child(out):
+        seen = []
+        threads = [threading.Thread(target=lambda: seen.append(store.fs)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        body = store.fs.cat_file(f"{store.root}/manifest.json")
+        out.put((len(made), len({id(fs) for fs in seen}), any(fs is parent for fs in seen), len(body)))
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    proc = ctx.Process(target=child, args=(out,))
+    proc.start()
+    made_in_child, distinct, inherited, nbytes = out.get(timeout=60)
+    proc.join(30)
+    assert (made_in_child, distinct, inherited) == (1, 1, False)
+    assert nbytes > 0 and made == []  # the parent kept its own client
