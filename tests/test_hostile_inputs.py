@@ -136,9 +136,11 @@ def one_sample(ws: Workspace, members: dict[str, bytes], classes=("a", "b")) -> 
     return ws.ds
 
 
-def raw_tar_dataset(ws: Workspace, members: list[tarfile.TarInfo], cut: int | None = None) -> Path:
+def raw_tar_dataset(ws: Workspace, members: list[tarfile.TarInfo], cut: int | None = None,
+                    edit: Callable[[bytearray], None] = lambda data: None) -> Path:
     """A dataset whose one shard is the tar built from ``members`` (cut to ``cut``
-    bytes), with a manifest whose sha256 matches those bytes."""
+    bytes, then changed in place by ``edit``), with a manifest whose sha256 matches
+    those bytes."""
     import hashlib
     import io
 
@@ -146,7 +148,9 @@ def raw_tar_dataset(ws: Workspace, members: list[tarfile.TarInfo], cut: int | No
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for info in members:
             tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isreg() else None)
-    data = buf.getvalue()[:cut]
+    data = bytearray(buf.getvalue()[:cut])
+    edit(data)
+    data = bytes(data)
     ws.ds.mkdir()
     (ws.ds / "shard-000000.tar").write_bytes(data)
     doc = {"format": "maescale-shards", "version": 1, "total_samples": 1, "total_bytes": len(data), "classes": [],
@@ -154,6 +158,14 @@ def raw_tar_dataset(ws: Workspace, members: list[tarfile.TarInfo], cut: int | No
                        "sha256": hashlib.sha256(data).hexdigest()}], "rejects": [], "options": {}}
     (ws.ds / "manifest.json").write_text(json.dumps(doc))
     return ws.ds
+
+
+def negative_size(data: bytearray) -> None:
+    """The first header's size field set to -1, its checksum fixed up: a header as
+    valid as a hostile writer makes it, whose size Python's int() would accept."""
+    data[124:136] = b"-0000000001\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
 
 
 def member(name: str, size: int = 4, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
@@ -362,6 +374,9 @@ CASES = [
         ws, [member("\x1b]0;owned\x07.jpg")])), r"unsafe member name .* \(control characters\)", code=1),
     error("tar cut short", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(ws, [member("x.jpg", 5000)], cut=2048)),
           "truncated", code=1),
+    error("tar member of negative size", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(
+        ws, [member("x.jpg", 600), member("y.jpg")], edit=negative_size)), "corrupt tar: member 'x.jpg' of -1 bytes",
+        code=1),
     error("sample count off", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: (d["shards"][0].update(samples=2), d.update(total_samples=2)))),
         "FAIL shard-000000.tar: 3 samples, manifest says 2", code=1),

@@ -163,6 +163,8 @@ class _Walker:
                 name = extended.get("path", info.name)
                 size = int(extended.get("size", info.size))
                 extended = {}
+                if size < 0:  # tarfile reads a size field of '-1' as -1
+                    raise ShardFormatError(f"{self.shard}: corrupt tar: member {name!r} of {size} bytes")
                 if data + size > self.size:
                     raise ShardFormatError(f"{self.shard}: truncated tar: member {name!r} runs past the end of the file")
                 self.member(name, info.type, data, size)
@@ -207,8 +209,12 @@ class _Walker:
 
 
 def _octal(field: bytes) -> int:
-    """A NUL- or space-terminated octal header field (ValueError if it is not one)."""
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    """A NUL- or space-terminated octal header field (ValueError if it is not one:
+    digits only, so never negative — ``int`` alone would take '-1' or '0o7')."""
+    text = field.split(b"\0", 1)[0].strip()
+    if text and not text.isdigit():
+        raise ValueError(f"not an octal number: {text[:12]!r}")
+    return int(text or b"0", 8)
 
 
 def _plain_header(block: bytes) -> tuple[str, int] | None:

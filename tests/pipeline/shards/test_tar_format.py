@@ -176,3 +176,25 @@ def test_a_plain_header_with_a_bad_checksum_is_left_to_tarfile_and_refused():
     data[10] ^= 1  # in the name: the stored checksum no longer matches
     with pytest.raises(ShardFormatError, match="truncated or corrupt tar .*checksum"):
         index_tar(io.BytesIO(bytes(data)), "s")
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_negative_member_size_with_a_valid_checksum_is_corrupt(strict):
+    """'-1' in a size field is an int to Python and to tarfile: read as a size it would
+    make the member's read take the rest of the file."""
+    from pipeline.shards import tar_format
+
+    data = bytearray(_tar_of([("000.jpg", tarfile.REGTYPE, b"x" * 600), ("001.jpg", tarfile.REGTYPE, b"y")],
+                             tarfile.USTAR_FORMAT))
+    data[124:136] = b"-0000000001\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])  # a header as valid as a hostile writer makes it
+    data = bytes(data)
+    assert tar_format._plain_header(data[:512]) is None
+    assert tar_format._plain_index(lambda o, n: data[o:o + n], len(data), "s") is None
+    if strict:
+        with pytest.raises(ShardFormatError, match="corrupt tar"):
+            index_tar(io.BytesIO(data), "s")
+    else:
+        walk = tar_format.walk_tar(lambda o, n: data[o:o + n], len(data), "s", strict=False)
+        assert walk.members == [] and walk.problems == [("@0", "corrupt_tar")]
