@@ -137,11 +137,13 @@ _PLAIN = [("a/000_x.jpg", tarfile.REGTYPE, b"1" * 700), ("a/000_x.cls", tarfile.
     (_PLAIN + [("é/003_ü.jpg", tarfile.REGTYPE, b"3")], tarfile.USTAR_FORMAT, False),
     (_PLAIN + [("d" * 90 + "/" + "e" * 40 + "/004.jpg", tarfile.REGTYPE, b"4")], tarfile.USTAR_FORMAT, False),
 ])
-def test_the_plain_index_is_the_walks_or_leaves_the_tar_to_it(entries, fmt, plain):
+@pytest.mark.parametrize("together", [4096, 2])  # headers checksummed in one go: all, or in several groups
+def test_the_plain_index_is_the_walks_or_leaves_the_tar_to_it(entries, fmt, plain, together, monkeypatch):
     """Our own shards are indexed without the walker; the samples are exactly the
     walker's, and any other tar is left to the walker."""
     from pipeline.shards import tar_format
 
+    monkeypatch.setattr(tar_format, "_CHECKED_TOGETHER", together)
     data = _tar_of(entries, fmt)
     walked = group_samples(tar_format.walk_tar(lambda o, n: data[o:o + n], len(data), "s").members, "s")
     fast = tar_format._plain_index(lambda o, n: data[o:o + n], len(data), "s")
@@ -154,9 +156,11 @@ def test_the_plain_index_is_the_walks_or_leaves_the_tar_to_it(entries, fmt, plai
 
 
 @pytest.mark.parametrize("damage", ["checksum", "truncated", "stray"])
-def test_a_damaged_plain_tar_is_left_to_the_walker_and_refused(damage):
+@pytest.mark.parametrize("together", [4096, 2, 1])
+def test_a_damaged_plain_tar_is_left_to_the_walker_and_refused(damage, together, monkeypatch):
     from pipeline.shards import tar_format
 
+    monkeypatch.setattr(tar_format, "_CHECKED_TOGETHER", together)
     data = bytearray(_tar_of(_PLAIN, tarfile.USTAR_FORMAT))
     if damage == "checksum":
         data[512 + 1024 + 100] ^= 1  # the mode field of the second header: only its checksum tells
