@@ -95,14 +95,34 @@ def uint8_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
 WORKER_STOP_GRACE_S = 60
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _defer_stop_signals(worker_id: int) -> None:
     """Preemption (SIGTERM) and Ctrl-C reach every process of a job. The trainer
     handles them — finishes the step, saves, shuts its workers down — so a worker
     must not die first: on SIGTERM it only schedules its own exit (SIGALRM) after
-    a grace period, in case nobody shuts it down."""
+    a grace period, in case nobody shuts it down. The worker was forked with these
+    signals blocked (``_forked_with_stop_signals_blocked``): one that arrived since
+    is delivered now, to these handlers."""
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_STOP_GRACE_S))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     sink().worker_init()
+
+
+def _forked_with_stop_signals_blocked(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, whose workers start with SIGTERM and SIGINT blocked until
+    ``_defer_stop_signals`` has set their handlers. Otherwise a preemption that
+    lands while a worker starts (every epoch forks new ones) meets torch's worker
+    handler, which dies on a SIGTERM its parent did not send: the trainer then
+    fails with 'DataLoader worker ... killed by signal' instead of saving. Only the
+    forking thread's mask changes, and only for the fork."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class CpuLoader(PlannedLoader):
@@ -125,7 +145,7 @@ class CpuLoader(PlannedLoader):
                             # workers are forked whatever the process's default start method (a library
                             # such as LitData sets 'spawn'): they inherit the plan and the reader set-up
                             multiprocessing_context="fork" if workers else None)
-        it = iter(loader)  # forks the workers
+        it = _forked_with_stop_signals_blocked(loader) if workers else iter(loader)
         if workers:  # after the fork: no worker inherits these threads
             warm_first_batch(self, ids)
         try:

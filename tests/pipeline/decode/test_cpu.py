@@ -76,6 +76,28 @@ def test_workers_are_forked_even_where_the_default_start_method_is_spawn(ds):
     assert ids == ref_ids and torch.equal(images, ref_images)
 
 
+def test_a_sigterm_while_the_workers_start_is_deferred_not_fatal(ds, monkeypatch):
+    """A preemption's TERM reaches every process of a job, a worker that is just
+    starting too (each epoch forks new ones): it must wait for the worker's handler,
+    not kill the worker — before, torch's own handler did, and the trainer failed
+    with 'DataLoader worker ... killed by signal' instead of saving."""
+    import os
+    import signal
+
+    from pipeline.decode import cpu
+
+    real = cpu._defer_stop_signals
+
+    def terminated_while_starting(worker_id: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # after torch's worker handlers are set, before ours
+        real(worker_id)
+
+    monkeypatch.setattr(cpu, "_defer_stop_signals", terminated_while_starting)
+    want, pixels = _drain(build_loader(_cfg(ds), 0, 1))
+    got, got_pixels = _drain(build_loader(_cfg(ds, num_workers=2), 0, 1))
+    assert got == want and torch.equal(got_pixels, pixels)
+
+
 def test_a_workers_batch_is_one_channels_last_uint8_buffer(ds):
     batch = next(iter(build_loader(_cfg(ds, num_workers=1, normalize=False), 0, 1)))
     images = batch.images
