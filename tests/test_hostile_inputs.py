@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from tests.helpers.cli import run_mae
 from tests.helpers.s3_faults import SilentEndpoint
-from tests.helpers.shards import (bomb_png, exif_oriented_jpeg, flip_a_byte, jpeg_bytes, numbered_shards,
-                                  write_raw_shards)
+from tests.helpers.shards import (bomb_png, exif_oriented_jpeg, flip_a_byte, jpeg_bytes, negative_member_size,
+                                  numbered_shards, write_raw_shards)
 
 from infra.net import free_port
 from pipeline.augment import AugmentConfig
@@ -158,14 +158,6 @@ def raw_tar_dataset(ws: Workspace, members: list[tarfile.TarInfo], cut: int | No
                        "sha256": hashlib.sha256(data).hexdigest()}], "rejects": [], "options": {}}
     (ws.ds / "manifest.json").write_text(json.dumps(doc))
     return ws.ds
-
-
-def negative_size(data: bytearray) -> None:
-    """The first header's size field set to -1, its checksum fixed up: a header as
-    valid as a hostile writer makes it, whose size Python's int() would accept."""
-    data[124:136] = b"-0000000001\0"
-    data[148:156] = b" " * 8
-    data[148:156] = b"%06o\0 " % sum(data[:512])
 
 
 def member(name: str, size: int = 4, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
@@ -375,8 +367,8 @@ CASES = [
     error("tar cut short", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(ws, [member("x.jpg", 5000)], cut=2048)),
           "truncated", code=1),
     error("tar member of negative size", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(
-        ws, [member("x.jpg", 600), member("y.jpg")], edit=negative_size)), "corrupt tar: member 'x.jpg' of -1 bytes",
-        code=1),
+        ws, [member("x.jpg", 600), member("y.jpg")], edit=negative_member_size)),
+        "corrupt tar: member 'x.jpg' of -1 bytes", code=1),
     error("sample count off", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: (d["shards"][0].update(samples=2), d.update(total_samples=2)))),
         "FAIL shard-000000.tar: 3 samples, manifest says 2", code=1),

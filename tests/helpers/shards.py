@@ -100,6 +100,14 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def negative_member_size(data: bytearray) -> None:
+    """The first tar header's size field set to -1, its checksum fixed up: a header
+    as valid as a hostile writer makes it, whose size Python's int() would accept."""
+    data[124:136] = b"-0000000001\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+
+
 def log_downloads(monkeypatch, log: Path, line) -> None:
     """Append ``line(store, shard)`` to ``log`` for every shard download a
     ``ShardStore`` starts, in this process and in the ones it forks (DataLoader

@@ -2,6 +2,7 @@ import io
 import tarfile
 
 import pytest
+from tests.helpers.shards import negative_member_size
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import BadImage
@@ -190,9 +191,7 @@ def test_a_negative_member_size_with_a_valid_checksum_is_corrupt(strict):
 
     data = bytearray(_tar_of([("000.jpg", tarfile.REGTYPE, b"x" * 600), ("001.jpg", tarfile.REGTYPE, b"y")],
                              tarfile.USTAR_FORMAT))
-    data[124:136] = b"-0000000001\0"
-    data[148:156] = b" " * 8
-    data[148:156] = b"%06o\0 " % sum(data[:512])  # a header as valid as a hostile writer makes it
+    negative_member_size(data)
     data = bytes(data)
     assert tar_format._plain_header(data[:512]) is None
     assert tar_format._plain_index(lambda o, n: data[o:o + n], len(data), "s") is None
