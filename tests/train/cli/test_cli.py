@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from train.cli import COMMANDS, build_parser
+from tests.helpers.shards import numbered_shards
+from train.cli import COMMANDS, build_parser, command_module
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -32,7 +33,8 @@ def test_every_command_is_one_module_with_arguments_and_run():
     bench = next(a for a in top["bench"]._actions if a.dest == "bench").choices
     assert set(bench) == {"train", "finetune", "metrics", "encoder", "pipeline", "inputs", "ingest", "checkpoint",
                           "plan"}
-    for path, module, _ in COMMANDS:
+    for path, _ in COMMANDS:
+        module = command_module(path)
         assert module.__name__ == "train.cli." + "_".join(path)
         assert callable(module.add_arguments) and callable(module.run)
 
@@ -64,3 +66,27 @@ def test_importing_the_packages_pulls_no_optional_heavy_library():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_help_and_the_dataset_commands_start_without_torch(tmp_path):
+    """Only the command being run is imported: `mae --help`, `mae inspect` and
+    `mae index` never load torch (a training command's options do)."""
+    numbered_shards(tmp_path / "ds", [3, 2])
+    code = ("import contextlib, io, sys; from train.cli import main; out = io.StringIO()\n"
+            "for argv in (['--help'], ['bench', '--help'], ['inspect', '--help'], ['inspect', sys.argv[1], '--verify'],"
+            " ['index', sys.argv[1], '--out', sys.argv[2]]):\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try: rc = main(argv)\n"
+            "        except SystemExit as e: rc = e.code\n"
+            "    print('ran', argv[0], rc, 'torch' in sys.modules, file=sys.stderr)\n"
+            "print(out.getvalue())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ds"), str(tmp_path / "index")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    ran = [line.split()[1:] for line in out.stderr.splitlines() if line.startswith("ran ")]
+    assert ran == [["--help", "0", "False"], ["bench", "0", "False"], ["inspect", "0", "False"],
+                   ["inspect", "0", "False"], ["index", "0", "False"]], out.stderr
+    assert "{shard,index,inspect,pretrain," in out.stdout and "5 samples" in out.stdout, out.stdout
+    assert (tmp_path / "index" / "manifest.json").exists()
+    # the training commands still get every option, torch and all
+    assert build_parser(["bench", "encoder"]).parse_args(["bench", "encoder", "--steps", "2"]).steps == 2
