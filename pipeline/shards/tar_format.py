@@ -217,14 +217,26 @@ def _octal(field: bytes) -> int:
     return int(text or b"0", 8)
 
 
+def _ustar_file_size(block: bytes) -> int | None:
+    """The data size a POSIX ustar regular-file header records; None for another
+    format or type, a base-256 size, or a size field that is not octal digits."""
+    if block[257:265] != _USTAR_MAGIC or block[156] not in (0x30, 0) or block[124] & 0x80:
+        return None
+    try:
+        return _octal(block[124:136])
+    except ValueError:
+        return None
+
+
 def _plain_header(block: bytes) -> tuple[str, int] | None:
     """(name, size) of a plain POSIX ustar regular-file header with a valid checksum
     and a UTF-8 name not ending in '/', parsed without tarfile; None for anything
     else (then ``tarfile.TarInfo.frombuf`` parses and judges the header)."""
-    if block[257:265] != _USTAR_MAGIC or block[156] not in (0x30, 0) or block[124] & 0x80:
-        return None  # another format or type, or a base-256 size
+    size = _ustar_file_size(block)
+    if size is None:
+        return None
     try:
-        size, checksum = _octal(block[124:136]), _octal(block[148:156])
+        checksum = _octal(block[148:156])
         name, prefix = block[:100].split(b"\0", 1)[0], block[345:500].split(b"\0", 1)[0]
         text = (prefix + b"/" + name if prefix else name).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
@@ -334,16 +346,14 @@ def _plain_index(read_at: Callable[[int, int], bytes], size: int, shard: str) ->
         block = read_at(offset, BLOCK)
         if len(block) != BLOCK:
             return None
-        if block[257:265] != _USTAR_MAGIC:
+        data_size = _ustar_file_size(block)
+        if data_size is None or block[345]:  # not a regular file, or a name in the prefix field
             if block == _ZERO_BLOCK:
                 break  # end-of-archive marker
             return None
-        if block[156] not in (0x30, 0) or block[124] & 0x80 or block[345]:
-            return None  # not a regular file, a base-256 size, or a name in the prefix field
         try:
-            data_size = _octal(block[124:136])
             name = block[:100].split(b"\0", 1)[0].decode("ascii")
-        except (ValueError, UnicodeDecodeError):
+        except UnicodeDecodeError:
             return None
         folder, _, base = name.rpartition("/")
         stem, dot, ext = base.partition(".")
