@@ -7,12 +7,15 @@ Recency is the file's mtime (touched on every hit). Readers hold a shared
 ``flock`` on an entry while they use it; eviction takes an exclusive lock without
 blocking and skips entries in use, so a shard is never deleted under a reader.
 The size limit is soft only while more than the limit is pinned by readers.
+A pin ends when its reader closes the entry, also for processes forked meanwhile
+(DataLoader workers), which share the open file but not the reader.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -22,6 +25,19 @@ from typing import BinaryIO
 from pipeline.storage.objects import is_sha256
 
 log = logging.getLogger(__name__)
+
+
+class _PinnedEntry(io.BufferedReader):
+    """A cache entry open for reading under a shared ``flock``. Closing unlocks
+    first: a process forked while it was open (a DataLoader worker) holds the same
+    open file, and with it the lock, until it exits or closes its copy, which it
+    never uses; without the unlock the entry would stay unevictable that long."""
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(OSError, ValueError):
+                fcntl.flock(self, fcntl.LOCK_UN)
+        super().close()
 
 
 class ShardCache:
@@ -80,8 +96,12 @@ class ShardCache:
         """An entry opened for reading with a shared lock held while it is open, so
         eviction leaves it alone (an unlinked-but-open file stays readable).
         Raises FileNotFoundError if it was evicted in between."""
-        f = open(path, "rb")
-        fcntl.flock(f, fcntl.LOCK_SH)
+        f = _PinnedEntry(io.FileIO(path, "rb"))
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH)
+        except BaseException:
+            f.close()
+            raise
         return f
 
     def evict(self) -> int:

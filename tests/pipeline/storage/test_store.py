@@ -256,6 +256,32 @@ def test_a_committed_download_is_pinned_before_eviction_runs(tmp_path):
     assert _entries(cache) == ["d"] and not path.exists()
 
 
+def test_a_pin_ends_when_its_reader_closes_even_with_a_forked_process_alive(tmp_path):
+    """A process forked while an entry is open (a DataLoader worker starting while
+    a thread reads) shares the open file; closing it in the reader still unpins it."""
+    cache = ShardCache(tmp_path, limit_bytes=150)
+    _entry(cache, "a", 100, 10)
+    pinned = cache.open_pinned(cache.dir / f"{'a' * 64}.tar")
+    ready, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked process keeps its copy of the open file and lives on
+        os.write(ready[1], b"x")
+        os.read(release[0], 1)
+        os._exit(0)
+    try:
+        os.read(ready[0], 1)
+        _entry(cache, "b", 100, -10)
+        cache.evict()
+        assert _entries(cache) == ["a"]  # pinned: b, the newer, went instead
+        pinned.close()
+        _entry(cache, "c", 100, -10)
+        cache.evict()
+        assert _entries(cache) == ["c"]  # unpinned while the forked copy is still open
+    finally:
+        os.write(release[1], b"x")
+        os.waitpid(pid, 0)
+
+
 def test_a_local_shard_removed_after_verification_is_a_named_error(tmp_path):
     manifest = numbered_shards(tmp_path, [3, 3])
     store = ShardStore(str(tmp_path))
