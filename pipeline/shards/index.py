@@ -40,6 +40,7 @@ from pipeline.errors import ManifestError, ObjectNotAccessible, SourceError
 from pipeline.shards.labels import RULES, LabelRule
 from pipeline.shards.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     MAX_SHARD_BYTES,
     Reject,
     ShardInfo,
@@ -158,6 +159,9 @@ def list_tars(src: str, storage: StorageConfig) -> tuple[str, list[TarObject], l
     folder = ObjectFolder(src, storage)
     info = folder.call("source", lambda: folder.fs.info(folder.root))
     if info.get("type") == "file":
+        if not src.endswith(".tar"):
+            raise SourceError(f"{redact(src)} is not a .tar: mae index reads webdataset tars (a folder or prefix "
+                              "of them, a brace pattern, or one .tar)")
         base, name = src.rsplit("/", 1)
         return base, [TarObject(name, int(info["size"]), object_etag(info))], []
     found = folder.call("listing", lambda: folder.fs.find(folder.root, detail=True))
@@ -344,6 +348,7 @@ def index_tars(src: str, out: str | None, cfg: IndexConfig, ray: RayTarget | Non
     out_url = (out or data_url).rstrip("/")
     out_folder = ObjectFolder(out_url, cfg.storage)
     out_folder.prepare(cfg.create_bucket)
+    _refuse_to_replace_a_shard_manifest(out_folder)
     batches = plan_batches(objects, cfg)
     records: dict[int, dict] = {}
     for b in batches:
@@ -372,6 +377,24 @@ def index_tars(src: str, out: str | None, cfg: IndexConfig, ray: RayTarget | Non
     out_folder.put_bytes(MANIFEST_NAME, summary.manifest.to_json().encode())
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def _refuse_to_replace_a_shard_manifest(folder: ObjectFolder) -> None:
+    """The manifest already at the destination may be replaced only if `mae index`
+    wrote it: one `mae shard` wrote holds checksums of every byte, which a headers-only
+    index would lose, and one that cannot be read is not ours to overwrite."""
+    data = folder.read_if_exists(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    if data is None:
+        return
+    where = folder.where_of(MANIFEST_NAME)
+    try:
+        old = ShardManifest.from_json(data, where)
+    except ManifestError as e:
+        raise SourceError(f"{where} exists and is not a readable manifest ({e}); mae index would replace it: "
+                          "remove it, or give --out another folder") from e
+    if any(s.headers_sha256 is None for s in old.shards):
+        raise SourceError(f"{where} is the manifest of a dataset `mae shard` wrote, with checksums of every byte; "
+                          "an index would replace it with a headers-only one: give --out another folder")
 
 
 def _manifest(entries: list[dict], rejects: list[Reject], cfg: IndexConfig, data_url: str | None) -> ShardManifest:

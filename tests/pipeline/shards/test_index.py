@@ -18,7 +18,7 @@ from pipeline.shards.index import IndexConfig, expand_braces, index_tars
 from pipeline.shards.manifest import ShardManifest
 from pipeline.shards.tar_format import BLOCK, walk_tar
 from tests.helpers.cli import run_mae
-from tests.helpers.shards import jpeg_bytes
+from tests.helpers.shards import jpeg_bytes, numbered_shards
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
@@ -181,6 +181,32 @@ def test_cli_index_errors_are_one_line(tmp_path, capsys):
     assert res.code == 2 and "none of the 4 names of the pattern exist" in res.error_line
     res = run_mae(capsys, "index", str(tmp_path), "--label-from", "regex:(.*)")
     assert res.code == 2 and "label_from must be one of" in res.error_line
+
+
+def test_a_manifest_it_did_not_write_is_never_replaced(tmp_path, capsys):
+    """`mae index` on a dataset `mae shard` wrote, or on its manifest file, must not
+    replace that manifest (its checksums of every byte) with a headers-only one."""
+    ds = tmp_path / "ds"
+    numbered_shards(ds, [3, 2])
+    before = (ds / "manifest.json").read_bytes()
+    res = run_mae(capsys, "index", str(ds / "manifest.json"))
+    assert res.code == 2 and "manifest.json is not a .tar: mae index reads webdataset tars" in res.error_line
+    res = run_mae(capsys, "index", str(ds))
+    assert res.code == 2 and "is the manifest of a dataset `mae shard` wrote" in res.error_line
+    assert "give --out another folder" in res.error_line
+    (tmp_path / "junk").mkdir()
+    webdataset_tars(tmp_path / "junk", count=1, hostile=False)
+    (tmp_path / "junk" / "manifest.json").write_text("not json")
+    res = run_mae(capsys, "index", str(tmp_path / "junk"))
+    assert res.code == 2 and "exists and is not a readable manifest" in res.error_line
+    assert (ds / "manifest.json").read_bytes() == before and not (ds / "_index").exists()
+    assert (tmp_path / "junk" / "manifest.json").read_text() == "not json"
+    res = run_mae(capsys, "index", str(ds), "--out", str(tmp_path / "idx"))  # elsewhere: fine
+    idx = ShardManifest.from_json((tmp_path / "idx" / "manifest.json").read_bytes())
+    assert res.code == 0 and idx.total_samples == 5
+    webdataset_tars(tmp_path / "tars", count=2, hostile=False)
+    for _ in range(2):  # its own manifest beside the tars is replaced on a rerun
+        assert run_mae(capsys, "index", str(tmp_path / "tars")).code == 0
 
 
 def test_s3_index_reads_headers_only_and_loads_through_the_cache(s3_env, tmp_path, capsys):
