@@ -77,6 +77,14 @@ def test_export_reproduces_the_trained_loss(stage, stage_runs, tmp_path):
     with torch.no_grad():
         loss = model(imgs, 0.75, noise)[0].item()
     assert loss == pytest.approx(_summary(stage_runs[stage])["fixed_batch_loss"], abs=1e-6)
+    # `mae convert` and `mae finetune --weights` read a run's checkpoint or step dir directly: the same weights
+    from train.weights.pretrained import read_weights
+
+    exported = read_state_dict(tmp_path / "export" / "mae.safetensors")
+    for source in (stage_runs[stage] / "ckpt", stage_runs[stage] / "ckpt" / "step000000008"):
+        sd, meta = read_weights(source)
+        assert meta["path"].endswith("step000000008") and sd.keys() == exported.keys()
+        assert all(torch.equal(sd[k].float(), exported[k]) for k in sd), source
 
 
 def test_a_poisoned_batch_is_skipped_and_counted(shards, tmp_path):

@@ -84,7 +84,7 @@ def read_weights(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         from train.weights.consolidate import consolidate, resolve_tag
 
         root, tag = resolve_tag(path)
-        sd, _ = consolidate(root, tag)
+        sd = consolidate(root, tag)
         return sd, {"path": str(root / tag)}
     if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
         raise WeightsError(f"{path}: expected a checkpoint directory, an export folder, a .safetensors or "
