@@ -22,6 +22,7 @@ from pathlib import Path
 
 from infra.options import OptionError, option, require, require_choice, require_positive
 from infra.slurm.script import TASKS, SbatchOptions, job_script
+from pipeline.storage.redact import redact
 from train.errors import LaunchError
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ def write_job(job: SlurmJobConfig, args: list[str], config: str | None = None) -
                           task.values)
     except ValueError as e:
         raise LaunchError(str(e)) from None
+    if redact(text) != text:
+        raise LaunchError("the job's command holds a credential (a password in a URL, a key or secret in storage "
+                          "options), which the script would keep in plain text: give it in the environment "
+                          "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), which sbatch passes to "
+                          "the job")
     log_dir.mkdir(parents=True, exist_ok=True)
     script = job_dir / f"{name}.sbatch"
     script.write_text(text)

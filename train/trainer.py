@@ -25,6 +25,7 @@ from infra.tracking import NullTracker, open_tracker
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
 from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
+from pipeline.storage.redact import redact_tree
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
@@ -196,7 +197,7 @@ class Trainer:
 
     def save(self) -> None:
         r = self.result
-        meta = {"model": self.cfg.model.name, "epoch": self.loader.epoch, "config": self.cfg.to_dict(),
+        meta = {"model": self.cfg.model.name, "epoch": self.loader.epoch, "config": redact_tree(self.cfg.to_dict()),
                 "derived": asdict(self.derived),
                 "trainer": {"micro_steps": self.micro_steps, "nonfinite_skipped": r.nonfinite_skipped,
                             "loader": self.loader.state_dict()}}

@@ -53,6 +53,18 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_tree(value: Any) -> Any:
+    """A JSON-like value (a config as a dict) to write to a file: every string
+    redacted, and the value of every credential key (``secret``, ``key``, ...)
+    replaced whatever it is."""
+    if isinstance(value, Mapping):
+        return {k: REDACTED if str(k).lower() in _OPTION_SECRETS and v is not None else redact_tree(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_tree(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 def one_line(text: str) -> str:
     """A message on one line (whitespace runs, newlines included, become one space), redacted."""
     return redact(" ".join(text.split()))

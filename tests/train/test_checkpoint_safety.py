@@ -6,6 +6,7 @@ refused. Each case is a bug the trainer had: see the issue of this change."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -95,3 +96,24 @@ def test_a_second_trainer_on_the_same_directory_is_refused(shards, tmp_path):
         first.communicate(timeout=120)
     assert first.returncode == 0 and summary(run)["stopped_by_signal"] == "SIGINT"
     assert not (run / "ckpt" / "LOCK").exists()
+
+
+def test_credentials_in_the_config_never_reach_the_checkpoint(shards, tmp_path):
+    """A password in data.storage.endpoint_url and a key and secret in storage
+    options: the run's meta.json keeps the config with those values redacted, and
+    the export reads it as before."""
+    run = tmp_path / "secret"
+    out = run_cmd(mae_pretrain(shards, run, "schedule.max_steps=2", "checkpoint.every_steps=2",
+                               "data.storage.endpoint_url=http://user:wJalrXUtnFEMIpass@127.0.0.1:9",
+                               "data.storage.options={key: AKIDEXAMPLEKEY, secret: wJalrXUtnFEMIsecret}"), run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.name == "meta.json" for p in written)
+    for path in written:
+        data = path.read_bytes()
+        assert not any(s in data for s in (b"wJalrXUtnFEMIpass", b"wJalrXUtnFEMIsecret", b"AKIDEXAMPLEKEY")), path
+    meta = json.loads((run / "ckpt" / "step000000002" / "meta.json").read_text())
+    storage = meta["config"]["data"]["storage"]
+    assert storage["options"] == {"key": "<redacted>", "secret": "<redacted>"}
+    assert storage["endpoint_url"] == "http://<redacted>127.0.0.1:9"
+    assert _export(run / "ckpt", tmp_path / "export").returncode == 0

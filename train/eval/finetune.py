@@ -39,6 +39,7 @@ from model.weights import CheckpointMismatchError, load_classifier_state_dict
 from pipeline.augment import AugmentConfig
 from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
+from pipeline.storage.redact import redact_tree
 from train.checkpoint import CheckpointManager
 from train.config import flat_config
 from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
@@ -261,7 +262,8 @@ class Finetuner:
 
     def save(self) -> None:
         r = self.result
-        meta = {"model": self.cfg.fingerprint()["model"], "epoch": self.loader.epoch, "config": self.cfg.to_dict(),
+        meta = {"model": self.cfg.fingerprint()["model"], "epoch": self.loader.epoch,
+                "config": redact_tree(self.cfg.to_dict()),
                 "derived": asdict(self.derived),
                 "trainer": {"loader": self.loader.state_dict(), "nonfinite_skipped": r.nonfinite_skipped,
                             "evals": r.evals, "best_top1": r.best_top1}}
