@@ -26,11 +26,21 @@ from pipeline.augment import rand_augment_params, sample_rng
 from pipeline.decode.base import DecodedBatch, PlannedLoader
 from pipeline.decode.crop import decode_crop
 from pipeline.decode.reader import read_batches, warm_first_batch
+from pipeline.errors import PipelineError
 from pipeline.images import BadImage
 from pipeline.randaugment import rand_augment
 from pipeline.shards.tar_format import image_member, label_of
 
 log = logging.getLogger(__name__)
+
+
+class _WorkerError:
+    """A data error (a corrupt shard, a failed fetch) met in a worker, sent to the
+    main process as an item and raised there as it was: torch would re-raise it
+    with the worker's whole traceback folded into its message."""
+
+    def __init__(self, error: PipelineError) -> None:
+        self.error = error
 
 
 class _RankEpoch(IterableDataset):
@@ -44,8 +54,13 @@ class _RankEpoch(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         batches = range(worker, -(-len(self.ids) // self.config.batch_size), workers)
-        for ids, samples in read_batches(self.loader, self.ids, batches):
-            yield self._batch(ids, samples)
+        try:
+            for ids, samples in read_batches(self.loader, self.ids, batches):
+                yield self._batch(ids, samples)
+        except PipelineError as e:
+            if info is None:
+                raise
+            yield _WorkerError(e)
 
     def _batch(self, ids: np.ndarray, samples: list[tuple[int, str, dict[str, bytes]]]) -> DecodedBatch:
         cfg = self.config
@@ -149,7 +164,10 @@ class CpuLoader(PlannedLoader):
         if workers:  # after the fork: no worker inherits these threads
             warm_first_batch(self, ids)
         try:
-            yield from it
+            for batch in it:
+                if isinstance(batch, _WorkerError):
+                    raise batch.error
+                yield batch
         finally:  # also on close() or an exception upstream: stop workers now, gracefully
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:

@@ -4,13 +4,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from tests.helpers.shards import jpeg_bytes, numbered_shards, write_raw_shards
+from tests.helpers.shards import flip_a_byte, jpeg_bytes, numbered_shards, write_raw_shards
 from PIL import Image
 
 from pipeline.augment import AugmentConfig, random_resized_crop_box, sample_rng
 from pipeline.decode.crop import decode_crop, decode_crop_reference
 from pipeline.images import ImagePolicy
-from pipeline.errors import CorruptDataError, ResumeStateError
+from pipeline.errors import CorruptDataError, ResumeStateError, ShardFetchError
 from pipeline.loader import Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 
@@ -265,3 +265,16 @@ def test_flip_rate_is_about_half(ds):
 def test_unknown_backend_lists_valid_ones(ds):
     with pytest.raises(ValueError, match="backend must be one of cpu, dali, ffcv, synthetic; got 'nvjpeg'"):
         _cfg(ds, backend="nvjpeg")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_data_error_in_a_worker_reaches_the_caller_as_it_was_raised(tmp_path, workers):
+    """A corrupt shard read in a DataLoader worker: the same error type and one-line
+    message as without workers, not torch's re-raise with the worker's traceback."""
+    manifest = numbered_shards(tmp_path / "ds", [4, 4, 4])
+    flip_a_byte(tmp_path / "ds" / manifest.shards[1].name)
+    with pytest.raises(ShardFetchError) as caught:
+        _drain(build_loader(_cfg(str(tmp_path / "ds"), num_workers=workers, plan=PlanConfig(shuffle=False)), 0, 1))
+    message = str(caught.value)
+    assert message.startswith(f"shard {manifest.shards[1].name} at ") and "checksum mismatch" in message
+    assert "\n" not in message and "Traceback" not in message and "Caught" not in message
