@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import BinaryIO
 
 from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardManifest
 from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, encode_index, index_status, indexable
 from pipeline.shards.tar_format import index_shard
+from pipeline.storage.objects import HASHES
 from pipeline.storage.store import ShardStore
 
 
@@ -50,13 +52,22 @@ def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[s
 
 
 def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
-    """Fetch every shard (which checks its sha256, raising ``ShardFetchError`` on a
-    mismatch) and index it (``ShardFormatError`` for an unsafe or broken tar);
-    returns one line per shard whose sample count differs or that repeats keys."""
+    """Fetch every shard (which checks the digest readers use, raising
+    ``ShardFetchError`` on a mismatch), check every other digest the manifest
+    records, and index it (``ShardFormatError`` for an unsafe or broken tar);
+    returns one line per shard whose other digests or sample count differ, or that
+    repeats keys."""
     problems = []
     for shard in manifest.shards:
+        checked = store.checksum(shard)
         with store.open_shard(shard) as f:
+            recorded = {name: getattr(shard, name) for name in HASHES if getattr(shard, name)}  # sha256, xxh3_128
+            wrong = _wrong_digests(f, recorded, checked[0] if checked else None)
             samples = index_shard(f, shard)
+        if wrong:
+            verb = "does" if len(wrong) == 1 else "do"
+            passed = checked[0] if checked else "header fingerprint"
+            problems.append(f"{shard.name}: its {' and '.join(wrong)} {verb} not match the manifest (its {passed} does)")
         if len(samples) != shard.samples:
             problems.append(f"{shard.name}: {len(samples)} samples, manifest says {shard.samples}")
         renamed = [s for s in samples if s.renamed_from]
@@ -64,3 +75,17 @@ def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
             problems.append(f"{shard.name}: {len(renamed)} duplicate keys (first: {renamed[0].renamed_from!r}; "
                             f"read as {renamed[0].key!r})")
     return problems
+
+
+def _wrong_digests(f: BinaryIO, recorded: dict[str, str], checked: str | None) -> list[str]:
+    """The recorded digests, besides ``checked`` (verified by the fetch), that the
+    bytes of ``f`` do not match."""
+    want = {name: digest for name, digest in recorded.items() if name != checked}
+    if not want:
+        return []
+    hashes = {name: HASHES[name]() for name in want}
+    f.seek(0)
+    while chunk := f.read(1 << 20):
+        for h in hashes.values():
+            h.update(chunk)
+    return [name for name, h in hashes.items() if h.hexdigest() != want[name]]

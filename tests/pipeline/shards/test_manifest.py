@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tests.helpers.cli import run_mae
 from tests.helpers.shards import numbered_shards
 
 from pipeline.errors import ManifestError
@@ -103,6 +104,23 @@ def test_a_shard_name_cannot_lead_out_of_the_dataset(tmp_path):
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match=r"shards\[0\].name must be a relative name inside the dataset"):
         verify_shards(ShardStore(str(tmp_path / "ds")), ShardStore(str(tmp_path / "ds")).read_manifest())
+
+
+@pytest.mark.parametrize("wrong, checksum", [("sha256", "xxh3"), ("xxh3_128", "sha256")])
+def test_verify_checks_every_digest_the_manifest_records(tmp_path, capsys, wrong, checksum):
+    """Readers check one digest (xxh3-128 by default); --verify must not pass a
+    manifest whose other digest is wrong (the reviewer's case: a forged sha256)."""
+    manifest = numbered_shards(tmp_path / "ds", [3, 2])
+    doc = json.loads(manifest.to_json())
+    doc["shards"][1][wrong] = "0" * len(doc["shards"][1][wrong])
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(doc))
+    store = ShardStore(str(tmp_path / "ds"), StorageConfig(checksum=checksum))
+    checked = "xxh3_128" if checksum == "xxh3" else "sha256"
+    assert verify_shards(store, store.read_manifest()) == [
+        f"{manifest.shards[1].name}: its {wrong} does not match the manifest (its {checked} does)"]
+    if checksum == "xxh3":  # the command's default
+        res = run_mae(capsys, "inspect", str(tmp_path / "ds"), "--verify")
+        assert res.code == 1 and f"FAIL {manifest.shards[1].name}: its sha256 does not match" in res.out
 
 
 def test_a_hash_that_is_not_a_hash_cannot_pick_a_cache_file(tmp_path):
