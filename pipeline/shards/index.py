@@ -136,6 +136,8 @@ def expand_braces(pattern: str) -> list[str]:
     body = m.group(1)
     lo, dots, hi = body.partition("..")
     if dots and lo.isdigit() and hi.isdigit():
+        if abs(int(hi) - int(lo)) >= MAX_EXPANSION:  # checked before a single name is made
+            raise SourceError(f"pattern {pattern!r} expands to more than {MAX_EXPANSION} names")
         width = len(lo) if lo.startswith("0") else 0
         step = 1 if int(hi) >= int(lo) else -1
         choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from pipeline.augment import AugmentConfig
-from pipeline.errors import ShardFetchError, ShardFormatError
+from pipeline.errors import ShardFetchError, ShardFormatError, SourceError
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from pipeline.shards.index import IndexConfig, expand_braces, index_tars
@@ -173,6 +173,8 @@ def test_resume_redoes_only_missing_batches_and_gives_the_same_manifest(tmp_path
 
 def test_expand_braces():
     assert expand_braces("s3://b/{000..002}.tar") == ["s3://b/000.tar", "s3://b/001.tar", "s3://b/002.tar"]
+    with pytest.raises(SourceError, match="expands to more than"):  # refused at once, not after a billion names
+        expand_braces("s3://b/{000000..999999999}.tar")
     assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
 
 
