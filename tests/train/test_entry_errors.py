@@ -51,3 +51,17 @@ def test_a_data_error_after_start_up_is_one_line_too(tmp_path):
     assert out.returncode == 2
     assert re.search(r"ERROR train.pretrain: ObjectNotAccessible: manifest.json at .*/none: not found", out.stderr)
     assert not OUR_FRAME.search(out.stderr), out.stderr[-3000:]
+
+
+def test_a_batch_the_data_cannot_fill_is_refused(shards, tmp_path):
+    """96 samples, 2 ranks: a micro-batch of 1000 made 1-step epochs of 48-image
+    batches trained with the lr of a 2,000-image global batch."""
+    cmd = _launch("torchrun", "--config", "tiny_cpu", f"data.url={shards}", "data.batch_size=40", "optim.accum_steps=2",
+                  f"checkpoint.dir={tmp_path / 'ckpt'}")
+    cmd[cmd.index("--nproc_per_node") + 1] = "2"
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    message = ("ConfigError: data.batch_size 40 x optim.accum_steps 2 is more than the 48 samples an epoch gives "
+               "each of the 2 ranks: lower data.batch_size")
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-3000:]
+    assert not OUR_FRAME.search(out.stderr), out.stderr[-3000:]
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step*"))
