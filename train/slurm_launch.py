@@ -141,7 +141,14 @@ def _pretrain(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
 def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Path) -> TaskCommand:
     if importlib.util.find_spec("train.finetune") is None:
         raise LaunchError("fine-tuning jobs run `python -m train.finetune`, which this checkout does not have")
-    return TaskCommand([job.python, "-m", "train.finetune", "--config", _required(config), *args], 8)
+    from train.config import load_config
+    from train.eval.finetune_config import FinetuneConfig
+
+    config = _required(config)
+    cfg = load_config(config, args, schema=FinetuneConfig)  # a bad key or value fails here, not on the cluster
+    run_dir = (workdir / cfg.checkpoint.dir).resolve()
+    return TaskCommand([job.python, "-m", "train.finetune", "--config", config, *args, f"checkpoint.dir={run_dir}"],
+                       8, run_dir)
 
 
 def _shard(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Path) -> TaskCommand:

@@ -81,6 +81,15 @@ def test_shard_job_is_one_task_with_its_workers_as_cpus(tmp_path, monkeypatch):
     subprocess.run(["bash", "-n", str(tmp_path / "slurm" / "mae-shard" / "mae-shard.sbatch")], check=True)
 
 
+def test_finetune_job_goes_beside_its_checkpoints_with_an_absolute_checkpoint_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    written = write_job(job_config(task="finetune", gpus_per_node=0), ["checkpoint.dir=runs/ft"], "finetune_tiny_cpu")
+    assert written.script == tmp_path / "runs" / "ft" / "slurm" / "mae-finetune.sbatch"
+    assert _srun_command(written.script.read_text())[-1] == f"checkpoint.dir={tmp_path}/runs/ft"
+    with pytest.raises(ConfigError, match="unknown config key model.nope"):
+        write_job(job_config(task="finetune"), ["model.nope=1"], "finetune_tiny_cpu")
+
+
 def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="unknown config key data.nope"):
