@@ -372,6 +372,9 @@ CASES = [
     error("sample count off", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: (d["shards"][0].update(samples=2), d.update(total_samples=2)))),
         "FAIL shard-000000.tar: 3 samples, manifest says 2", code=1),
+    error("sha256 forged beside a true xxh3-128", lambda ws: inspect(ws, lambda ws: edit_manifest(
+        ws, lambda d: d["shards"][0].update(sha256="0" * 64))),
+        r"FAIL shard-000000.tar: its sha256 does not match the manifest \(its xxh3_128 does\)", code=1),
     error("duplicate key in a tar (verify)", lambda ws: inspect(ws, lambda ws: write_raw_shards(ws.ds, [[
         ("a", {"jpg": JPEG}), ("b", {"jpg": JPEG}), ("a", {"jpg": JPEG})]]) and ws.ds),
         r"FAIL shard-000000.tar: 1 duplicate keys \(first: 'a'; read as 'a#2'\)", code=1),
