@@ -6,23 +6,43 @@ import argparse
 import json
 
 from model.registry import list_models
+from train.cli.common import number, whole
 from train.speedup import SpeedupConfig, format_report, measure_speedup
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = SpeedupConfig()
     p.add_argument("--model", default=d.model, choices=list_models(), help="registry name")
-    p.add_argument("--batch", type=int, default=d.batch, help="micro-batch per step")
-    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
+    p.add_argument("--batch", type=whole(1), default=d.batch, help="micro-batch per step")
+    p.add_argument("--steps", type=whole(1), default=d.steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=whole(0), default=d.warmup, help="untimed steps per variant first")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=d.dtype, help="bf16 = autocast, fp32 = plain")
-    p.add_argument("--device", default=d.device, help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1' ...")
+    p.add_argument("--device", type=_device, default=d.device,
+                   help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1' ...")
     p.add_argument("--compile", action="store_true", help="wrap both models in torch.compile")
-    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    p.add_argument("--mask-ratio", type=number(0, 1, open_hi=True), default=d.mask_ratio, help="in [0, 1)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU if the card is not known")
+    p.add_argument("--seed", type=whole(0, 2**32 - 1), default=d.seed)
+    p.add_argument("--peak-tflops", type=number(0, open_lo=True), default=None,
+                   help="peak bf16 TFLOP/s for MFU if the card is not known")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _device(text: str) -> str:
+    """'auto', 'cpu', or a CUDA device torch sees."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (auto, cpu, cuda, cuda:1 ...)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

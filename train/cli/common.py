@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -15,6 +18,75 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB, 1GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def whole(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [lo, hi] (no upper bound without ``hi``); '2e9' is accepted."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if not (math.isfinite(number) and number.is_integer()):
+                raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+            value = int(number)
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi, False, False)}, got {text}")
+        return value
+    return parse
+
+
+def number(lo: float = -math.inf, hi: float = math.inf, *, open_lo: bool = False,
+           open_hi: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi]; ``open_lo``/``open_hi`` exclude the bound itself."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and (lo < value if open_lo else lo <= value)
+                and (value < hi if open_hi else value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(lo, hi, open_lo, open_hi)}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def _bounds(lo: float, hi: float | None, open_lo: bool, open_hi: bool) -> str:
+    def show(x: float) -> str:
+        return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+    if hi is None or math.isinf(hi):
+        return f"{'>' if open_lo else '>='} {show(lo)}"
+    if math.isinf(lo):
+        return f"{'<' if open_hi else '<='} {show(hi)}"
+    return f"in {'(' if open_lo else '['}{show(lo)}, {show(hi)}{')' if open_hi else ']'}"
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: a name or path that is not empty ('' would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def non_empty_path(text: str) -> Path:
+    return Path(non_empty(text))
+
+
+def check_model(name: str, img_size: int | None = None, what: str = "--model") -> None:
+    """``name`` is a registered model and ``img_size`` (if given) a whole number of its patches;
+    else an ``OptionError`` naming the argument."""
+    from infra.options import require
+    from model.registry import list_models, model_config
+
+    require(name in list_models(), what, f"must be one of {', '.join(list_models())}; got {name!r}")
+    patch = model_config(name).patch_size
+    require(img_size is None or img_size % patch == 0, "--img-size",
+            f"must be a multiple of {name}'s patch size {patch}, got {img_size}")
 
 
 def add_storage_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from train.cli.common import non_empty_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", type=Path, help="checkpoint.dir of a run (latest complete checkpoint) or one step* dir")
-    p.add_argument("out", type=Path, help="output folder for mae.safetensors and encoder.safetensors")
+    p.add_argument("ckpt", type=non_empty_path,
+                   help="checkpoint.dir of a run (latest complete checkpoint) or one step* dir")
+    p.add_argument("out", type=non_empty_path, help="output folder for mae.safetensors and encoder.safetensors")
 
 
 def run(args: argparse.Namespace) -> int:

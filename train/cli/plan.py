@@ -5,22 +5,28 @@ from __future__ import annotations
 import argparse
 
 from model.registry import list_models
+from train.cli.common import check_model, number, whole
+
+MAX_COUNT = 2**24  # GPUs per node, nodes, micro-batch: far past any real run
+MAX_GPU_MEM_GIB = 2**20  # 1 PiB per GPU
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mae_vit_huge_patch14", choices=list_models())
-    p.add_argument("--gpus", type=int, default=8, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--gpus", type=whole(1, MAX_COUNT), default=8, help="GPUs per node")
+    p.add_argument("--nodes", type=whole(1, MAX_COUNT), default=1)
+    p.add_argument("--micro-batch", type=whole(1, MAX_COUNT), default=32)
+    p.add_argument("--gpu-mem", type=number(0, MAX_GPU_MEM_GIB, open_lo=True), default=80.0,
+                   help=f"GiB per GPU, in (0, {MAX_GPU_MEM_GIB}]")
+    p.add_argument("--img-size", type=whole(1, MAX_COUNT), default=224, help="a multiple of the model's patch size")
+    p.add_argument("--mask-ratio", type=number(0, 1, open_lo=True, open_hi=True), default=0.75)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
 
 
 def run(args: argparse.Namespace) -> int:
     from train.memory_plan import GiB, PlanRequest, plan
 
+    check_model(args.model, args.img_size)
     r = plan(PlanRequest(model=args.model, gpus=args.gpus, nodes=args.nodes, micro_batch=args.micro_batch,
                          gpu_mem_gib=args.gpu_mem, img_size=args.img_size, mask_ratio=args.mask_ratio,
                          dtype=args.dtype))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.cli.common import non_empty_path
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("metrics_file", type=Path, help="the run's log.metrics_file (JSON lines)")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for loss_curve.png and throughput.png")
+    p.add_argument("metrics_file", type=non_empty_path, help="the run's log.metrics_file (JSON lines)")
+    p.add_argument("--out", type=non_empty_path, default=Path("."), help="folder for loss_curve.png and throughput.png")
     p.add_argument("--title", default="training loss")
 
 

@@ -6,13 +6,15 @@ import argparse
 import os
 
 from pipeline.images import ImagePolicy
-from train.cli.common import add_ray_argument, add_storage_arguments, parse_bytes, ray_target, storage_config
+from train.cli.common import (add_ray_argument, add_storage_arguments, non_empty, parse_bytes, ray_target,
+                              storage_config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="image folder (class subfolders = labels), list file, parquet file or folder, a "
-                               "datasets.save_to_disk folder, or any fsspec URL of these (s3://..., hf://datasets/...)")
-    p.add_argument("dest", help="output folder or URL (plain path, file://, s3://, gs://)")
+    p.add_argument("src", type=non_empty,
+                   help="image folder (class subfolders = labels), list file, parquet file or folder, a "
+                        "datasets.save_to_disk folder, or any fsspec URL of these (s3://..., hf://datasets/...)")
+    p.add_argument("dest", type=non_empty, help="output folder or URL (plain path, file://, s3://, gs://)")
     p.add_argument("--shard-size", type=parse_bytes, default=parse_bytes("256MB"), help="target bytes per shard")
     p.add_argument("--max-samples-per-shard", type=int, default=None)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard writers")

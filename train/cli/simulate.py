@@ -7,21 +7,34 @@ import json
 import time
 from dataclasses import asdict
 
-from train.cli.common import parse_bytes
+from infra.options import OptionError, require
+from train.cli.common import number, parse_bytes, whole
+
+# The synthetic dataset's bounds: 5x the 2 B samples `mae bench plan` goes to; a million shards (a
+# plan of more takes gigabytes); and the samples replayed, over the replayed ranks and epochs, that
+# take about half a minute on one core (a plan of more runs for minutes: raise --world, or replay
+# fewer --nodes or --epochs).
+MAX_SAMPLES = 10**10
+MAX_SHARDS = 10**6
+MAX_REPLAYED = 10**8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="preset or YAML file whose data section is simulated (data.url, "
                                                   "data.sources, data.plan, data.storage, workers, batch)")
     p.add_argument("overrides", nargs="*", help="a.b=value config overrides, e.g. data.url=s3://bucket/shards")
-    p.add_argument("--world", type=int, required=True, help="ranks of the run")
-    p.add_argument("--ranks-per-node", type=int, default=8, help="ranks sharing a node's cache and network")
-    p.add_argument("--nodes", type=int, default=1, help="nodes to replay (spread over the run)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs to replay; the first starts with an empty cache")
-    p.add_argument("--bandwidth", type=float, default=25.0, metavar="GBIT", help="network of one node, Gbit/s")
-    p.add_argument("--target-ips", type=float, default=0.0, help="the run's images/sec to size the bandwidth for")
-    p.add_argument("--samples", type=float, default=None, help="synthetic dataset: samples in all (no manifest read)")
-    p.add_argument("--shards", type=int, default=None, help="synthetic dataset: shards")
+    p.add_argument("--world", type=whole(1, 2**24), required=True, help="ranks of the run")
+    p.add_argument("--ranks-per-node", type=whole(1), default=8, help="ranks sharing a node's cache and network")
+    p.add_argument("--nodes", type=whole(1), default=1, help="nodes to replay (spread over the run)")
+    p.add_argument("--epochs", type=whole(1), default=2, help="epochs to replay; the first starts with an empty cache")
+    p.add_argument("--bandwidth", type=number(0, open_lo=True), default=25.0, metavar="GBIT",
+                   help="network of one node, Gbit/s")
+    p.add_argument("--target-ips", type=number(0), default=0.0, help="the run's images/sec to size the bandwidth for")
+    p.add_argument("--samples", type=whole(1, MAX_SAMPLES), default=None,
+                   help=f"synthetic dataset: samples in all, up to {MAX_SAMPLES:.0e} (no manifest read); the "
+                        f"replayed ranks' samples times --epochs may be at most {MAX_REPLAYED:.0e}")
+    p.add_argument("--shards", type=whole(1, MAX_SHARDS), default=None,
+                   help=f"synthetic dataset: shards, up to {MAX_SHARDS:.0e} (default: samples / 10,000)")
     p.add_argument("--shard-bytes", type=parse_bytes, default=parse_bytes("256MiB"), help="synthetic shard size")
     p.add_argument("--json", action="store_true")
 
@@ -32,8 +45,16 @@ def run(args: argparse.Namespace) -> int:
 
     data = load_config(args.config, args.overrides).data
     started = time.perf_counter()
-    synthetic = (int(args.samples), args.shards or max(1, int(args.samples) // 10_000), args.shard_bytes) \
-        if args.samples else None
+    synthetic = None
+    if args.samples is not None:
+        synthetic = (args.samples, args.shards or max(1, args.samples // 10_000), args.shard_bytes)
+        ranks = min(args.world, args.ranks_per_node * args.nodes)
+        replayed = -(-args.samples // args.world) * ranks * args.epochs
+        require(replayed <= MAX_REPLAYED, "--samples", f"{args.samples:,} on {args.world:,} ranks replays {replayed:,} "
+                f"samples ({ranks} ranks x {args.epochs} epochs), more than {MAX_REPLAYED:,} (about half a minute): "
+                "raise --world, or lower --nodes or --epochs")
+    elif args.shards is not None:
+        raise OptionError("--shards", "describes a synthetic dataset: give --samples too")
     config = SimulationConfig(world_size=args.world, ranks_per_node=args.ranks_per_node, epochs=args.epochs,
                               nodes=args.nodes, bandwidth_gbit=args.bandwidth, target_images_per_s=args.target_ips)
     report, what = simulate_data(data, config, synthetic, started)

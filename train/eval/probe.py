@@ -105,6 +105,9 @@ def probe(weights: str, train_url: str, val_url: str | None = None, val_fraction
     else:
         tr, va = split(len(x), val_fraction, seed)
         x, y, vx, vy = x[tr], y[tr], x[va], y[va]
+    if len(x) < 2:
+        held_out = "" if val_url else f" once a fraction {val_fraction} is held out for validation"
+        raise EvalInputError(f"{train_url} leaves {len(x)} training sample(s){held_out}: the linear probe needs two")
     classes = int(max(y.max(), vy.max())) + 1
     return {"weights": str(weights), "model": info["model"], "kind": info["kind"], "pool": pool,
             "train_samples": len(x), "val_samples": len(vx), "classes": classes,
