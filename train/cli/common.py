@@ -78,15 +78,16 @@ def non_empty_path(text: str) -> Path:
 
 
 def check_model(name: str, img_size: int | None = None, what: str = "--model") -> None:
-    """``name`` is a registered model and ``img_size`` (if given) a whole number of its patches;
-    else an ``OptionError`` naming the argument."""
-    from infra.options import require
+    """``name`` is a registered model that builds at ``img_size`` (if given); else an
+    ``OptionError`` naming the argument. The size rules are the model config's own."""
+    from infra.options import OptionError, require
     from model.registry import list_models, model_config
 
     require(name in list_models(), what, f"must be one of {', '.join(list_models())}; got {name!r}")
-    patch = model_config(name).patch_size
-    require(img_size is None or img_size % patch == 0, "--img-size",
-            f"must be a multiple of {name}'s patch size {patch}, got {img_size}")
+    try:
+        model_config(name, **({} if img_size is None else {"img_size": img_size}))
+    except ValueError as e:
+        raise OptionError("--img-size", f"does not fit {name}: {e}") from None
 
 
 def add_storage_arguments(p: argparse.ArgumentParser) -> None:
