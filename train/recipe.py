@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from train.config import RunConfig
+from train.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,16 @@ class Derived:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+
+
+def micro_batches_per_epoch(cfg: RunConfig, samples: int, world_size: int) -> int:
+    """Whole micro-batches an epoch of ``samples`` (one rank's) gives. A batch the data
+    cannot fill once is refused: its steps would be partial batches under the lr of full ones."""
+    micro, accum = cfg.data.batch_size, cfg.optim.accum_steps
+    if samples < micro * accum:
+        raise ConfigError(f"data.batch_size {micro} x optim.accum_steps {accum} is more than the {samples} samples "
+                          f"an epoch gives each of the {world_size} ranks: lower data.batch_size")
+    return samples // micro
 
 
 def derived(cfg: RunConfig, world_size: int, micro_batches_per_epoch: int) -> Derived:

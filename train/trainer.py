@@ -29,8 +29,8 @@ from pipeline.storage.redact import redact_tree
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
-from train.errors import ConfigError, ResumeError
-from train.recipe import Derived, derived, lr_at
+from train.errors import ResumeError
+from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.speedup import peak_flops_for
@@ -115,7 +115,7 @@ class Trainer:
         model = create_model(cfg.model.name, img_size=img_size, norm_pix_loss=cfg.model.norm_pix_loss)
         self.num_patches = model.patch_embed.num_patches
         model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-        self.derived: Derived = derived(cfg, self.world, self._micro_batches_per_epoch())
+        self.derived: Derived = derived(cfg, self.world, micro_batches_per_epoch(cfg, self.loader.epoch_samples(), self.world))
         self._measure_speedup()
         self.engine = build_engine(cfg, model, self.derived.lr)
         self.encoder_timer = EncoderTimer(self.engine.module, self.device)
@@ -136,15 +136,6 @@ class Trainer:
                      self.world, d.global_batch, cfg.data.batch_size, cfg.optim.accum_steps, d.lr,
                      cfg.optim.blr, d.steps_per_epoch, d.total_steps, d.warmup_steps,
                      cfg.deepspeed.stage, cfg.deepspeed.precision)
-
-    def _micro_batches_per_epoch(self) -> int:
-        """Whole micro-batches an epoch gives this rank; a batch the data cannot fill
-        once is refused (its steps would be partial batches under the lr of full ones)."""
-        samples, micro, accum = self.loader.epoch_samples(), self.cfg.data.batch_size, self.cfg.optim.accum_steps
-        if samples < micro * accum:
-            raise ConfigError(f"data.batch_size {micro} x optim.accum_steps {accum} is more than the {samples} samples "
-                              f"an epoch gives each of the {self.world} ranks: lower data.batch_size")
-        return samples // micro
 
     def _start_metrics(self):
         prom = start_prometheus(self.cfg.metrics, self.rank, self.local_rank, self.cfg.data.backend,

@@ -48,7 +48,7 @@ from train.errors import EvalInputError, ResumeError, WeightsError
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
-from train.recipe import Derived, derived, lr_at
+from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.step_metrics import record_memory, start_prometheus, stop_prometheus
@@ -206,7 +206,7 @@ class Finetuner:
         self.model_cfg = model.cfg
         sizes = (sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))  # before ZeRO-3 partitions them
-        self.derived: Derived = derived(cfg, self.world, self.loader.epoch_samples() // cfg.data.batch_size)
+        self.derived: Derived = derived(cfg, self.world, micro_batches_per_epoch(cfg, self.loader.epoch_samples(), self.world))
         self.engine = build_engine(cfg, model, self.derived.lr, optimizer_for(cfg, model, self.derived.lr))
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.fingerprint(), self.rank, self.world, self.lock,
                                       cfg.faults.slow_save_s)

@@ -180,3 +180,14 @@ def test_the_papers_linear_probe_trains_only_the_bn_head_with_lars(data, tmp_pat
     bad = _run([sys.executable, "-m", "train.cli", "finetune", "--config", "finetune_tiny_cpu",
                 *_overrides(data, tmp_path / "bad", "optim.name=lars")], tmp_path / "bad")
     assert bad.returncode == 2 and "lars needs deepspeed.stage=0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_batch_the_data_cannot_fill_is_refused(data, tmp_path):
+    """96 samples on one rank: a micro-batch of 100 ran 1-step epochs of 96 images
+    under the lr scaled for 100, without a word."""
+    out = _run([sys.executable, "-m", "train.cli", "finetune", "--config", "finetune_tiny_cpu",
+                *_overrides(data, tmp_path, "data.batch_size=100", "deepspeed.stage=0")], tmp_path)
+    message = ("ConfigError: data.batch_size 100 x optim.accum_steps 1 is more than the 96 samples an epoch gives "
+               "each of the 1 ranks: lower data.batch_size")
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert not list((tmp_path / "ckpt").glob("step*"))
