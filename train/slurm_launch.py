@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.options import OptionError, option, require, require_choice, require_positive
-from infra.slurm.script import TASKS, SbatchOptions, job_script
+from infra.slurm.script import TASKS, SbatchOptions, job_script, time_limit_s
 from pipeline.storage.redact import redact
 from train.errors import LaunchError
 
@@ -60,6 +60,14 @@ class SlurmJobConfig:
         for name in ("tasks_per_node", "cpus_per_task"):
             value = getattr(self, name)
             require(value is None or value > 0, name, f"must be positive, got {value}")
+        if self.time is not None:
+            try:
+                limit = time_limit_s(self.time)
+            except ValueError as e:
+                raise OptionError("time", str(e)) from None
+            require(limit is None or self.signal_grace_s < limit, "signal_grace_s",
+                    f"({self.signal_grace_s} s) must be less than the time limit {self.time} ({limit} s): every rank "
+                    "checkpoints that long before the limit")
         if self.task == "shard":
             require(self.nodes == 1 and self.tasks() == 1, "nodes",
                     "sharding runs as one task on one node (its --workers processes)")

@@ -16,6 +16,28 @@ from pathlib import Path
 TEMPLATES = Path(__file__).parent
 TASKS = ("pretrain", "finetune", "shard")
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_DAYS = re.compile(r"(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?")  # days-hours[:minutes[:seconds]]
+_CLOCK = re.compile(r"(\d+)(?::(\d+)(?::(\d+))?)?")  # minutes | minutes:seconds | hours:minutes:seconds
+
+
+def time_limit_s(text: str) -> int | None:
+    """Seconds of a Slurm ``--time`` value; None for no limit (0, infinite, unlimited).
+    Anything sbatch would refuse at submission raises ``ValueError`` here."""
+    if text.lower() in ("infinite", "unlimited"):
+        return None
+    if m := _DAYS.fullmatch(text):
+        days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    elif m := _CLOCK.fullmatch(text):
+        parts = [int(g) for g in m.groups() if g is not None]
+        if len(parts) == 3:  # hours:minutes:seconds
+            total = (parts[0] * 60 + parts[1]) * 60 + parts[2]
+        else:  # minutes[:seconds]
+            total = parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+    else:
+        raise ValueError(f"{text!r} is not a Slurm time limit (minutes, minutes:seconds, hours:minutes:seconds, "
+                         "days-hours, days-hours:minutes, days-hours:minutes:seconds, or unlimited)")
+    return total or None
 
 
 @dataclass

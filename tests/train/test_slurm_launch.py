@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.slurm.script import SbatchOptions, render
+from infra.slurm.script import SbatchOptions, render, time_limit_s
 from train.errors import ConfigError, LaunchError
 from train.slurm_launch import job_config, write_job
 
@@ -102,6 +102,10 @@ def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
         job_config(task="shard", nodes=2)
     with pytest.raises(LaunchError, match="whitespace"):
         write_job(job_config(partition="gpu debug", job_dir=str(tmp_path / "j")), [], "vit_l")
+    with pytest.raises(LaunchError, match="'48h' is not a Slurm time limit"):
+        job_config(time="48h")  # sbatch would refuse it only once the job is submitted
+    with pytest.raises(LaunchError, match=r"signal_grace_s \(300 s\) must be less than the time limit 4 \(240 s\)"):
+        job_config(time="4")  # minutes: the checkpoint signal would come before the job starts
     out = _mae("launch", "slurm", "--config", "vit_l", "deepspeed.stage=7", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "deepspeed.stage" in out.stderr
     out = _mae("launch", "slurm", "--task", "shard", "--", "src", "dest", "--bogus", cwd=tmp_path)
@@ -140,3 +144,12 @@ def test_render_refuses_unknown_and_unused_placeholders():
         render("{{x}}", {"x": "1", "z": "3"})
     opts = SbatchOptions("j", 1, 1, 1, 0, "/w", "/w/logs", 60, qos="high", exclusive=True)
     assert "--qos=high" in opts.lines()[4] and "#SBATCH --exclusive" in opts.lines()
+
+
+def test_time_limits_read_as_slurm_reads_them():
+    forms = {"90": 5400, "1:30": 90, "48:00:00": 172800, "2-12": 216000, "2-12:30": 217800, "2-0:0:5": 172805,
+             "UNLIMITED": None, "infinite": None, "0": None}
+    assert {text: time_limit_s(text) for text in forms} == forms
+    for bad in ("48h", "1:2:3:4", "-1", "", "1-", "1.5"):
+        with pytest.raises(ValueError, match="not a Slurm time limit"):
+            time_limit_s(bad)
