@@ -62,7 +62,7 @@ from pipeline.storage.urls import join, split_url
 
 log = logging.getLogger(__name__)
 RECORD_DIR = "_index"  # batch records, beside the manifest
-MAX_EXPANSION = 10_000_000
+MAX_EXPANSION = 1_000_000  # names a brace pattern may make (~100 MiB of them); a larger set is a prefix to list
 MAX_CLS_BYTES = 32
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
@@ -137,7 +137,7 @@ def expand_braces(pattern: str) -> list[str]:
     lo, dots, hi = body.partition("..")
     if dots and lo.isdigit() and hi.isdigit():
         if abs(int(hi) - int(lo)) >= MAX_EXPANSION:  # checked before a single name is made
-            raise SourceError(f"pattern {pattern!r} expands to more than {MAX_EXPANSION} names")
+            raise SourceError(_too_many(pattern))
         width = len(lo) if lo.startswith("0") else 0
         step = 1 if int(hi) >= int(lo) else -1
         choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
@@ -146,8 +146,13 @@ def expand_braces(pattern: str) -> list[str]:
     head, tail = pattern[:m.start()], pattern[m.end():]
     rest = expand_braces(tail)
     if len(choices) * len(rest) > MAX_EXPANSION:
-        raise SourceError(f"pattern {pattern!r} expands to more than {MAX_EXPANSION} names")
+        raise SourceError(_too_many(pattern))
     return [head + c + r for c in choices for r in rest]
+
+
+def _too_many(pattern: str) -> str:
+    return (f"pattern {redact(pattern)!r} expands to more than {MAX_EXPANSION:,} names: give the folder or prefix "
+            "that holds the tars instead (every *.tar under it is listed)")
 
 
 def list_tars(src: str, storage: StorageConfig) -> tuple[str, list[TarObject], list[Reject]]:

@@ -175,6 +175,9 @@ def test_expand_braces():
     assert expand_braces("s3://b/{000..002}.tar") == ["s3://b/000.tar", "s3://b/001.tar", "s3://b/002.tar"]
     with pytest.raises(SourceError, match="expands to more than"):  # refused at once, not after a billion names
         expand_braces("s3://b/{000000..999999999}.tar")
+    with pytest.raises(SourceError, match="more than 1,000,000 names: give the folder or prefix"):
+        expand_braces("s3://b/{0..999}/{0..1000}.tar")  # each group alone is small; together they are not
+    assert len(expand_braces("s3://b/{0..999}/{0..999}.tar")) == 1_000_000
     assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
 
 
