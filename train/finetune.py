@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     """The run as every entry point executes it: one-line errors, exit codes."""
     from train.pretrain import run_job
 
-    return run_job(lambda: finetune(config_from(args)))
+    return run_job(lambda: finetune(config_from(args)), name="train.finetune")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,6 @@ from train.config import RunConfig, load_config
 from train.errors import exit_code_of, reported_errors
 from train.trainer import RunResult, StopSignal, Trainer
 
-log = logging.getLogger("train.pretrain")
-
 
 def pretrain(cfg: RunConfig) -> RunResult:
     """Build, resume if a checkpoint exists, train, write the run summary, clean up."""
@@ -55,13 +53,15 @@ def run(args: argparse.Namespace) -> int:
     return run_job(lambda: pretrain(load_config(args.config, args.overrides)))
 
 
-def run_job(job: Callable[[], object]) -> int:
+def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
     """A training job (pretraining, fine-tuning) under a launcher: per-rank logging,
-    typed errors as one log line and an exit code, a note when a signal stopped it."""
+    typed errors as one log line of the logger ``name`` and an exit code, a note when
+    a signal stopped it."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # srun tasks map RANK later
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     redact_logs()
+    log = logging.getLogger(name)
     try:
         result = job()
     except reported_errors() as e:

@@ -187,7 +187,7 @@ def test_a_batch_the_data_cannot_fill_is_refused(data, tmp_path):
     under the lr scaled for 100, without a word."""
     out = _run([sys.executable, "-m", "train.cli", "finetune", "--config", "finetune_tiny_cpu",
                 *_overrides(data, tmp_path, "data.batch_size=100", "deepspeed.stage=0")], tmp_path)
-    message = ("ConfigError: data.batch_size 100 x optim.accum_steps 1 is more than the 96 samples an epoch gives "
+    message = ("ERROR train.finetune: ConfigError: data.batch_size 100 x optim.accum_steps 1 is more than the 96 samples an epoch gives "
                "each of the 1 ranks: lower data.batch_size")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert not list((tmp_path / "ckpt").glob("step*"))
