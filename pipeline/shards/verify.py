@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from typing import BinaryIO
 
@@ -63,7 +64,10 @@ def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
         with store.open_shard(shard) as f:
             recorded = {name: getattr(shard, name) for name in HASHES if getattr(shard, name)}  # sha256, xxh3_128
             wrong = _wrong_digests(f, recorded, checked[0] if checked else None)
+            size = f.seek(0, io.SEEK_END)
             samples = index_shard(f, shard)
+        if size != shard.bytes:  # a cached copy is found by its digest, whatever size the manifest claims
+            problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
         if wrong:
             verb = "does" if len(wrong) == 1 else "do"
             passed = checked[0] if checked else "header fingerprint"

@@ -46,6 +46,8 @@ class ChecksumMismatch(Exception):
     the network (a corrupt body); ``permanent`` when a retry cannot change them
     (a local file, or the same wrong bytes twice)."""
 
+    cause = "checksum mismatch"  # what a permanent one is called in the error
+
     def __init__(self, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
@@ -54,7 +56,7 @@ class ChecksumMismatch(Exception):
 def permanent_cause(exc: BaseException) -> str | None:
     """Why retrying ``exc`` cannot help, or None when it might."""
     if isinstance(exc, ChecksumMismatch):
-        return "checksum mismatch" if exc.permanent else None
+        return exc.cause if exc.permanent else None
     if isinstance(exc, PermissionError):
         return "access denied (check credentials)"
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):

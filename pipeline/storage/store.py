@@ -23,9 +23,11 @@ checked by decode-time validation only: ``--hash`` buys the full sha256 check.
 from __future__ import annotations
 
 import bisect
+import errno
 import concurrent.futures as cf
 import hashlib
 import io
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -41,7 +43,7 @@ from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInf
 from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, ShardTable, table_for
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import HASHES, READ_BLOCK, ObjectFolder, file_digests, object_etag
+from pipeline.storage.objects import HASHES, READ_BLOCK, ObjectFolder, file_digests, object_etag, range_past_the_end
 from pipeline.storage.retry import ChecksumMismatch
 from pipeline.storage.urls import is_local, join
 
@@ -67,7 +69,10 @@ def indexed_cache_key(url: str, shard: ShardInfo) -> str:
 
 
 class ObjectChanged(ChecksumMismatch):
-    """An indexed object's size or ETag differs from the manifest's: re-index it."""
+    """An object's size or ETag differs from the manifest's: it was replaced or cut
+    since the manifest was written (an indexed one: re-index it)."""
+
+    cause = "the object changed"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, permanent=True)
@@ -146,7 +151,14 @@ class _FileSink:
         self.file.truncate(size)
 
     def put(self, start: int, data: bytes) -> None:
-        os.pwrite(self.file.fileno(), data, start)
+        """All of ``data`` at ``start``: a full disk can take part of a write without an
+        error, and the next write then raises ENOSPC."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.file.fileno(), view, start)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.file.name))
+            view, start = view[written:], start + written
 
     def read_at(self, start: int, n: int) -> bytes:
         return os.pread(self.file.fileno(), n, start)
@@ -412,26 +424,38 @@ class ShardStore:
         ranges = [(start, min(start + step, shard.bytes)) for start in range(0, shard.bytes, step)]
 
         def fetch(r: tuple[int, int]) -> tuple[int, bytes]:
-            data = self.fs.cat_file(remote, start=r[0], end=r[1])
-            if len(data) != r[1] - r[0]:
-                raise EOFError(f"range {r[0]}-{r[1]} returned {len(data)} bytes")
+            try:
+                data = self.fs.cat_file(remote, start=r[0], end=r[1])
+            except OSError as e:
+                if not range_past_the_end(e):
+                    raise
+                data = b""
+            if len(data) != r[1] - r[0]:  # a whole answer, so the object itself is shorter: retrying cannot help
+                raise ObjectChanged(f"bytes {r[0]}-{r[1]} of the manifest's {shard.bytes} gave {len(data)}: the "
+                                    "object is shorter than the manifest says (replaced or cut since it was written)")
             stored.put(r[0], data)
             self._on_event("bytes_fetched", len(data))
             return r[0], data
 
-        errors = []
-        with cf.ThreadPoolExecutor(max(1, self.config.parallel_ranges)) as pool:
-            futures = [pool.submit(fetch, r) for r in ranges if r[0] not in state.arrived]
-            for fut in cf.as_completed(futures):
-                try:
-                    start, data = fut.result()
-                    state.add(start, data)
-                    if on_bytes is not None:
-                        on_bytes(len(data))
-                except Exception as e:  # the first one is raised below, for the retry logic
-                    errors.append(e)
+        errors: list[Exception] = []
+        parallel = max(1, self.config.parallel_ranges)
+        todo = (r for r in ranges if r[0] not in state.arrived)
+        with cf.ThreadPoolExecutor(parallel) as pool:  # at most `parallel` GETs queued: the first error stops the rest
+            running = {pool.submit(fetch, r) for r in itertools.islice(todo, parallel)}
+            while running:
+                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        start, data = fut.result()
+                        state.add(start, data)
+                        if on_bytes is not None:
+                            on_bytes(len(data))
+                    except Exception as e:  # raised below, for the retry logic
+                        errors.append(e)
+                if not errors:
+                    running |= {pool.submit(fetch, r) for r in itertools.islice(todo, len(done))}
         if errors:
-            raise errors[0]
+            raise next((e for e in errors if isinstance(e, ObjectChanged)), errors[0])
         state.finish(stored, shard.bytes)
         del self._partial[key]
         if check is None:  # indexed in place: nothing to hash against

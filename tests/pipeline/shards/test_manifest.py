@@ -123,6 +123,19 @@ def test_verify_checks_every_digest_the_manifest_records(tmp_path, capsys, wrong
         assert res.code == 1 and f"FAIL {manifest.shards[1].name}: its sha256 does not match" in res.out
 
 
+def test_verify_checks_the_size_the_manifest_records(tmp_path):
+    """A size forged beside true digests passed --verify: a cached copy is found by its
+    digest, so nothing read the object's size again."""
+    manifest = numbered_shards(tmp_path / "ds", [3, 2])
+    doc = json.loads(manifest.to_json())
+    doc["shards"][0]["bytes"] = 2**40
+    doc["total_bytes"] += 2**40 - manifest.shards[0].bytes
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(doc))
+    store = ShardStore(str(tmp_path / "ds"))
+    assert verify_shards(store, store.read_manifest()) == [
+        f"{manifest.shards[0].name}: {manifest.shards[0].bytes} bytes, manifest says {2**40}"]
+
+
 def test_a_hash_that_is_not_a_hash_cannot_pick_a_cache_file(tmp_path):
     """The issue's case: a sha256 of ``../..`` would have served any local .tar as a
     verified cache hit of an S3 dataset, and put lock and part files anywhere."""

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
-from pipeline.errors import ShardFetchError
+from pipeline.errors import ManifestError, ShardFetchError
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.store import ShardStore
 from pipeline.shards.writer import ShardWriterConfig, write_shards
@@ -79,3 +79,20 @@ def test_shard_from_a_bucket_prefix_to_local(photos, s3_env, tmp_path):
         client.upload_file(str(p), "raw-images", f"photos/{p.relative_to(photos).as_posix()}")
     m = write_shards("s3://raw-images/photos", str(tmp_path / "out"), ShardWriterConfig()).manifest
     assert m.total_samples == 45 and m.classes == sorted(p.name for p in photos.iterdir())
+
+
+def test_an_empty_manifest_object_is_read_as_empty_not_as_a_refused_request(photos, s3_env, tmp_path, caplog):
+    """S3 answers a ranged GET of an empty object with 416, which was reported as "the
+    server rejected the request as invalid": an empty manifest.index must fall back to
+    manifest.json (as it does on disk), an empty manifest.json is not JSON."""
+    s3_env.create_bucket("empties")
+    write_shards(str(photos), "s3://empties/ds", ShardWriterConfig(shard_bytes=250_000))
+    client = s3_env.client()
+    client.put_object(Bucket="empties", Key="ds/manifest.index", Body=b"")
+    storage = StorageConfig(cache_dir=str(tmp_path / "cache"))
+    assert ShardStore("s3://empties/ds", storage).read_table().total_samples == 45
+    assert "reading manifest.json instead" in caplog.text
+    client.put_object(Bucket="empties", Key="ds/manifest.json", Body=b"")
+    client.delete_object(Bucket="empties", Key="ds/manifest.index")
+    with pytest.raises(ManifestError, match=r"s3://empties/ds/manifest.json \(endpoint .*\) is not valid JSON"):
+        ShardStore("s3://empties/ds", storage).read_manifest()

@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import subprocess
 import threading
 import time
 
@@ -366,3 +367,51 @@ def test_a_forked_process_makes_one_client_however_many_threads_meet_the_parents
     proc.join(30)
     assert (made_in_child, distinct, inherited) == (1, 1, False)
     assert nbytes > 0 and made == []  # the parent kept its own client
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("claimed", ["half again", "a TiB"])
+def test_an_object_shorter_than_the_manifest_says_is_one_error_at_once(claimed, dataset, faulty_s3, tmp_path):
+    """A replaced or cut object (or a forged size) was retried as a network error, and a
+    1 TiB claim queued 131,072 ranged GETs before failing."""
+    _, manifest = dataset
+    good = manifest.shards[0]
+    size = good.bytes * 3 // 2 if claimed == "half again" else 2**40
+    events = []
+    store = _store(faulty_s3, tmp_path, events, retry=RetryPolicy(4, 0.01, 0.02))
+    faulty_s3.faults.clear()
+    t0 = time.monotonic()
+    with pytest.raises(ShardFetchError, match=rf"{good.name} at s3://faults/ds \(endpoint .*\): the object changed "
+                                              rf"\(ObjectChanged: bytes \d+-\d+ of the manifest's {size} gave \d+: "
+                                              "the object is shorter than the manifest says"):
+        store.local_path(dataclasses.replace(good, bytes=size))
+    assert time.monotonic() - t0 < 10
+    assert not [e for e in events if e[0] == "fetch_retry"]
+    assert sum(n for name, n in events if name == "bytes_fetched") <= good.bytes  # no GETs past the end repeated
+    assert not list((tmp_path / "cache").glob("*.tar"))
+
+
+@pytest.mark.integration
+def test_a_full_cache_disk_is_an_error_and_caches_nothing(dataset, faulty_s3, tmp_path):
+    """A full disk took part of a write without an error: the shard was cached with its
+    tail missing, as verified, and every later run called the intact S3 object corrupt."""
+    _, manifest = dataset
+    shard = manifest.shards[0]
+    small = tmp_path / "small"
+    small.mkdir()
+    pages = shard.bytes // 2 // 4096 * 4096
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages}", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs to mount a small tmpfs (root)")
+    try:
+        faulty_s3.faults.clear()
+        full = ShardStore("s3://faults/ds", dataclasses.replace(_config(faulty_s3, tmp_path, retry=RetryPolicy(2, 0.01, 0.02)),
+                                                                 cache_dir=str(small)))
+        with pytest.raises(ShardFetchError, match="no space left on the local disk"):
+            full.local_path(shard)
+        assert not [p for p in small.rglob("*") if p.is_file() and p.suffix == ".tar"]
+        roomy = ShardStore("s3://faults/ds", _config(faulty_s3, tmp_path))
+        with roomy.open_shard(shard) as f:
+            assert f.read() == (dataset[0] / shard.name).read_bytes()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
