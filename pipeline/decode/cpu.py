@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class _WorkerError:
-    """A data error (a corrupt shard, a failed fetch) met in a worker, sent to the
-    main process as an item and raised there as it was: torch would re-raise it
-    with the worker's whole traceback folded into its message."""
+    """A data error (a corrupt shard, a failed fetch, a cache folder it cannot write)
+    met in a worker, sent to the main process as an item and raised there as it was:
+    torch would re-raise it with the worker's whole traceback folded into its message."""
 
-    def __init__(self, error: PipelineError) -> None:
+    def __init__(self, error: PipelineError | OSError) -> None:
         self.error = error
 
 
@@ -57,7 +57,7 @@ class _RankEpoch(IterableDataset):
         try:
             for ids, samples in read_batches(self.loader, self.ids, batches):
                 yield self._batch(ids, samples)
-        except PipelineError as e:
+        except (PipelineError, OSError) as e:
             if info is None:
                 raise
             yield _WorkerError(e)

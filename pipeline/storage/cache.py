@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from pipeline.errors import ShardFetchError
 from pipeline.storage.objects import is_sha256
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,11 @@ class ShardCache:
         if limit_bytes <= 0:
             raise ValueError(f"cache limit must be positive, got {limit_bytes}")
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ShardFetchError(f"cannot use {self.dir} as the shard cache ({e.strerror or e}): point "
+                                  "data.storage.cache_dir, or MAESCALE_CACHE, at a folder this process may write") from None
         self.limit_bytes = limit_bytes
 
     def _file(self, digest: str, suffix: str) -> Path:

@@ -55,6 +55,7 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "cache_limit_gb", "parallel_ranges", "range_mib", "connect_timeout_s", "read_timeout_s")
+        require(self.cache_limit_bytes >= 1, "cache_limit_gb", f"must be at least one byte, got {self.cache_limit_gb:g}")
         require_choice(self, "checksum", ("xxh3", "sha256"))
         require_choice(self, "cache_mode", ("disk", "memory"))
         require(self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",

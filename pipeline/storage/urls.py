@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 
+from pipeline.errors import ObjectNotAccessible
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.redact import redact, register_secrets
 
@@ -63,9 +65,26 @@ def _s3_options(options: dict[str, Any], config: StorageConfig) -> dict[str, Any
               "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})}
     options = {**options, "config_kwargs": kwargs}
     endpoint = s3_endpoint(options)
+    _check_endpoint(endpoint)
     if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
         options["endpoint_url"] = endpoint
     return options
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    """An endpoint from the environment is checked as ``--endpoint-url`` is: botocore
+    would raise deep inside the first request, or retry a bad scheme as a network error."""
+    if not endpoint:
+        return
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises on a port that is not a number or is out of range
+    except ValueError as e:
+        raise ObjectNotAccessible(f"S3 endpoint {redact(endpoint)} is not a URL ({e}); check AWS_ENDPOINT_URL or "
+                                  "--endpoint-url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ObjectNotAccessible(f"S3 endpoint {redact(endpoint)} must be http://host[:port] or https://...; check "
+                                  "AWS_ENDPOINT_URL or --endpoint-url")
 
 
 def s3_endpoint(options: dict[str, Any]) -> str | None:

@@ -415,3 +415,33 @@ def test_a_full_cache_disk_is_an_error_and_caches_nothing(dataset, faulty_s3, tm
             assert f.read() == (dataset[0] / shard.name).read_bytes()
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cache_file_it_cannot_open_is_one_line_from_a_worker_too(dataset, faulty_s3, tmp_path, workers):
+    """An OSError from the cache in a DataLoader worker (a read-only folder, here a lock
+    path that is a folder) was torch's 2 KB re-raise with the worker's traceback."""
+    _, manifest = dataset
+    faulty_s3.faults.clear()
+    storage = _config(faulty_s3, tmp_path)
+    last = manifest.shards[-1]  # not one of the first batch's, which the main process fetches itself
+    (tmp_path / "cache" / f"{ShardStore('s3://faults/ds', storage).cache_key(last)}.lock").mkdir(parents=True)
+    cfg = LoaderConfig(url="s3://faults/ds", batch_size=4, num_workers=workers, storage=storage,
+                       plan=PlanConfig(window_shards=1, shuffle=False))
+    with pytest.raises(IsADirectoryError) as caught:
+        list(build_loader(cfg, 0, 1))
+    message = str(caught.value)
+    assert message.endswith(".lock'") and "\n" not in message and "Caught" not in message
+
+
+def test_a_cache_folder_that_is_a_file_or_an_endpoint_that_is_not_a_url_is_named(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ShardFetchError, match=r"cannot use .*/file/shards as the shard cache \(Not a directory\): "
+                                              "point data.storage.cache_dir, or MAESCALE_CACHE, at a folder"):
+        ShardCache(tmp_path / "file" / "shards", 2**20)
+    for endpoint, problem in [("127.0.0.1:9000", "must be http://host"), ("http://[::1:9000", "is not a URL"),
+                              ("http://127.0.0.1:99999", "is not a URL"), ("htp://x:1", "must be http://host")]:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # --endpoint-url is checked by its config; this was not
+        with pytest.raises(ShardFetchError, match=rf"S3 endpoint .* {problem}.*check AWS_ENDPOINT_URL"):
+            ShardStore("s3://bucket/ds", StorageConfig(cache_dir=str(tmp_path / "cache"))).read_manifest()
