@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from infra.options import option, require_choice, require_positive
+from infra.options import option, require_choice, require_positive, require_text
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 120.0
@@ -55,6 +55,7 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         require_choice(self, "wandb_mode", ("online", "offline"))
         require_positive(self, "queue_size")
+        require_text(self, "tensorboard_dir", "project", "run_name")
 
     def enabled(self) -> bool:
         return self.tensorboard or self.wandb or self.mlflow

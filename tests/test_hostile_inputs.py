@@ -467,7 +467,7 @@ CASES = [
     error("endpoint without a scheme", lambda ws: pretrain(ws, "data.storage.endpoint_url=minio:9000"),
           "data.storage.endpoint_url must start with http:// or https://"),
     error("config file not YAML", lambda ws: bad_config_file(ws, "model: [unclosed\n"), "not valid YAML"),
-    error("config file a list", lambda ws: bad_config_file(ws, "- a\n- b\n"), "config must be a mapping"),
+    error("config file a list", lambda ws: bad_config_file(ws, "- a\n- b\n"), "must be a mapping of settings, got list"),
     # images and weights given to evaluation (`mae reconstruct`)
     skip("decompression bomb among images", lambda ws: reconstruct(ws, {"a.jpg": img(), "b.png": bomb_png()}),
          r"(?s)(?=.*skipped \S*b.png: decompression_bomb)(?=.*wrote \S*: 1 images)"),

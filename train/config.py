@@ -93,6 +93,17 @@ class DeepSpeedConfig:
         require_choice(self, "precision", ("bf16", "fp32"))
         require(not self.offload_params or self.stage == 3, "offload_params", "needs deepspeed.stage=3")
         require(not self.offload_optimizer or self.stage >= 2, "offload_optimizer", "needs deepspeed.stage >= 2")
+        stage_set = isinstance(self.raw.get("zero_optimization"), dict) and "stage" in self.raw["zero_optimization"]
+        for key in [k for k in RAW_OWNED if k in self.raw] + (["zero_optimization.stage"] if stage_set else []):
+            raise OptionError("raw", f"sets {key}, which {RAW_OWNED[key]} decides: set that instead (the batch, "
+                                     "lr and schedule are computed from the run config)")
+
+
+RAW_OWNED = {  # DeepSpeed keys the run config decides; deepspeed.raw may not change them behind its back
+    "train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "optim.accum_steps",
+    "train_batch_size": "data.batch_size x optim.accum_steps x the world size", "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim (the recipe's AdamW or LARS)", "scheduler": "the recipe's lr schedule",
+    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision", "zero_optimization.stage": "deepspeed.stage"}
 
 
 @dataclass
@@ -137,7 +148,7 @@ class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/track
     def __post_init__(self) -> None:
         super().__post_init__()  # the tracking fields' checks
         require_positive(self, "every_steps")
-        require_text(self, "metrics_file")
+        require_text(self, "metrics_file", "sample_ids_dir")
 
 
 @dataclass
@@ -173,10 +184,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
-        try:
-            mcfg = model_config(self.model.name, img_size=self.data.augment.img_size)
-        except ValueError as e:
-            raise OptionError("data.augment.img_size", f"does not fit {self.model.name}: {e}") from None
+        mcfg = sized_model_config(self.model.name, self.data.augment.img_size)
         visible = num_visible_patches(mcfg.num_patches, self.model.mask_ratio)
         require(1 <= visible < mcfg.num_patches, "model.mask_ratio",
                 f"{self.model.mask_ratio} keeps {visible} of the {mcfg.num_patches} patches of {self.model.name} at "
@@ -197,12 +205,25 @@ class RunConfig:
                 "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
 
 
+def sized_model_config(name: str, img_size: int):
+    """The model config of ``name`` at ``data.augment.img_size``; an ``OptionError``
+    naming that key when the size does not fit the model (its patch size)."""
+    try:
+        return model_config(name, img_size=img_size)
+    except ValueError as e:
+        raise OptionError("data.augment.img_size", f"does not fit {name}: {e}") from None
+
+
 # ------------------------------------------------------------- loading
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"config key {odd[0]!r} in {path or 'the config'} is not a name (YAML reads it as "
+                          f"{type(odd[0]).__name__}; quote it)")
     unknown = sorted(set(values) - names)
     if unknown:
         where = f"{path}." if path else ""
@@ -235,10 +256,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if base is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
             number = _float_or_none(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
             if number is not None and not math.isfinite(number):
-                raise ConfigError(f"{key} = {value!r} is not a finite number")
+                raise ConfigError(f"{key} = {_shown(value)} is not a finite number")
             if number is not None:
                 return number
         if base is int and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:
+                raise ConfigError(f"{key} is out of range ({len(str(abs(value)))} digits)")
             return value
         if base in (str, bool, dict) and isinstance(value, base):
             return value
@@ -247,18 +270,30 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
         if opt is Any:
             return value
-    raise ConfigError(f"{key} = {value!r} does not fit type {hint}")
+    raise ConfigError(f"{key} = {_shown(value)} does not fit type {hint}")
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to a line's worth."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _float_or_none(value: int | float | str) -> float | None:
+    if isinstance(value, str) and not value.isascii():  # float() reads other scripts' digits
+        return None
     try:
         return float(value)
     except ValueError:
         return None
+    except OverflowError:  # an int past any float
+        return math.inf
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {dotted}=...: an empty name between dots")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -267,29 +302,137 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # values after anchors and aliases are expanded
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as a config file means it: a key given twice is an error, and numbers
+    follow YAML 1.2 (``0042`` is 42, ``1e-3`` a float; no octal, no base 60)."""
+
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rules if tag not in (
+        "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")] for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"config key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+def _yaml_int(loader: _ConfigLoader, node: yaml.ScalarNode) -> int | str:
+    text = loader.construct_scalar(node)
+    return int(text, 10) if len(text) <= 64 else text  # past any field's range; the field's check names it
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    try:
+        value = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader: no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply") from None
+    except ConfigError as e:  # a key given twice
+        raise ConfigError(f"{what}: {e}") from None
+    _check_expanded_size(value, what)
+    return value
+
+
+def _check_expanded_size(value: Any, what: str) -> None:
+    """Refuse a tree of more than ``MAX_CONFIG_NODES`` values, counting every alias
+    expansion (a kilobyte of nested aliases can stand for billions of values)."""
+    todo, count = [value], 0
+    while todo:
+        node = todo.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{what}: more than {MAX_CONFIG_NODES:,} values once its aliases are expanded")
+        if isinstance(node, dict):
+            todo += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            todo += node
+
+
+def _read_config_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config {path} is not a file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a config file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    tree = _parse_yaml(text, str(path))
+    if tree is None:
+        raise ConfigError(f"config {path} holds no settings (an empty file would run every default: ViT-B, "
+                          f"800 epochs); give a preset ({', '.join(list_presets())}) or its settings")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of settings, got {type(tree).__name__}")
+    return tree
+
+
+def _override_value(raw: str, hint: Any, item: str) -> Any:
+    """An override's value: verbatim for a text field (a path keeps its ``#`` and is
+    never read as a date, a bool or null, except the word ``null`` for an optional
+    one); parsed as YAML otherwise."""
+    if raw == "":
+        return ""
+    if _is_text(hint) and not raw.startswith(("'", '"')):
+        return None if raw == "null" and type(None) in typing.get_args(hint) else raw
+    return _parse_yaml(raw, f"override {_shown(item)}")
+
+
+def _is_text(hint: Any) -> bool:
+    options = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    return str in options and options <= {str, type(None)}
+
+
+def _field_hint(schema: type, dotted: str) -> Any:
+    """The type of the field ``a.b.c`` names in ``schema``; None where it names none."""
+    cls: Any = schema
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return None
+        cls = hint
+    return cls
+
+
 def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig) -> Any:
     """A preset name (see ``list_presets``) or a YAML path, then ``a.b=c`` overrides,
-    built as ``schema`` (``RunConfig``; fine-tuning passes its own)."""
+    built as ``schema`` (``RunConfig``; fine-tuning passes its own). ``None`` starts
+    from the schema's defaults."""
     tree: dict[str, Any] = {}
-    if source:
+    if source is not None:
+        if not source.strip():
+            raise ConfigError(f"--config is empty: give a preset ({', '.join(list_presets())}) or a YAML file")
         path = Path(source)
-        if not path.exists() and (PRESETS_DIR / f"{source}.yaml").exists():
+        if not path.is_file() and (PRESETS_DIR / f"{source}.yaml").is_file():
             path = PRESETS_DIR / f"{source}.yaml"
         if not path.exists():
             raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(list_presets())})")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        tree = _read_config_file(path)
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form a.b=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: bad value ({e})") from e
-        _set_path(tree, key.strip(), value)
+            raise ConfigError(f"override {_shown(item)} is not of the form a.b=value")
+        _set_path(tree, key, _override_value(raw, _field_hint(schema, key), item))
     return _build(schema, tree, "")
 
 

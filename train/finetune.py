@@ -12,6 +12,7 @@ SIGTERM/SIGINT save and exit. The loop itself is ``train.eval.finetune``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -39,7 +40,7 @@ def config_from(args: argparse.Namespace):
 
     overrides = list(args.overrides)
     if args.weights is not None:
-        overrides.append(f"model.weights={args.weights}")
+        overrides.append(f"model.weights={json.dumps(args.weights)}")  # quoted: a path named null stays a path
     if args.trainable_blocks is not None:
         overrides.append(f"model.trainable_blocks={args.trainable_blocks}")
     return load_config(args.config, overrides, schema=FinetuneConfig)

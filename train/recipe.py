@@ -3,6 +3,7 @@ and the lr schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ from torch import nn
 
 from train.config import RunConfig
 from train.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,15 @@ def derived(cfg: RunConfig, world_size: int, micro_batches_per_epoch: int) -> De
     steps_per_epoch = max(1, micro_batches_per_epoch // cfg.optim.accum_steps)
     total = cfg.schedule.max_steps or int(cfg.schedule.epochs * steps_per_epoch)
     warmup = int(cfg.schedule.warmup_epochs * steps_per_epoch)
+    if total < 1:
+        raise ConfigError(f"schedule.epochs {cfg.schedule.epochs:g} is {cfg.schedule.epochs * steps_per_epoch:.2g} of "
+                          f"an optimizer step ({steps_per_epoch} per epoch): nothing would train; raise it")
+    if cfg.optim.min_lr > lr:
+        raise ConfigError(f"optim.min_lr {cfg.optim.min_lr:g} is above the peak lr {lr:.3g}: the cosine decay would "
+                          "climb; lower optim.min_lr")
+    if warmup > total and not cfg.schedule.max_steps:  # a max_steps run is cut short on purpose
+        log.warning("schedule.warmup_epochs %g is %d steps, longer than the run's %d: the lr never reaches its peak "
+                    "%.3g", cfg.schedule.warmup_epochs, warmup, total, lr)
     return Derived(world_size, global_batch, lr, steps_per_epoch, total, min(warmup, total))
 
 

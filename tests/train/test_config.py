@@ -78,6 +78,60 @@ def test_bad_config_names_the_key(override, message):
         load_config("tiny_cpu", [override])
 
 
+BOMB = "deepspeed:\n  raw:\n    a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))  # 405 bytes, 9**9 values
+
+
+@pytest.mark.parametrize("text, message", [
+    ("schedule:\n  max_steps: 1\nschedule:\n  epochs: 1\n", "config key 'schedule' is given twice (line 3)"),
+    (b"# r\xe9sum\xe9\noptim:\n  lr: 0.001\n", "is not UTF-8 text (byte 3: b'\\xe9')"),
+    ("- data\n- model\n", "must be a mapping of settings, got list"),
+    ("model:\n  on: true\n  nmae: x\n", "config key True in model is not a name (YAML reads it as bool; quote it)"),
+    ("seed: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    ("", "holds no settings"),
+    ("# nothing but a comment\n", "holds no settings"),
+    (BOMB, "more than 100,000 values once its aliases are expanded"),
+    ("data:\n  batch_size: 0x10\n", "data.batch_size = '0x10' does not fit type"),
+    ("checkpoint:\n  lock_stale_s: 5:00\n", "checkpoint.lock_stale_s = '5:00' does not fit type"),
+    ("data:\n  batch_size: " + "1" * 400 + "\n", "data.batch_size = '1111111"),
+    ("optim:\n  lr: " + "1" * 400 + "\n", "is not a finite number"),
+    ("data:\n  batch_size: " + "1" * 30 + "\n", "data.batch_size is out of range (30 digits)"),
+])
+def test_a_careless_config_file_is_one_error_naming_the_problem(tmp_path, text, message):
+    """Each was a traceback, a hang, or a silently different run."""
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(path), ["schedule.max_steps=2"])
+
+
+def test_numbers_read_as_yaml_1_2_and_text_overrides_as_written(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 0042\ndata:\n  batch_size: 064\n")  # YAML 1.1: octal 34 and 52
+    cfg = load_config(str(path), ["checkpoint.dir=runs/exp #2", "data.url=/data/set #1", "optim.lr=1e-3",
+                                  "log.run_name=2024-05-01", "data.augment.scale=[0.5, 1.0]", "optim.blr=016"])
+    assert (cfg.seed, cfg.data.batch_size, cfg.optim.lr, cfg.optim.blr) == (42, 64, 0.001, 16.0)
+    assert (cfg.checkpoint.dir, cfg.data.url, cfg.log.run_name) == ("runs/exp #2", "/data/set #1", "2024-05-01")
+    assert cfg.data.augment.scale == (0.5, 1.0)
+    assert load_config("tiny_cpu", ["log.run_name=null", "data.url='quoted'"]).data.url == "quoted"
+    for bad, message in [("", "--config is empty"), (str(tmp_path), "is not a file"), ("/dev/zero", "is not a file")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(bad)
+    for override, message in [(".seed=1", "an empty name between dots"), ("optim.lr=\u0661\u0662", "does not fit"),
+                              ("deepspeed.raw.gradient_accumulation_steps=4", "deepspeed.raw sets "
+                               "gradient_accumulation_steps, which optim.accum_steps decides"),
+                              ("deepspeed.raw={zero_optimization: {stage: 3}}", "sets zero_optimization.stage")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("tiny_cpu", [override])
+
+
+def test_a_schedule_that_cannot_train_is_refused():
+    with pytest.raises(ConfigError, match=r"schedule.epochs 0.01 is 0.1 of an optimizer step \(10 per epoch\)"):
+        derived(load_config("tiny_cpu", ["schedule.epochs=0.01"]), 1, 10)
+    with pytest.raises(ConfigError, match=r"optim.min_lr 1 is above the peak lr 0.0001: the cosine decay would climb"):
+        derived(load_config("tiny_cpu", ["optim.lr=1e-4", "optim.min_lr=1"]), 1, 10)
+
+
 def test_unknown_preset_or_file():
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_config("vit_gigantic")

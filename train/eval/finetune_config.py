@@ -15,12 +15,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from infra.options import option, require, require_choice
+from infra.options import option, require, require_choice, require_text
 from model.classifier import HEADS
 from model.registry import list_models
 from pipeline.loader import LoaderConfig
 from train.config import (CheckpointConfig, DeepSpeedConfig, FaultConfig, LogConfig, MetricsConfig, OptimConfig,
-                          ScheduleConfig)
+                          ScheduleConfig, sized_model_config)
 from train.eval.mixup import MixupConfig
 
 OPTIMIZERS = ("adamw", "lars")
@@ -47,6 +47,7 @@ class ClassifierModelConfig:
         require(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         require(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2")
         require(self.trainable_blocks is None or self.trainable_blocks >= 0, "trainable_blocks", "must be >= 0")
+        require_text(self, "weights")  # empty (an unset $VAR) would silently mean random init
 
 
 @dataclass
@@ -77,7 +78,9 @@ class EvalConfig:
     every_epochs: int = option(1, "evaluate after every this many epochs (and at the end)")
 
     def __post_init__(self) -> None:
-        require(self.batch_size > 0 and self.every_epochs > 0, "batch_size", "batch_size and every_epochs must be > 0")
+        require_text(self, "url")  # empty (an unset $VAR) would silently mean no evaluation
+        for name in ("batch_size", "every_epochs"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         require(0 < self.crop_fraction <= 1, "crop_fraction", f"must be in (0, 1], got {self.crop_fraction}")
 
 
@@ -97,6 +100,7 @@ class FinetuneConfig:
     seed: int = option(0, "head init, drop path, mixup and (random init) the encoder")
 
     def __post_init__(self) -> None:
+        sized_model_config(self.model.name, self.data.augment.img_size)  # here, not as a traceback at build time
         # LARS scales each parameter's step by its own norm: ZeRO's flattened partitions would
         # merge parameters, so the probe runs unpartitioned (its head is tiny anyway).
         require(self.optim.name != "lars" or self.deepspeed.stage == 0, "optim.name",

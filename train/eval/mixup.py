@@ -32,7 +32,8 @@ class MixupConfig:
     label_smoothing: float = option(0.1, "of the one-hot targets (also without mixing)")
 
     def __post_init__(self) -> None:
-        require(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha", "alphas must be >= 0")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("prob", "switch_prob"):
             require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
         require(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")

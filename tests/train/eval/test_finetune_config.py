@@ -51,6 +51,13 @@ def test_bad_values_name_their_key():
         load_config("finetune_tiny_cpu", ["optim.name=sgd"], FinetuneConfig)
     with pytest.raises(ConfigError, match="unknown config key model.bogus"):
         load_config("finetune_tiny_cpu", ["model.bogus=1"], FinetuneConfig)
+    for override, message in [  # each ran on: random init, no evaluation, or a traceback at build time
+            ("model.weights=", "model.weights must not be empty"), ("eval.url=", "eval.url must not be empty"),
+            ("data.augment.img_size=30", "data.augment.img_size does not fit mae_vit_test_patch4"),
+            ("mixup.cutmix_alpha=-1", "mixup.cutmix_alpha must be >= 0"),
+            ("eval.every_epochs=0", "eval.every_epochs must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("finetune_tiny_cpu", [override], FinetuneConfig)
 
 
 def test_readme_finetune_reference_is_current():
