@@ -29,6 +29,10 @@ from infra.metrics import METRICS, MetricSpec
 log = logging.getLogger(__name__)
 
 
+class EndpointError(OSError):
+    """The metrics endpoint could not be opened."""
+
+
 class PrometheusSink:
     def __init__(self, rank: int, local_rank: int, local_world_size: int, port_base: int = 9400,
                  bind: str = "127.0.0.1", multiproc_dir: str | None = None, backend: str = "cpu") -> None:
@@ -53,7 +57,10 @@ class PrometheusSink:
                 self._metrics[spec.name].labels(rank=self.rank, **extra)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(directory))
-        self.server, self._thread = start_http_server(self.port, addr=bind, registry=registry)
+        try:
+            self.server, self._thread = start_http_server(self.port, addr=bind, registry=registry)
+        except OSError as e:  # an address that does not resolve, a port in use
+            raise EndpointError(f"cannot serve metrics on {bind}:{self.port} ({e.strerror or e})") from None
         self.bind, self.local_world_size = bind, local_world_size
         self.file_sd_path: Path | None = None
         log.info("metrics endpoint http://%s:%d/metrics (rank %s)", bind, self.port, self.rank)

@@ -32,6 +32,7 @@ from pipeline.storage.redact import redact
 from train.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).with_name("configs")
+MAX_PAUSE_S = 86_400  # a pause the run is told to take (a drill, the endpoint's linger): a day at most
 
 
 @dataclass
@@ -135,7 +136,7 @@ class FaultConfig:
         self.inject_nonfinite_at = tuple(self.inject_nonfinite_at)
         require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.inject_nonfinite_at),
                 "inject_nonfinite_at", f"must be micro-step numbers >= 0, got {list(self.inject_nonfinite_at)}")
-        require(self.slow_save_s >= 0, "slow_save_s", f"must be >= 0, got {self.slow_save_s}")
+        require(0 <= self.slow_save_s <= MAX_PAUSE_S, "slow_save_s", f"must be in [0, {MAX_PAUSE_S}], got {self.slow_save_s}")
 
 
 @dataclass
@@ -166,6 +167,7 @@ class MetricsConfig:
         require(1 <= self.port_base <= 65535, "port_base", f"must be a TCP port, got {self.port_base}")
         require_positive(self, "speedup_steps")
         require_non_negative(self, "linger_s")
+        require(self.linger_s <= MAX_PAUSE_S, "linger_s", f"must be at most {MAX_PAUSE_S} (a day), got {self.linger_s}")
         require_text(self, "bind", "multiproc_dir", "file_sd_dir")
 
 

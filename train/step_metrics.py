@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from infra.metrics import NullSink, install, sink
+from train.errors import ConfigError
 
 
 class EncoderTimer:
@@ -71,10 +72,14 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = "")
     ``run`` labels the node's file-SD targets."""
     if not m.enabled:
         return None
-    from infra.prometheus_sink import PrometheusSink
+    from infra.prometheus_sink import EndpointError, PrometheusSink
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    prom = PrometheusSink(rank, local_rank, local_world, m.port_base, m.bind, m.multiproc_dir, backend=backend)
+    try:
+        prom = PrometheusSink(rank, local_rank, local_world, m.port_base, m.bind, m.multiproc_dir, backend=backend)
+    except EndpointError as e:
+        raise ConfigError(f"{e}: check metrics.bind and metrics.port_base (each rank serves on port_base + its "
+                          "local rank)") from None
     install(prom)
     if m.file_sd_dir and local_rank == 0:
         prom.write_file_sd(m.file_sd_dir, m.port_base, run=run)

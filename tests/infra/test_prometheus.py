@@ -283,3 +283,34 @@ print(json.dumps(sorted(p.name for p in Path({str(tmp_path / 'sd')!r}).iterdir()
     assert targets[0]["targets"] == ["127.0.0.1:9400", "127.0.0.1:9401"]
     assert targets[0]["labels"]["run"] == "vit_l__"
     assert after == []
+
+
+def test_an_endpoint_that_cannot_open_names_the_keys(tmp_path):
+    """A bind address that does not resolve, or a port in use, was a bare gaierror or
+    'Address already in use' naming neither the key nor the port. (In a child: the
+    sink sets process-wide prometheus_client state.)"""
+    code = """if True:
+        import socket, sys
+        from train.config import MetricsConfig
+        from train.errors import ConfigError
+        from train.step_metrics import start_prometheus
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for bind, base in (("not an address", int(sys.argv[1])), ("127.0.0.1", port - 1)):
+            try:
+                start_prometheus(MetricsConfig(enabled=True, bind=bind, port_base=base, multiproc_dir=sys.argv[2]),
+                                 rank=1, local_rank=1, backend="cpu")
+            except ConfigError as e:
+                print(e, base + 1)
+    """
+    out = subprocess.run([sys.executable, "-c", code, str(free_port()), str(tmp_path / "prom")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stdout + out.stderr
+    for line, (bind, why) in zip(lines, [("not an address", "Name or service not known"),
+                                        ("127.0.0.1", "Address already in use")]):
+        message, port = line.rsplit(" ", 1)
+        assert message == (f"cannot serve metrics on {bind}:{port} ({why}): check metrics.bind and metrics.port_base "
+                           "(each rank serves on port_base + its local rank)")

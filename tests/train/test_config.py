@@ -72,6 +72,8 @@ def test_overrides_and_derived_values_are_not_written_back():
     ("faults.max_nonfinite_in_row=0", "faults.max_nonfinite_in_row must be positive, got 0"),
     ("faults.inject_nonfinite_at=[-1]", "faults.inject_nonfinite_at must be micro-step numbers >= 0, got [-1]"),
     ("metrics.linger_s=-1", "metrics.linger_s must be >= 0, got -1.0"),
+    ("metrics.linger_s=1e10", "metrics.linger_s must be at most 86400 (a day)"),  # was an OverflowError at the end
+    ("faults.slow_save_s=1e10", "faults.slow_save_s must be in [0, 86400]"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
