@@ -415,20 +415,37 @@ def _field_hint(schema: type, dotted: str) -> Any:
     return cls
 
 
+def _config_path(source: str) -> Path:
+    """The file ``--config`` names: a YAML path, else the preset of that name."""
+    if not source.strip():
+        raise ConfigError(f"--config is empty: give a preset ({', '.join(list_presets())}) or a YAML file")
+    path = Path(source)
+    if not path.is_file() and (PRESETS_DIR / f"{source}.yaml").is_file():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(list_presets())})")
+    return path
+
+
+def given_keys(source: str, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys the config file and the overrides set (whatever their values)."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            keys.add(prefix + str(key))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(_read_config_file(_config_path(source)), "")
+    return keys
+
+
 def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig) -> Any:
     """A preset name (see ``list_presets``) or a YAML path, then ``a.b=c`` overrides,
     built as ``schema`` (``RunConfig``; fine-tuning passes its own). ``None`` starts
     from the schema's defaults."""
-    tree: dict[str, Any] = {}
-    if source is not None:
-        if not source.strip():
-            raise ConfigError(f"--config is empty: give a preset ({', '.join(list_presets())}) or a YAML file")
-        path = Path(source)
-        if not path.is_file() and (PRESETS_DIR / f"{source}.yaml").is_file():
-            path = PRESETS_DIR / f"{source}.yaml"
-        if not path.exists():
-            raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(list_presets())})")
-        tree = _read_config_file(path)
+    tree = _read_config_file(_config_path(source)) if source is not None else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()

@@ -109,9 +109,11 @@ def write_job(job: SlurmJobConfig, args: list[str], config: str | None = None) -
         job_dir = task.run_dir / "slurm" if task.run_dir else workdir / "slurm" / name
     if job.task == "pretrain" and job.metrics:
         sd_dir = Path(job.file_sd_dir).resolve() if job.file_sd_dir else job_dir / "prometheus-targets"
-        given = {a.split("=", 1)[0] for a in args}
+        from train.config import given_keys
+
+        given = given_keys(config, args)  # in the file or on the command line: what the user set wins
         task.command += [o for o in ("metrics.enabled=true", "metrics.bind=0.0.0.0", f"metrics.file_sd_dir={sd_dir}")
-                         if o.split("=", 1)[0] not in given]  # what the user set wins
+                         if o.split("=", 1)[0] not in given]
     log_dir = job_dir / "logs"
     sbatch = SbatchOptions(job_name=name, nodes=job.nodes, tasks_per_node=job.tasks(),
                            cpus_per_task=job.cpus_per_task or task.cpus_per_task, gpus_per_node=job.gpus(),

@@ -66,6 +66,10 @@ def test_what_the_user_sets_wins_and_cpu_tasks_have_no_gpu_line(tmp_path, monkey
     assert f"metrics.file_sd_dir={tmp_path}/job/prometheus-targets" in cmd
     no_metrics = write_job(job_config(gpus_per_node=0, job_dir=str(tmp_path / "j2"), metrics=False), [], "tiny_cpu")
     assert not any(a.startswith("metrics.") for a in _srun_command(no_metrics.script.read_text()))
+    (tmp_path / "run.yaml").write_text("metrics:\n  enabled: false\n  bind: 10.1.2.3\n")  # the file's say wins too
+    from_file = _srun_command(write_job(job_config(gpus_per_node=0, job_dir=str(tmp_path / "j3")), [" metrics.file_sd_dir =sd"],
+                                        str(tmp_path / "run.yaml")).script.read_text())
+    assert not [a for a in from_file if a.startswith("metrics.")] and " metrics.file_sd_dir =sd" in from_file
 
 
 def test_shard_job_is_one_task_with_its_workers_as_cpus(tmp_path, monkeypatch):
