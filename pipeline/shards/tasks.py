@@ -47,8 +47,12 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], keys: Sequence[K],
             if processes else cf.ThreadPoolExecutor(min(workers, len(calls))))  # fsspec's IO thread dies in fork
     with pool:
         futures = {pool.submit(fn, *call): key for key, call in zip(keys, calls)}
-        for fut in cf.as_completed(futures):
-            yield futures[fut], fut.result()
+        try:
+            for fut in cf.as_completed(futures):
+                yield futures[fut], fut.result()
+        except BaseException:  # a failed task, or the caller stopped: queued tasks never start
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def import_ray() -> Any:

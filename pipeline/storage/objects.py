@@ -68,6 +68,9 @@ def sha256_file(path: str | os.PathLike[str], fs: fsspec.AbstractFileSystem | No
     return file_digests(path, fs)["sha256"]
 
 
+MIN_UPLOAD_BYTES_PER_S = 1 << 20  # an upload slower than this, after the timeouts, is a stalled one
+
+
 def range_past_the_end(e: BaseException) -> bool:
     """S3's 416 for a ranged GET that starts at or past the object's end (an empty
     object, or one shorter than expected), as s3fs raises it."""
@@ -172,6 +175,12 @@ class ObjectFolder:
             os.makedirs(os.path.dirname(remote), exist_ok=True)
             with atomic_path(remote) as tmp:
                 shutil.copyfile(local, tmp)
+        elif getattr(self.fs, "async_impl", False):
+            # botocore's upload waits for "100 Continue" outside the read timeout: a stalled
+            # server held `mae shard` forever. Each attempt gets a deadline of its own.
+            limit = (self.storage.connect_timeout_s + self.storage.read_timeout_s
+                     + os.path.getsize(local) / MIN_UPLOAD_BYTES_PER_S)
+            self.call(f"upload {name}", lambda: self.fs.put_file(local, remote, timeout=limit))
         else:
             self.call(f"upload {name}", lambda: self.fs.put_file(local, remote))
 

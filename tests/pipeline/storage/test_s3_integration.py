@@ -96,3 +96,33 @@ def test_an_empty_manifest_object_is_read_as_empty_not_as_a_refused_request(phot
     client.delete_object(Bucket="empties", Key="ds/manifest.index")
     with pytest.raises(ManifestError, match=r"s3://empties/ds/manifest.json \(endpoint .*\) is not valid JSON"):
         ShardStore("s3://empties/ds", storage).read_manifest()
+
+
+def test_an_upload_to_a_stalled_server_fails_within_its_deadline(tmp_path):
+    """botocore waits for "100 Continue" outside the read timeout: with the server
+    stopped, `mae shard` waited forever. Each upload attempt now has a deadline."""
+    import signal
+    import time
+
+    from infra.testing.s3_server import SeaweedS3
+    from pipeline.storage.config import RetryPolicy
+    from pipeline.storage.objects import ObjectFolder
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(200_000))
+    with SeaweedS3() as s3:
+        s3.create_bucket("stall")
+        storage = StorageConfig(options={"endpoint_url": s3.endpoint_url, "key": s3.access_key,
+                                         "secret": s3.secret_key},
+                                connect_timeout_s=1, read_timeout_s=1, retry=RetryPolicy(deadline_s=3))
+        folder = ObjectFolder("s3://stall/x", storage)
+        folder.put_file(str(blob), "a.bin")
+        os.kill(s3.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ShardFetchError, match=r"upload b.bin at s3://stall/x .*: failed after \d+ attempts .*"
+                                                      r"FSTimeoutError"):
+                folder.put_file(str(blob), "b.bin")
+            assert time.monotonic() - t0 < 15
+        finally:
+            os.kill(s3.proc.pid, signal.SIGCONT)
