@@ -94,10 +94,12 @@ class DeepSpeedConfig:
         require_choice(self, "precision", ("bf16", "fp32"))
         require(not self.offload_params or self.stage == 3, "offload_params", "needs deepspeed.stage=3")
         require(not self.offload_optimizer or self.stage >= 2, "offload_optimizer", "needs deepspeed.stage >= 2")
-        stage_set = isinstance(self.raw.get("zero_optimization"), dict) and "stage" in self.raw["zero_optimization"]
-        for key in [k for k in RAW_OWNED if k in self.raw] + (["zero_optimization.stage"] if stage_set else []):
-            raise OptionError("raw", f"sets {key}, which {RAW_OWNED[key]} decides: set that instead (the batch, "
-                                     "lr and schedule are computed from the run config)")
+        zero = self.raw.get("zero_optimization")
+        owned = [k for k in RAW_OWNED if k in self.raw] + (["zero_optimization.stage"]
+                                                           if isinstance(zero, dict) and "stage" in zero else [])
+        if owned:
+            raise OptionError("raw", f"sets {owned[0]}, which {RAW_OWNED[owned[0]]} decides: set that instead (the "
+                                     "batch, lr and schedule are computed from the run config)")
 
 
 RAW_OWNED = {  # DeepSpeed keys the run config decides; deepspeed.raw may not change them behind its back
@@ -207,13 +209,13 @@ class RunConfig:
                 "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
 
 
-def sized_model_config(name: str, img_size: int):
-    """The model config of ``name`` at ``data.augment.img_size``; an ``OptionError``
-    naming that key when the size does not fit the model (its patch size)."""
+def sized_model_config(name: str, img_size: int | None, field: str = "data.augment.img_size"):
+    """The model config of ``name`` at ``img_size`` (None: its own); an ``OptionError``
+    naming ``field`` when the size does not fit the model (its patch size)."""
     try:
-        return model_config(name, img_size=img_size)
+        return model_config(name, **({} if img_size is None else {"img_size": img_size}))
     except ValueError as e:
-        raise OptionError("data.augment.img_size", f"does not fit {name}: {e}") from None
+        raise OptionError(field, f"does not fit {name}: {e}") from None
 
 
 # ------------------------------------------------------------- loading
@@ -256,7 +258,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         base = typing.get_origin(opt) or opt
         if base is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
-            number = _float_or_none(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = _float_or_none(value)  # a quoted number ("1e-3") is a string
             if number is not None and not math.isfinite(number):
                 raise ConfigError(f"{key} = {_shown(value)} is not a finite number")
             if number is not None:
@@ -325,16 +327,16 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+.0123456789"))
 def _yaml_int(loader: _ConfigLoader, node: yaml.ScalarNode) -> int | str:
     text = loader.construct_scalar(node)
     return int(text, 10) if len(text) <= 64 else text  # past any field's range; the field's check names it
 
 
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 
 

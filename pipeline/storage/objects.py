@@ -175,14 +175,13 @@ class ObjectFolder:
             os.makedirs(os.path.dirname(remote), exist_ok=True)
             with atomic_path(remote) as tmp:
                 shutil.copyfile(local, tmp)
-        elif getattr(self.fs, "async_impl", False):
+        else:
             # botocore's upload waits for "100 Continue" outside the read timeout: a stalled
-            # server held `mae shard` forever. Each attempt gets a deadline of its own.
+            # server held `mae shard` forever. Each attempt of an async one gets a deadline.
             limit = (self.storage.connect_timeout_s + self.storage.read_timeout_s
                      + os.path.getsize(local) / MIN_UPLOAD_BYTES_PER_S)
-            self.call(f"upload {name}", lambda: self.fs.put_file(local, remote, timeout=limit))
-        else:
-            self.call(f"upload {name}", lambda: self.fs.put_file(local, remote))
+            deadline = {"timeout": limit} if getattr(self.fs, "async_impl", False) else {}
+            self.call(f"upload {name}", lambda: self.fs.put_file(local, remote, **deadline))
 
     def put_bytes(self, name: str, data: bytes) -> None:
         """Write ``data`` to ``name`` atomically."""

@@ -80,14 +80,12 @@ def non_empty_path(text: str) -> Path:
 def check_model(name: str, img_size: int | None = None, what: str = "--model") -> None:
     """``name`` is a registered model that builds at ``img_size`` (if given); else an
     ``OptionError`` naming the argument. The size rules are the model config's own."""
-    from infra.options import OptionError, require
-    from model.registry import list_models, model_config
+    from infra.options import require
+    from model.registry import list_models
+    from train.config import sized_model_config
 
     require(name in list_models(), what, f"must be one of {', '.join(list_models())}; got {name!r}")
-    try:
-        model_config(name, **({} if img_size is None else {"img_size": img_size}))
-    except ValueError as e:
-        raise OptionError("--img-size", f"does not fit {name}: {e}") from None
+    sized_model_config(name, img_size, field="--img-size")
 
 
 def add_storage_arguments(p: argparse.ArgumentParser) -> None:
