@@ -388,14 +388,17 @@ def _read_config_file(path: Path) -> Any:
     return tree
 
 
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
 def _override_value(raw: str, hint: Any, item: str) -> Any:
     """An override's value: verbatim for a text field (a path keeps its ``#`` and is
-    never read as a date, a bool or null, except the word ``null`` for an optional
-    one); parsed as YAML otherwise."""
+    never read as a date, a bool or null, except YAML's nulls ``null``, ``Null``,
+    ``NULL`` and ``~`` for an optional one, as in a file); parsed as YAML otherwise."""
     if raw == "":
         return ""
     if _is_text(hint) and not raw.startswith(("'", '"')):
-        return None if raw == "null" and type(None) in typing.get_args(hint) else raw
+        return None if raw in YAML_NULLS and type(None) in typing.get_args(hint) else raw
     return _parse_yaml(raw, f"override {_shown(item)}")
 
 
@@ -422,7 +425,10 @@ def _config_path(source: str) -> Path:
     if not source.strip():
         raise ConfigError(f"--config is empty: give a preset ({', '.join(list_presets())}) or a YAML file")
     path = Path(source)
-    if not path.is_file() and (PRESETS_DIR / f"{source}.yaml").is_file():
+    if source in list_presets():
+        if path.exists():
+            raise ConfigError(f"config {source!r} names both a preset and a path in this folder: write ./{source} "
+                              "for the file")
         path = PRESETS_DIR / f"{source}.yaml"
     if not path.exists():
         raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(list_presets())})")

@@ -156,6 +156,17 @@ def test_synthetic_simulation_needs_no_dataset(capsys):
     assert "plan         one rank" in out.out
 
 
+def test_a_fine_tuning_config_is_simulated_by_its_own_schema(capsys):
+    args = ("--world", "2", "--samples", "1000", "--json")
+    tuned = json.loads(run_mae(capsys, "simulate", "--config", "finetune_tiny_cpu", "data.batch_size=24", *args).out)
+    assert tuned["settings"]["batch_size"] == 24 and tuned["epochs"][0]["samples"] == 1000
+    # a mistake is named by the schema the file is written for
+    out = run_mae(capsys, "simulate", "--config", "finetune_tiny_cpu", "mixup.bogus=1", *args)
+    assert out.code == 2 and "unknown config key mixup.bogus; valid keys here: cutmix_alpha" in out.err
+    out = run_mae(capsys, "simulate", "--config", "tiny_cpu", "optim.bogus=1", *args)
+    assert out.code == 2 and "unknown config key optim.bogus; valid keys here: accum_steps" in out.err
+
+
 def test_simulate_data_measures_the_manifest_load(tmp_path):
     numbered_shards(tmp_path / "a", [4] * 3)
     report, what = simulate_data(LoaderConfig(url=str(tmp_path / "a"), num_workers=0), SimulationConfig(world_size=1),

@@ -1,11 +1,12 @@
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.registry import create_model
-from train.config import RunConfig, list_presets, load_config, reference_table
+from train.config import PRESETS_DIR, RunConfig, list_presets, load_config, reference_table
 from train.errors import ConfigError
 from train.engine import deepspeed_json
 from train.recipe import derived, lr_at, param_groups
@@ -116,6 +117,9 @@ def test_numbers_read_as_yaml_1_2_and_text_overrides_as_written(tmp_path):
     assert (cfg.checkpoint.dir, cfg.data.url, cfg.log.run_name) == ("runs/exp #2", "/data/set #1", "2024-05-01")
     assert cfg.data.augment.scale == (0.5, 1.0)
     assert load_config("tiny_cpu", ["log.run_name=null", "data.url='quoted'"]).data.url == "quoted"
+    for null in ("null", "Null", "NULL", "~"):  # YAML's nulls unset an optional text field, as in a file
+        assert load_config("tiny_cpu", [f"log.run_name={null}"]).log.run_name is None
+        assert load_config("tiny_cpu", [f"log.run_name='{null}'"]).log.run_name == null
     for bad, message in [("", "--config is empty"), (str(tmp_path), "is not a file"), ("/dev/zero", "is not a file")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(bad)
@@ -137,6 +141,15 @@ def test_a_schedule_that_cannot_train_is_refused():
 def test_unknown_preset_or_file():
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_config("vit_gigantic")
+
+
+def test_a_file_named_like_a_preset_is_not_taken_for_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("tiny_cpu").write_text("model:\n  name: mae_vit_base_patch16\n")
+    with pytest.raises(ConfigError, match=r"names both a preset and a path in this folder: write ./tiny_cpu for the file"):
+        load_config("tiny_cpu")
+    assert load_config("./tiny_cpu").model.name == "mae_vit_base_patch16"
+    assert load_config(str(PRESETS_DIR / "tiny_cpu.yaml")).model.name == "mae_vit_test_patch4"
 
 
 def test_yaml_file_config(tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from typing import Any
 
 from infra.options import OptionError, require
 from train.cli.common import number, parse_bytes, whole
@@ -20,8 +21,8 @@ MAX_REPLAYED = 10**8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="preset or YAML file whose data section is simulated (data.url, "
-                                                  "data.sources, data.plan, data.storage, workers, batch)")
+    p.add_argument("--config", default=None, help="preset or YAML file, pretraining or fine-tuning, whose data section is "
+                                                  "simulated (data.url, data.sources, data.plan, data.storage, workers, batch)")
     p.add_argument("overrides", nargs="*", help="a.b=value config overrides, e.g. data.url=s3://bucket/shards")
     p.add_argument("--world", type=whole(1, 2**24), required=True, help="ranks of the run")
     p.add_argument("--ranks-per-node", type=whole(1), default=8, help="ranks sharing a node's cache and network")
@@ -39,11 +40,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def data_config(source: str | None, overrides: list[str]) -> Any:
+    """The data section of a pretraining or a fine-tuning config: the file is read as
+    a pretraining one, else as a fine-tuning one. When it is neither, the error is the
+    pretraining schema's, or the fine-tuning one's for a file with a section only
+    fine-tuning has."""
+    from train.config import ConfigError, RunConfig, load_config
+    from train.eval.finetune_config import FinetuneConfig
+
+    try:
+        return load_config(source, overrides).data
+    except ConfigError as pretraining_error:
+        try:
+            return load_config(source, overrides, schema=FinetuneConfig).data
+        except ConfigError as finetuning_error:
+            only_finetuning = {f.name for f in fields(FinetuneConfig)} - {f.name for f in fields(RunConfig)}
+            if any(f"unknown config key {key};" in str(pretraining_error) for key in only_finetuning):
+                raise finetuning_error from None
+            raise pretraining_error from None
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.simulate import SimulationConfig, report_lines, simulate_data
-    from train.config import load_config
 
-    data = load_config(args.config, args.overrides).data
+    data = data_config(args.config, args.overrides)
     started = time.perf_counter()
     synthetic = None
     if args.samples is not None:
