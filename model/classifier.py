@@ -102,6 +102,8 @@ class ViTClassifier(nn.Module):
         """The MAE init for the encoder (what a random-init baseline starts from);
         the head as the official fine-tuning / probe code."""
         w = self.patch_embed.proj.weight
+        if w.is_meta:  # built to be measured (memory_plan): no values to draw
+            return
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_linear_and_norm)

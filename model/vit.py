@@ -150,7 +150,7 @@ def sincos_pos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """
     if dim % 2 != 0:
         raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
-    exponents = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    exponents = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2.0)
     inv_freq = 1.0 / (10000.0**exponents)  # (dim/2,)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (M, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
@@ -161,16 +161,18 @@ def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> tor
 
     Patch p = row * grid_size + col gets ``[emb_1d(col) | emb_1d(row)]``: the first
     half of the channels encodes the column (width) coordinate, the second half the
-    row. With ``cls_token`` a zero row is prepended. Returns (1 + L, dim) float32.
+    row. With ``cls_token`` a zero row is prepended. Returns (1 + L, dim) float32 on
+    the default device; computed on the CPU (on the meta device, e.g. to count a
+    model's parameters, each op would run through torch's slow decompositions).
     """
     if dim % 4 != 0:
         raise ValueError(f"2-D sin-cos embedding dim must be divisible by 4, got {dim}")
-    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (L,) row of patch p
-    cols = torch.arange(grid_size).repeat(grid_size)  # (L,) column of patch p
+    rows = torch.arange(grid_size, device="cpu").repeat_interleave(grid_size)  # (L,) row of patch p
+    cols = torch.arange(grid_size, device="cpu").repeat(grid_size)  # (L,) column of patch p
     emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols), sincos_pos_embed_1d(dim // 2, rows)], dim=1)
     if cls_token:
-        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
-    return emb.float()
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype, device="cpu"), emb], dim=0)
+    return emb.float().to(torch.get_default_device())
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:

@@ -35,6 +35,17 @@ def test_sincos_2d_structure_and_official_axis_layout():
     assert p[3 * q].item() == pytest.approx(math.cos(row), abs=1e-6)
 
 
+def test_a_model_built_on_the_meta_device_has_no_values_and_the_real_layout():
+    from model.registry import create_model
+
+    with torch.device("meta"):
+        meta = create_model("mae_vit_test_patch4")
+        assert sincos_pos_embed_2d(16, 4).is_meta  # the default device's, though computed on the CPU
+    real = create_model("mae_vit_test_patch4")
+    assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    assert [(k, t.shape) for k, t in meta.state_dict().items()] == [(k, t.shape) for k, t in real.state_dict().items()]
+
+
 def test_resize_pos_embed_keeps_cls_and_is_identity_on_same_grid():
     pe = sincos_pos_embed_2d(32, 14)[None]
     assert resize_pos_embed(pe, 14) is pe
