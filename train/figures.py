@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.files import read_regular
 from train.errors import EvalInputError
 
 LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red"
@@ -41,11 +42,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     ``EvalInputError`` naming it."""
     records = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = read_regular(path).decode().splitlines()
     except OSError as e:
         raise EvalInputError(f"cannot read the metrics file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise EvalInputError(f"{path} is not a metrics file (JSON lines): it is not UTF-8 text") from None
+    except ValueError as e:
+        raise EvalInputError(f"cannot read the metrics file: {e}") from None
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)

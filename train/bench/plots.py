@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from infra.files import read_regular
 from train.errors import EvalInputError
 from train.figures import new_figure, save
 
 MAE_COLOR, BASE_COLOR, FLOP_COLOR = "tab:blue", "tab:gray", "tab:orange"
+MAX_REPORT_BYTES = 64 * 2**20  # a report is kilobytes; a bigger file is something else
 
 
 def report_kind(report: dict) -> str:
@@ -33,8 +35,14 @@ def load_reports(paths: list[str | Path]) -> dict[str, list[dict]]:
     kinds: dict[str, list[dict]] = {}
     for path in paths:
         try:
-            report = json.loads(Path(path).read_text().strip().splitlines()[-1])
-        except (OSError, ValueError, IndexError) as e:
+            lines = read_regular(path, MAX_REPORT_BYTES).decode().strip().splitlines()
+        except (OSError, ValueError) as e:
+            raise EvalInputError(f"{path}: not a JSON benchmark report ({e})") from None
+        if not lines:
+            raise EvalInputError(f"{path}: not a JSON benchmark report (it is empty)")
+        try:
+            report = json.loads(lines[-1])
+        except ValueError as e:
             raise EvalInputError(f"{path}: not a JSON benchmark report ({e})") from None
         try:
             kinds.setdefault(report_kind(report), []).append(report)

@@ -4,6 +4,8 @@ in argparse, before any weights or data are read."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -171,6 +173,23 @@ def test_plot_run_refuses_a_binary_file_and_an_empty_out(capsys, tmp_path, monke
     assert not any(work.iterdir()) and not (tmp_path / "x").exists()
     r = run_mae(capsys, "plot", "run", metrics, "--out", tmp_path / "figs")
     assert r.code == 0 and (tmp_path / "figs" / "loss_curve.png").is_file(), r.err
+
+
+def test_plot_refuses_a_pipe_or_a_device_at_once(capsys, tmp_path):
+    """Each read forever: /dev/zero until the kernel killed the process, a named pipe
+    until a writer came."""
+    pipe = tmp_path / "metrics.jsonl"
+    os.mkfifo(pipe)
+    for kind in ("run", "bench"):
+        assert f"{pipe} is a named pipe, not a file" in _refused(capsys, "plot", kind, pipe, "--out", tmp_path / "x")
+        assert "/dev/zero is a character device, not a file" in _refused(capsys, "plot", kind, "/dev/zero", "--out",
+                                                                         tmp_path / "x")
+        assert f"{tmp_path} is a directory, not a file" in _refused(capsys, "plot", kind, tmp_path, "--out",
+                                                                    tmp_path / "x")
+    big = tmp_path / "report.json"
+    with open(big, "wb") as f:
+        f.truncate(2**30)  # sparse
+    assert "is over 67,108,864 bytes" in _refused(capsys, "plot", "bench", big, "--out", tmp_path / "x")
 
 
 @pytest.mark.parametrize("argv, argument", [
