@@ -64,13 +64,29 @@ _KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe", stat.S_ISC
           stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
 
 
-def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them. A pipe or a
-    device (which would block or never end) and a longer file raise ValueError."""
+class NotAFileError(OSError):
+    """A path that is a directory, a pipe, a device or a socket where a file was
+    expected: reading it would fail, block for a writer or never end."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
+        super().__init__(f"{path} is {kind}, not a file")
+        self.strerror, self.filename = f"{kind}, not a file", os.fspath(path)
+
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.strerror}"
+
+
+def require_regular(path: str | os.PathLike[str]) -> None:
+    """Raise ``NotAFileError`` unless ``path`` (links followed) is a regular file."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
-        raise ValueError(f"{path} is {kind}, not a file")
+        raise NotAFileError(path, next((name for test, name in _KINDS.items() if test(mode)), "not a regular file"))
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (else ``NotAFileError``), at most
+    ``limit`` of them: a longer file raises ValueError."""
+    require_regular(path)
     with open(path, "rb") as f:
         data = f.read(-1 if limit is None else limit + 1)
     if limit is not None and len(data) > limit:

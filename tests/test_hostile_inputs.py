@@ -196,6 +196,14 @@ def rotten_shard(ws: Workspace) -> Path:
     return ws.ds
 
 
+def as_pipe(ws: Workspace, name: str) -> Path:
+    """A dataset whose file ``name`` is a named pipe: a read waits for a writer."""
+    dataset(ws)
+    (ws.ds / name).unlink()
+    os.mkfifo(ws.ds / name)
+    return ws.ds
+
+
 # ----------------------------------------------------------------- commands
 def inspect(ws: Workspace, build: Callable[[Workspace], Path]) -> Outcome:
     return ws.mae("inspect", build(ws), "--verify")
@@ -358,6 +366,10 @@ CASES = [
           r"shard shard-000000.tar at .*: checksum mismatch \(ChecksumMismatch", code=1),
     error("shard file missing", lambda ws: inspect(ws, lambda ws: (dataset(ws), (ws.ds / "shard-000000.tar").unlink(),
                                                                    ws.ds)[-1]), "shard shard-000000.tar at .*: not found"),
+    error("shard a named pipe", lambda ws: inspect(ws, lambda ws: as_pipe(ws, "shard-000000.tar")),
+          "shard shard-000000.tar at .*: a named pipe, not a file"),
+    error("manifest a named pipe", lambda ws: inspect(ws, lambda ws: as_pipe(ws, "manifest.json")),
+          "manifest.json at .*: a named pipe, not a file"),
     error("tar member escaping with ..", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(ws, [member("../evil.jpg")])),
           "unsafe member name '../evil.jpg'", code=1),
     error("tar member a symlink", lambda ws: inspect(ws, lambda ws: raw_tar_dataset(

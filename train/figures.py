@@ -47,8 +47,6 @@ def read_metrics(path: str | Path) -> list[dict]:
         raise EvalInputError(f"cannot read the metrics file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise EvalInputError(f"{path} is not a metrics file (JSON lines): it is not UTF-8 text") from None
-    except ValueError as e:
-        raise EvalInputError(f"cannot read the metrics file: {e}") from None
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)

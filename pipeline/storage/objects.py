@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import fsspec
 import xxhash
 
-from infra.files import atomic_path
+from infra.files import atomic_path, require_regular
 from pipeline.errors import ObjectNotAccessible
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.retry import no_event, with_retries
@@ -152,6 +152,8 @@ class ObjectFolder:
         return self.call(name, read)
 
     def _cat(self, name: str, limit: int | None) -> bytes:
+        if self.local:
+            require_regular(self.path(name))  # a pipe would block the reader for good, a device never end
         if limit is None:
             return self.fs.cat_file(self.path(name))
         try:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from infra.files import NotAFileError
 from pipeline.errors import ObjectNotAccessible, ShardFetchError
 from pipeline.storage.config import RetryPolicy
 from pipeline.storage.redact import describe
@@ -59,6 +60,8 @@ def permanent_cause(exc: BaseException) -> str | None:
         return exc.cause if exc.permanent else None
     if isinstance(exc, PermissionError):
         return "access denied (check credentials)"
+    if isinstance(exc, NotAFileError):
+        return exc.strerror
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return "not found"
     names = {cls.__name__ for cls in type(exc).__mro__}

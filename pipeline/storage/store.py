@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 import fsspec
 from tqdm import tqdm
 
+from infra.files import require_regular
 from infra.metrics import sink
 from pipeline.errors import ManifestError, ShardFetchError
 from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
@@ -370,8 +371,7 @@ class ShardStore:
 
     # -- fetching
     def _verify_local(self, path: Path, shard: ShardInfo) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
+        require_regular(path)  # missing: FileNotFoundError; a pipe would block the reader for good
         check = self.checksum(shard)
         if check is None:  # indexed in place: its header fingerprint is checked when opened
             self._check_size(path.stat().st_size, shard)
