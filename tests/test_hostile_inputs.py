@@ -232,6 +232,14 @@ def pretrain(ws: Workspace, *overrides: str) -> Outcome:
     return ws.mae("pretrain", "--config", "tiny_cpu", f"data.url={ws.ds}", *overrides)
 
 
+def full_disk_log(ws: Workspace) -> Outcome:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    dataset(ws)
+    return pretrain(ws, "log.metrics_file=/dev/full", "data.batch_size=2", "schedule.max_steps=2",
+                    f"checkpoint.dir={ws.tmp / 'run'}")
+
+
 def reconstruct(ws: Workspace, files: dict[str, bytes]) -> Outcome:
     return ws.mae("reconstruct", "random:mae_vit_test_patch4", sources(ws, files), "--num", "4",
                   "--out", ws.tmp / "grid.png")
@@ -475,6 +483,10 @@ CASES = [
     error("batch size 0", lambda ws: pretrain(ws, "data.batch_size=0"), "data.batch_size must be positive, got 0"),
     error("negative seed", lambda ws: pretrain(ws, "seed=-1"), r"seed must be in \[0, 2\*\*32\)"),
     error("misspelled key", lambda ws: pretrain(ws, "optim.lrr=1"), "unknown config key optim.lrr"),
+    error("metrics file a folder", lambda ws: (dataset(ws), pretrain(ws, f"log.metrics_file={ws.tmp}", "data.batch_size=2"))[-1],
+          r"log.metrics_file .*: cannot open it to append to \(Is a directory\)"),
+    error("metrics file on a full disk", lambda ws: full_disk_log(ws), "LogFileError: log.metrics_file /dev/full: "
+          "cannot write to it \\(No space left on device\\); the run stops with its last checkpoint intact", code=1),
     error("wrong type", lambda ws: pretrain(ws, "data.batch_size=many"), "data.batch_size = 'many' does not fit"),
     error("endpoint without a scheme", lambda ws: pretrain(ws, "data.storage.endpoint_url=minio:9000"),
           "data.storage.endpoint_url must start with http:// or https://"),

@@ -37,6 +37,11 @@ class CheckpointStorageError(TrainError):
     what the run needs. The previous checkpoint is left intact."""
 
 
+class LogFileError(TrainError):
+    """A log file of the run (log.metrics_file, log.sample_ids_dir) cannot be
+    written any more: the disk is full, or the storage went away."""
+
+
 class CheckpointIntegrityError(TrainError):
     """A checkpoint fails verification: no integrity record, or a file missing,
     truncated or altered; the message names the file."""

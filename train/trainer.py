@@ -30,6 +30,7 @@ from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
 from train.errors import ResumeError
+from train.logfiles import open_log
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
@@ -123,9 +124,9 @@ class Trainer:
         dataset = self.loader.state_dict().get("dataset", cfg.data.backend)
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.fingerprint(dataset), self.rank, self.world, self.lock,
                                       cfg.faults.slow_save_s)
-        self.metrics_file = _open_log(cfg.log.metrics_file) if self.rank == 0 else None
+        self.metrics_file = open_log(cfg.log.metrics_file, "log.metrics_file") if self.rank == 0 else None
         ids_dir = cfg.log.sample_ids_dir
-        self.ids_file = _open_log(ids_dir and str(Path(ids_dir) / f"samples_rank{self.rank:05d}.jsonl"))
+        self.ids_file = open_log(ids_dir and Path(ids_dir) / f"samples_rank{self.rank:05d}.jsonl", "log.sample_ids_dir")
         self.result = RunResult()
         self.micro_steps = 0  # micro-steps of the whole run (restored on resume)
         self.tracker = NullTracker()  # opened by run(), when the step a resume continues from is known
@@ -282,8 +283,7 @@ class Trainer:
         if self.ids_file:
             record = {"micro": self.micro_steps, "step": self.result.step + 1, "epoch": self.loader.epoch,
                       "ids": batch.sample_ids.tolist()}
-            self.ids_file.write(json.dumps(record) + "\n")
-            self.ids_file.flush()
+            self.ids_file.write(record)
 
     def _record_micro_step(self, images: int, wait: float, t0: float) -> None:
         sink().inc("mae_trainer_images_total", images)
@@ -316,8 +316,7 @@ class Trainer:
                                       "train/data_wait_fraction": wait_fraction, "train/epoch": self.loader.epoch,
                                       "train/grad_norm": self.grad_norm.last})
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+            self.metrics_file.write(record)
         if self.rank == 0 and (r.step % self.cfg.log.every_steps == 0 or r.step == 1):
             log.info("step %d/%d epoch %d loss %.4f lr %.3g data wait %.0f%%", r.step, self.derived.total_steps,
                      self.loader.epoch, loss, lr, 100 * r.data_wait_s / max(1e-9, time.perf_counter() - self.t_start))
@@ -350,14 +349,6 @@ class Trainer:
                 f.close()
         stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)
         self._release_lock()
-
-
-def _open_log(path: str | None):
-    """A JSON-lines file opened for appending (None: no file)."""
-    if not path:
-        return None
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "a")
 
 
 def _timed(it):

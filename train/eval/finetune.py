@@ -48,6 +48,7 @@ from train.errors import EvalInputError, ResumeError, WeightsError
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
+from train.logfiles import open_log
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
@@ -211,10 +212,7 @@ class Finetuner:
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.fingerprint(), self.rank, self.world, self.lock,
                                       cfg.faults.slow_save_s)
         self.streams = StepStreams(cfg.seed, self.rank, self.device)  # drop path: each rank its own saved stream
-        self.metrics_file = None
-        if cfg.log.metrics_file and self.rank == 0:
-            Path(cfg.log.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_file = open(cfg.log.metrics_file, "a")
+        self.metrics_file = open_log(cfg.log.metrics_file, "log.metrics_file") if self.rank == 0 else None
         self.result = FinetuneResult(init=kind)
         self._log_start(*sizes)
 
@@ -364,8 +362,7 @@ class Finetuner:
 
     def _write(self, record: dict) -> None:
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+            self.metrics_file.write(record)
 
     # ----------------------------------------------------------- evaluation
     @torch.no_grad()
