@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from infra.options import option, require_choice, require_positive, require_text
+from infra.options import OptionError, option, require_choice, require_positive, require_text
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 120.0
@@ -172,8 +172,12 @@ def open_tracker(cfg: TrackingConfig, rank: int, run_dir: str, start_step: int =
     name = cfg.run_name or Path(run_dir).name
     backends: list[Backend] = []
     if cfg.tensorboard:
-        backends.append(TensorBoardBackend(cfg.tensorboard_dir or os.path.join(run_dir, "tensorboard"), start_step,
-                                           params))
+        log_dir = cfg.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+        try:
+            backends.append(TensorBoardBackend(log_dir, start_step, params))
+        except OSError as e:  # a file in the way, no write access
+            raise OptionError("log.tensorboard_dir", f"{log_dir}: cannot write event files there "
+                                                     f"({e.strerror or e})") from None
     if cfg.wandb:
         backends.append(WandbBackend(cfg, run_dir, name, params))
     if cfg.mlflow:

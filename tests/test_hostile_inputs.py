@@ -485,6 +485,13 @@ CASES = [
     error("misspelled key", lambda ws: pretrain(ws, "optim.lrr=1"), "unknown config key optim.lrr"),
     error("metrics file a folder", lambda ws: (dataset(ws), pretrain(ws, f"log.metrics_file={ws.tmp}", "data.batch_size=2"))[-1],
           r"log.metrics_file .*: cannot open it to append to \(Is a directory\)"),
+    error("checkpoint.dir a file", lambda ws: (dataset(ws), pretrain(ws, f"checkpoint.dir={ws.ds / 'manifest.json'}",
+                                                                     "data.batch_size=2"))[-1],
+          r"cannot use checkpoint.dir .*manifest.json: a file is in the way \(File exists\); the run needs a folder",
+          code=1),
+    error("tensorboard_dir a file", lambda ws: (dataset(ws), pretrain(
+        ws, "log.tensorboard=true", f"log.tensorboard_dir={ws.ds / 'manifest.json'}", "data.batch_size=2",
+        f"checkpoint.dir={ws.tmp / 'run'}"))[-1], r"log.tensorboard_dir .*manifest.json: cannot write event files"),
     error("metrics file on a full disk", lambda ws: full_disk_log(ws), "LogFileError: log.metrics_file /dev/full: "
           "cannot write to it \\(No space left on device\\); the run stops with its last checkpoint intact", code=1),
     error("wrong type", lambda ws: pretrain(ws, "data.batch_size=many"), "data.batch_size = 'many' does not fit"),

@@ -45,6 +45,8 @@ STORAGE_PROBLEMS: dict[int, tuple[str, str]] = {
     errno.ESTALE: ("vanished (stale file handle)", "the storage mounted where the run started"),
     errno.ENODEV: ("vanished (no such device)", "the storage mounted where the run started"),
     errno.EIO: ("input/output error", "working storage"),
+    errno.EEXIST: ("a file is in the way", "a folder"),
+    errno.ENOTDIR: ("a file is in the way", "a folder"),
 }
 
 
