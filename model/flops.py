@@ -8,7 +8,7 @@ as 3x the forward (backward = 2x forward), the usual convention for MFU.
 
 from __future__ import annotations
 
-from model.mae import MAEConfig, num_visible_patches
+from model.spec import MAEConfig, num_visible_patches
 
 
 def transformer_block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:

@@ -6,9 +6,12 @@ tiny/small/test sizes exist for CPU tests and demos.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from model.mae import MAEConfig, MaskedAutoencoderViT, MaskTokenBaselineMAE
+from model.spec import MAEConfig
+
+if TYPE_CHECKING:
+    from model.mae import MaskedAutoencoderViT
 
 ConfigFactory = Callable[..., MAEConfig]
 _REGISTRY: dict[str, ConfigFactory] = {}
@@ -36,6 +39,8 @@ def model_config(name: str, **overrides: object) -> MAEConfig:
 
 def create_model(name: str, baseline: bool = False, **overrides: object) -> MaskedAutoencoderViT:
     """Build a named MAE; ``baseline=True`` builds the mask-token encoder baseline."""
+    from model.mae import MaskedAutoencoderViT, MaskTokenBaselineMAE
+
     cls = MaskTokenBaselineMAE if baseline else MaskedAutoencoderViT
     return cls(model_config(name, **overrides))
 

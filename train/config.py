@@ -25,7 +25,7 @@ import yaml
 from infra.options import (OptionError, doc_of, option, require, require_choice, require_non_negative,
                            require_positive, require_positive_or_none, require_text)
 from infra.tracking import TrackingConfig
-from model.mae import num_visible_patches
+from model.spec import num_visible_patches
 from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
 from pipeline.storage.redact import redact

@@ -20,7 +20,7 @@ import torch
 
 from infra.options import option, require, require_choice, require_positive
 from model.flops import encoder_speedup_flop_ratio
-from model.mae import MAEConfig, num_visible_patches
+from model.spec import MAEConfig, num_visible_patches
 from model.registry import create_model, list_models
 from model.weights import is_encoder_key
 

@@ -70,11 +70,12 @@ def test_importing_the_packages_pulls_no_optional_heavy_library():
 
 def test_help_and_the_dataset_commands_start_without_torch(tmp_path):
     """Only the command being run is imported: `mae --help`, `mae inspect` and
-    `mae index` never load torch (a training command's options do)."""
+    `mae index` never load torch, nor the options of `mae plan` and `mae bench
+    train`, which list the model names (`mae bench encoder`'s still do)."""
     numbered_shards(tmp_path / "ds", [3, 2])
     code = ("import contextlib, io, sys; from train.cli import main; out = io.StringIO()\n"
             "for argv in (['--help'], ['bench', '--help'], ['inspect', '--help'], ['inspect', sys.argv[1], '--verify'],"
-            " ['index', sys.argv[1], '--out', sys.argv[2]]):\n"
+            " ['index', sys.argv[1], '--out', sys.argv[2]], ['plan', '--help'], ['bench', 'train', '--help']):\n"
             "    with contextlib.redirect_stdout(out):\n"
             "        try: rc = main(argv)\n"
             "        except SystemExit as e: rc = e.code\n"
@@ -85,7 +86,8 @@ def test_help_and_the_dataset_commands_start_without_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     ran = [line.split()[1:] for line in out.stderr.splitlines() if line.startswith("ran ")]
     assert ran == [["--help", "0", "False"], ["bench", "0", "False"], ["inspect", "0", "False"],
-                   ["inspect", "0", "False"], ["index", "0", "False"]], out.stderr
+                   ["inspect", "0", "False"], ["index", "0", "False"], ["plan", "0", "False"],
+                   ["bench", "0", "False"]], out.stderr
     assert "{shard,index,inspect,pretrain," in out.stdout and "5 samples" in out.stdout, out.stdout
     assert (tmp_path / "index" / "manifest.json").exists()
     # the training commands still get every option, torch and all
