@@ -85,7 +85,7 @@ class ViTClassifier(nn.Module):
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.embed_dim, cfg.grid_size)[None])  # (1, 1+L, D)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # numbers, on any default device
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, rate) for rate in rates)
         if cfg.global_pool:
             self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
@@ -102,7 +102,7 @@ class ViTClassifier(nn.Module):
         """The MAE init for the encoder (what a random-init baseline starts from);
         the head as the official fine-tuning / probe code."""
         w = self.patch_embed.proj.weight
-        if w.is_meta:  # built to be measured (memory_plan): no values to draw
+        if w.is_meta:  # built for its shapes alone (memory_plan, convert): no values to draw
             return
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from model.errors import LayoutError
 from model.weights import is_encoder_key
 
 _HF_BLOCK = {  # ours (after "blocks.N.") -> transformers' (after "encoder.layer.N.")
@@ -38,10 +39,6 @@ _HF_TOP = {
     "norm.bias": "layernorm.bias",
 }
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-class LayoutError(ValueError):
-    """A state dict cannot be expressed in the requested layout; the message says why."""
 
 
 def timm_state_dict(sd: Mapping[str, torch.Tensor], encoder_only: bool = False) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Init as the official release: xavier-uniform Linear (and the patch conv
         viewed as a Linear), zero biases, unit LayerNorm, tokens ~ N(0, 0.02)."""
         w = self.patch_embed.proj.weight
-        if w.is_meta:  # built to be measured (memory_plan): no values to draw
+        if w.is_meta:  # built for its shapes alone (memory_plan, convert): no values to draw
             return
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for token in self.learned_tokens():

@@ -13,15 +13,12 @@ from collections.abc import Mapping
 import torch
 
 from model.classifier import ViTClassifier
+from model.errors import CheckpointMismatchError  # noqa: F401  (raised here, imported from here)
 from model.mae import MaskedAutoencoderViT
 from model.vit import resize_pos_embed
 
 ENCODER_KEY_ROOTS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 _LISTED_KEYS = 12
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not fit the model; the message lists them."""
 
 
 def is_encoder_key(key: str) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from infra.files import atomic_write
+from infra.files import atomic_write, read_regular, require_regular
 from infra.metrics import sink
 from pipeline.storage.objects import sha256_file
 from train.checkpoint_io import (FileRecord, RecordingCheckpointEngine, load_plain, plain_data_only, storage_problem,
@@ -90,11 +90,9 @@ def latest_complete(root: Path) -> str | None:
 def read_record(tag_dir: Path) -> dict[str, FileRecord]:
     """The files listed in ``COMPLETE``; untrusted JSON, checked field by field."""
     try:
-        data = json.loads((tag_dir / COMPLETE).read_text())
+        data = _read_json(tag_dir / COMPLETE)
     except FileNotFoundError:
         raise CheckpointIntegrityError(f"{tag_dir} has no {COMPLETE} record: it is not a finished checkpoint") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointIntegrityError(f"{tag_dir / COMPLETE} is unreadable ({e})") from e
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(data.get("files"), dict):
         raise CheckpointIntegrityError(f"{tag_dir / COMPLETE} is not a format-{RECORD_FORMAT} integrity record "
                                        "(a checkpoint written before maescale recorded sha256s, or damaged)")
@@ -111,6 +109,22 @@ def read_record(tag_dir: Path) -> dict[str, FileRecord]:
     return record
 
 
+MAX_RECORD_BYTES = 64 * 2**20  # COMPLETE and meta.json: kilobytes, a few MiB for thousands of ranks
+
+
+def _read_json(path: Path) -> Any:
+    """An untrusted JSON file of a checkpoint: a regular file of bounded size, not
+    nested past what the parser can hold. FileNotFoundError passes through."""
+    try:
+        return json.loads(read_regular(path, MAX_RECORD_BYTES))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: over the limit, not UTF-8, not JSON
+        raise CheckpointIntegrityError(f"{path} is unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
+    except RecursionError:
+        raise CheckpointIntegrityError(f"{path} is unreadable (JSON nested too deep)") from None
+
+
 def _inside(folder: Path, name: str) -> bool:
     """``name`` is a relative path that stays inside ``folder``."""
     parts = Path(name).parts
@@ -121,6 +135,7 @@ def check_file(tag_dir: Path, name: str, expected: FileRecord) -> str | None:
     """None if the file matches its record, else what is wrong with it."""
     path = tag_dir / name
     try:
+        require_regular(path)  # a pipe or a device listed with 0 bytes would pass stat() and hang the hash
         size = path.stat().st_size
         if size != expected.bytes:
             return f"{path} has {size} bytes, its record says {expected.bytes}"
@@ -147,14 +162,15 @@ def verify(tag_dir: Path, names: list[str] | None = None) -> dict[str, FileRecor
 def read_meta(tag_dir: Path) -> dict[str, Any]:
     """``meta.json`` of a checkpoint, after checking it against the record."""
     verify(tag_dir, [META])
-    try:
-        meta = json.loads((tag_dir / META).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointIntegrityError(f"{tag_dir / META} is unreadable ({e})") from e
+    meta = _read_json(tag_dir / META)
     required = {"model": str, "step": int, "world_size": int, "fingerprint": dict, "config": dict, "trainer": dict}
     for key, kind in required.items():
         if not isinstance(meta.get(key) if isinstance(meta, dict) else None, kind):
             raise CheckpointIntegrityError(f"{tag_dir / META} lacks {key!r} ({kind.__name__})")
+    named = TAG_RE.match(tag_dir.name)
+    if named and int(named.group(1)) != meta["step"]:
+        raise CheckpointIntegrityError(f"{tag_dir / META} says step {meta['step']}, its folder step "
+                                       f"{int(named.group(1))}: altered")
     return meta
 
 

@@ -5,6 +5,7 @@ exit codes (``exit_code``: 2 for input the user can fix, 1 for a failure at run 
 from __future__ import annotations
 
 from infra.options import OptionError
+from model.errors import ModelError
 from pipeline.errors import PipelineError
 
 
@@ -80,8 +81,9 @@ class EvalInputError(TrainError):
 def reported_errors() -> tuple[type[BaseException], ...]:
     """What an entry point reports as one line and an exit code, never a traceback:
     the typed errors, a config value out of range, a missing optional library, the
-    OS refusing a path. Anything else is a bug and keeps its traceback."""
-    return (TrainError, PipelineError, OptionError, ImportError, OSError)
+    OS refusing a path, weights that do not fit a model. Anything else is a bug and
+    keeps its traceback."""
+    return (TrainError, PipelineError, OptionError, ImportError, OSError, ModelError)
 
 
 def exit_code_of(error: BaseException) -> int:

@@ -63,5 +63,9 @@ class StepStreams:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != {"mask", "model"} or any(t.dtype != torch.uint8 for t in state.values()):
             raise ValueError(f"random-stream state has keys {sorted(state)}; expected uint8 'mask' and 'model'")
+        sizes = {"mask": self.mask.get_state().numel(), "model": self.model_state.numel()}
+        if any(state[k].shape != (n,) for k, n in sizes.items()):  # a generator refuses any other, with a traceback
+            raise ValueError(f"random-stream state has sizes {[tuple(state[k].shape) for k in sizes]}; "
+                             f"a {self.device.type} generator's are {list(sizes.values())}")
         self.mask.set_state(state["mask"])
         self.model_state = state["model"].clone()

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from infra.files import atomic_write
+from infra.files import NotAFileError, atomic_write, read_regular, require_regular
 from train.checkpoint_io import storage_problem
 from train.config import CheckpointConfig
 from train.engine import raise_first
@@ -34,6 +34,7 @@ from train.errors import CheckpointLockError, CheckpointStorageError, TrainError
 log = logging.getLogger(__name__)
 LOCK_NAME = "LOCK"
 UNREADABLE_GRACE_S = 10.0  # a lock file still being written by its creator
+MAX_LOCK_BYTES = 2**20  # a lock is a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,18 @@ def stale_reason(holder: LockHolder, stale_after_s: float, now: float | None = N
 def read_holder(path: Path) -> LockHolder | None:
     """The lock's holder; None if the file is missing or not a lock we can read."""
     try:
-        data = json.loads(path.read_text())
-        return LockHolder(**{k: data[k] for k in LockHolder.__dataclass_fields__})
+        data = json.loads(read_regular(path, MAX_LOCK_BYTES))  # a pipe would block the start for good
+        holder = LockHolder(**{k: data[k] for k in LockHolder.__dataclass_fields__})
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return None
+    kinds = {"host": str, "boot_id": str, "pid": int, "started": (int, float), "heartbeat": (int, float),
+             "token": str}
+    if not all(isinstance(getattr(holder, k), kind) for k, kind in kinds.items()) or not (
+            holder.pid_start is None or isinstance(holder.pid_start, int)):
+        return None
+    return holder
 
 
 class RunLock:
@@ -162,6 +169,10 @@ class RunLock:
         if holder is None:
             if not self.path.exists():
                 return
+            try:
+                require_regular(self.path)
+            except NotAFileError as e:
+                raise CheckpointLockError(f"the checkpoint lock {e}: remove it") from None
             age = time.time() - self.path.stat().st_mtime
             if age < UNREADABLE_GRACE_S:  # its creator is still writing it
                 time.sleep(0.5)

@@ -138,5 +138,26 @@ def test_missing_and_non_tensor_files_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="not a state dict"):
         read_state_dict(tmp_path / "list.pth")
     torch.save({"model": {"a": 1}}, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointMismatchError, match="no state dict of tensors"):
+    with pytest.raises(WeightsError, match="bad.pth: checkpoint holds no state dict of tensors"):
         read_state_dict(tmp_path / "bad.pth")
+
+
+def test_weights_that_would_hang_or_mislead_are_refused(tmp_path):
+    """A pipe waited for a writer forever; NaN or integer weights were plotted,
+    converted and fine-tuned without a word."""
+    import os
+
+    from safetensors.torch import save_file
+
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for name in ("pipe.safetensors", "/dev/zero"):
+        with pytest.raises(WeightsError, match="a (named pipe|character device), not a file"):
+            read_state_dict(tmp_path / name)
+    for name, tensor, problem in [("nan.pth", torch.tensor([1.0, float("nan")]), "holds NaN or infinite values"),
+                                  ("inf.safetensors", torch.tensor([float("inf")]), "holds NaN or infinite values"),
+                                  ("int.safetensors", torch.tensor([1], dtype=torch.int32), "is torch.int32, not "
+                                                                                              "floating point")]:
+        sd = {"cls_token": tensor}
+        save_file(sd, tmp_path / name) if name.endswith(".safetensors") else torch.save({"model": sd}, tmp_path / name)
+        with pytest.raises(WeightsError, match=f"{name}: tensor 'cls_token' {problem}"):
+            read_state_dict(tmp_path / name)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.training import (ROOT, STEPS, all_losses, assert_same_weights, copy_checkpoint, error_lines,
                                     final_weights, flip_bit, mae_pretrain, metrics, plant_pickle, poison_weight,
-                                    run_cmd, start, steps_logged, summary, wait_for)
+                                    reseal, run_cmd, start, steps_logged, summary, wait_for)
 from train.checkpoint import complete_tags, verify
 
 pytestmark = pytest.mark.integration
@@ -117,3 +117,59 @@ def test_credentials_in_the_config_never_reach_the_checkpoint(shards, tmp_path):
     assert storage["options"] == {"key": "<redacted>", "secret": "<redacted>"}
     assert storage["endpoint_url"] == "http://<redacted>127.0.0.1:9"
     assert _export(run / "ckpt", tmp_path / "export").returncode == 0
+
+
+def _forge_meta(tag_dir, change) -> None:
+    meta = json.loads((tag_dir / "meta.json").read_text())
+    change(meta)
+    (tag_dir / "meta.json").write_text(json.dumps(meta))
+    reseal(tag_dir, "meta.json")
+
+
+def _forge_pipe(tag_dir) -> None:
+    import os
+
+    os.mkfifo(tag_dir / "extra.bin")
+    record = json.loads((tag_dir / "COMPLETE").read_text())  # listed with 0 bytes: its stat() matches
+    record["files"]["extra.bin"] = {"bytes": 0, "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+    (tag_dir / "COMPLETE").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("forge, message", [
+    (_forge_pipe, "extra.bin is unreadable (a named pipe, not a file)"),  # was a hang
+    (lambda t: (t / "COMPLETE").write_text("[" * 100_000 + "]" * 100_000), "COMPLETE is unreadable (JSON nested too "
+                                                                             "deep)"),  # was a RecursionError
+    (lambda t: _forge_meta(t, lambda m: m.update(step=10**15)), "meta.json says step 1000000000000000, its folder "
+                                                                "step 4: altered"),  # resumed as done, trained nothing
+    (lambda t: _forge_meta(t, lambda m: m["config"]["data"]["augment"].update(img_size=64)),
+     "its metadata does not describe its tensors: patches 256 (the tensors: 64)"),  # exported resized, exit 0
+    (lambda t: _forge_meta(t, lambda m: m.update(config={})), "its model settings are incomplete or invalid "
+                                                             "(KeyError: 'data')"),  # a traceback
+    (lambda t: _forge_meta(t, lambda m: m["config"].update(mixup={})), "is a fine-tuning checkpoint, not an MAE"),
+    (lambda t: poison_weight(t, "cls_token", float("nan")), "tensor 'cls_token' holds NaN or infinite values"),
+])
+def test_a_forged_or_foreign_checkpoint_is_one_line_never_a_hang_or_a_wrong_export(single_run, tmp_path, forge,
+                                                                                    message):
+    """The record is a checksum list, not a signature: what someone with write access
+    can forge must still be refused by what the files say of each other."""
+    run = copy_checkpoint(single_run, tmp_path / "forged", 4)
+    forge(run / "ckpt" / "step000000004")
+    exported = _export(run / "ckpt", tmp_path / "export")
+    assert exported.returncode == 2 and message in exported.stderr, exported.stderr[-2000:]
+    assert "Traceback" not in exported.stderr and not (tmp_path / "export" / "mae.safetensors").exists()
+
+
+def test_an_export_never_lands_among_checkpoints_nor_half_written(single_run, tmp_path):
+    run = copy_checkpoint(single_run, tmp_path / "run", 4)
+    into_run = _export(run / "ckpt", run / "ckpt")  # later read in place of the newer checkpoints
+    assert into_run.returncode == 2 and "holds checkpoints: an export there would be read in their place" in \
+        into_run.stderr
+    out = tmp_path / "export"
+    assert _export(run / "ckpt", out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "encoder.safetensors").unlink()
+    (out / "encoder.safetensors").mkdir()  # the second file cannot be replaced: neither may be
+    again = _export(run / "ckpt", out)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert (out / "mae.safetensors").read_bytes() == before["mae.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.safetensors", "mae.safetensors"]

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from model.mae import MaskedAutoencoderViT
-from model.registry import create_model
-from model.weights import load_mae_state_dict
-from train.checkpoint import COMPLETE, TAG_RE, latest_complete, read_meta, verify
+from model.registry import model_config
+from model.weights import encoder_state_dict, load_mae_state_dict
+from train.checkpoint import COMPLETE, TAG_RE, complete_tags, latest_complete, read_meta, verify
 from train.checkpoint_io import load_plain, plain_data_only
 from train.errors import CheckpointIntegrityError, UnsafeCheckpointError, WeightsError
-from train.weights.files import export_encoder, save_safetensors
+from train.weights.files import checked_tensors, encoder_metadata, write_together
+from train.weights.pretrained import check_architecture
 
 
 def resolve_tag(path: Path) -> tuple[Path, str]:
@@ -57,35 +58,55 @@ def consolidate(root: Path, tag: str) -> dict[str, torch.Tensor]:
     model_states = states.get("mp_rank_00_model_states.pt") or states.get("zero_pp_rank_0_mp_rank_00_model_states.pt")
     if not isinstance(model_states, dict):
         raise WeightsError(f"{tag_dir} has no *mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
-    stage = int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    try:
+        stage = int(model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    except (AttributeError, TypeError, ValueError):
+        raise WeightsError(f"{tag_dir}: its ds_config holds no ZeRO stage (damaged or altered)") from None
     if stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with plain_data_only():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:  # stages 0-2 keep whole fp32 weights in the model states (bf16 is autocast only)
-        sd = model_states["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        sd = model_states.get("module")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise WeightsError(f"{tag_dir}: its model states hold no module weights (damaged or altered)")
+    return checked_tensors({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, tag_dir)
 
 
 def load_checkpoint(ckpt: Path) -> tuple[MaskedAutoencoderViT, dict]:
     """The MAE of a run's checkpoint (any ZeRO stage), verified and loaded strictly."""
     root, tag = resolve_tag(ckpt)
-    sd = consolidate(root, tag)
-    meta = read_meta(root / tag)
+    try:
+        meta = read_meta(root / tag)
+    except CheckpointIntegrityError as e:
+        raise WeightsError(f"refusing checkpoint {root / tag}: {e}") from None
     config = meta["config"]
-    model = create_model(meta["model"], img_size=config["data"]["augment"]["img_size"],
-                         norm_pix_loss=config["model"]["norm_pix_loss"])
+    if "eval" in config or "mixup" in config:
+        raise WeightsError(f"{root / tag} is a fine-tuning checkpoint, not an MAE: its classifier is exported to "
+                           f"{root / 'last'} (and {root / 'best'})")
+    sd = consolidate(root, tag)
+    try:
+        img_size, norm_pix = int(config["data"]["augment"]["img_size"]), bool(config["model"]["norm_pix_loss"])
+        cfg = model_config(meta["model"], img_size=img_size, norm_pix_loss=norm_pix)
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{root / tag / 'meta.json'}: its model settings are incomplete or invalid "
+                           f"({type(e).__name__}: {e})") from None
+    check_architecture(cfg, sd, root / tag)  # the recorded config must describe these tensors
+    model = MaskedAutoencoderViT(cfg)
     load_mae_state_dict(model, sd)  # strict: every key, every shape
     return model, {"root": str(root), "tag": tag, "step": meta["step"], "model": meta["model"], "config": config}
 
 
 def export(ckpt: Path, out: Path) -> tuple[MaskedAutoencoderViT, dict]:
+    """Both files or neither: a failed write (a full disk) leaves the folder as it was."""
+    if complete_tags(out):
+        raise WeightsError(f"{out} holds checkpoints: an export there would be read in their place (mae reconstruct, "
+                           "probe, convert); export to another folder")
     model, info = load_checkpoint(ckpt)
-    meta, config = info, info["config"]
+    cfg = model.cfg
+    full = {"model": info["model"], "step": info["step"], "img_size": cfg.img_size, "norm_pix_loss": cfg.norm_pix_loss}
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), out / "mae.safetensors",
-                     {"model": meta["model"], "step": meta["step"], "img_size": config["data"]["augment"]["img_size"],
-                      "norm_pix_loss": config["model"]["norm_pix_loss"]})
-    export_encoder(model, out / "encoder.safetensors")
+    write_together(out, {"mae.safetensors": (model.state_dict(), full),
+                         "encoder.safetensors": (encoder_state_dict(model), encoder_metadata(cfg))})
     return model, info

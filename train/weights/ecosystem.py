@@ -18,19 +18,21 @@ fine-tuned classifier (``RUN/best`` or ``RUN/last`` of `mae finetune`, or its
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from infra.files import atomic_write
-from model.classifier import ClassifierConfig
+from model.classifier import ClassifierConfig, ViTClassifier
 from model.layouts import LayoutError, timm_state_dict, transformers_classifier_state_dict, \
     transformers_encoder_state_dict
-from model.mae import MAEConfig
+from model.mae import MAEConfig, MaskedAutoencoderViT
 from model.registry import model_config
 from train.errors import WeightsError
 from train.weights.files import classifier_config_of, save_safetensors
-from train.weights.pretrained import read_weights, registered_size_of
+from model.weights import is_encoder_key
+from train.weights.pretrained import architecture_of, read_weights, registered_size_of
 
 TARGETS = ("timm", "transformers")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -48,23 +50,51 @@ def convert(source: str | Path, out: str | Path, target: str) -> dict:
     try:
         if any(k.startswith("head.") for k in sd):
             cfg = classifier_config_of(meta, source)
+            _require_shapes(sd, ViTClassifier, cfg, source, lambda key: True)
             classes = meta.get("classes") or [str(i) for i in range(cfg.num_classes)]
             written = _classifier(sd, cfg, classes, out, target)
         else:
-            written = _encoder(sd, _encoder_config(sd, meta, source), out, target)
+            cfg = _encoder_config(sd, meta, source)
+            _require_shapes(sd, MaskedAutoencoderViT, cfg, source, is_encoder_key)
+            written = _encoder(sd, cfg, out, target)
     except LayoutError as e:
         raise WeightsError(f"{source} cannot be written for {target}: {e}") from None
     return {"source": str(source), "target": target, "out": str(out), **written}
 
 
 def _encoder_config(sd: dict[str, torch.Tensor], meta: dict, source: object) -> MAEConfig:
-    if "model" in meta:  # mae.safetensors
-        return model_config(meta["model"], img_size=int(meta.get("img_size", 224)))
-    if meta.get("arch") == "vit":  # encoder.safetensors
-        return MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
+    try:
+        if "model" in meta:  # mae.safetensors
+            return model_config(str(meta["model"]), img_size=int(meta.get("img_size", 224)))
+        if meta.get("arch") == "vit":  # encoder.safetensors
+            return MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth",
+                                                          "num_heads")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: its architecture metadata is incomplete or invalid "
+                           f"({type(e).__name__}: {e})") from None
     name = registered_size_of(sd, source)  # an official .pth or a checkpoint dir
-    grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    return model_config(name, img_size=grid * model_config(name).patch_size)
+    patches = architecture_of(sd, source)["patches"]
+    if patches is None:
+        raise WeightsError(f"{source}: no pos_embed, so no input size to write in the config")
+    return model_config(name, img_size=round(patches**0.5) * model_config(name).patch_size)
+
+
+def _require_shapes(sd: dict[str, torch.Tensor], model_class: type, cfg: object, source: object,
+                    keep: Callable[[str], bool]) -> None:
+    """The tensors are exactly the ones (names and shapes) of ``model_class(cfg)``,
+    among its keys that ``keep`` selects: metadata from elsewhere must not describe
+    another architecture than the file holds, and a missing tensor must not be left
+    for the target library to fill with its initialization."""
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialized
+        expected = {k: tuple(v.shape) for k, v in model_class(cfg).state_dict().items() if keep(k)}
+    found = {k: tuple(v.shape) for k, v in sd.items() if keep(k)}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
+    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
+    problems += [f"{k} is {list(found[k])}, the architecture needs {list(expected[k])}"
+                 for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise WeightsError(f"{source}: its tensors do not fit the architecture its metadata gives: {shown}")
 
 
 def _encoder(sd: dict[str, torch.Tensor], cfg: MAEConfig, out: Path, target: str) -> dict:
@@ -129,12 +159,17 @@ def _hf_preprocessor(size: int) -> dict:
 
 
 def _write(out: Path, sd: dict[str, torch.Tensor], config: dict, preprocessor: dict | None = None) -> dict:
+    """The weights first, the configs after: a failed write leaves no config.json
+    that describes other weights than the folder holds."""
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(sd, out / "model.safetensors")
-    atomic_write(out / "config.json", json.dumps(config, indent=1))
     files = ["model.safetensors", "config.json"]
-    if preprocessor is not None:
-        atomic_write(out / "preprocessor_config.json", json.dumps(preprocessor, indent=1))
-        files.append("preprocessor_config.json")
+    try:
+        atomic_write(out / "config.json", json.dumps(config, indent=1))
+        if preprocessor is not None:
+            atomic_write(out / "preprocessor_config.json", json.dumps(preprocessor, indent=1))
+            files.append("preprocessor_config.json")
+    except OSError as e:
+        raise WeightsError(f"cannot write the configs in {out}: {e.strerror or e}") from None
     return {"files": files, "tensors": len(sd), "architecture": config.get("architectures", [config.get(
         "architecture")])[0]}

@@ -6,6 +6,7 @@ Checkpoints are untrusted input: ``.pth`` files are read with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -14,56 +15,101 @@ from pathlib import Path
 
 import torch
 
-from infra.files import atomic_path
+from infra.files import atomic_path, require_regular
 from model.classifier import ClassifierConfig
-from model.mae import MaskedAutoencoderViT
-from model.weights import encoder_state_dict, unwrap_state_dict
+from model.mae import MAEConfig, MaskedAutoencoderViT
+from model.weights import CheckpointMismatchError, encoder_state_dict, unwrap_state_dict
 from train.errors import WeightsError
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or torch (``.pth``/``.pt``) weights file as a state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+    path = require_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            return checked_tensors(load_file(str(path)), path)
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects beyond tensors: possibly code
         raise WeightsError(
             f"refused to load {path}: it holds objects other than tensors and plain containers "
             "(a pickle that could run code); only plain weights are read"
         ) from e
+    except WeightsError:
+        raise
     except Exception as e:  # corrupt file, wrong format
         raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
     if not isinstance(raw, Mapping):
         raise WeightsError(f"{path} holds a {type(raw).__name__}, not a state dict")
-    return unwrap_state_dict(raw)
+    try:
+        return checked_tensors(unwrap_state_dict(raw), path)
+    except CheckpointMismatchError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def require_weights_file(path: str | os.PathLike[str]) -> Path:
+    """``path``, a regular file (a pipe would block the read for good, a device never end)."""
+    try:
+        require_regular(path)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read weights from {path}: {e.strerror or e}") from None
+    return Path(path)
+
+
+def checked_tensors(sd: dict[str, torch.Tensor], source: object) -> dict[str, torch.Tensor]:
+    """``sd`` if every tensor is floating point and finite: weights from elsewhere with
+    NaNs, infinities or integer tensors would train, plot or convert into garbage
+    without a word."""
+    for name, tensor in sd.items():
+        if name.endswith("num_batches_tracked"):  # BatchNorm's counter (the linear probe's head)
+            continue
+        if not tensor.is_floating_point():
+            raise WeightsError(f"{source}: tensor {name!r} is {tensor.dtype}, not floating point weights")
+        if not torch.isfinite(tensor).all():
+            raise WeightsError(f"{source}: tensor {name!r} holds NaN or infinite values")
+    return sd
 
 
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, object] | None = None
 ) -> Path:
     """Write tensors as safetensors atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_together(path.parent, {path.name: (state_dict, metadata)})
     return path
+
+
+def write_together(folder: Path, files: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, object] | None]]
+                   ) -> None:
+    """Write each ``name: (tensors, metadata)`` as safetensors in ``folder``: all are
+    written beside their names first, then renamed in place, so a failed write (a
+    full disk) leaves every file as it was and never a mix of two exports."""
+    from safetensors.torch import save_file
+
+    with contextlib.ExitStack() as stack:
+        for name, (state_dict, metadata) in files.items():
+            tmp = stack.enter_context(atomic_path(folder / name))
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+            meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v
+                                       for k, v in (metadata or {}).items()}}
+            try:
+                save_file(tensors, str(tmp), metadata=meta)
+            except Exception as e:  # safetensors' own error type, e.g. for a full disk
+                raise WeightsError(f"cannot write {folder / name}: {e}") from None
 
 
 def export_encoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -> Path:
     """The encoder alone in the timm ViT layout, with the architecture as metadata."""
-    cfg = model.cfg
-    meta = {"arch": "vit", "img_size": cfg.img_size, "patch_size": cfg.patch_size,
-            "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads}
-    return save_safetensors(encoder_state_dict(model), path, meta)
+    return save_safetensors(encoder_state_dict(model), path, encoder_metadata(model.cfg))
+
+
+def encoder_metadata(cfg: MAEConfig) -> dict[str, object]:
+    """The architecture an ``encoder.safetensors`` records."""
+    return {"arch": "vit", "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+            "depth": cfg.depth, "num_heads": cfg.num_heads}
 
 
 CLASSIFIER_ARCH = "vit_classifier"

@@ -23,7 +23,7 @@ from model.mae import MAEConfig, MaskedAutoencoderViT
 from model.registry import create_model, list_models, model_config
 from model.weights import load_mae_state_dict
 from train.errors import WeightsError
-from train.weights.files import read_state_dict
+from train.weights.files import read_state_dict, require_weights_file
 
 RANDOM_PREFIX = "random:"
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -37,10 +37,14 @@ def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None
         name = text[len(RANDOM_PREFIX):]
         torch.manual_seed(seed)
         overrides = {"img_size": img_size} if img_size else {}
-        return create_model(name, **overrides).eval(), {"kind": "random", "model": name, "seed": seed}
+        try:
+            model = create_model(name, **overrides)
+        except ValueError as e:
+            raise WeightsError(f"{text}: {e}") from None
+        return model.eval(), {"kind": "random", "model": name, "seed": seed}
     path = Path(spec)
     if path.is_dir() and (path / "mae.safetensors").is_file():
-        path = path / "mae.safetensors"
+        path = _export_file(path, "mae.safetensors")
     if path.is_dir():
         from train.weights.consolidate import load_checkpoint
 
@@ -49,25 +53,54 @@ def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None
     if path.suffix in TORCH_SUFFIXES:
         sd = read_state_dict(path)
         name = registered_size_of(sd, path)
-        model = create_model(name, img_size=_img_size_of(sd))
+        model = create_model(name, img_size=_img_size_of(sd, path))
         kind = load_mae_state_dict(model, sd)
         return model.eval(), {"kind": kind, "model": name, "path": str(path)}
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: expected a checkpoint directory, an `mae export` folder, a "
                                   f".safetensors or official .pth file, or random:<model>")
     meta = _safetensors_metadata(path)
-    if "model" in meta:  # mae.safetensors from `mae export`
-        cfg = model_config(meta["model"], img_size=int(meta.get("img_size", model_config(meta["model"]).img_size)),
-                           norm_pix_loss=bool(meta.get("norm_pix_loss", True)))
-        name = meta["model"]
-    elif meta.get("arch") == "vit":  # encoder.safetensors
-        cfg = MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
-        name = f"vit(embed_dim={cfg.embed_dim}, depth={cfg.depth}, patch={cfg.patch_size})"
-    else:
-        raise WeightsError(f"{path} has no maescale metadata (model or arch); write it with `mae export`")
+    try:
+        if "model" in meta:  # mae.safetensors from `mae export`
+            name = str(meta["model"])
+            cfg = model_config(name, img_size=int(meta.get("img_size", model_config(name).img_size)),
+                               norm_pix_loss=bool(meta.get("norm_pix_loss", True)))
+        elif meta.get("arch") == "vit":  # encoder.safetensors
+            cfg = MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
+            name = f"vit(embed_dim={cfg.embed_dim}, depth={cfg.depth}, patch={cfg.patch_size})"
+        else:
+            raise WeightsError(f"{path} has no maescale metadata (model or arch); write it with `mae export`")
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: its architecture metadata is incomplete or invalid ({type(e).__name__}: {e})") from None
+    sd = read_state_dict(path)
+    check_architecture(cfg, sd, path)  # before building: metadata saying 4096 px or 100,000 blocks builds for hours
     model = MaskedAutoencoderViT(cfg)
-    kind = load_mae_state_dict(model, read_state_dict(path))
+    kind = load_mae_state_dict(model, sd)
     return model.eval(), {"kind": kind, "model": name, "path": str(path)}
+
+
+def check_architecture(cfg: MAEConfig, sd: dict[str, torch.Tensor], source: object) -> None:
+    """The encoder's width, patch, depth and grid the tensors have are the ones
+    ``cfg`` (from untrusted metadata) says."""
+    found = architecture_of(sd, source)
+    said = {"embed_dim": cfg.embed_dim, "patch_size": cfg.patch_size, "depth": cfg.depth,
+            "patches": cfg.num_patches if "pos_embed" in sd else None}
+    wrong = [f"{k} {said[k]} (the tensors: {found[k]})" for k in said if said[k] != found[k]]
+    if wrong:
+        raise WeightsError(f"{source}: its metadata does not describe its tensors: {', '.join(wrong)}")
+
+
+def architecture_of(sd: dict[str, torch.Tensor], source: object) -> dict[str, int | None]:
+    """Encoder width, patch size, depth and patches (None without a pos_embed), read
+    from the tensors' shapes."""
+    try:
+        width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    except (KeyError, IndexError):
+        raise WeightsError(f"{source}: no cls_token / patch_embed.proj.weight: not a ViT encoder") from None
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    pos = sd.get("pos_embed")
+    patches = pos.shape[1] - 1 if pos is not None and pos.dim() == 3 else None
+    return {"embed_dim": width, "patch_size": patch, "depth": depth, "patches": patches}
 
 
 def read_weights(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -78,7 +111,7 @@ def read_weights(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.is_dir():
         for name in WEIGHT_FILES:
             if (path / name).is_file():
-                path = path / name
+                path = _export_file(path, name)
                 break
     if path.is_dir():
         from train.weights.consolidate import consolidate, resolve_tag
@@ -93,14 +126,22 @@ def read_weights(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_state_dict(path), {"path": str(path), **meta}
 
 
+def _export_file(folder: Path, name: str) -> Path:
+    """``folder / name``, unless ``folder`` also holds checkpoints: which one the user
+    means is not ours to guess (an old export would silently win over newer steps)."""
+    from train.checkpoint import complete_tags
+
+    if complete_tags(folder):
+        raise WeightsError(f"{folder} holds both checkpoints and an export ({name}): give {folder / name}, or one "
+                           f"checkpoint's step folder")
+    return folder / name
+
+
 def registered_size_of(sd: dict[str, torch.Tensor], source: object) -> str:
     """The registered model whose encoder has this state dict's width, depth and patch
     (official checkpoints carry no architecture metadata; heads are the paper's)."""
-    try:
-        width, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-    except KeyError:
-        raise WeightsError(f"{source}: no cls_token / patch_embed.proj.weight: not a ViT encoder") from None
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    found = architecture_of(sd, source)
+    width, depth, patch = found["embed_dim"], found["depth"], found["patch_size"]
     for name in list_models():
         cfg = model_config(name)
         if (cfg.embed_dim, cfg.depth, cfg.patch_size) == (width, depth, patch):
@@ -108,14 +149,18 @@ def registered_size_of(sd: dict[str, torch.Tensor], source: object) -> str:
     raise WeightsError(f"{source}: no registered model has width {width}, depth {depth}, patch {patch} (mae models)")
 
 
-def _img_size_of(sd: dict[str, torch.Tensor]) -> int:
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else 14
+def _img_size_of(sd: dict[str, torch.Tensor], source: object) -> int:
+    patches = architecture_of(sd, source)["patches"]
+    grid = 14 if patches is None else math.isqrt(patches)
+    if grid * grid != patches and patches is not None:
+        raise WeightsError(f"{source}: pos_embed has {patches} patch positions, not a square grid")
     return grid * sd["patch_embed.proj.weight"].shape[-1]
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    require_weights_file(path)
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -127,5 +172,5 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 def _json_or_text(value: str) -> object:
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past what the parser holds
         return value
