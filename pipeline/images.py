@@ -24,7 +24,7 @@ from infra.options import option, require_choice, require_positive
 
 # Reasons an image is rejected. Mode reasons (cmyk, grayscale, 16bit) only reject
 # under ``mode_policy='skip'``; by default those images are converted to RGB.
-REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small",
+REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small", "too_long",
            "cmyk", "grayscale", "16bit", "unsupported_mode", "decode_failed", "bad_label")
 MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grayscale",
                 "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
@@ -84,6 +84,8 @@ def open_image(data: bytes, policy: ImagePolicy) -> tuple[Image.Image, str | Non
         raise BadImage("not_an_image") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(_decode_failure_reason(e), str(e)) from e
+    except Exception as e:  # noqa: BLE001 - a PIL plugin fed hostile bytes raises anything (NotImplementedError, ...)
+        raise BadImage("corrupt", f"{type(e).__name__}: {e}") from e
     check_size(*img.size, policy)
     mode_reason = MODE_REASONS.get(img.mode)
     if mode_reason is None and img.mode not in CONVERTIBLE_MODES:
@@ -105,11 +107,13 @@ def load_pixels(img: Image.Image) -> Image.Image:
     """Decode the pixels, mapping decoder failures to reasons; returns RGB."""
     try:
         img.load()
+        return to_rgb(img)
     except OSError as e:
         raise BadImage(_decode_failure_reason(e), str(e)) from e
     except (SyntaxError, ValueError, IndexError, EOFError) as e:
         raise BadImage("corrupt", str(e)) from e
-    return to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - a PIL plugin fed hostile bytes raises anything (TypeError, struct.error)
+        raise BadImage("corrupt", f"{type(e).__name__}: {e}") from e
 
 
 def _decode_failure_reason(e: Exception) -> str:

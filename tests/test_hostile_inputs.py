@@ -190,6 +190,29 @@ def img(seed: int = 0) -> bytes:
     return jpeg_bytes((48, 40), seed=seed)
 
 
+def dds_unknown_format() -> bytes:
+    """A DDS whose pixel-format flags are zeroed: PIL raises NotImplementedError."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(out, format="DDS")
+    data = bytearray(out.getvalue())
+    data[80:84] = bytes(4)
+    return bytes(data)
+
+
+def png_bytes(size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 100, 50)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def rotten_shard(ws: Workspace) -> Path:
     dataset(ws)
     flip_a_byte(ws.ds / "shard-000000.tar")
@@ -213,10 +236,10 @@ def shard(ws: Workspace, build: Callable[[Workspace], Path]) -> Outcome:
     return ws.mae("shard", build(ws), ws.tmp / "out", "--workers", "1")
 
 
-def load(ws: Workspace, build: Callable[[Workspace], Path], tolerance: float = 0.5) -> Outcome:
-    """Read every sample through the training loader (cpu backend), as `mae pretrain`
-    and `mae probe` do."""
-    cfg = LoaderConfig(url=str(build(ws)), batch_size=4, num_workers=0, max_corrupt_fraction=tolerance,
+def load(ws: Workspace, build: Callable[[Workspace], Path], tolerance: float = 0.5, backend: str = "cpu") -> Outcome:
+    """Read every sample through the training loader (cpu backend by default), as
+    `mae pretrain` and `mae probe` do."""
+    cfg = LoaderConfig(url=str(build(ws)), batch_size=4, num_workers=0, max_corrupt_fraction=tolerance, backend=backend,
                        augment=AugmentConfig(img_size=32, deterministic=True), plan=PlanConfig(shuffle=False))
     with ws.caplog.at_level(logging.WARNING):
         try:
@@ -411,6 +434,12 @@ CASES = [
          "skipped: decompression_bomb=1"),
     skip("4x4 image", lambda ws: load(ws, lambda ws: one_sample(ws, {"jpg": jpeg_bytes((4, 4)), "cls": b"1"})),
          "skipped: too_small=1"),
+    skip("a decoder that raises what no image check expects", lambda ws: load(ws, lambda ws: one_sample(
+        ws, {"jpg": dds_unknown_format(), "cls": b"1"})), "skipped: corrupt=1"),  # was a traceback (NotImplementedError)
+    skip("the same, on dali", lambda ws: load(ws, lambda ws: one_sample(
+        ws, {"jpg": dds_unknown_format(), "cls": b"1"}), backend="dali"), "skipped: corrupt=1"),
+    skip("a PNG wider than any JPEG, on dali", lambda ws: load(ws, lambda ws: one_sample(
+        ws, {"png": png_bytes((70_000, 16)), "cls": b"1"}), backend="dali"), "skipped: too_long=1"),  # was a bare OSError
     skip("sample without an image", lambda ws: load(ws, lambda ws: one_sample(ws, {"cls": b"1"})),
          "skipped: not_an_image=1"),
     skip("label not a number", lambda ws: load(ws, lambda ws: one_sample(ws, {"jpg": JPEG, "cls": b"abc"})),

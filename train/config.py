@@ -188,6 +188,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        require_input_dtype(self.data, self.deepspeed)
         mcfg = sized_model_config(self.model.name, self.data.augment.img_size)
         visible = num_visible_patches(mcfg.num_patches, self.model.mask_ratio)
         require(1 <= visible < mcfg.num_patches, "model.mask_ratio",
@@ -207,6 +208,14 @@ class RunConfig:
                 "seed": self.seed, "data_seed": self.data.plan.seed, "dataset": dataset,
                 "zero_stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
                 "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
+
+
+def require_input_dtype(data: LoaderConfig, deepspeed: DeepSpeedConfig) -> None:
+    """Half-precision images need the bf16 autocast to meet fp32 weights (without it
+    the first layer fails on the mixed types, deep inside torch)."""
+    require(not data.normalize or data.dtype == "float32" or deepspeed.precision != "fp32", "data.dtype",
+            f"{data.dtype} needs deepspeed.precision=bf16 (the weights are fp32 and fp32 runs without autocast); "
+            "use data.dtype=float32")
 
 
 def sized_model_config(name: str, img_size: int | None, field: str = "data.augment.img_size"):

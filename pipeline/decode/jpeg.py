@@ -12,6 +12,7 @@ import simplejpeg
 
 from pipeline.images import BadImage, ImagePolicy, check_size, open_image, reencode_jpeg
 
+JPEG_MAX_SIDE = 65500  # libjpeg's limit on either side
 DECODER_COLORSPACES = ("RGB", "YCbCr", "Gray")  # what nvJPEG and our fast CPU path take as is
 
 
@@ -52,4 +53,6 @@ def decoder_ready_jpeg(data: bytes, policy: ImagePolicy) -> tuple[bytes, int, in
         return data, width, height, mode_reason
     img, mode_reason = open_image(data, policy)  # names what is wrong, or converts
     width, height = img.size
+    if max(width, height) > JPEG_MAX_SIDE:  # no JPEG holds it: a re-encode would fail with a bare OSError
+        raise BadImage("too_long", f"{width}x{height}: the decoder takes JPEGs, whose sides stop at {JPEG_MAX_SIDE}")
     return reencode_jpeg(data, policy, None, 95), width, height, mode_reason or "not_jpeg"

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 BETON_NAME = "dataset.beton"
 KEYS_NAME = "dataset.keys"
 STARTUP_GRACE_S = 120.0  # importing ffcv and starting its workers, before the file exists
+JPEG_MAX_SIDE = 65500  # what libjpeg encodes; FFCV also keeps each side in a uint16
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,9 @@ def _writer_main(job: dict) -> None:
     from ffcv.writer import DatasetWriter
 
     dataset = ValidatedSamples(job["folder"])
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=job["max_side"], jpeg_quality=job["quality"]),
+    # a longer side would overflow FFCV's uint16 and kill its worker, which hangs the writer
+    side = min(job["max_side"] or JPEG_MAX_SIDE, JPEG_MAX_SIDE)
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=side, jpeg_quality=job["quality"]),
               "label": IntField()}
     DatasetWriter(job["out"], fields, num_workers=job["workers"]).from_indexed_dataset(dataset, chunksize=32)
 

@@ -143,6 +143,19 @@ def test_unknown_preset_or_file():
         load_config("vit_gigantic")
 
 
+def test_half_precision_images_need_the_bf16_autocast():
+    """fp32 weights met float16 images in the first layer: a torch traceback."""
+    from train.eval.finetune_config import FinetuneConfig
+
+    for schema, preset in ((RunConfig, "tiny_cpu"), (FinetuneConfig, "finetune_tiny_cpu")):
+        with pytest.raises(ConfigError, match="data.dtype float16 needs deepspeed.precision=bf16"):
+            load_config(preset, ["data.dtype=float16", "deepspeed.precision=fp32"], schema=schema)
+        assert load_config(preset, ["data.dtype=float16", "deepspeed.precision=bf16"], schema=schema).data.dtype == \
+            "float16"
+        assert load_config(preset, ["data.dtype=float16", "data.normalize=false", "data.augment.erase_prob=0"],
+                           schema=schema).data.normalize is False  # uint8 images: the dtype is not used
+
+
 def test_a_file_named_like_a_preset_is_not_taken_for_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("tiny_cpu").write_text("model:\n  name: mae_vit_base_patch16\n")

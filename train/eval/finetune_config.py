@@ -20,7 +20,7 @@ from model.classifier import HEADS
 from model.registry import list_models
 from pipeline.loader import LoaderConfig
 from train.config import (CheckpointConfig, DeepSpeedConfig, FaultConfig, LogConfig, MetricsConfig, OptimConfig,
-                          ScheduleConfig, sized_model_config)
+                          ScheduleConfig, require_input_dtype, sized_model_config)
 from train.eval.mixup import MixupConfig
 
 OPTIMIZERS = ("adamw", "lars")
@@ -101,6 +101,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         sized_model_config(self.model.name, self.data.augment.img_size)  # here, not as a traceback at build time
+        require_input_dtype(self.data, self.deepspeed)
         # LARS scales each parameter's step by its own norm: ZeRO's flattened partitions would
         # merge parameters, so the probe runs unpartitioned (its head is tiny anyway).
         require(self.optim.name != "lars" or self.deepspeed.stage == 0, "optim.name",
