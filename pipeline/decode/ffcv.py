@@ -19,6 +19,7 @@ is logged and kept in ``stats.warmup_s``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -32,11 +33,48 @@ from pipeline.errors import ManifestError
 _threads = torch.get_num_threads()
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType  # noqa: E402
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 torch.set_num_threads(_threads)  # importing ffcv sets it to 1 for the whole process
 
 log = logging.getLogger(__name__)
+
+
+def check_beton(path: str, samples: int) -> None:
+    """A ``.beton`` whose header, tables and sample pointers fit the file and the
+    manifest's sample count: FFCV trusts them, and a lying one aborted the process
+    (an OpenCV assertion), hung its loader thread or ended in a numpy traceback."""
+    size = os.path.getsize(path)
+
+    def refuse(problem: str) -> ManifestError:
+        return ManifestError(f"{path}: {problem}; write it again with mae shard --format beton")
+
+    if size < HeaderType.itemsize:
+        raise refuse(f"{size} bytes, shorter than a .beton header")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION or header["num_fields"] != 2:
+        raise refuse(f"format version {header['version']} with {header['num_fields']} fields, not version "
+                     f"{CURRENT_VERSION} with an image and a label")
+    if header["num_samples"] != samples:
+        raise refuse(f"its header holds {header['num_samples']} samples, the manifest {samples}")
+    if not header["alloc_table_ptr"] <= size or (size - header["alloc_table_ptr"]) % ALLOC_TABLE_TYPE.itemsize:
+        raise refuse(f"its allocation table at byte {header['alloc_table_ptr']} does not fit the file")
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - FFCV's reader asserts and indexes whatever the header says
+        raise refuse(f"unreadable tables ({type(e).__name__}: {e})") from None
+    image = reader.metadata["f0"]
+    if len(image) != samples or reader.field_names != ["image", "label"]:
+        raise refuse(f"fields {reader.field_names} over {len(image)} samples, not image and label over {samples}")
+    table = reader.alloc_table
+    ends = table["ptr"].astype(np.float64) + table["size"]
+    if len(table) and (ends.max() > header["alloc_table_ptr"] or table["sample_id"].max() >= samples):
+        raise refuse("a sample's pages lie outside the file")
+    if samples and (image["data_ptr"].max() >= header["alloc_table_ptr"] or image["width"].min() == 0
+                    or image["height"].min() == 0):
+        raise refuse("an image points outside the file or has no pixels")
 
 
 class FfcvLoader(PlannedLoader):
@@ -62,6 +100,7 @@ class FfcvLoader(PlannedLoader):
         if self._ffcv is None:
             cfg, aug = self.config, self.config.augment
             path = self.store.local_path(self.manifest.shards[0], progress=True)
+            check_beton(str(path), self.manifest.total_samples)
             self._built_at = time.perf_counter()
             S = aug.img_size
             if aug.deterministic:

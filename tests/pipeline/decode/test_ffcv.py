@@ -91,6 +91,30 @@ def test_resume_mid_epoch_continues_the_plan(beton):
     assert expected != list(range(46))  # shuffled by the plan, not FFCV
 
 
+def test_a_beton_that_lies_about_itself_is_refused_before_ffcv_reads_it(beton, tmp_path):
+    """FFCV trusts the file: fewer records than the manifest says aborted the process
+    in OpenCV or hung its loader thread for good; a huge count was a numpy traceback."""
+    import numpy as np
+
+    from pipeline.decode.ffcv import check_beton
+
+    good = f"{beton}/{BETON_NAME}"
+    check_beton(good, 46)
+    data = bytearray(open(good, "rb").read())
+    for offset, value, message in [(8, 5, "its header holds 5 samples, the manifest 46"),
+                                   (8, 2**62, "its header holds 4611686018427387904 samples"),
+                                   (16, len(data) + 1, "its allocation table at byte"),
+                                   (0, 7, "format version 7")]:
+        forged = bytearray(data)
+        width = 2 if offset == 0 else 8
+        forged[offset:offset + width] = np.array([value], dtype=f"<u{width}").tobytes()
+        (tmp_path / "forged.beton").write_bytes(bytes(forged))
+        with pytest.raises(ManifestError, match=message):
+            check_beton(str(tmp_path / "forged.beton"), 46)
+    with pytest.raises(ManifestError, match="the manifest 47"):
+        check_beton(good, 47)
+
+
 def test_backends_refuse_the_other_format(beton, photo_folder, tmp_path):
     with pytest.raises(ManifestError, match="'beton' format.*use backend ffcv"):
         build_loader(_cfg(beton, backend="cpu"), 0, 1)
