@@ -48,6 +48,8 @@ def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[s
     """The first ``count`` sample keys of the first shard."""
     if not manifest.shards or count < 1:
         return []
+    if is_beton(manifest):  # one .beton: its keys are listed beside it
+        return store.read_object(manifest.options["keys"]).decode("utf-8", "replace").splitlines()[:count]
     with store.open_shard(manifest.shards[0]) as f:
         return [s.key for s in index_shard(f, manifest.shards[0])[:count]]
 
@@ -65,20 +67,37 @@ def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
             recorded = {name: getattr(shard, name) for name in HASHES if getattr(shard, name)}  # sha256, xxh3_128
             wrong = _wrong_digests(f, recorded, checked[0] if checked else None)
             size = f.seek(0, io.SEEK_END)
-            samples = index_shard(f, shard)
+            if is_beton(manifest):
+                if beton_samples(f) != shard.samples:
+                    problems.append(f"{shard.name}: its header holds {beton_samples(f)} samples, manifest says "
+                                    f"{shard.samples}")
+                samples = []
+            else:
+                samples = index_shard(f, shard)
         if size != shard.bytes:  # a cached copy is found by its digest, whatever size the manifest claims
             problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
         if wrong:
             verb = "does" if len(wrong) == 1 else "do"
             passed = checked[0] if checked else "header fingerprint"
             problems.append(f"{shard.name}: its {' and '.join(wrong)} {verb} not match the manifest (its {passed} does)")
-        if len(samples) != shard.samples:
+        if len(samples) != shard.samples and not is_beton(manifest):
             problems.append(f"{shard.name}: {len(samples)} samples, manifest says {shard.samples}")
         renamed = [s for s in samples if s.renamed_from]
         if renamed:
             problems.append(f"{shard.name}: {len(renamed)} duplicate keys (first: {renamed[0].renamed_from!r}; "
                             f"read as {renamed[0].key!r})")
     return problems
+
+
+def is_beton(manifest: ShardManifest) -> bool:
+    """A dataset of one FFCV ``.beton`` (``mae shard --format beton``), not tar shards."""
+    return manifest.options.get("format") == "beton" and isinstance(manifest.options.get("keys"), str)
+
+
+def beton_samples(f: BinaryIO) -> int:
+    """The sample count in a ``.beton``'s header (a little-endian u64 at byte 8)."""
+    f.seek(8)
+    return int.from_bytes(f.read(8).ljust(8, b"\0"), "little")
 
 
 def _wrong_digests(f: BinaryIO, recorded: dict[str, str], checked: str | None) -> list[str]:

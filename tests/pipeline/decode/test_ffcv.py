@@ -115,6 +115,16 @@ def test_a_beton_that_lies_about_itself_is_refused_before_ffcv_reads_it(beton, t
         check_beton(good, 47)
 
 
+def test_mae_inspect_summarizes_and_verifies_a_beton(beton):
+    """It called every beton 'truncated or corrupt tar'."""
+    res = subprocess.run([sys.executable, "-m", "train.cli", "inspect", beton, "--verify"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    first = open(f"{beton}/{KEYS_NAME}").read().splitlines()[0]
+    assert f"first keys of {BETON_NAME}: {first}, " in res.stdout
+    assert "verified 1 shards: checksums and sample counts match" in res.stdout
+
+
 def test_backends_refuse_the_other_format(beton, photo_folder, tmp_path):
     with pytest.raises(ManifestError, match="'beton' format.*use backend ffcv"):
         build_loader(_cfg(beton, backend="cpu"), 0, 1)
