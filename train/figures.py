@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from infra.files import read_regular
+from infra.files import atomic_path, read_regular
 from train.errors import EvalInputError
 
 LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red"
@@ -31,9 +32,19 @@ def new_figure(width: float = 8.0, height: float = 4.5) -> Any:
 
 
 def save(fig: Any, out: str | Path) -> Path:
+    return write_image(out, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_image(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """A PNG written whole or not at all (``write`` gets a temporary path beside
+    ``out``); an error names ``out`` (a full disk said only "No space left")."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            write(tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 

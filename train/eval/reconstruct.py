@@ -24,6 +24,7 @@ from pipeline.loader import LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from pipeline.shards.sources import walk_images
 from train.errors import EvalInputError
+from train.figures import write_image
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,4 @@ def save_grid(panels: dict[str, torch.Tensor], out: Path, cell: int = 128) -> Pa
             # nearest: one patch stays one visible block, nothing is smoothed over
             tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (pad + c * (cell + pad), header + pad + r * (cell + pad)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
+    return write_image(out, lambda tmp: grid.save(tmp, format="PNG"))
