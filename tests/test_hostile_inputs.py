@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +56,15 @@ class Workspace:
         with self.caplog.at_level(logging.INFO):
             res = run_mae(self.capsys, *argv)
         return Outcome(res.code, res.out + res.err + self.caplog.text, res.err)
+
+    def mae_process(self, *argv: object) -> Outcome:
+        """The command in its own process: for one that starts a process group, which
+        in this one would leave its rendezvous port taken and RANK/MASTER_PORT set for
+        every later test. ``err``: its error lines alone (the others are logs)."""
+        out = subprocess.run([sys.executable, "-m", "train.cli", *map(str, argv)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+        errors = [line for line in out.stderr.splitlines() if " ERROR " in line or line.startswith("mae: error")]
+        return Outcome(out.returncode, out.stdout + out.stderr, "\n".join(errors))
 
     def s3(self, wrong_secret: bool = False):
         """The session's SeaweedFS server, its credentials in the environment."""
@@ -255,12 +266,18 @@ def pretrain(ws: Workspace, *overrides: str) -> Outcome:
     return ws.mae("pretrain", "--config", "tiny_cpu", f"data.url={ws.ds}", *overrides)
 
 
+def trained(ws: Workspace, *overrides: str) -> Outcome:
+    """`mae pretrain` of two steps on a 3-sample dataset, in its own process: it gets
+    as far as the first step."""
+    dataset(ws)
+    return ws.mae_process("pretrain", "--config", "tiny_cpu", f"data.url={ws.ds}", "data.batch_size=2",
+                          "schedule.max_steps=2", *overrides)
+
+
 def full_disk_log(ws: Workspace) -> Outcome:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
-    dataset(ws)
-    return pretrain(ws, "log.metrics_file=/dev/full", "data.batch_size=2", "schedule.max_steps=2",
-                    f"checkpoint.dir={ws.tmp / 'run'}")
+    return trained(ws, "log.metrics_file=/dev/full", f"checkpoint.dir={ws.tmp / 'run'}")
 
 
 def reconstruct(ws: Workspace, files: dict[str, bytes]) -> Outcome:
@@ -512,15 +529,14 @@ CASES = [
     error("batch size 0", lambda ws: pretrain(ws, "data.batch_size=0"), "data.batch_size must be positive, got 0"),
     error("negative seed", lambda ws: pretrain(ws, "seed=-1"), r"seed must be in \[0, 2\*\*32\)"),
     error("misspelled key", lambda ws: pretrain(ws, "optim.lrr=1"), "unknown config key optim.lrr"),
-    error("metrics file a folder", lambda ws: (dataset(ws), pretrain(ws, f"log.metrics_file={ws.tmp}", "data.batch_size=2"))[-1],
+    error("metrics file a folder", lambda ws: trained(ws, f"log.metrics_file={ws.tmp}", f"checkpoint.dir={ws.tmp / 'r'}"),
           r"log.metrics_file .*: cannot open it to append to \(Is a directory\)"),
-    error("checkpoint.dir a file", lambda ws: (dataset(ws), pretrain(ws, f"checkpoint.dir={ws.ds / 'manifest.json'}",
-                                                                     "data.batch_size=2"))[-1],
+    error("checkpoint.dir a file", lambda ws: trained(ws, f"checkpoint.dir={ws.ds / 'manifest.json'}"),
           r"cannot use checkpoint.dir .*manifest.json: a file is in the way \(File exists\); the run needs a folder",
           code=1),
-    error("tensorboard_dir a file", lambda ws: (dataset(ws), pretrain(
-        ws, "log.tensorboard=true", f"log.tensorboard_dir={ws.ds / 'manifest.json'}", "data.batch_size=2",
-        f"checkpoint.dir={ws.tmp / 'run'}"))[-1], r"log.tensorboard_dir .*manifest.json: cannot write event files"),
+    error("tensorboard_dir a file", lambda ws: trained(
+        ws, "log.tensorboard=true", f"log.tensorboard_dir={ws.ds / 'manifest.json'}", f"checkpoint.dir={ws.tmp / 'run'}"),
+        r"log.tensorboard_dir .*manifest.json: cannot write event files"),
     error("metrics file on a full disk", lambda ws: full_disk_log(ws), "LogFileError: log.metrics_file /dev/full: "
           "cannot write to it \\(No space left on device\\); the run stops with its last checkpoint intact", code=1),
     error("wrong type", lambda ws: pretrain(ws, "data.batch_size=many"), "data.batch_size = 'many' does not fit"),
@@ -545,7 +561,10 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_input(case: Case, tmp_path, capsys, caplog, monkeypatch, request):
     ws = Workspace(tmp_path, capsys, caplog, monkeypatch, request)
+    launcher_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     result = case.run(ws)
+    # a case that started a process group here would hand its port to every later launch
+    assert {k: os.environ.get(k) for k in launcher_env} == launcher_env, "run it with ws.mae_process"
     assert re.search(case.expect, result.text), result.text[-3000:]
     assert "Traceback" not in result.text, result.text[-3000:]
     assert not any(secret in result.text for secret in SECRETS)
