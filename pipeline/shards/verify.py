@@ -61,27 +61,24 @@ def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
     returns one line per shard whose other digests or sample count differ, or that
     repeats keys."""
     problems = []
+    beton = is_beton(manifest)
     for shard in manifest.shards:
         checked = store.checksum(shard)
         with store.open_shard(shard) as f:
             recorded = {name: getattr(shard, name) for name in HASHES if getattr(shard, name)}  # sha256, xxh3_128
             wrong = _wrong_digests(f, recorded, checked[0] if checked else None)
             size = f.seek(0, io.SEEK_END)
-            if is_beton(manifest):
-                if beton_samples(f) != shard.samples:
-                    problems.append(f"{shard.name}: its header holds {beton_samples(f)} samples, manifest says "
-                                    f"{shard.samples}")
-                samples = []
-            else:
-                samples = index_shard(f, shard)
+            samples = [] if beton else index_shard(f, shard)  # a .beton's samples are not tar members
+            count = beton_samples(f) if beton else len(samples)
         if size != shard.bytes:  # a cached copy is found by its digest, whatever size the manifest claims
             problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
         if wrong:
             verb = "does" if len(wrong) == 1 else "do"
             passed = checked[0] if checked else "header fingerprint"
             problems.append(f"{shard.name}: its {' and '.join(wrong)} {verb} not match the manifest (its {passed} does)")
-        if len(samples) != shard.samples and not is_beton(manifest):
-            problems.append(f"{shard.name}: {len(samples)} samples, manifest says {shard.samples}")
+        if count != shard.samples:
+            held = f"its header holds {count}" if beton else str(count)
+            problems.append(f"{shard.name}: {held} samples, manifest says {shard.samples}")
         renamed = [s for s in samples if s.renamed_from]
         if renamed:
             problems.append(f"{shard.name}: {len(renamed)} duplicate keys (first: {renamed[0].renamed_from!r}; "
