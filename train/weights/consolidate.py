@@ -39,8 +39,10 @@ def _verified(tag_dir: Path) -> list[str]:
     try:
         return sorted(verify(tag_dir))
     except CheckpointIntegrityError as e:
-        raise WeightsError(f"refusing checkpoint {tag_dir}: {e}; export an older one (its step* folder) or "
-                           "restore this one from a copy") from e
+        older = [t for t in complete_tags(tag_dir.parent) if t < tag_dir.name]
+        fix = (f"export an older one ({tag_dir.parent / older[-1]} is the newest of {len(older)}) or restore this "
+               "one from a copy" if older else "it is the run's oldest complete checkpoint: restore it from a copy")
+        raise WeightsError(f"refusing checkpoint {tag_dir}: {e}; {fix}") from e
 
 
 def _safe_load(file: Path) -> dict:

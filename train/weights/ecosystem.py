@@ -32,7 +32,7 @@ from model.registry import model_config
 from train.errors import WeightsError
 from train.weights.files import classifier_config_of, save_safetensors
 from model.weights import is_encoder_key
-from train.weights.pretrained import architecture_of, read_weights, registered_size_of
+from train.weights.pretrained import architecture_of, metadata_config, read_weights, registered_size_of
 
 TARGETS = ("timm", "transformers")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -63,15 +63,9 @@ def convert(source: str | Path, out: str | Path, target: str) -> dict:
 
 
 def _encoder_config(sd: dict[str, torch.Tensor], meta: dict, source: object) -> MAEConfig:
-    try:
-        if "model" in meta:  # mae.safetensors
-            return model_config(str(meta["model"]), img_size=int(meta.get("img_size", 224)))
-        if meta.get("arch") == "vit":  # encoder.safetensors
-            return MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth",
-                                                          "num_heads")})
-    except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{source}: its architecture metadata is incomplete or invalid "
-                           f"({type(e).__name__}: {e})") from None
+    described = metadata_config(meta, source)
+    if described is not None:
+        return described[0]
     name = registered_size_of(sd, source)  # an official .pth or a checkpoint dir
     patches = architecture_of(sd, source)["patches"]
     if patches is None:

@@ -59,24 +59,36 @@ def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: expected a checkpoint directory, an `mae export` folder, a "
                                   f".safetensors or official .pth file, or random:<model>")
-    meta = _safetensors_metadata(path)
-    try:
-        if "model" in meta:  # mae.safetensors from `mae export`
-            name = str(meta["model"])
-            cfg = model_config(name, img_size=int(meta.get("img_size", model_config(name).img_size)),
-                               norm_pix_loss=bool(meta.get("norm_pix_loss", True)))
-        elif meta.get("arch") == "vit":  # encoder.safetensors
-            cfg = MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
-            name = f"vit(embed_dim={cfg.embed_dim}, depth={cfg.depth}, patch={cfg.patch_size})"
-        else:
-            raise WeightsError(f"{path} has no maescale metadata (model or arch); write it with `mae export`")
-    except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{path}: its architecture metadata is incomplete or invalid ({type(e).__name__}: {e})") from None
+    described = metadata_config(_safetensors_metadata(path), path)
+    if described is None:
+        raise WeightsError(f"{path} has no maescale metadata (model or arch); write it with `mae export`")
+    cfg, name = described
     sd = read_state_dict(path)
     check_architecture(cfg, sd, path)  # before building: metadata saying 4096 px or 100,000 blocks builds for hours
     model = MaskedAutoencoderViT(cfg)
     kind = load_mae_state_dict(model, sd)
     return model.eval(), {"kind": kind, "model": name, "path": str(path)}
+
+
+def metadata_config(meta: dict, source: object) -> tuple[MAEConfig, str] | None:
+    """``(config, model name)`` that a safetensors file's maescale metadata (untrusted)
+    gives: ``mae.safetensors`` names a registered model (its input size and
+    ``norm_pix_loss`` defaulting to the model's own), ``encoder.safetensors`` spells
+    out the ViT. None when the file has neither."""
+    try:
+        if "model" in meta:  # mae.safetensors from `mae export`
+            name = str(meta["model"])
+            own = model_config(name)
+            norm_pix = meta.get("norm_pix_loss", own.norm_pix_loss)
+            if not isinstance(norm_pix, bool):  # bool("false") is True
+                raise TypeError(f"norm_pix_loss must be true or false, got {str(norm_pix)[:40]!r}")
+            return model_config(name, img_size=int(meta.get("img_size", own.img_size)), norm_pix_loss=norm_pix), name
+        if meta.get("arch") == "vit":  # encoder.safetensors
+            cfg = MAEConfig(**{k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
+            return cfg, f"vit(embed_dim={cfg.embed_dim}, depth={cfg.depth}, patch={cfg.patch_size})"
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: its architecture metadata is incomplete or invalid ({type(e).__name__}: {e})") from None
+    return None
 
 
 def check_architecture(cfg: MAEConfig, sd: dict[str, torch.Tensor], source: object) -> None:

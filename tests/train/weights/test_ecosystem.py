@@ -136,3 +136,24 @@ def test_an_official_pth_converts_by_its_shapes(mae, tmp_path):
     assert out["architecture"] == "ViTMAEModel"
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["patch_size"], cfg["image_size"]) == (64, 2, 4, 32)
+
+
+def test_convert_and_load_read_a_files_metadata_alike(mae, tmp_path):
+    """A foreign mae.safetensors that names its model but not its input size nor
+    norm_pix_loss: both readers take the model's own size, and the file's
+    norm_pix_loss when it gives one. Before, convert assumed 224 px (so a 32 px
+    model was refused as not fitting) and always wrote norm_pix_loss true."""
+    from train.weights.pretrained import load_pretrained
+
+    path = save_safetensors(mae.state_dict(), tmp_path / "mae.safetensors",
+                            {"model": "mae_vit_test_patch4", "norm_pix_loss": False})
+    loaded, info = load_pretrained(path)
+    assert (loaded.cfg.img_size, loaded.cfg.norm_pix_loss, info["model"]) == (32, False, "mae_vit_test_patch4")
+    convert(path, tmp_path / "hf", "transformers")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["image_size"], cfg["norm_pix_loss"]) == (32, False)
+    text = save_safetensors(mae.state_dict(), tmp_path / "text" / "mae.safetensors",
+                            {"model": "mae_vit_test_patch4", "norm_pix_loss": "False"})  # bool("False") is True
+    for read in (load_pretrained, lambda p: convert(p, tmp_path / "hf2", "transformers")):
+        with pytest.raises(WeightsError, match="norm_pix_loss must be true or false, got 'False'"):
+            read(text)
