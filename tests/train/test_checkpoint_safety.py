@@ -46,12 +46,15 @@ def test_a_planted_pickle_never_runs_on_resume_or_export(shards, single_run, tmp
 def test_a_flipped_bit_is_refused_and_resume_falls_back_to_a_good_checkpoint(shards, single_run, tmp_path):
     run = tmp_path / "flipped"
     copy_checkpoint(single_run, run, 8)
+    flip_bit(run / "ckpt" / "step000000008" / OPTIM_STATES)
+    alone = _export(run / "ckpt", tmp_path / "export")  # no older checkpoint to point at
+    assert alone.returncode == 2 and "it is the run's oldest complete checkpoint: restore it" in alone.stderr
     copy_checkpoint(single_run, tmp_path / "older", 4)
     (tmp_path / "older" / "ckpt" / "step000000004").rename(run / "ckpt" / "step000000004")
-    flip_bit(run / "ckpt" / "step000000008" / OPTIM_STATES)
     exported = _export(run / "ckpt", tmp_path / "export")  # export refuses it, naming the file
     assert exported.returncode == 2 and not (tmp_path / "export" / "mae.safetensors").exists()
     assert f"{OPTIM_STATES} does not match its recorded sha256" in exported.stderr
+    assert f"export an older one ({run / 'ckpt' / 'step000000004'} is the newest of 1)" in exported.stderr
     out = run_cmd(mae_pretrain(shards, run), run)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "checkpoint " + str(run / "ckpt" / "step000000008") + " fails verification" in out.stderr
