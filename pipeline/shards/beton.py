@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from infra.options import option, require, require_positive, require_positive_or_none, require_text
+from pipeline.decode.jpeg import JPEG_MAX_SIDE  # FFCV also keeps each side in a uint16
 from pipeline.errors import BetonWriteError
 from pipeline.images import ImagePolicy, load_pixels, open_image
 from pipeline.shards.manifest import ShardInfo, ShardManifest
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 BETON_NAME = "dataset.beton"
 KEYS_NAME = "dataset.keys"
 STARTUP_GRACE_S = 120.0  # importing ffcv and starting its workers, before the file exists
-JPEG_MAX_SIDE = 65500  # what libjpeg encodes; FFCV also keeps each side in a uint16
 
 
 @dataclass(frozen=True)

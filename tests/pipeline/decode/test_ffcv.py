@@ -75,6 +75,25 @@ def test_loads_every_sample_once_per_rank_split_with_labels(beton):
     assert sorted(set(seen)) == list(range(46)) and len(seen) == 46
 
 
+def test_an_image_longer_than_a_jpeg_can_be_is_shrunk_to_fit(tmp_path):
+    """A 70,000 x 16 PNG: FFCV re-encodes every image as JPEG, whose sides stop at
+    65,500. Uncapped, its writer stalled on it until the watchdog killed it; now it
+    is shrunk to fit, and read back as a sample like any other."""
+    src = tmp_path / "src" / "wide"
+    src.mkdir(parents=True)
+    (src / "long.png").write_bytes(jpeg_bytes((70_000, 16), fmt="PNG"))
+    (src / "plain.jpg").write_bytes(jpeg_bytes((96, 80)))
+    dest = tmp_path / "beton"
+    res = subprocess.run([sys.executable, "-m", "train.cli", "shard", str(src.parent), str(dest), "--format", "beton",
+                          "--workers", "1", "--stall-timeout", "120"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 samples in 1 shards" in res.stdout
+    loader = build_loader(_cfg(str(dest), batch_size=2), 0, 1)
+    batches = list(loader)
+    assert sum(len(b.keys) for b in batches) == 2 and not loader.stats.skipped
+    assert sorted(k.split("_", 1)[1] for b in batches for k in b.keys) == ["long", "plain"]
+
+
 def test_resume_mid_epoch_continues_the_plan(beton):
     full = build_loader(_cfg(beton, batch_size=5), 0, 1)
     full.set_epoch(1)
