@@ -28,7 +28,7 @@ import torch
 
 from infra.metrics import sink
 from pipeline.decode.base import DecodedBatch, PlannedLoader
-from pipeline.errors import ManifestError
+from pipeline.errors import ManifestError, PipelineError
 
 _threads = torch.get_num_threads()
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder  # noqa: E402
@@ -40,6 +40,7 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 torch.set_num_threads(_threads)  # importing ffcv sets it to 1 for the whole process
 
 log = logging.getLogger(__name__)
+THREAD_POLL_S = 0.002  # how often a consumer waiting on an empty queue looks at FFCV's loader thread
 
 
 def check_beton(path: str, samples: int) -> None:
@@ -126,7 +127,7 @@ class FfcvLoader(PlannedLoader):
         loader = self._loader()
         loader.traversal_order.indices = self.plan.sample_of(ids).astype(np.uint64)  # Sequential walks exactly these
         bs = self.config.batch_size
-        for j, (images, labels) in enumerate(loader):
+        for j, (images, labels) in enumerate(_while_alive(iter(loader))):
             if first:
                 first = False
                 self.stats.warmup_s = time.perf_counter() - self._built_at
@@ -140,3 +141,22 @@ class FfcvLoader(PlannedLoader):
             keys = [self.keys[g] for g in self.plan.sample_of(batch_ids).tolist()]
             yield DecodedBatch(images, labels.reshape(-1).long(), keys,
                                torch.from_numpy(batch_ids.astype(np.int64)), len(batch_ids))
+
+
+def _while_alive(epoch: Iterator) -> Iterator:
+    """The batches of FFCV's epoch iterator, a thread that ends the epoch by queueing
+    None. One that dies of an exception queues nothing, and its consumer would wait
+    forever: here that is an error, raised as soon as the thread is gone."""
+    while True:
+        while epoch.output_queue.empty():
+            if not epoch.is_alive():
+                if epoch.output_queue.empty():  # anything it queued before it ended is still handed out
+                    epoch.close()
+                    raise PipelineError("ffcv: its loader thread stopped before the end of the epoch (its error is "
+                                        "printed above); no batch can follow")
+                break
+            epoch.join(THREAD_POLL_S)
+        try:
+            yield next(epoch)
+        except StopIteration:
+            return

@@ -4,6 +4,7 @@ FFCV's writer), staging from a real S3 server, ranks, resume."""
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tests.helpers.shards import jpeg_bytes, write_raw_shards
 
 from pipeline.augment import AugmentConfig
-from pipeline.errors import BetonWriteError, ManifestError
+from pipeline.errors import BetonWriteError, ManifestError, PipelineError
 from pipeline.shards.beton import BETON_NAME, KEYS_NAME, BetonOptions, run_ffcv_writer, write_beton
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.shards.manifest import ShardManifest
@@ -92,6 +93,38 @@ def test_an_image_longer_than_a_jpeg_can_be_is_shrunk_to_fit(tmp_path):
     batches = list(loader)
     assert sum(len(b.keys) for b in batches) == 2 and not loader.stats.skipped
     assert sorted(k.split("_", 1)[1] for b in batches for k in b.keys) == ["long", "plain"]
+
+
+def test_a_loader_thread_that_dies_is_an_error_not_a_hang(beton, monkeypatch):
+    """FFCV decodes in a thread of its own, which ends an epoch by queueing None;
+    one that died of an exception queued nothing, and the trainer waited forever.
+    The fault: its fourth batch raises inside that thread."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    run_pipeline = EpochIterator.run_pipeline
+
+    def failing(self, b_ix, *args):
+        if b_ix == 3:
+            raise MemoryError("injected in FFCV's loader thread")
+        return run_pipeline(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", failing)
+    loader = build_loader(_cfg(beton, batch_size=5), 0, 1)
+    seen, raised = [], []
+
+    def consume():
+        try:
+            for b in loader:
+                seen.extend(b.sample_ids.tolist())
+        except PipelineError as e:
+            raised.append(e)
+
+    consumer = threading.Thread(target=consume, daemon=True)  # a hang must not hold the test up
+    consumer.start()
+    consumer.join(120)
+    assert not consumer.is_alive(), "the loader still waits for a batch that can never come"
+    assert len(raised) == 1 and "ffcv: its loader thread stopped before the end of the epoch" in str(raised[0])
+    assert len(seen) == 15  # the three batches decoded before the fault were handed out
 
 
 def test_resume_mid_epoch_continues_the_plan(beton):
