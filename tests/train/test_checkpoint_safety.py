@@ -7,6 +7,7 @@ refused. Each case is a bug the trainer had: see the issue of this change."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from tests.helpers.training import (ROOT, STEPS, all_losses, assert_same_weights
                                     final_weights, flip_bit, mae_pretrain, metrics, plant_pickle, poison_weight,
                                     reseal, run_cmd, start, steps_logged, summary, wait_for)
 from train.checkpoint import complete_tags, verify
+from train.errors import WeightsError
+from train.weights import consolidate as consolidate_module
 
 pytestmark = pytest.mark.integration
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -176,3 +179,28 @@ def test_an_export_never_lands_among_checkpoints_nor_half_written(single_run, tm
     assert again.returncode != 0 and "Traceback" not in again.stderr
     assert (out / "mae.safetensors").read_bytes() == before["mae.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == ["encoder.safetensors", "mae.safetensors"]
+
+
+def test_an_export_of_a_live_run_outlives_its_rotation(single_run, tmp_path, monkeypatch):
+    """While `mae export` reads a run's newest checkpoint, the live run saves the
+    next one and its keep_last rotation removes the one being read. Exporting the
+    run's folder takes the newest checkpoint again; exporting that one step folder
+    says what happened instead of naming a missing file."""
+    run = copy_checkpoint(single_run, tmp_path / "live", 4)
+    ckpt = run / "ckpt"
+    read = consolidate_module.consolidate
+
+    def rotated_while_read(root, tag):  # the run's save of step 8, then its rotation
+        if tag == "step000000004" and not (ckpt / "step000000008").exists():
+            shutil.copytree(single_run / "ckpt" / "step000000008", ckpt / "step000000008")
+            shutil.rmtree(ckpt / tag)
+        return read(root, tag)
+
+    monkeypatch.setattr(consolidate_module, "consolidate", rotated_while_read)
+    _, info = consolidate_module.export(ckpt, tmp_path / "export")
+    assert info["tag"] == "step000000008" and info["step"] == 8
+    assert (tmp_path / "export" / "encoder.safetensors").is_file()
+    shutil.rmtree(ckpt / "step000000008")
+    shutil.copytree(single_run / "ckpt" / "step000000004", ckpt / "step000000004")
+    with pytest.raises(WeightsError, match="step000000004 was removed while it was read .* export the run's folder"):
+        consolidate_module.export(ckpt / "step000000004", tmp_path / "export2")

@@ -10,6 +10,7 @@ a corrupt checkpoint or one holding a pickle payload is refused, naming the file
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from train.checkpoint_io import load_plain, plain_data_only
 from train.errors import CheckpointIntegrityError, UnsafeCheckpointError, WeightsError
 from train.weights.files import checked_tensors, encoder_metadata, write_together
 from train.weights.pretrained import check_architecture
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tag(path: Path) -> tuple[Path, str]:
@@ -76,9 +79,31 @@ def consolidate(root: Path, tag: str) -> dict[str, torch.Tensor]:
     return checked_tensors({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, tag_dir)
 
 
+ROTATION_RETRIES = 3
+
+
 def load_checkpoint(ckpt: Path) -> tuple[MaskedAutoencoderViT, dict]:
-    """The MAE of a run's checkpoint (any ZeRO stage), verified and loaded strictly."""
-    root, tag = resolve_tag(ckpt)
+    """The MAE of a run's checkpoint (any ZeRO stage), verified and loaded strictly.
+    A live run's rotation (``checkpoint.keep_last``) may remove the newest checkpoint
+    while it is read: given the run's folder, the newest one is then taken again."""
+    for _ in range(ROTATION_RETRIES):
+        root, tag = resolve_tag(ckpt)
+        try:
+            return _load_tag(root, tag)
+        except (WeightsError, OSError):
+            if root / tag == ckpt:  # that one checkpoint was asked for
+                if (ckpt / COMPLETE).is_file():
+                    raise
+                raise WeightsError(f"{ckpt} was removed while it was read (a live run's checkpoint.keep_last rotates "
+                                   f"old ones away): export the run's folder {root} to take its newest one") from None
+            if latest_complete(root) in (tag, None):  # still the newest: the failure is its own
+                raise
+            log.info("%s was rotated away while it was read; taking the newest checkpoint again", root / tag)
+    raise WeightsError(f"{ckpt}: its newest checkpoint was rotated away {ROTATION_RETRIES} times while it was read; "
+                       "raise the live run's checkpoint.keep_last, or export when it is not saving")
+
+
+def _load_tag(root: Path, tag: str) -> tuple[MaskedAutoencoderViT, dict]:
     try:
         meta = read_meta(root / tag)
     except CheckpointIntegrityError as e:
