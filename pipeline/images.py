@@ -25,7 +25,7 @@ from infra.options import option, require_choice, require_positive
 # Reasons an image is rejected. Mode reasons (cmyk, grayscale, 16bit) only reject
 # under ``mode_policy='skip'``; by default those images are converted to RGB.
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb", "too_small", "too_long",
-           "cmyk", "grayscale", "16bit", "unsupported_mode", "decode_failed", "bad_label")
+           "too_large", "cmyk", "grayscale", "16bit", "unsupported_mode", "decode_failed", "bad_label")
 MODE_REASONS = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "1": "grayscale",
                 "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit", "I": "16bit"}
 CONVERTIBLE_MODES = {"RGB", "RGBA", "P", "PA", "RGBX", "YCbCr"}
@@ -56,6 +56,13 @@ class ImagePolicy:
     def __post_init__(self) -> None:
         require_choice(self, "mode_policy", ("convert", "skip"))
         require_positive(self, "min_side", "max_pixels")
+
+
+def max_file_bytes(policy: ImagePolicy) -> int:
+    """The largest image file worth reading: ``max_pixels`` stored uncompressed at 16
+    bits per RGBA channel, plus room for metadata. A larger file is no usable image,
+    and reading it whole could take all the memory there is."""
+    return 8 * policy.max_pixels + 2**26
 
 
 class BadImage(Exception):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from infra.options import option, require, require_positive
 from pipeline.errors import ManifestError, ObjectNotAccessible, SourceError
-from pipeline.shards.labels import RULES, LabelRule
+from pipeline.shards.labels import RULES, LabelRule, integer_classes
 from pipeline.shards.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -407,7 +407,7 @@ def _refuse_to_replace_a_shard_manifest(folder: ObjectFolder) -> None:
 def _manifest(entries: list[dict], rejects: list[Reject], cfg: IndexConfig, data_url: str | None) -> ShardManifest:
     rule = LabelRule(cfg.label_from)
     top = max((e.get("max_label", -1) for e in entries), default=-1)
-    classes = ([str(i) for i in range(top + 1)] if rule.kind == "cls"
+    classes = (integer_classes(top, "a .cls member") if rule.kind == "cls"
                else sorted({n for e in entries for n in e.get("class_names", [])}) if rule.from_keys else [])
     shards = []
     for e in entries:

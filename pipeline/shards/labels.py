@@ -18,9 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.errors import ManifestError
+from pipeline.errors import ManifestError, SourceError
 
 RULES = ("cls", "dir", "prefix:SEP", "none")
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; integer labels make this many names
+
+
+def integer_classes(top: int, where: str) -> list[str]:
+    """The names "0".."top" of integer labels, refused beyond ``MAX_CLASSES``: one
+    label of 10**12 must not make a list of 10**12 names."""
+    if top >= MAX_CLASSES:
+        raise SourceError(f"{where}: label {top} would make more than {MAX_CLASSES:,} classes; labels are class "
+                          "indices from 0")
+    return [str(i) for i in range(top + 1)]
 _MAX_SEP = 8
 
 

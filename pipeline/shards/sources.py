@@ -22,15 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from infra.files import NotAFileError, require_regular
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
+from pipeline.shards.labels import integer_classes
 from pipeline.shards.manifest import printable
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at
 from pipeline.storage.redact import redact
 from pipeline.shards.tables import (RowRef, TableColumns, TableFile, class_names, is_table_source, pick_columns,
                                     table_files, url_of)
-from pipeline.storage.urls import join, split_url
+from pipeline.storage.urls import is_local, join, split_url
 
 # Listing problems, recorded as rejects with these reasons.
 LISTING_REASONS = ("broken_link", "link_loop", "not_a_file", "unreadable", "unsafe_name")
@@ -134,7 +136,7 @@ def _table_classes(values: list[object], names: list[str] | None) -> tuple[list[
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in present):
         raise SourceError("the label column holds neither integers nor strings; name another with --label-column, "
                           "or pass --label-column '' for none")
-    classes = names if names is not None else [str(i) for i in range(max(max(present), -1) + 1)]
+    classes = names if names is not None else integer_classes(max(max(present), -1), "the label column")
     return classes, lambda v: None if v is None or v < 0 else (v if v < len(classes) else -2)
 
 
@@ -206,6 +208,13 @@ def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem]
         rel = f"{n:08d}:{path.rsplit('/', 1)[-1]}"
         if not printable(rel):
             return SourceItem(path, _escaped(rel), -1, None, "unsafe_name")
+        if is_local(path):  # a pipe would block the writer for good, a device never end
+            try:
+                require_regular(split_url(path)[1])
+            except NotAFileError:
+                return SourceItem(path, rel, -1, None, "not_a_file")
+            except OSError:
+                pass  # missing or unreadable: found out below, as for any object
         try:
             size = call_at(path, storage, f"list entry {n}", _size_or_missing)
         except ObjectNotAccessible:

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from infra.files import remove_dead_temps
 from infra.options import option, require, require_positive
-from pipeline.errors import ObjectNotAccessible
-from pipeline.images import BadImage, ImagePolicy, check_image, reencode_jpeg
+from pipeline.errors import ObjectNotAccessible, SourceError
+from pipeline.images import BadImage, ImagePolicy, check_image, max_file_bytes, reencode_jpeg
 from pipeline.shards.manifest import Reject, ShardInfo, ShardManifest
 from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
@@ -44,7 +44,8 @@ from pipeline.shards.tables import TableColumns, image_extension, read_rows
 from pipeline.shards.tar_format import TarShardWriter
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, file_digests
+from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, file_digests, range_past_the_end
+from pipeline.storage.redact import redact
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".record.json"
@@ -164,8 +165,27 @@ def sample_key(position: int, rel: str) -> str:
 UPRIGHT_QUALITY = 95  # re-encoding an image only to apply its EXIF orientation
 
 
-def _read_source(item: SourceItem, storage: StorageConfig) -> bytes:
-    return call_at(item.url, storage, f"source {item.rel}", lambda fs, path: fs.cat_file(path))
+def _read_source(item: SourceItem, cfg: ShardWriterConfig) -> bytes:
+    """The source image's bytes; one larger than any usable image is refused before
+    it is read (a sparse file, a listing that lies), or as soon as it proves longer."""
+    limit = max_file_bytes(cfg.images)
+    if item.size > limit:
+        raise BadImage("too_large", f"{item.size:,} bytes, more than an image of max_pixels={cfg.images.max_pixels:,} "
+                                    f"needs ({limit:,})")
+
+    def read(fs, path: str) -> bytes:
+        try:
+            return fs.cat_file(path, start=0, end=limit + 1)
+        except OSError as e:
+            if range_past_the_end(e):  # S3 answers a range over an empty object with 416
+                return b""
+            raise
+
+    data = call_at(item.url, cfg.storage, f"source {item.rel}", read)
+    if len(data) > limit:
+        raise BadImage("too_large", f"more than {limit:,} bytes, more than an image of max_pixels="
+                                    f"{cfg.images.max_pixels:,} needs")
+    return data
 
 
 def _stored_image(data: bytes, item: SourceItem, cfg: ShardWriterConfig) -> tuple[bytes, str, list[str]]:
@@ -203,7 +223,7 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
                     reject(item, item.problem, item.problem)
                     continue
                 try:
-                    data = rows.get(pos) if item.row is not None else _read_source(item, cfg.storage)
+                    data = rows.get(pos) if item.row is not None else _read_source(item, cfg)
                     if data is None:
                         raise BadImage("empty", "the row holds no image bytes")
                     data, ext, reasons = _stored_image(data, item, cfg)
@@ -290,6 +310,11 @@ def write_shards(src: str, dest: str, cfg: ShardWriterConfig, ray: RayTarget | N
         if rec["samples"]:
             shards.append(ShardInfo(rec["name"], rec["samples"], rec["bytes"], rec["sha256"],
                                     xxh3_128=rec.get("xxh3_128")))
+    if not shards:
+        reasons = Counter(r.reason for r in rejects)
+        raise SourceError(f"no usable images in {redact(src)}: " + (
+            f"all {len(rejects)} were rejected ({', '.join(f'{k}={v}' for k, v in sorted(reasons.items()))}); "
+            if rejects else "") + "no manifest written")
     manifest = ShardManifest(shards=shards, classes=classes, rejects=rejects, options=cfg.options())
     write_manifest(folder, manifest)  # its index first, the JSON last
     if folder.local:  # a writer killed mid-file (a lost Ray worker) left its temporary file

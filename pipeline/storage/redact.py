@@ -29,6 +29,8 @@ _SECRET_PATTERNS = [
     re.compile(r"(?i)(Signature:\s*)[0-9a-f]{16,}"),  # botocore.auth's DEBUG line
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@"),  # user:password@host
+    # the same where a library printed the URL without its scheme (fsspec's HTTP errors)
+    re.compile(r"(?:(?<=^)|(?<=[\s'\"(\[=]))[^/\s:@'\"]+:[^/\s@'\"]+@(?=[\w\[])"),
 ]
 _registered: set[str] = set()
 

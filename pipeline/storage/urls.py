@@ -24,6 +24,8 @@ def split_url(url: str) -> tuple[str, str]:
     protocol, path = fsspec.core.split_protocol(str(url))
     if protocol in (None, "file", "local"):
         return "file", os.path.abspath(os.path.expanduser(path))
+    if protocol in ("http", "https"):  # fsspec's HTTP filesystem takes whole URLs
+        return protocol, str(url).rstrip("/")
     return protocol, path.rstrip("/")
 
 

@@ -2,10 +2,13 @@
 are followed, loops end, and whatever cannot be used is a named reject."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 from tests.helpers.shards import jpeg_bytes
 
+from pipeline.errors import SourceError
 from pipeline.shards.sources import list_sources
 from pipeline.shards.writer import ShardWriterConfig, write_shards
 from pipeline.storage.config import StorageConfig
@@ -84,3 +87,54 @@ def test_an_unreadable_folder_is_a_named_reject(tmp_path):
     finally:
         (src / "b").chmod(0o755)
     assert [(it.rel, it.problem) for it in items] == [("a/1.jpg", None), ("b", "unreadable")]
+
+
+def test_a_list_file_names_nothing_that_can_hang_or_fill_memory(tmp_path):
+    """A list file is untrusted: a named pipe blocked `mae shard` for good, /dev/zero
+    read until the memory ran out, and a sparse 6 GB "image" was read whole."""
+    _images(tmp_path / "img", ["ok.jpg"])
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with open(tmp_path / "huge.jpg", "wb") as f:  # sparse: takes no disk
+        f.truncate(6 * 2**30)
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'img' / 'ok.jpg'}\n{tmp_path / 'pipe.jpg'}\n/dev/zero\n{tmp_path / 'huge.jpg'}\n")
+    summary = write_shards(str(listed), str(tmp_path / "out"), ShardWriterConfig())
+    assert summary.manifest.total_samples == 1
+    assert _rejects(summary) == {"00000002:pipe.jpg": "not_a_file", "00000003:zero": "not_a_file",
+                                 "00000004:huge.jpg": "too_large"}
+
+
+def test_a_source_with_no_usable_image_is_an_error_not_an_empty_dataset(tmp_path):
+    """It wrote "0 samples in 0 shards" and exited 0; every reader then refused it."""
+    listed = tmp_path / "list.txt"
+    listed.write_text("/nonexistent/a.jpg\n")
+    with pytest.raises(SourceError, match="no usable images in .*: all 1 were rejected \\(unreadable=1\\); no manifest"):
+        write_shards(str(listed), str(tmp_path / "out"), ShardWriterConfig())
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_list_files_may_name_http_urls(tmp_path):
+    """http(s) lines in a list file never worked: the HTTP filesystem was handed the
+    URL without its scheme, and each line failed after every retry."""
+    _images(tmp_path / "www", ["a.jpg", "b.jpg"])
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                              cwd=tmp_path / "www", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = int(server.stdout.readline().split("port ")[1].split()[0])
+        listed = tmp_path / "list.txt"
+        listed.write_text(f"http://127.0.0.1:{port}/a.jpg\tcat\nhttp://127.0.0.1:{port}/b.jpg\tdog\n")
+        summary = write_shards(str(listed), str(tmp_path / "out"), ShardWriterConfig())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert summary.manifest.total_samples == 2 and summary.manifest.classes == ["cat", "dog"]
+    assert not summary.manifest.rejects
+
+
+def test_one_enormous_integer_label_is_refused_not_a_list_of_that_many_classes(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [jpeg_bytes((40, 32))], "label": [10**12]}), tmp_path / "t.parquet")
+    with pytest.raises(SourceError, match="label 1000000000000 would make more than 1,000,000 classes"):
+        write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), ShardWriterConfig())

@@ -325,6 +325,10 @@ def test_redact_removes_credentials(monkeypatch):
     for secret in ("s3cr3t-value-123", "deadbeef", "AKIAABCDEFGHIJKLMNOP", "pa55"):
         assert secret not in out
     assert "https://b.s3.amazonaws.com/x" in out
+    # fsspec's HTTP errors print the URL without its scheme
+    assert redact("(last: NonHttpUrlClientError: alice:S3cr3tPass@127.0.0.1:9/x.jpg)") == (
+        "(last: NonHttpUrlClientError: <redacted>127.0.0.1:9/x.jpg)")
+    assert redact("mae: error: x.py:12: user@example.com") == "mae: error: x.py:12: user@example.com"
 
 
 @pytest.mark.integration
