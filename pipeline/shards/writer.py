@@ -35,7 +35,7 @@ from tqdm import tqdm
 from infra.files import remove_dead_temps
 from infra.options import option, require, require_positive
 from pipeline.errors import ObjectNotAccessible, SourceError
-from pipeline.images import BadImage, ImagePolicy, check_image, max_file_bytes, reencode_jpeg
+from pipeline.images import BadImage, ImagePolicy, check_image, is_image_name, max_file_bytes, reencode_jpeg
 from pipeline.shards.manifest import Reject, ShardInfo, ShardManifest
 from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
@@ -196,8 +196,11 @@ def _stored_image(data: bytes, item: SourceItem, cfg: ShardWriterConfig) -> tupl
         data = reencode_jpeg(data, cfg.images, cfg.max_side if cfg.reencode else None, quality, upright=True)
         ext = "jpg"
     else:
-        ext = item.rel.rsplit(".", 1)[-1].lower() if item.row is None else image_extension(data)
-        if ext is None:  # a table row in a format we do not store as is
+        # the name's image extension, else (a table row, a listed file named without one) the bytes' own:
+        # readers pick a sample's image by its member's extension
+        ext = (item.rel.rsplit(".", 1)[-1].lower() if item.row is None and is_image_name(item.rel)
+               else image_extension(data))
+        if ext is None:  # a format we do not store as is
             data, ext = reencode_jpeg(data, cfg.images, None, UPRIGHT_QUALITY, upright=True), "jpg"
     return data, ext, [r for r in (mode_reason, "exif_orientation" if turns else None) if r]
 

@@ -138,3 +138,23 @@ def test_one_enormous_integer_label_is_refused_not_a_list_of_that_many_classes(t
     pq.write_table(pa.table({"image": [jpeg_bytes((40, 32))], "label": [10**12]}), tmp_path / "t.parquet")
     with pytest.raises(SourceError, match="label 1000000000000 would make more than 1,000,000 classes"):
         write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), ShardWriterConfig())
+
+
+def test_listed_images_named_without_an_image_extension_are_stored_by_their_bytes(tmp_path):
+    """A PNG listed as `shot` or `shot.txt` was stored under that extension: counted
+    as a sample, then skipped by every reader as not_an_image; a name `a\\b` stopped
+    the whole run with an unsafe member name."""
+    from pipeline.augment import AugmentConfig
+    from pipeline.loader import LoaderConfig, build_loader
+
+    png = jpeg_bytes((40, 32), fmt="PNG")
+    for name in ("shot", "shot.txt", "a\\b"):
+        (tmp_path / name).write_bytes(png)
+    _images(tmp_path / "img", ["ok.jpg"])
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{tmp_path / n}\n" for n in ("img/ok.jpg", "shot", "shot.txt", "a\\b")))
+    summary = write_shards(str(listed), str(tmp_path / "out"), ShardWriterConfig())
+    assert summary.manifest.total_samples == 4 and not summary.manifest.rejects
+    loader = build_loader(LoaderConfig(url=str(tmp_path / "out"), batch_size=4, num_workers=0,
+                                       augment=AugmentConfig(img_size=32)), 0, 1)
+    assert sum(len(b.keys) for b in loader) == 4 and not loader.stats.skipped
