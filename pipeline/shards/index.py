@@ -46,6 +46,7 @@ from pipeline.shards.manifest import (
     ShardInfo,
     ShardManifest,
     printable,
+    safe_relative_name,
 )
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.tar_format import (
@@ -177,6 +178,30 @@ def list_tars(src: str, storage: StorageConfig) -> tuple[str, list[TarObject], l
     if not tars:
         raise SourceError(f"no .tar objects under {redact(src)}")
     return folder.url, [TarObject(n, int(i["size"]), object_etag(i)) for n, i in tars], []
+
+
+def _nameable(objects: list[TarObject], rejects: list[Reject], src: str) -> tuple[list[TarObject], list[Reject]]:
+    """Each tar once (a pattern may name one twice), and only tars a manifest can
+    name: one with a newline, a backslash or bytes that are not UTF-8 in its name is
+    an ``unsafe_name`` reject, not a manifest every reader refuses."""
+    kept, seen = [], set()
+    for obj in objects:
+        if obj.name in seen:
+            continue
+        seen.add(obj.name)
+        try:
+            obj.name.encode("utf-8")
+            usable = safe_relative_name(obj.name)
+        except UnicodeEncodeError:  # a local name that is not UTF-8 (its bytes kept as surrogates)
+            usable = False
+        if usable:
+            kept.append(obj)
+        else:
+            rejects.append(Reject(obj.name if printable(obj.name) else repr(obj.name)[1:-1], "unsafe_name"))
+    if not kept:
+        raise SourceError(f"none of the tars under {redact(src)} has a name a manifest can hold "
+                          f"({len(rejects)} rejected: {', '.join(r.source for r in rejects[:3])})")
+    return kept, rejects
 
 
 def _absolute(url: str) -> str:
@@ -350,6 +375,7 @@ def index_tars(src: str, out: str | None, cfg: IndexConfig, ray: RayTarget | Non
     """Index the tars ``src`` names; the manifest goes to ``out`` (default: beside the data)."""
     start = time.monotonic()
     data_url, objects, missing = list_tars(src, cfg.storage)
+    objects, missing = _nameable(objects, missing, src)
     too_big = [o for o in objects if o.size > MAX_SHARD_BYTES]
     objects = [o for o in objects if o.size <= MAX_SHARD_BYTES]
     out_url = (out or data_url).rstrip("/")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -145,6 +146,21 @@ def test_a_corrupt_header_keeps_the_samples_before_it(tmp_path):
                                                                  f"00000.tar/images/0001_{'long' * 15}"]
     with pytest.raises(ShardFormatError, match="not a regular file"):  # our own shards stay strict
         walk_tar(lambda o, n: bytes(data[o:o + n]), len(data), "s.tar", strict=True)
+
+
+def test_tars_a_manifest_cannot_name_are_rejects_and_a_tar_named_twice_is_read_once(tmp_path):
+    """`mae index` exited 0 with a manifest its own readers refused: a pattern that
+    named a tar twice, a tar name with a backslash; one not in UTF-8 was a traceback."""
+    webdataset_tars(tmp_path / "tars", count=2, per=3, hostile=False)
+    (tmp_path / "tars" / "00001.tar").rename(tmp_path / "tars" / "back\\slash.tar")
+    os.link(tmp_path / "tars" / "00000.tar", os.path.join(os.fsencode(tmp_path / "tars"), b"\xff.tar"))
+    m = index_tars(str(tmp_path / "tars"), str(tmp_path / "out"), IndexConfig()).manifest
+    assert [s.name for s in m.shards] == ["00000.tar"] and m.total_samples == 3
+    assert sorted((r.source, r.reason) for r in m.rejects) == [("\\udcff.tar", "unsafe_name"),
+                                                               ("back\\slash.tar", "unsafe_name")]
+    twice = index_tars(str(tmp_path / "tars" / "{00000,00000}.tar"), str(tmp_path / "out2"), IndexConfig()).manifest
+    assert [s.name for s in twice.shards] == ["00000.tar"]
+    assert len(read_all(str(tmp_path / "out2"))) == 3  # its readers take it
 
 
 @pytest.mark.parametrize("rule, classes, labels", [
