@@ -96,6 +96,13 @@ class TarObject:
     name: str  # relative to the data URL
     size: int
     etag: str | None
+    version: str = ""  # what else says the object changed (a local file's mtime): resume redoes it
+
+    @staticmethod
+    def listed(name: str, info: dict) -> TarObject:
+        """From an fsspec listing entry; a local file has no ETag, its mtime stands in."""
+        etag = object_etag(info)
+        return TarObject(name, int(info["size"]), etag, "" if etag else str(info.get("mtime", "")))
 
 
 @dataclass
@@ -171,13 +178,13 @@ def list_tars(src: str, storage: StorageConfig) -> tuple[str, list[TarObject], l
             raise SourceError(f"{redact(src)} is not a .tar: mae index reads webdataset tars (a folder or prefix "
                               "of them, a brace pattern, or one .tar)")
         base, name = src.rsplit("/", 1)
-        return base, [TarObject(name, int(info["size"]), object_etag(info))], []
+        return base, [TarObject.listed(name, info)], []
     found = folder.call("listing", lambda: folder.fs.find(folder.root, detail=True))
     tars = sorted((PurePosixPath(p).relative_to(folder.root).as_posix(), i) for p, i in found.items()
                   if p.endswith(".tar") and i.get("type", "file") == "file")
     if not tars:
         raise SourceError(f"no .tar objects under {redact(src)}")
-    return folder.url, [TarObject(n, int(i["size"]), object_etag(i)) for n, i in tars], []
+    return folder.url, [TarObject.listed(n, i) for n, i in tars], []
 
 
 def _nameable(objects: list[TarObject], rejects: list[Reject], src: str) -> tuple[list[TarObject], list[Reject]]:
@@ -227,7 +234,7 @@ def _pick(folder: ObjectFolder, names: list[str]) -> tuple[list[TarObject], list
         if e is None or e.get("type", "file") != "file":
             missing.append(Reject(n, "missing"))
         else:
-            tars.append(TarObject(n, int(e["size"]), object_etag(e)))
+            tars.append(TarObject.listed(n, e))
     if not tars:
         raise SourceError(f"none of the {len(names)} names of the pattern exist under {redact(folder.url)}")
     return tars, missing
@@ -336,7 +343,7 @@ def plan_batches(objects: list[TarObject], cfg: IndexConfig) -> list[IndexBatch]
     batches = []
     for i in range(0, len(objects), cfg.batch_objects):
         chunk = objects[i:i + cfg.batch_objects]
-        lines = [options] + [f"{o.name}\t{o.size}\t{o.etag}" for o in chunk]
+        lines = [options] + [f"{o.name}\t{o.size}\t{o.etag}" + (f"\t{o.version}" if o.version else "") for o in chunk]
         batches.append(IndexBatch(len(batches), chunk, hashlib.sha256("\n".join(lines).encode()).hexdigest()))
     return batches
 

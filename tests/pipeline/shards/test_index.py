@@ -148,6 +148,24 @@ def test_a_corrupt_header_keeps_the_samples_before_it(tmp_path):
         walk_tar(lambda o, n: bytes(data[o:o + n]), len(data), "s.tar", strict=True)
 
 
+def test_a_local_tar_changed_in_place_at_the_same_size_is_indexed_again(tmp_path):
+    """A local file has no ETag, so a tar rewritten at the same size (an appended
+    member fits in tar's end padding) kept its stale batch record: `mae index` said
+    "0 indexed now" and the dataset stayed unreadable. Its mtime now counts."""
+    webdataset_tars(tmp_path / "tars", count=1, per=3, hostile=False)
+    path = tmp_path / "tars" / "00000.tar"
+    first = index_tars(str(tmp_path / "tars"), None, IndexConfig()).manifest
+    size = path.stat().st_size
+    with tarfile.open(path, "a") as tar:
+        add(tar, "images/zzzz.cls", b"1")
+    assert path.stat().st_size == size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    summary = index_tars(str(tmp_path / "tars"), None, IndexConfig())
+    assert summary.indexed == 1  # walked again, not taken from the stale record
+    assert summary.manifest.shards[0].headers_sha256 != first.shards[0].headers_sha256
+    assert len(read_all(str(tmp_path / "tars"))) == 3
+
+
 def test_tars_a_manifest_cannot_name_are_rejects_and_a_tar_named_twice_is_read_once(tmp_path):
     """`mae index` exited 0 with a manifest its own readers refused: a pattern that
     named a tar twice, a tar name with a backslash; one not in UTF-8 was a traceback."""
