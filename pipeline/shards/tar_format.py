@@ -131,12 +131,13 @@ class _Walker:
         self.problems.append((name, reason))
 
     def walk(self) -> TarWalk:
-        offset, extended = 0, {}
+        offset, extended, ended = 0, {}, False
         try:
             while offset + BLOCK <= self.size:
                 block = self.read(offset, BLOCK)
                 if block == bytes(BLOCK):
-                    break  # end-of-archive marker
+                    ended = True  # end-of-archive marker
+                    break
                 plain = None if extended else _plain_header(block)
                 if plain is not None:  # the usual header, read without tarfile (~5x less CPU)
                     name, size = plain
@@ -174,8 +175,12 @@ class _Walker:
                 raise
             self.problems.append((f"@{offset}", "corrupt_tar"))
             log.debug("%s", e)
+            ended = True  # named above
         if offset < self.size and offset + BLOCK > self.size and self.strict:
             raise ShardFormatError(f"{self.shard}: truncated tar: {self.size - offset} stray bytes at the end")
+        if not ended and not self.strict:  # cut short between members: what followed is lost, and said so
+            self.problems.append((f"@{offset}", "corrupt_tar"))
+            log.debug("%s: no end-of-archive marker after byte %d: the tar was cut short", self.shard, offset)
         return TarWalk(self.members, self.problems, self.digest.hexdigest(), self.read_bytes)
 
     def _extended(self, kind: bytes, payload: bytes, offset: int) -> dict[str, str]:

@@ -148,6 +148,22 @@ def test_a_corrupt_header_keeps_the_samples_before_it(tmp_path):
         walk_tar(lambda o, n: bytes(data[o:o + n]), len(data), "s.tar", strict=True)
 
 
+@pytest.mark.parametrize("cut", ["at a header", "inside the end padding"])
+def test_a_tar_cut_short_between_members_is_a_named_reject(tmp_path, cut):
+    """Cut at a member's header (or inside the padding after one), the members that
+    followed were lost with no reject at all."""
+    webdataset_tars(tmp_path / "tars", count=1, per=4, hostile=False, fmt=tarfile.USTAR_FORMAT, long=15)
+    path = tmp_path / "tars/00000.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    third, last = [m for m in members if m.name.endswith(".jpg")][2], members[-1]
+    end = third.offset if cut == "at a header" else last.offset_data + 512 + 100  # inside the end marker
+    path.write_bytes(path.read_bytes()[:end])
+    m = index_tars(str(tmp_path / "tars"), None, IndexConfig()).manifest
+    assert [r.reason for r in m.rejects] == ["corrupt_tar"] and m.rejects[0].source.startswith("00000.tar@")
+    assert m.shards[0].samples == (2 if cut == "at a header" else 4)
+
+
 def test_a_local_tar_changed_in_place_at_the_same_size_is_indexed_again(tmp_path):
     """A local file has no ETag, so a tar rewritten at the same size (an appended
     member fits in tar's end padding) kept its stale batch record: `mae index` said
