@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.shards.manifest import printable
@@ -27,6 +28,7 @@ from pipeline.storage.objects import ObjectFolder
 from pipeline.storage.redact import redact
 from pipeline.storage.urls import join, split_url
 
+T = TypeVar("T")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
 LABEL_COLUMNS = ("label", "labels", "cls", "class")
@@ -129,6 +131,11 @@ class TableFile:
             raise SourceError(f"{redact(join(folder.url, name))} is not a readable "
                               f"{'Arrow' if self.arrow else 'parquet'} file ({str(e)[:200]})") from None
 
+    def _call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` under the retry policy; a local file's errors are its contents', which
+        a retry cannot change (pyarrow reports a damaged file as a bare OSError)."""
+        return fn() if self.folder.local else self.folder.call(self.name, fn)
+
     def _open(self) -> Any:
         if self.folder.local:
             return self.pa.memory_map(self.path) if self.arrow else self.path
@@ -136,23 +143,23 @@ class TableFile:
 
     def _schema(self) -> Any:
         if self.arrow:
-            return self.folder.call(self.name, lambda: self.ipc.open_stream(self._open()).schema)
-        return self.folder.call(self.name, lambda: self.pq.ParquetFile(self._open()).schema_arrow)
+            return self._call(lambda: self.ipc.open_stream(self._open()).schema)
+        return self._call(lambda: self.pq.ParquetFile(self._open()).schema_arrow)
 
     def groups(self, columns: list[str]) -> list[Any]:
         """Every row group (Arrow: record batch) as a table of ``columns``."""
         if self.arrow:
-            return self.folder.call(self.name, lambda: [self.pa.Table.from_batches([b]).select(columns)
+            return self._call(lambda: [self.pa.Table.from_batches([b]).select(columns)
                                                         for b in self.ipc.open_stream(self._open())])
-        f = self.folder.call(self.name, lambda: self.pq.ParquetFile(self._open()))
-        return [self.folder.call(self.name, lambda g=g: f.read_row_group(g, columns=columns))
+        f = self._call(lambda: self.pq.ParquetFile(self._open()))
+        return [self._call(lambda g=g: f.read_row_group(g, columns=columns))
                 for g in range(f.num_row_groups)]
 
     def group_sizes(self, image: str) -> list[tuple[int, int]]:
         """(rows, image bytes) per row group, from metadata where there is some."""
         if self.arrow:
             return [(t.num_rows, t.nbytes) for t in self.groups([image])]
-        meta = self.folder.call(self.name, lambda: self.pq.ParquetFile(self._open()).metadata)
+        meta = self._call(lambda: self.pq.ParquetFile(self._open()).metadata)
         col = meta.schema.to_arrow_schema().get_field_index(image)
         sizes = []
         for g in range(meta.num_row_groups):
@@ -164,7 +171,7 @@ class TableFile:
 
     def image_bytes(self, group: int, image: str) -> list[bytes | None]:
         table = (self.groups([image])[group] if self.arrow else
-                 self.folder.call(self.name, lambda: self.pq.ParquetFile(self._open()).read_row_group(
+                 self._call(lambda: self.pq.ParquetFile(self._open()).read_row_group(
                      group, columns=[image])))
         return [_image_value(v) for v in table.column(image).to_pylist()]
 

@@ -88,3 +88,7 @@ def test_labels_outside_the_classes_are_rejects_and_columns_are_checked(tmp_path
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(SourceError, match="not a readable parquet file"):
         write_shards(str(tmp_path / "bad.parquet"), str(tmp_path / "o3"), ShardWriterConfig())
+    (tmp_path / "zeros.parquet").write_bytes(b"PAR1" + bytes(4096) + b"PAR1")  # pyarrow: a bare OSError
+    res = run_mae(capsys, "shard", tmp_path / "zeros.parquet", tmp_path / "o4")
+    assert res.code == 2 and "zeros.parquet is not a readable parquet file" in res.error_line
+    assert "attempt" not in res.err  # a local file's damage is not retried as a network error
