@@ -20,13 +20,18 @@ import os
 import re
 import shutil
 import socket
+import socketserver
 import tempfile
+import threading
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from infra.files import atomic_write
 from infra.metrics import METRICS, MetricSpec
 
 log = logging.getLogger(__name__)
+MAX_CONNECTIONS = 64  # scrapes served at once; a connection past them is closed at once
+CONNECTION_TIMEOUT_S = 10.0  # a client that sends or reads nothing for this long is dropped
 
 
 class EndpointError(OSError):
@@ -43,7 +48,7 @@ class PrometheusSink:
         self.directory = directory
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
             from prometheus_client.multiprocess import MultiProcessCollector
         except ImportError as e:
             raise ImportError("metrics need prometheus-client: pip install 'maescale[metrics]'") from e
@@ -58,7 +63,7 @@ class PrometheusSink:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(directory))
         try:
-            self.server, self._thread = start_http_server(self.port, addr=bind, registry=registry)
+            self.server, self._thread = _serve(self.port, bind, registry)
         except OSError as e:  # an address that does not resolve, a port in use
             raise EndpointError(f"cannot serve metrics on {bind}:{self.port} ({e.strerror or e})") from None
         self.bind, self.local_world_size = bind, local_world_size
@@ -84,14 +89,16 @@ class PrometheusSink:
 
     def write_file_sd(self, directory: str | os.PathLike[str], port_base: int, run: str = "") -> Path:
         """A Prometheus file_sd target file for this node's ranks (written by local
-        rank 0), labelled with the node and the run; ``close`` removes it, so a run
-        that ended is no longer scraped (a crashed one stays, and alerts)."""
+        rank 0), labelled with the node and the run, named by both and the ports;
+        ``close`` removes it, so a run that ended is no longer scraped (a crashed one
+        stays, and alerts)."""
         host = self.bind if self.bind not in ("0.0.0.0", "::") else socket.getfqdn()
         node = socket.gethostname()
         run = re.sub(r"[^A-Za-z0-9_.-]", "_", run)[:64]
         labels = {"job": "maescale", "node": node, **({"run": run} if run else {})}
         targets = [{"targets": [f"{host}:{port_base + i}" for i in range(self.local_world_size)], "labels": labels}]
-        path = Path(directory) / (f"maescale-{node}-{run}.json" if run else f"maescale-{node}.json")
+        # the ports tell apart the runs a node serves at once: two runs of one name must not share a file
+        path = Path(directory) / (f"maescale-{node}-{run}-{port_base}.json" if run else f"maescale-{node}-{port_base}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file_sd_path = atomic_write(path, json.dumps(targets))
         return self.file_sd_path
@@ -101,6 +108,53 @@ class PrometheusSink:
             self.file_sd_path.unlink(missing_ok=True)
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT_S  # socket timeout: an idle client does not hold its thread for good
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass  # one line per scrape would flood the run's log
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``MAX_CONNECTIONS`` of them: prometheus_client's
+    own server starts one for every connection with no timeout, so idle connections
+    piled up threads and open files until the trainer's DataLoader failed with "Too
+    many open files"."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: this one is closed, the run goes on
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("metrics endpoint: a connection from %s failed", client_address, exc_info=True)
+
+
+def _serve(port: int, bind: str, registry: object) -> tuple[WSGIServer, threading.Thread]:
+    """The registry's /metrics on ``bind:port``, served from a daemon thread."""
+    from prometheus_client import make_wsgi_app
+
+    family = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (_BoundedServer,), {"address_family": family})
+    server = make_server(bind, port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def _make(spec: MetricSpec, Counter, Gauge, Histogram):

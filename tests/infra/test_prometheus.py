@@ -279,10 +279,40 @@ print(json.dumps(sorted(p.name for p in Path({str(tmp_path / 'sd')!r}).iterdir()
     assert out.returncode == 0, out.stderr
     written, after = map(json.loads, out.stdout.splitlines())
     name, targets = written
-    assert name.startswith("maescale-") and name.endswith("-vit_l__.json")  # the run's name, file-safe
+    assert name.startswith("maescale-") and name.endswith("-vit_l__-9400.json")  # the run's name, file-safe, and ports
     assert targets[0]["targets"] == ["127.0.0.1:9400", "127.0.0.1:9401"]
     assert targets[0]["labels"]["run"] == "vit_l__"
     assert after == []
+
+
+def test_idle_connections_cannot_pile_up_on_the_endpoint(tmp_path):
+    """300 connections that send nothing: the endpoint started a thread and kept an
+    open file for each, for good, until the trainer's DataLoader failed with "Too
+    many open files". Now at most MAX_CONNECTIONS are served at once, an idle one
+    is dropped after the timeout, and scrapes work again."""
+    code = f"""if True:
+        import json, socket, threading, time, urllib.request
+        from infra.net import free_port
+        import infra.prometheus_sink as ps
+        ps._Handler.timeout = 1.0
+        port = free_port()
+        sink = ps.PrometheusSink(0, 0, 1, port, multiproc_dir={str(tmp_path / 'mp')!r})
+        base = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        time.sleep(0.5)
+        peak = threading.active_count()
+        time.sleep(2.5)
+        after = threading.active_count()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{{port}}/metrics", timeout=10).read().decode()
+        print(json.dumps([base, peak, after, ps.MAX_CONNECTIONS, "mae_trainer_images_total" in body]))
+        sink.close()
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base, peak, after, cap, scraped = json.loads(out.stdout.splitlines()[-1])
+    assert peak - base <= cap + 1, (base, peak)  # it was one thread per connection: ~300
+    assert after - base <= 1, (base, after)  # the idle ones were dropped
+    assert scraped
 
 
 def test_an_endpoint_that_cannot_open_names_the_keys(tmp_path):
