@@ -75,6 +75,9 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = "")
     from infra.prometheus_sink import EndpointError, PrometheusSink
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if m.port_base + local_world - 1 > 65535:
+        raise ConfigError(f"metrics.port_base={m.port_base}: this node's {local_world} ranks serve on port_base + "
+                          f"their local rank, up to {m.port_base + local_world - 1}, past the last port (65535)")
     try:
         prom = PrometheusSink(rank, local_rank, local_world, m.port_base, m.bind, m.multiproc_dir, backend=backend)
     except EndpointError as e:
