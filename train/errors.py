@@ -78,6 +78,21 @@ class EvalInputError(TrainError):
     exit_code = 2
 
 
+def check_classes(train: list[str], train_url: str, val: list[str] | None = None, val_url: str = "") -> None:
+    """A training set names at least two classes, and a validation set the same ones
+    in the same order: labels are indices into those lists, so a validation set of
+    other classes (or a subset) would be scored against the wrong names, silently."""
+    if len(train) < 2:
+        raise EvalInputError(f"{train_url} has {len(train)} class(es): a classifier needs at least two")
+    if val is not None and list(val) != list(train):
+        missing, extra = [c for c in train if c not in val], [c for c in val if c not in train]
+        diff = "; ".join(part for part in (f"not in {val_url}: {', '.join(missing[:5])}" if missing else "",
+                                           f"only in {val_url}: {', '.join(extra[:5])}" if extra else "") if part)
+        raise EvalInputError(f"{val_url} lists other classes than {train_url} ({diff or 'in another order'}): labels "
+                             "are class indices, so both must name the same classes in the same order (shard both "
+                             "from folders with the same class subfolders)")
+
+
 def reported_errors() -> tuple[type[BaseException], ...]:
     """What an entry point reports as one line and an exit code, never a traceback:
     the typed errors, a config value out of range, a missing optional library, the

@@ -44,7 +44,7 @@ from train.checkpoint import CheckpointManager
 from train.config import flat_config
 from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
                           set_lr)
-from train.errors import EvalInputError, ResumeError, WeightsError
+from train.errors import EvalInputError, ResumeError, WeightsError, check_classes
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
@@ -202,7 +202,9 @@ class Finetuner:
         self.val_loader = build_loader(val_loader_config(cfg), self.rank, self.world, self.device) \
             if cfg.eval.url else None
         if self.val_loader is not None:
-            self._classes(self.val_loader, cfg.eval.url)
+            check_classes(self.classes, cfg.data.url, self._classes(self.val_loader, cfg.eval.url), cfg.eval.url)
+        else:
+            check_classes(self.classes, cfg.data.url)
         model, kind = build_classifier(cfg, self.num_classes)
         self.model_cfg = model.cfg
         sizes = (sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -26,14 +26,15 @@ from model.mae import MaskedAutoencoderViT
 from pipeline.augment import AugmentConfig
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
-from train.errors import EvalInputError
+from train.errors import EvalInputError, check_classes
 from train.weights.pretrained import load_pretrained
 
 
 @torch.no_grad()
 def extract_features(model: MaskedAutoencoderViT, url: str, pool: str, batch: int = 128,
-                     workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D), labels (N,)) of every sample of a labelled dataset, in order."""
+                     workers: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(features (N, D), labels (N,), class names) of every sample of a labelled
+    dataset, in order."""
     loader = build_loader(LoaderConfig(url=url, batch_size=batch, num_workers=workers,
                                        augment=AugmentConfig(img_size=model.cfg.img_size, deterministic=True),
                                        plan=PlanConfig(shuffle=False)), rank=0, world_size=1)
@@ -45,7 +46,7 @@ def extract_features(model: MaskedAutoencoderViT, url: str, pool: str, batch: in
         tokens = model.forward_features(b.images)
         feats.append(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1))
         labels.append(b.labels)
-    return torch.cat(feats).float(), torch.cat(labels)
+    return torch.cat(feats).float(), torch.cat(labels), list(loader.manifest.classes)
 
 
 def split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +100,11 @@ def probe(weights: str, train_url: str, val_url: str | None = None, val_fraction
           epochs: int = 90, lr: float = 0.1, k: int = 20, seed: int = 0, workers: int = 1,
           img_size: int | None = None) -> dict[str, object]:
     model, info = load_pretrained(weights, seed=seed, img_size=img_size)
-    x, y = extract_features(model, train_url, pool, workers=workers)
+    x, y, names = extract_features(model, train_url, pool, workers=workers)
+    check_classes(names, train_url)
     if val_url:
-        vx, vy = extract_features(model, val_url, pool, workers=workers)
+        vx, vy, val_names = extract_features(model, val_url, pool, workers=workers)
+        check_classes(names, train_url, val_names, val_url)
     else:
         tr, va = split(len(x), val_fraction, seed)
         x, y, vx, vy = x[tr], y[tr], x[va], y[va]

@@ -117,3 +117,30 @@ def test_an_official_mae_pth_loads_by_its_shapes(tmp_path):
     torch.save({"model": odd}, tmp_path / "odd.pth")
     with pytest.raises(WeightsError, match="no registered model has width 48"):
         load_pretrained(tmp_path / "odd.pth")
+
+
+def test_a_validation_set_of_other_classes_is_refused_not_scored_against_the_wrong_names(tmp_path):
+    """Labels are class indices: a validation set of `coffee` and `rocket` had its
+    labels 0 and 1 scored as the training set's `astronaut` and `chelsea` (0.0%,
+    exit 0). A one-class training set "learned" to 100%."""
+    from tests.helpers.shards import jpeg_bytes
+    from pipeline.shards.writer import ShardWriterConfig, write_shards
+    from train.errors import EvalInputError
+    from train.eval.probe import probe
+
+    def dataset(name, classes):
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / name / c / f"{i}.jpg").write_bytes(jpeg_bytes((40, 32), seed=i))
+        write_shards(str(tmp_path / name), str(tmp_path / f"{name}-shards"), ShardWriterConfig())
+        return str(tmp_path / f"{name}-shards")
+
+    train, subset, one = dataset("train", ["astronaut", "chelsea", "coffee"]), dataset("val", ["coffee", "rocket"]), \
+        dataset("one", ["coffee"])
+    with pytest.raises(EvalInputError, match="lists other classes than .*not in .*: astronaut, chelsea; only in "
+                                             ".*: rocket"):
+        probe("random:mae_vit_test_patch4", train, subset, epochs=1)
+    with pytest.raises(EvalInputError, match="has 1 class\\(es\\): a classifier needs at least two"):
+        probe("random:mae_vit_test_patch4", one, epochs=1)
+    assert probe("random:mae_vit_test_patch4", train, train, epochs=1)["classes"] == 3
