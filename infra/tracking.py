@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -224,10 +225,17 @@ class WandbBackend:
             import wandb
         except ImportError as e:
             raise ImportError("log.wandb needs the wandb package: pip install 'maescale[wandb]'") from e
+        from pipeline.storage.redact import redact
+
         self._wandb = wandb
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.project, name=name, id=run_id(run_dir), resume="allow", dir=run_dir,
-                              mode=cfg.wandb_mode, config=dict(params or {}), settings=wandb.Settings(quiet=True))
+        argv = sys.argv
+        sys.argv = [redact(a) for a in argv]  # W&B records the command line, credentials in overrides included
+        try:
+            self.run = wandb.init(project=cfg.project, name=name, id=run_id(run_dir), resume="allow", dir=run_dir,
+                                  mode=cfg.wandb_mode, config=dict(params or {}), settings=wandb.Settings(quiet=True))
+        finally:
+            sys.argv = argv
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

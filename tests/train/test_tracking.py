@@ -18,6 +18,7 @@ from tests.helpers.wandb_records import history
 from tests.infra.test_tracking import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PASSWORD = "wJalrTrackPW"
 ROOT = Path(__file__).resolve().parents[2]
 TAGS = ["train/data_wait_fraction", "train/epoch", "train/grad_norm", "train/images_per_s", "train/loss", "train/lr"]
 
@@ -46,7 +47,8 @@ def tracked(shards, tmp_path_factory):
     the run resumes from its step-5 checkpoint (the step-8 one lost) to step 10."""
     run = tmp_path_factory.mktemp("tracked")
     mlflow_db = f"sqlite:///{run / 'mlflow.db'}"
-    backends = ("log.wandb=true", "log.wandb_mode=offline", "log.mlflow=true", f"log.mlflow_uri={mlflow_db}")
+    backends = ("log.wandb=true", "log.wandb_mode=offline", "log.mlflow=true", f"log.mlflow_uri={mlflow_db}",
+                f"data.storage.endpoint_url=http://user:{PASSWORD}@127.0.0.1:9")  # unused: the data is local
     _pretrain(shards, run, 8, *backends)
     first = _jsonl(run)
     shutil.rmtree(run / "step000000008")  # as if the run died after step 8, before that checkpoint
@@ -86,6 +88,15 @@ def test_wandb_offline_run_holds_the_same_values_across_the_resume(tracked):
     assert len(list(run.glob("wandb/offline-run-*"))) == 2  # two attempts of one run id
     assert {p.name.rsplit("-", 1)[1] for p in run.glob("wandb/offline-run-*")} == {
         next(run.glob("wandb/offline-run-*/run-*.wandb")).stem.removeprefix("run-")}
+
+
+def test_no_tracking_backend_keeps_a_credential_from_the_command_line(tracked):
+    """W&B records the process's command line: a password given in an override was
+    kept in plain text in its run file, for `wandb sync` to upload."""
+    run, *_ = tracked
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in written)
+    assert [p for p in written if PASSWORD.encode() in p.read_bytes()] == []
 
 
 def test_mlflow_run_is_continued_after_the_resume(tracked):
