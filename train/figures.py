@@ -61,9 +61,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            float(record["step"]), float(record["loss"])
-        except (ValueError, KeyError, TypeError):
-            raise EvalInputError(f"{path}:{n} is not a metrics record (JSON with step and loss)") from None
+            step, loss = record["step"], record["loss"]
+            if type(step) is not int or not 0 <= step < 2**53 or isinstance(loss, bool):
+                raise ValueError  # "1", true, 10**400: no step a run writes
+            float(loss)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            raise EvalInputError(f"{path}:{n} is not a metrics record (JSON with a whole step and a loss)") from None
         records.append(record)
     if not records:
         raise EvalInputError(f"{path} holds no steps")

@@ -31,12 +31,18 @@ def pretrain(cfg: RunConfig) -> RunResult:
 
 def run_to_end(loop):
     """A built training loop (``Trainer``, ``Finetuner``): resume if a checkpoint
-    exists, run under the stop signals, write its summary; always clean up."""
+    exists, run under the stop signals (saying whether a stop saved), write its
+    summary; always clean up."""
+    saves = loop.cfg.checkpoint.enabled
     try:
         loop.resume()
-        with StopSignal() as stop:
+        with StopSignal(saves) as stop:
             result = loop.run(stop)
         loop.write_summary()
+        if result.stopped_by_signal:
+            logging.getLogger(__name__).warning(
+                "stopped by %s at step %d %s", result.stopped_by_signal, result.step,
+                "after saving a checkpoint" if saves else "with no checkpoint saved (checkpoint.enabled=false)")
         return result
     finally:
         loop.close()
@@ -55,20 +61,17 @@ def run(args: argparse.Namespace) -> int:
 
 def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
     """A training job (pretraining, fine-tuning) under a launcher: per-rank logging,
-    typed errors as one log line of the logger ``name`` and an exit code, a note when
-    a signal stopped it."""
+    typed errors as one log line of the logger ``name`` and an exit code."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # srun tasks map RANK later
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     redact_logs()
     log = logging.getLogger(name)
     try:
-        result = job()
+        job()
     except reported_errors() as e:
         log.error("%s", describe(e))
         return exit_code_of(e)
-    if result.stopped_by_signal:
-        log.warning("stopped by %s at step %d after saving a checkpoint", result.stopped_by_signal, result.step)
     return 0
 
 

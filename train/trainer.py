@@ -63,8 +63,9 @@ class StopSignal:
     """SIGTERM/SIGINT set a flag the loop checks every step (all ranks agree on it
     through the per-step all-reduce, so every rank saves at the same step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, saves: bool = True) -> None:
         self.received: str | None = None
+        self.saves = saves  # checkpoint.enabled: what the stop does
         self._old = {}
 
     def __enter__(self) -> StopSignal:
@@ -74,7 +75,8 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint at the end of this step, then exiting", self.received)
+        log.warning("%s received: %s at the end of this step, then exiting", self.received,
+                    "saving a checkpoint" if self.saves else "stopping (checkpoint.enabled=false: nothing is saved)")
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():

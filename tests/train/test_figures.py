@@ -53,6 +53,12 @@ def test_bad_metrics_files_are_named(tmp_path):
     path.write_text('{"step": 1, "loss": 1.0}\nnot json\n')
     with pytest.raises(EvalInputError, match=r"metrics.jsonl:2 is not a metrics record"):
         read_metrics(path)
+    # each was a traceback (OverflowError, RecursionError) or read as a step
+    for bad in ('{"step": 1e400, "loss": 1}', '{"step": ' + str(10**400) + ', "loss": 1}', '[' * 100_000,
+                '{"step": "1", "loss": 1}', '{"step": true, "loss": 1}', '{"step": 2, "loss": ' + str(10**400) + '}'):
+        path.write_text('{"step": 1, "loss": 1.0}\n' + bad + "\n")
+        with pytest.raises(EvalInputError, match=r"metrics.jsonl:2 is not a metrics record"):
+            read_metrics(path)
     with pytest.raises(EvalInputError, match="cannot read"):
         read_metrics(tmp_path / "missing.jsonl")
     with pytest.raises(EvalInputError, match="no images_per_s"):

@@ -6,16 +6,17 @@ import argparse
 import json
 
 from model.registry import list_models
+from train.cli.common import whole
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mae_vit_base_patch16", choices=list_models(), help="encoder size")
-    p.add_argument("--img-size", type=int, default=224, help="448 for ViT-H at 448 (GPU)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round and loop")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--img-size", type=whole(1), default=224, help="448 for ViT-H at 448 (GPU)")
+    p.add_argument("--batch", type=whole(1), default=4)
+    p.add_argument("--classes", type=whole(2), default=1000)
+    p.add_argument("--steps", type=whole(1), default=5, help="timed steps per round and loop")
+    p.add_argument("--warmup", type=whole(0), default=1)
+    p.add_argument("--rounds", type=whole(1), default=3)
     p.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 on a GPU")
     p.add_argument("--json", action="store_true")

@@ -20,6 +20,10 @@ def run(args: argparse.Namespace) -> int:
 
     records = read_metrics(args.metrics_file)
     first, last = loss_curve(records, args.out / "loss_curve.png", args.title)
-    throughput_curve(records, args.out / "throughput.png")
-    print(f"loss {first:.4f} -> {last:.4f}; wrote {args.out / 'loss_curve.png'}, {args.out / 'throughput.png'}")
+    wrote = [args.out / "loss_curve.png"]
+    if any("time" in r and "images_per_s" in r for r in records):
+        wrote.append(throughput_curve(records, args.out / "throughput.png"))
+    else:  # a fine-tuning run logs no throughput
+        print("no throughput.png: the file has no images_per_s/time fields (fine-tuning runs log none)")
+    print(f"loss {first:.4f} -> {last:.4f}; wrote {', '.join(map(str, wrote))}")
     return 0

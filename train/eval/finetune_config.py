@@ -17,7 +17,7 @@ from typing import Any
 
 from infra.options import option, require, require_choice, require_text
 from model.classifier import HEADS
-from model.registry import list_models
+from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
 from train.config import (CheckpointConfig, DeepSpeedConfig, FaultConfig, LogConfig, MetricsConfig, OptimConfig,
                           ScheduleConfig, require_input_dtype, sized_model_config)
@@ -46,7 +46,9 @@ class ClassifierModelConfig:
         require(0 <= self.drop_path < 1, "drop_path", f"must be in [0, 1), got {self.drop_path}")
         require(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         require(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2")
-        require(self.trainable_blocks is None or self.trainable_blocks >= 0, "trainable_blocks", "must be >= 0")
+        depth = model_config(self.name).depth
+        require(self.trainable_blocks is None or 0 <= self.trainable_blocks <= depth, "trainable_blocks",
+                f"must be in [0, {depth}] ({self.name} has {depth} blocks), got {self.trainable_blocks}")
         require_text(self, "weights")  # empty (an unset $VAR) would silently mean random init
 
 

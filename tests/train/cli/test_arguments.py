@@ -173,6 +173,11 @@ def test_plot_run_refuses_a_binary_file_and_an_empty_out(capsys, tmp_path, monke
     assert not any(work.iterdir()) and not (tmp_path / "x").exists()
     r = run_mae(capsys, "plot", "run", metrics, "--out", tmp_path / "figs")
     assert r.code == 0 and (tmp_path / "figs" / "loss_curve.png").is_file(), r.err
+    finetune = tmp_path / "ft.jsonl"  # as `mae finetune` writes it: no throughput fields
+    finetune.write_text('{"step": 1, "loss": 2.2, "lr": 0.0, "epoch": 0}\n{"step": 2, "loss": 2.1, "lr": 1e-5, "epoch": 0}\n')
+    r = run_mae(capsys, "plot", "run", finetune, "--out", tmp_path / "ft-figs")
+    assert r.code == 0 and "no throughput.png" in r.out, r.err  # it wrote the loss curve, then failed
+    assert sorted(p.name for p in (tmp_path / "ft-figs").iterdir()) == ["loss_curve.png"]
 
 
 def test_plot_refuses_a_pipe_or_a_device_at_once(capsys, tmp_path):
