@@ -182,7 +182,14 @@ def open_tracker(cfg: TrackingConfig, rank: int, run_dir: str, start_step: int =
     if cfg.wandb:
         backends.append(WandbBackend(cfg, run_dir, name, params))
     if cfg.mlflow:
-        backends.append(MlflowBackend(cfg, run_dir, name, params))
+        try:
+            backends.append(MlflowBackend(cfg, run_dir, name, params))
+        except ImportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own exceptions for an unusable store
+            key = "log.mlflow_uri" if cfg.mlflow_uri else "log.mlflow"
+            raise OptionError(key, f"MLflow could not open the run ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+                              ) from None
     return BackgroundTracker(backends, cfg.queue_size)
 
 
@@ -259,7 +266,9 @@ class MlflowBackend:
         self.client = MlflowClient(tracking_uri=cfg.mlflow_uri) if cfg.mlflow_uri else MlflowClient()
         experiment = self.client.get_experiment_by_name(cfg.project)
         exp_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.project)
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`{self.TAG}` = '{run_dir}'", max_results=1)
+        quote = next((q for q in "'\"" if q not in run_dir), None)  # MLflow's filter has no escapes: "bob's run"
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`{self.TAG}` = {quote}{run_dir}{quote}",
+                                        max_results=1) if quote else []
         if found:  # a resumed run continues its record
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")

@@ -134,3 +134,21 @@ def test_the_run_config_checks_its_tracking_keys():
     assert isinstance(cfg.log, TrackingConfig) and cfg.log.enabled() and cfg.log.project == "mae-l"
     with pytest.raises(ConfigError, match="log.wandb_mode must be one of online, offline"):
         load_config("tiny_cpu", ["log.wandb_mode=sometimes"])
+
+
+def test_mlflow_continues_a_run_whose_folder_has_a_quote_and_names_a_store_it_cannot_open(tmp_path):
+    """A run folder `bob's run` broke MLflow's filter ("Invalid clause(s)"), and a
+    store MLflow cannot open was a 60-line traceback."""
+    pytest.importorskip("mlflow")
+    from infra.options import OptionError
+    from infra.tracking import MlflowBackend
+
+    cfg = TrackingConfig(mlflow=True, mlflow_uri=f"sqlite:///{tmp_path / 'ml.db'}")
+    run_dir = str(tmp_path / "bob's run")
+    first = MlflowBackend(cfg, run_dir, "bob", {"a": "1"})
+    again = MlflowBackend(cfg, run_dir, "bob", {"a": "1"})  # the resumed attempt
+    assert again.run_id == first.run_id
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(OptionError, match="log.mlflow_uri MLflow could not open the run"):
+        open_tracker(TrackingConfig(mlflow=True, mlflow_uri=f"sqlite:///{tmp_path / 'a-file' / 'ml.db'}"), 0,
+                     str(tmp_path / "r"))
