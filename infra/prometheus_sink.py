@@ -38,13 +38,20 @@ class EndpointError(OSError):
     """The metrics endpoint could not be opened."""
 
 
+class FolderInUse(EndpointError):
+    """``metrics.multiproc_dir`` holds a live run's files."""
+
+
 class PrometheusSink:
     def __init__(self, rank: int, local_rank: int, local_world_size: int, port_base: int = 9400,
                  bind: str = "127.0.0.1", multiproc_dir: str | None = None, backend: str = "cpu") -> None:
         self.rank, self.port = str(rank), port_base + local_rank
-        directory = Path(multiproc_dir or tempfile.mkdtemp(prefix="mae-prom-")) / f"rank{rank}"
+        self._own_root = None if multiproc_dir else tempfile.mkdtemp(prefix="mae-prom-")  # removed by close()
+        directory = Path(multiproc_dir or self._own_root) / f"rank{rank}"
+        _refuse_if_in_use(directory)
         shutil.rmtree(directory, ignore_errors=True)  # stale files of an earlier run would be summed in
         directory.mkdir(parents=True)
+        (directory / OWNER_FILE).write_text(str(os.getpid()))
         self.directory = directory
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
         try:
@@ -68,7 +75,8 @@ class PrometheusSink:
             raise EndpointError(f"cannot serve metrics on {bind}:{self.port} ({e.strerror or e})") from None
         self.bind, self.local_world_size = bind, local_world_size
         self.file_sd_path: Path | None = None
-        log.info("metrics endpoint http://%s:%d/metrics (rank %s)", bind, self.port, self.rank)
+        log.info("metrics endpoint http://%s:%d/metrics (rank %s)", f"[{bind}]" if ":" in bind else bind, self.port,
+                 self.rank)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self._metrics[name].labels(rank=self.rank, **labels).inc(value)
@@ -93,6 +101,7 @@ class PrometheusSink:
         ``close`` removes it, so a run that ended is no longer scraped (a crashed one
         stays, and alerts)."""
         host = self.bind if self.bind not in ("0.0.0.0", "::") else socket.getfqdn()
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address in host:port
         node = socket.gethostname()
         run = re.sub(r"[^A-Za-z0-9_.-]", "_", run)[:64]
         labels = {"job": "maescale", "node": node, **({"run": run} if run else {})}
@@ -108,6 +117,27 @@ class PrometheusSink:
             self.file_sd_path.unlink(missing_ok=True)
         self.server.shutdown()
         self.server.server_close()
+        if self._own_root is not None:  # each run left ~3 files per DataLoader worker per epoch in /tmp
+            shutil.rmtree(self._own_root, ignore_errors=True)
+
+
+OWNER_FILE = "owner.pid"
+
+
+def _refuse_if_in_use(directory: Path) -> None:
+    """A rank folder of ``metrics.multiproc_dir`` that a live process on this node
+    still writes: a second run wiped it, and each endpoint then reported the other
+    run's values."""
+    try:
+        pid = int((directory / OWNER_FILE).read_text())
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # alive, another user's
+    except (OSError, ValueError):
+        return  # no owner, an unreadable one, or one that has ended
+    if pid != os.getpid():
+        raise FolderInUse(f"metrics.multiproc_dir {directory} is in use by process {pid} (another run on this "
+                            "node): give each run its own folder, or leave the key unset for a temporary one")
 
 
 class _Handler(WSGIRequestHandler):

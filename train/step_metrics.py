@@ -72,7 +72,7 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = "")
     ``run`` labels the node's file-SD targets."""
     if not m.enabled:
         return None
-    from infra.prometheus_sink import EndpointError, PrometheusSink
+    from infra.prometheus_sink import EndpointError, FolderInUse, PrometheusSink
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if m.port_base + local_world - 1 > 65535:
@@ -80,6 +80,8 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = "")
                           f"their local rank, up to {m.port_base + local_world - 1}, past the last port (65535)")
     try:
         prom = PrometheusSink(rank, local_rank, local_world, m.port_base, m.bind, m.multiproc_dir, backend=backend)
+    except FolderInUse as e:
+        raise ConfigError(str(e)) from None
     except EndpointError as e:
         raise ConfigError(f"{e}: check metrics.bind and metrics.port_base (each rank serves on port_base + its "
                           "local rank)") from None

@@ -315,6 +315,43 @@ def test_idle_connections_cannot_pile_up_on_the_endpoint(tmp_path):
     assert scraped
 
 
+def test_a_multiproc_folder_in_use_is_refused_and_a_temporary_one_is_removed(tmp_path):
+    """A second run given the same metrics.multiproc_dir wiped the first's files, and
+    each endpoint then served the other run's values; a run without one left its
+    temporary folder in /tmp, a few files per DataLoader worker per epoch."""
+    code = f"""if True:
+        import json, subprocess, sys
+        from pathlib import Path
+        from infra.net import free_port
+        from infra.prometheus_sink import FolderInUse, PrometheusSink
+        shared = {str(tmp_path / 'mp')!r}
+        other = subprocess.Popen([sys.executable, "-c", "import sys; from infra.prometheus_sink import PrometheusSink;"
+                                  "from infra.net import free_port; s = PrometheusSink(0, 0, 1, free_port(), "
+                                  "multiproc_dir=sys.argv[1]); print('up', flush=True); sys.stdin.read()", shared],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "up"
+        try:
+            PrometheusSink(0, 0, 1, free_port(), multiproc_dir=shared)
+            refused = ""
+        except FolderInUse as e:
+            refused = str(e)
+        other.stdin.close()
+        other.wait(timeout=60)
+        again = PrometheusSink(0, 0, 1, free_port(), multiproc_dir=shared)  # its owner has ended: free
+        again.close()
+        own = PrometheusSink(0, 0, 1, free_port())
+        root = own.directory.parent
+        existed = root.is_dir()
+        own.close()
+        print(json.dumps([refused, existed, root.exists()]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    refused, existed, remains = json.loads(out.stdout.splitlines()[-1])
+    assert "rank0 is in use by process" in refused and "give each run its own folder" in refused
+    assert existed and not remains
+
+
 def test_an_endpoint_that_cannot_open_names_the_keys(tmp_path):
     """A bind address that does not resolve, or a port in use, was a bare gaierror or
     'Address already in use' naming neither the key nor the port. (In a child: the
