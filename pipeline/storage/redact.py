@@ -30,7 +30,8 @@ _SECRET_PATTERNS = [
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@"),  # user:password@host
     # the same where a library printed the URL without its scheme (fsspec's HTTP errors)
-    re.compile(r"(?:(?<=^)|(?<=[\s'\"(\[=]))[^/\s:@'\"]+:[^/\s@'\"]+@(?=[\w\[])"),
+    # (a whole word: not `--signal=B:USR1@90`)
+    re.compile(r"(?:(?<=^)|(?<=[\s'\"\[]))[^/\s:@'\"=]+:[^/\s@'\"]+@(?=[\w\[])"),
 ]
 _registered: set[str] = set()
 

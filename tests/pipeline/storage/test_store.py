@@ -328,7 +328,8 @@ def test_redact_removes_credentials(monkeypatch):
     # fsspec's HTTP errors print the URL without its scheme
     assert redact("(last: NonHttpUrlClientError: alice:S3cr3tPass@127.0.0.1:9/x.jpg)") == (
         "(last: NonHttpUrlClientError: <redacted>127.0.0.1:9/x.jpg)")
-    assert redact("mae: error: x.py:12: user@example.com") == "mae: error: x.py:12: user@example.com"
+    for text in ("mae: error: x.py:12: user@example.com", "#SBATCH --signal=B:USR1@90"):  # no credential there
+        assert redact(text) == text
 
 
 @pytest.mark.integration
