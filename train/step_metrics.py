@@ -87,7 +87,12 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = "")
                           "local rank)") from None
     install(prom)
     if m.file_sd_dir and local_rank == 0:
-        prom.write_file_sd(m.file_sd_dir, m.port_base, run=run)
+        try:
+            prom.write_file_sd(m.file_sd_dir, m.port_base, run=run)
+        except OSError as e:  # a file in the way, no write access
+            prom.close()
+            raise ConfigError(f"metrics.file_sd_dir {m.file_sd_dir}: cannot write the target file there "
+                              f"({e.strerror or e})") from None
     return prom
 
 

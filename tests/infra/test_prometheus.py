@@ -381,3 +381,24 @@ def test_an_endpoint_that_cannot_open_names_the_keys(tmp_path):
         message, port = line.rsplit(" ", 1)
         assert message == (f"cannot serve metrics on {bind}:{port} ({why}): check metrics.bind and metrics.port_base "
                            "(each rank serves on port_base + its local rank)")
+
+
+def test_a_file_sd_dir_that_is_a_file_names_the_key(tmp_path):
+    """It was a bare "[Errno 17] File exists" naming no key."""
+    code = """if True:
+        import sys
+        from infra.net import free_port
+        from train.config import MetricsConfig
+        from train.errors import ConfigError
+        from train.step_metrics import start_prometheus
+        try:
+            start_prometheus(MetricsConfig(enabled=True, port_base=free_port(), file_sd_dir=sys.argv[1],
+                                           multiproc_dir=sys.argv[2]), rank=0, local_rank=0, backend="cpu")
+        except ConfigError as e:
+            print(e)
+    """
+    (tmp_path / "a-file").write_text("in the way")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a-file"), str(tmp_path / "prom")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == f"metrics.file_sd_dir {tmp_path / 'a-file'}: cannot write the target file there " \
+                                 "(File exists)", out.stdout + out.stderr
