@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from infra.options import OptionError, option, require_choice, require_positive, require_text
+from infra.redact import redact
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 120.0
@@ -232,8 +233,6 @@ class WandbBackend:
             import wandb
         except ImportError as e:
             raise ImportError("log.wandb needs the wandb package: pip install 'maescale[wandb]'") from e
-        from pipeline.storage.redact import redact
-
         self._wandb = wandb
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         argv = sys.argv

@@ -28,7 +28,7 @@ from infra.tracking import TrackingConfig
 from model.spec import num_visible_patches
 from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
-from pipeline.storage.redact import redact
+from infra.redact import redact
 from train.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).with_name("configs")

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from pipeline.storage.redact import describe, redact_logs
+from infra.redact import describe, redact_logs
 from train.config import RunConfig, load_config
 from train.errors import exit_code_of, reported_errors
 from train.trainer import RunResult, StopSignal, Trainer

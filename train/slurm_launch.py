@@ -22,7 +22,7 @@ from pathlib import Path
 
 from infra.options import OptionError, option, require, require_choice, require_positive
 from infra.slurm.script import TASKS, SbatchOptions, job_script, time_limit_s
-from pipeline.storage.redact import redact
+from infra.redact import redact
 from train.errors import LaunchError
 
 log = logging.getLogger(__name__)

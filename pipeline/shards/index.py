@@ -58,7 +58,7 @@ from pipeline.shards.tar_format import (
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, object_etag
-from pipeline.storage.redact import redact
+from infra.redact import redact
 from pipeline.storage.urls import join, split_url
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from pipeline.shards.labels import integer_classes
 from pipeline.shards.manifest import printable
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at
-from pipeline.storage.redact import redact
+from infra.redact import redact
 from pipeline.shards.tables import (RowRef, TableColumns, TableFile, class_names, is_table_source, pick_columns,
                                     table_files, url_of)
 from pipeline.storage.urls import is_local, join, split_url

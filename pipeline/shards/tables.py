@@ -25,7 +25,7 @@ from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.shards.manifest import printable
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder
-from pipeline.storage.redact import redact
+from infra.redact import redact
 from pipeline.storage.urls import join, split_url
 
 T = TypeVar("T")

@@ -45,7 +45,7 @@ from pipeline.shards.tar_format import TarShardWriter
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, file_digests, range_past_the_end
-from pipeline.storage.redact import redact
+from infra.redact import redact
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".record.json"

@@ -23,7 +23,7 @@ from typing import TypeVar
 from infra.files import NotAFileError
 from pipeline.errors import ObjectNotAccessible, ShardFetchError
 from pipeline.storage.config import RetryPolicy
-from pipeline.storage.redact import describe
+from infra.redact import describe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

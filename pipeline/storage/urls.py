@@ -16,7 +16,7 @@ import fsspec
 
 from pipeline.errors import ObjectNotAccessible
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.redact import redact, register_secrets
+from infra.redact import redact, register_secrets
 
 
 def split_url(url: str) -> tuple[str, str]:

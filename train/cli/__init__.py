@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from pipeline.storage.redact import one_line, redact_logs
+from infra.redact import one_line, redact_logs
 from train.errors import exit_code_of, reported_errors
 
 # (command path, help)

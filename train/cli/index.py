@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.shards.index import IndexConfig, index_tars
-    from pipeline.storage.redact import redact
+    from infra.redact import redact
 
     cfg = IndexConfig(hash=args.hash, label_from=args.label_from, parallel=args.parallel, read_ahead=args.read_ahead,
                       batch_objects=args.batch, create_bucket=args.create_bucket, storage=storage_config(args))

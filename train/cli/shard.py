@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.shards.writer import ShardWriterConfig, write_shards
-    from pipeline.storage.redact import redact
+    from infra.redact import redact
 
     cfg = ShardWriterConfig(
         shard_bytes=args.shard_size, max_samples_per_shard=args.max_samples_per_shard, workers=args.workers,

@@ -39,7 +39,7 @@ from model.weights import CheckpointMismatchError, load_classifier_state_dict
 from pipeline.augment import AugmentConfig
 from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
-from pipeline.storage.redact import redact_tree
+from infra.redact import redact_tree
 from train.checkpoint import CheckpointManager
 from train.config import flat_config
 from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,

@@ -15,7 +15,7 @@ from pipeline.plan import PlanConfig
 from pipeline.shards.manifest import ShardInfo
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import RetryPolicy, StorageConfig
-from pipeline.storage.redact import redact
+from infra.redact import redact
 from pipeline.storage.store import ShardStore
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
