@@ -44,7 +44,7 @@ from pipeline.shards.tables import TableColumns, image_extension, read_rows
 from pipeline.shards.tar_format import TarShardWriter
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, file_digests, range_past_the_end
+from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, cat_limited, file_digests
 from infra.redact import redact
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,7 @@ def _read_source(item: SourceItem, cfg: ShardWriterConfig) -> bytes:
     if item.size > limit:
         raise BadImage("too_large", f"{item.size:,} bytes, more than an image of max_pixels={cfg.images.max_pixels:,} "
                                     f"needs ({limit:,})")
-
-    def read(fs, path: str) -> bytes:
-        try:
-            return fs.cat_file(path, start=0, end=limit + 1)
-        except OSError as e:
-            if range_past_the_end(e):  # S3 answers a range over an empty object with 416
-                return b""
-            raise
-
-    data = call_at(item.url, cfg.storage, f"source {item.rel}", read)
+    data = call_at(item.url, cfg.storage, f"source {item.rel}", lambda fs, path: cat_limited(fs, path, limit))
     if len(data) > limit:
         raise BadImage("too_large", f"more than {limit:,} bytes, more than an image of max_pixels="
                                     f"{cfg.images.max_pixels:,} needs")

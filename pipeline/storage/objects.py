@@ -77,6 +77,19 @@ def range_past_the_end(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno == errno.EINVAL and "range" in str(e).lower()
 
 
+def cat_limited(fs: fsspec.AbstractFileSystem, path: str, limit: int | None) -> bytes:
+    """A whole object, or with ``limit`` at most ``limit + 1`` bytes of it (so a
+    caller can refuse an oversized one without reading all of it)."""
+    if limit is None:
+        return fs.cat_file(path)
+    try:
+        return fs.cat_file(path, start=0, end=limit + 1)
+    except OSError as e:
+        if range_past_the_end(e):  # S3 answers a range over an empty object with 416
+            return b""
+        raise
+
+
 def object_etag(info: dict[str, Any]) -> str | None:
     """The ETag in an fsspec ``info()`` record (S3 ``ETag``, GCS ``etag``), or None
     where the filesystem has none (local files)."""
@@ -154,14 +167,7 @@ class ObjectFolder:
     def _cat(self, name: str, limit: int | None) -> bytes:
         if self.local:
             require_regular(self.path(name))  # a pipe would block the reader for good, a device never end
-        if limit is None:
-            return self.fs.cat_file(self.path(name))
-        try:
-            return self.fs.cat_file(self.path(name), start=0, end=limit + 1)
-        except OSError as e:
-            if range_past_the_end(e):  # S3 answers a range over an empty object with 416
-                return b""
-            raise
+        return cat_limited(self.fs, self.path(name), limit)
 
     def size(self, name: str) -> int:
         return self.call(name, lambda: self.fs.size(self.path(name)))
