@@ -45,8 +45,8 @@ from pipeline.shards.manifest import (
     Reject,
     ShardInfo,
     ShardManifest,
-    printable,
     safe_relative_name,
+    shown,
 )
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.tar_format import (
@@ -204,7 +204,7 @@ def _nameable(objects: list[TarObject], rejects: list[Reject], src: str) -> tupl
         if usable:
             kept.append(obj)
         else:
-            rejects.append(Reject(obj.name if printable(obj.name) else repr(obj.name)[1:-1], "unsafe_name"))
+            rejects.append(Reject(shown(obj.name), "unsafe_name"))
     if not kept:
         raise SourceError(f"none of the tars under {redact(src)} has a name a manifest can hold "
                           f"({len(rejects)} rejected: {', '.join(r.source for r in rejects[:3])})")
@@ -444,7 +444,7 @@ def _manifest(entries: list[dict], rejects: list[Reject], cfg: IndexConfig, data
                else sorted({n for e in entries for n in e.get("class_names", [])}) if rule.from_keys else [])
     shards = []
     for e in entries:
-        rejects += [Reject(source if printable(source) else repr(source)[1:-1], reason)
+        rejects += [Reject(shown(source), reason)
                     for source, reason in e["rejects"]]
         if e["samples"]:
             shards.append(ShardInfo(e["name"], e["samples"], e["bytes"], e["sha256"], e["etag"],

@@ -78,6 +78,12 @@ def printable(text: str) -> bool:
     return not _CONTROL.search(text)
 
 
+def shown(name: str) -> str:
+    """A name safe to print and to record: as it is when printable, else with its
+    control characters (and undecodable bytes) escaped."""
+    return name if printable(name) else repr(name)[1:-1]
+
+
 @dataclass
 class ShardManifest:
     shards: list[ShardInfo]

@@ -26,7 +26,7 @@ from infra.files import NotAFileError, require_regular
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
 from pipeline.shards.labels import integer_classes
-from pipeline.shards.manifest import printable
+from pipeline.shards.manifest import printable, shown
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at
 from infra.redact import redact
@@ -74,7 +74,7 @@ def list_sources(src: str, storage: StorageConfig,
     if kind is None:
         raise SourceError(f"source {redact(src)} is neither a folder nor a list file")
     found = walk_images(path) if protocol == "file" else _find_remote(folder)
-    found = [f if f.problem or printable(f.rel) else FoundImage(_escaped(f.rel), f.size, "unsafe_name") for f in found]
+    found = [f if f.problem or printable(f.rel) else FoundImage(shown(f.rel), f.size, "unsafe_name") for f in found]
     files = [f for f in found if not f.problem]
     if not files:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {redact(src)}"
@@ -181,11 +181,6 @@ def walk_images(root: str) -> list[FoundImage]:
     return found
 
 
-def _escaped(name: str) -> str:
-    """A name with control characters (or undecodable bytes) made printable."""
-    return repr(name)[1:-1]
-
-
 def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
     entries = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -207,7 +202,7 @@ def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem]
         path, cls, n = entry
         rel = f"{n:08d}:{path.rsplit('/', 1)[-1]}"
         if not printable(rel):
-            return SourceItem(path, _escaped(rel), -1, None, "unsafe_name")
+            return SourceItem(path, shown(rel), -1, None, "unsafe_name")
         if is_local(path):  # a pipe would block the writer for good, a device never end
             try:
                 require_regular(split_url(path)[1])

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.errors import ShardFormatError
 from pipeline.images import IMAGE_EXTENSIONS, BadImage
-from pipeline.shards.manifest import PLAIN_NAME, ShardInfo, printable
+from pipeline.shards.manifest import PLAIN_NAME, ShardInfo, printable, shown
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +200,14 @@ class _Walker:
         if kind == tarfile.DIRTYPE and not self.strict:
             return  # a folder entry is not a sample: nothing lost
         if kind not in tarfile.REGULAR_TYPES or kind == tarfile.GNUTYPE_SPARSE:
-            self.skip(_shown(name), "not_a_file", f"member {name!r} is not a regular file")
+            self.skip(shown(name), "not_a_file", f"member {name!r} is not a regular file")
             return
         try:
             split_member_name(name, self.shard)
         except ShardFormatError as e:
             if self.strict:
                 raise
-            self.problems.append((_shown(name), "malformed_member"))
+            self.problems.append((shown(name), "malformed_member"))
             log.debug("%s", e)
             return
         self.members.append(TarMember(name, data, size))
@@ -249,11 +249,6 @@ def _plain_header(block: bytes) -> tuple[str, int] | None:
     if checksum != sum(block[:148]) + 256 + sum(block[156:]) or not text or text.endswith("/"):
         return None  # a bad checksum or a folder: tarfile names the problem
     return text, size
-
-
-def _shown(name: str) -> str:
-    """A member name safe to print and to record (control characters escaped)."""
-    return name if printable(name) else repr(name)[1:-1]
 
 
 def walk_tar(read_at: Callable[[int, int], bytes], size: int, shard: str, strict: bool = True) -> TarWalk:
