@@ -1,8 +1,9 @@
 """Image sources for `mae shard`: a folder or a list file, local or on any fsspec URL.
 
 A folder with one subfolder per class gives labels; a flat folder gives none; a
-text file lists paths/URLs, optionally ``<path>\\t<class>`` per line. Items come
-back sorted by name, so a rerun lists the same sources in the same order.
+text file lists paths/URLs, optionally ``<path>\\t<class>`` per line; a relative
+path is relative to the list file's folder. Items come back sorted by name, so a
+rerun lists the same sources in the same order.
 
 Local folders are walked following symbolic links to files and to folders (a
 linked class folder is a class). A link that leads back into one of its own
@@ -10,13 +11,16 @@ parent folders is a loop: it is listed once, and the link is reported. Nothing
 found is dropped silently: a broken link, an image-named entry that is not a
 regular file (a FIFO would block a reader forever), a folder that cannot be read
 or a name with control characters becomes an item with a ``problem`` — the
-writer records it as a named reject.
+writer records it as a named reject. So does a hidden entry (``.ipynb_checkpoints/``,
+macOS's ``._photo.jpg``): one reject per hidden file or folder, which is not walked
+and is never a class; and a list line naming a path an earlier line named.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import posixpath
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +39,7 @@ from pipeline.shards.tables import (RowRef, TableColumns, TableFile, class_names
 from pipeline.storage.urls import is_local, join, split_url
 
 # Listing problems, recorded as rejects with these reasons.
-LISTING_REASONS = ("broken_link", "link_loop", "not_a_file", "unreadable", "unsafe_name")
+LISTING_REASONS = ("broken_link", "link_loop", "not_a_file", "unreadable", "unsafe_name", "hidden", "duplicate")
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,17 @@ def list_sources(src: str, storage: StorageConfig,
     """All images under ``src`` (sorted by name; table rows in file order) and the class names."""
     if is_table_source(src, storage):
         return list_table_rows(src, storage, columns or TableColumns())
+    if columns is not None and (columns.image or columns.label):
+        raise SourceError(f"{redact(src)} is not a parquet/Arrow source: --image-column and --label-column apply "
+                          "only to those")
     protocol, path = split_url(src)
     folder = ObjectFolder(src, storage)
     kind = folder.call("source", lambda: "file" if folder.fs.isfile(path) else "dir" if folder.fs.isdir(path) else None)
     if kind == "file":
         data = folder.call("list file", lambda: folder.fs.cat_file(path))
         try:
-            return _list_from_text(data.decode("utf-8"), storage)
+            return _list_from_text(data.decode("utf-8"), storage, src.rstrip("/").rsplit("/", 1)[0] if "/" in src
+                                   else ".")
         except UnicodeDecodeError:
             raise SourceError(f"list file {redact(src)} is not UTF-8 text") from None
     if kind is None:
@@ -142,8 +150,18 @@ def _table_classes(values: list[object], names: list[str] | None) -> tuple[list[
 
 def _find_remote(folder: ObjectFolder) -> list[FoundImage]:
     found = folder.call("listing", lambda: folder.fs.find(folder.root, detail=True))
-    return [FoundImage(PurePosixPath(p).relative_to(folder.root).as_posix(), info["size"])
-            for p, info in found.items() if is_image_name(p) and info.get("type", "file") == "file"]
+    images, hidden = [], set()
+    for p, info in found.items():
+        rel = PurePosixPath(p).relative_to(folder.root).as_posix()
+        if not is_image_name(p) or info.get("type", "file") != "file":
+            continue
+        parts = rel.split("/")
+        first = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+        if first is None:
+            images.append(FoundImage(rel, info["size"]))
+        else:  # one reject for a hidden folder, as the local walk gives
+            hidden.add("/".join(parts[:first + 1]))
+    return images + [FoundImage(rel, -1, "hidden") for rel in sorted(hidden)]
 
 
 def walk_images(root: str) -> list[FoundImage]:
@@ -163,6 +181,10 @@ def walk_images(root: str) -> list[FoundImage]:
             continue
         for entry in entries:
             name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.startswith("."):
+                if is_image_name(entry.name) or entry.is_dir():
+                    found.append(FoundImage(name, -1, "hidden"))
+                continue
             try:
                 st = os.stat(entry.path)  # follows links
             except OSError:
@@ -181,28 +203,34 @@ def walk_images(root: str) -> list[FoundImage]:
     return found
 
 
-def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem], list[str]]:
-    entries = []
+def _list_from_text(text: str, storage: StorageConfig, base: str) -> tuple[list[SourceItem], list[str]]:
+    """The items of a list file whose folder is ``base``: relative paths are read
+    from there, and a path listed again is a ``duplicate`` reject."""
+    entries, seen = [], set()
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         path, _, cls = line.partition("\t")
-        entries.append((path.strip(), cls.strip() or None, n))
-    labelled = {cls is not None for _, cls, _ in entries}
+        path = _resolved(path.strip(), base)
+        entries.append((path, cls.strip() or None, n, path in seen))
+        seen.add(path)
+    labelled = {cls is not None for _, cls, _, _ in entries}
     if labelled == {True, False}:
         raise SourceError("list file mixes labelled (<path>\\t<class>) and unlabelled lines")
-    bad_class = next((cls for _, cls, _ in entries if cls is not None and not printable(cls)), None)
+    bad_class = next((cls for _, cls, _, _ in entries if cls is not None and not printable(cls)), None)
     if bad_class is not None:
         raise SourceError(f"list file names a class with control characters: {bad_class!r}")
-    classes = sorted({cls for _, cls, _ in entries if cls is not None})
+    classes = sorted({cls for _, cls, _, again in entries if cls is not None and not again})
     index = {c: i for i, c in enumerate(classes)}
 
-    def item(entry: tuple[str, str | None, int]) -> SourceItem:
-        path, cls, n = entry
+    def item(entry: tuple[str, str | None, int, bool]) -> SourceItem:
+        path, cls, n, again = entry
         rel = f"{n:08d}:{path.rsplit('/', 1)[-1]}"
         if not printable(rel):
             return SourceItem(path, shown(rel), -1, None, "unsafe_name")
+        if again:
+            return SourceItem(path, rel, -1, None, "duplicate")
         if is_local(path):  # a pipe would block the writer for good, a device never end
             try:
                 require_regular(split_url(path)[1])
@@ -218,6 +246,17 @@ def _list_from_text(text: str, storage: StorageConfig) -> tuple[list[SourceItem]
 
     with cf.ThreadPoolExecutor(16) as pool:  # one HEAD per object: do them in parallel
         return list(pool.map(item, entries)), classes
+
+
+def _resolved(path: str, base: str) -> str:
+    """A list entry as a path or URL: one without a scheme that is not absolute is
+    relative to the list file's folder ``base`` (a path or URL)."""
+    if "://" in path or not path:
+        return path
+    if "://" in base and not path.startswith("/"):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return os.path.abspath(os.path.join(base, path))
 
 
 def _size_or_missing(fs, path: str) -> int:

@@ -22,7 +22,8 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from pipeline.errors import ObjectNotAccessible, SourceError
-from pipeline.shards.manifest import printable
+from pipeline.images import is_image_name
+from pipeline.shards.manifest import printable, shown
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder
 from infra.redact import redact
@@ -77,10 +78,22 @@ def is_table_source(src: str, storage: StorageConfig) -> bool:
         return True
     folder = ObjectFolder(src, storage)
     try:
-        names = folder.call("source", lambda: folder.fs.ls(folder.root, detail=False))
+        entries = folder.call("source", lambda: folder.fs.ls(folder.root, detail=True))
     except ObjectNotAccessible:
         return False
-    return any(str(n).endswith(TABLE_SUFFIXES + ("state.json", "dataset_dict.json")) for n in names)
+    names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in entries if isinstance(e, dict)}
+    if "state.json" in names or "dataset_dict.json" in names:
+        return True
+    tables = sorted(n for n in names if n.endswith(TABLE_SUFFIXES))
+    if not tables:
+        return False
+    other = sorted(n for n, e in names.items() if not n.startswith(".") and not n.endswith(TABLE_SUFFIXES)
+                   and (e.get("type") == "directory" or is_image_name(n)))
+    if other:  # a photo folder with a stray metadata.parquet: which one is meant?
+        raise SourceError(f"{redact(src)} holds both table files ({', '.join(shown(n) for n in tables[:3])}) and "
+                          f"images or folders ({', '.join(shown(n) for n in other[:3])}); name the table file "
+                          "itself, or move it out of the folder")
+    return True
 
 
 def table_files(src: str, storage: StorageConfig) -> tuple[ObjectFolder, list[str]]:

@@ -241,7 +241,8 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
                   **file_digests(local, algorithms=MANIFEST_HASHES), "sources_digest": job.digest,
                   "rejects": rejects, "converted": dict(converted)}
         folder = ObjectFolder(dest, cfg.storage)
-        folder.put_file(local, job.name)
+        if samples:  # a shard whose every source was rejected is only its record
+            folder.put_file(local, job.name)
     folder.put_bytes(job.name + RECORD_SUFFIX, json.dumps(record).encode())
     return record
 
@@ -256,6 +257,8 @@ def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
         return None
     if not isinstance(record, dict) or record.get("sources_digest") != job.digest:
         return None
+    if record.get("samples") == 0 and isinstance(record.get("rejects"), list):
+        return record  # nothing was written but the rejects
     try:
         if folder.size(job.name) != record.get("bytes"):
             return None

@@ -204,7 +204,12 @@ class ObjectFolder:
         """Make sure objects can be written here: a local folder is created; a
         bucket must exist, or is created only when ``create_bucket``."""
         if self.local:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise ObjectNotAccessible(f"{self.where} is a file, not a folder; name a folder to write to") from None
+            except OSError as e:
+                raise ObjectNotAccessible(f"cannot create the folder {self.where}: {e.strerror}") from None
             return
         bucket = self.root.split("/", 1)[0]
         if self.call(f"bucket {bucket!r}", lambda: self._bucket_exists(bucket)):

@@ -158,3 +158,60 @@ def test_listed_images_named_without_an_image_extension_are_stored_by_their_byte
     loader = build_loader(LoaderConfig(url=str(tmp_path / "out"), batch_size=4, num_workers=0,
                                        augment=AugmentConfig(img_size=32)), 0, 1)
     assert sum(len(b.keys) for b in loader) == 4 and not loader.stats.skipped
+
+
+def test_hidden_folders_and_files_are_named_rejects_never_classes(tmp_path):
+    """A notebook's `.ipynb_checkpoints` folder became a class of its own, and macOS's
+    `._x.jpg` files (not images at all) were read as samples."""
+    src = tmp_path / "src"
+    _images(src / "cats", ["c1.jpg", "c2.jpg"])
+    _images(src / "dogs", ["d1.jpg"], seed=5)
+    _images(src / ".ipynb_checkpoints", ["c1-checkpoint.jpg"])
+    (src / "cats" / "._c1.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    summary = write_shards(str(src), str(tmp_path / "out"), ShardWriterConfig())
+    assert summary.manifest.classes == ["cats", "dogs"]
+    assert summary.manifest.total_samples == 3
+    assert _rejects(summary) == {".ipynb_checkpoints": "hidden", "cats/._c1.jpg": "hidden"}
+
+
+def test_list_lines_are_relative_to_the_list_and_a_repeated_path_is_a_duplicate(tmp_path, monkeypatch):
+    """Relative lines were read from the current folder, so a list beside its images
+    failed from anywhere else; a path listed twice became two samples."""
+    _images(tmp_path / "data" / "img", ["a.jpg", "b.jpg"])
+    listed = tmp_path / "data" / "list.txt"
+    listed.write_text(f"img/a.jpg\tcat\n./img/b.jpg\tdog\n{tmp_path / 'data' / 'img' / 'a.jpg'}\tdog\nimg/a.jpg\tcat\n")
+    monkeypatch.chdir(tmp_path)  # not the list's folder
+    summary = write_shards("data/list.txt", str(tmp_path / "out"), ShardWriterConfig())
+    assert summary.manifest.total_samples == 2 and summary.manifest.classes == ["cat", "dog"]
+    assert _rejects(summary) == {"00000003:a.jpg": "duplicate", "00000004:a.jpg": "duplicate"}
+
+
+def test_table_columns_named_for_a_folder_are_an_error_not_ignored(tmp_path):
+    _images(tmp_path / "src", ["a.jpg"])
+    with pytest.raises(SourceError, match="is not a parquet/Arrow source: --image-column"):
+        write_shards(str(tmp_path / "src"), str(tmp_path / "out"), ShardWriterConfig(image_column="img"))
+
+
+def test_a_destination_that_is_a_file_is_a_clear_error(tmp_path):
+    from pipeline.errors import ObjectNotAccessible
+
+    _images(tmp_path / "src", ["a.jpg"])
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(ObjectNotAccessible, match="out is a file, not a folder"):
+        write_shards(str(tmp_path / "src"), str(tmp_path / "out"), ShardWriterConfig())
+
+
+def test_a_shard_whose_sources_were_all_rejected_leaves_no_tar_behind(tmp_path):
+    """Its empty tar was uploaded and left out of the manifest: an orphan file."""
+    src = tmp_path / "src"
+    _images(src, ["a.jpg", "b.jpg"])
+    for name in ("x.jpg", "y.jpg"):
+        (src / name).write_bytes(b"not a jpeg")
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{src / n}\n" for n in ("a.jpg", "b.jpg", "x.jpg", "y.jpg")))
+    cfg = ShardWriterConfig(max_samples_per_shard=1, shuffle=False)  # one source per shard
+    summary = write_shards(str(listed), str(tmp_path / "out"), cfg)
+    assert [s.samples for s in summary.manifest.shards] == [1, 1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == sorted(s.name for s in summary.manifest.shards)
+    again = write_shards(str(listed), str(tmp_path / "out"), cfg)  # the empty shards' records are reused
+    assert again.written == 0 and again.manifest.rejects == summary.manifest.rejects

@@ -92,3 +92,16 @@ def test_labels_outside_the_classes_are_rejects_and_columns_are_checked(tmp_path
     res = run_mae(capsys, "shard", tmp_path / "zeros.parquet", tmp_path / "o4")
     assert res.code == 2 and "zeros.parquet is not a readable parquet file" in res.error_line
     assert "attempt" not in res.err  # a local file's damage is not retried as a network error
+
+
+def test_a_photo_folder_with_a_stray_table_file_is_an_error_not_a_table_source(tmp_path):
+    """A class-folder photo set with a `metadata.parquet` beside it was sharded as
+    that table, without its photos."""
+    src = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (src / cls).mkdir(parents=True)
+        (src / cls / "1.jpg").write_bytes(jpeg_bytes((40, 32)))
+    pq.write_table(pa.table({"file": ["cat/1.jpg"], "caption": ["a cat"]}), src / "metadata.parquet")
+    with pytest.raises(SourceError, match="holds both table files \\(metadata.parquet\\) and images or folders "
+                                          "\\(cat, dog\\); name the table file itself"):
+        write_shards(str(src), str(tmp_path / "out"), ShardWriterConfig())
