@@ -13,9 +13,9 @@ from train.errors import ConfigError
 
 
 class EncoderTimer:
-    """Times the encoder forward (patch embedding to final norm) with hooks: CUDA
-    events on a GPU, read one step late so the loop never waits on the device;
-    wall time on CPU."""
+    """Times the encoder forward (patch embedding to final norm) of each training
+    step with hooks: CUDA events on a GPU, read one step late so the loop never
+    waits on the device; wall time on CPU. A forward in eval mode is not timed."""
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -25,6 +25,8 @@ class EncoderTimer:
                          model.norm.register_forward_hook(self._end)]
 
     def _begin(self, module, args) -> None:
+        if not module.training:  # the end-of-run loss on the fixed batch is not a step
+            return
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._start.record()

@@ -108,6 +108,8 @@ def test_images_rate_and_counts_match_the_run(scraped_run):
     assert prom.value("max_over_time(rate(mae_trainer_images_total[5s])[10m:1s])", t1) > 0
     assert prom.value("max_over_time(mae_step_duration_seconds_count[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
     assert prom.value("max_over_time(mae_data_wait_seconds_count[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
+    # one encoder forward a step: the end-of-run loss on the fixed batch (eval mode) is not one
+    assert prom.value("max_over_time(mae_encoder_forward_duration_seconds_count[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
     assert prom.value("max_over_time(mae_step[10m])", t1) == EPOCHS * STEPS_PER_EPOCH
     assert prom.value('max_over_time(mae_pipeline_samples_skipped_total{reason="truncated"}[10m])', t1) == EPOCHS
     # one dataset is one source, named after the URL's last part
