@@ -175,9 +175,10 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 
 
 def fingerprint_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    """``key: checkpoint value -> this run's value`` for each differing key."""
-    return [f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(saved) | set(ours))
-            if saved.get(k) != ours.get(k)]
+    """``key: checkpoint value -> this run's value`` for each differing key. A key the
+    checkpoint lacks was added to the fingerprint after it was written: not compared."""
+    return [f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(saved.keys() | ours.keys())
+            if k in saved and saved.get(k) != ours.get(k)]
 
 
 def checkpoint_bytes(tag_dir: Path) -> int | None:

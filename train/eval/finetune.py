@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -211,12 +212,21 @@ class Finetuner:
                  sum(p.numel() for p in model.parameters()))  # before ZeRO-3 partitions them
         self.derived: Derived = derived(cfg, self.world, micro_batches_per_epoch(cfg, self.loader.epoch_samples(), self.world))
         self.engine = build_engine(cfg, model, self.derived.lr, optimizer_for(cfg, model, self.derived.lr))
-        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.fingerprint(), self.rank, self.world, self.lock,
+        self.ckpt = CheckpointManager(cfg.checkpoint, self._fingerprint(), self.rank, self.world, self.lock,
                                       cfg.faults.slow_save_s)
         self.streams = StepStreams(cfg.seed, self.rank, self.device)  # drop path: each rank its own saved stream
         self.metrics_file = open_log(cfg.log.metrics_file, "log.metrics_file") if self.rank == 0 else None
         self.result = FinetuneResult(init=kind)
         self._log_start(*sizes)
+
+    def _fingerprint(self) -> dict[str, object]:
+        """The config's fingerprint, and what the run made of it: the head's class count
+        (the data's, unless model.num_classes says) and the weights it started from. A
+        resume that changes either is refused by name, before DeepSpeed loads a thing."""
+        weights = self.cfg.model.weights
+        if weights and "://" not in weights:
+            weights = os.path.abspath(weights)
+        return {**self.cfg.fingerprint(), "head_classes": self.num_classes, "weights": weights or None}
 
     def _classes(self, loader: Loader, url: str) -> list[str]:
         classes = loader.manifest.classes

@@ -191,3 +191,23 @@ def test_a_batch_the_data_cannot_fill_is_refused(data, tmp_path):
                "each of the 1 ranks: lower data.batch_size")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert not list((tmp_path / "ckpt").glob("step*"))
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("weights", "weights: '{old}' -> '{new}'"),
+    ("model.num_classes=12", "head_classes: 9 -> 12"),
+])
+def test_a_resume_that_changes_the_head_or_the_weights_is_refused_by_name(data, reference, tmp_path, change, expected):
+    """Other weights were ignored silently (the run went on from its checkpoint); another
+    class count failed inside DeepSpeed with a state-dict size mismatch."""
+    import shutil
+
+    shutil.copytree(reference / "ckpt", tmp_path / "ckpt")
+    new = tmp_path / "other-encoder.safetensors"
+    shutil.copy(data["encoder"], new)
+    extra = f"model.weights={new}" if change == "weights" else change
+    out = _run([sys.executable, "-m", "train.cli", "finetune", "--config", "finetune_tiny_cpu",
+                *_overrides(data, tmp_path, extra)], tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "written with a config that changes" in out.stderr, out.stderr[-3000:]
+    assert expected.format(old=os.path.abspath(data["encoder"]), new=new) in out.stderr, out.stderr[-3000:]
