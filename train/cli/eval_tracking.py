@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from train.cli.common import whole
+
 
 def add_tensorboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write the results as TensorBoard events here (e.g. <checkpoint.dir>/tensorboard)")
-    p.add_argument("--step", type=int, default=0, help="with --tensorboard: the step to record them at")
+    p.add_argument("--step", type=whole(0, 2**53 - 1), default=0,
+                   help="with --tensorboard: the step to record them at (a training step, >= 0)")
 
 
 def record_to_tensorboard(args: argparse.Namespace, scalars: dict[str, float], image_png: str | None = None,

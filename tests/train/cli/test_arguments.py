@@ -118,6 +118,7 @@ def test_reconstruct_refuses_a_folder_as_out_and_a_mask_that_hides_everything(ca
     (["--lr", "nan"], "--lr"),
     (["--k", "0"], "--k"),
     (["--epochs", "0"], "--epochs"),
+    (["--tensorboard", "tb", "--step", "-5"], "--step"),  # was recorded at step -5
 ])
 def test_probe_refuses(capsys, tmp_path, argv, argument):
     assert argument in _refused(capsys, "probe", tmp_path / "weights", "--train", tmp_path, *argv)
