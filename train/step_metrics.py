@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,10 +69,11 @@ def record_memory(device: torch.device) -> None:
         sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
-def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = ""):
+def start_prometheus(m, rank: int, local_rank: int, world: int, backend: str, run_dir: str):
     """This rank's Prometheus endpoint (``MetricsConfig`` m), installed as the
-    process's sink before any loader starts (its workers inherit it); None when off.
-    ``run`` labels the node's file-SD targets."""
+    process's sink before any loader starts (its workers inherit it), with the
+    run's world size set; None when off. The run folder's name (``run_dir``)
+    labels the node's file-SD targets."""
     if not m.enabled:
         return None
     from infra.prometheus_sink import EndpointError, FolderInUse, PrometheusSink
@@ -90,19 +92,21 @@ def start_prometheus(m, rank: int, local_rank: int, backend: str, run: str = "")
     install(prom)
     if m.file_sd_dir and local_rank == 0:
         try:
-            prom.write_file_sd(m.file_sd_dir, m.port_base, run=run)
+            prom.write_file_sd(m.file_sd_dir, m.port_base, run=Path(run_dir).name)
         except OSError as e:  # a file in the way, no write access
             prom.close()
             raise ConfigError(f"metrics.file_sd_dir {m.file_sd_dir}: cannot write the target file there "
                               f"({e.strerror or e})") from None
+    sink().set("mae_world_size", world)
     return prom
 
 
-def stop_prometheus(prom, linger_s: float) -> None:
-    """Keep the endpoint up ``linger_s`` (a short run's last scrape), then close it."""
+def stop_prometheus(prom, linger_s: float, stopped_by_signal: str | None) -> None:
+    """Keep the endpoint up ``linger_s`` (a short run's last scrape), then close it.
+    A run stopped by a signal does not linger: a preempted job's grace time is short."""
     if prom is None:
         return
-    if linger_s > 0:
+    if linger_s > 0 and stopped_by_signal is None:
         time.sleep(linger_s)
     prom.close()
     install(NullSink())

@@ -141,13 +141,12 @@ class Trainer:
                      cfg.deepspeed.stage, cfg.deepspeed.precision)
 
     def _start_metrics(self):
-        prom = start_prometheus(self.cfg.metrics, self.rank, self.local_rank, self.cfg.data.backend,
-                                run=Path(self.cfg.checkpoint.dir).name)
+        prom = start_prometheus(self.cfg.metrics, self.rank, self.local_rank, self.world, self.cfg.data.backend,
+                                self.cfg.checkpoint.dir)
         if prom is None:
             return None
         mcfg = model_config(self.cfg.model.name, img_size=self.cfg.data.augment.img_size)
         sink().set("mae_encoder_speedup_flop_ratio", encoder_speedup_flop_ratio(mcfg, self.cfg.model.mask_ratio))
-        sink().set("mae_world_size", self.world)
         return prom
 
     def _measure_speedup(self) -> None:
@@ -349,7 +348,7 @@ class Trainer:
         for f in (self.metrics_file, self.ids_file):
             if f:
                 f.close()
-        stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)
+        stop_prometheus(self.prometheus, self.cfg.metrics.linger_s, self.result.stopped_by_signal)
         self._release_lock()
 
 

@@ -370,7 +370,7 @@ def test_an_endpoint_that_cannot_open_names_the_keys(tmp_path):
         for bind, base in (("not an address", int(sys.argv[1])), ("127.0.0.1", port - 1)):
             try:
                 start_prometheus(MetricsConfig(enabled=True, bind=bind, port_base=base, multiproc_dir=sys.argv[2]),
-                                 rank=1, local_rank=1, backend="cpu")
+                                 rank=1, local_rank=1, world=2, backend="cpu", run_dir="run")
             except ConfigError as e:
                 print(e, base + 1)
     """
@@ -395,7 +395,8 @@ def test_a_file_sd_dir_that_is_a_file_names_the_key(tmp_path):
         from train.step_metrics import start_prometheus
         try:
             start_prometheus(MetricsConfig(enabled=True, port_base=free_port(), file_sd_dir=sys.argv[1],
-                                           multiproc_dir=sys.argv[2]), rank=0, local_rank=0, backend="cpu")
+                                           multiproc_dir=sys.argv[2]), rank=0, local_rank=0, world=1, backend="cpu",
+                             run_dir="run")
         except ConfigError as e:
             print(e)
     """
@@ -404,3 +405,33 @@ def test_a_file_sd_dir_that_is_a_file_names_the_key(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == f"metrics.file_sd_dir {tmp_path / 'a-file'}: cannot write the target file there " \
                                  "(File exists)", out.stdout + out.stderr
+
+
+def test_every_run_kind_labels_its_targets_sets_its_world_size_and_a_stop_does_not_linger(tmp_path):
+    """`mae finetune` wrote its file-SD targets without a run label and never set
+    mae_world_size (the rank-down alert compares the two); both kinds of run now start
+    their endpoint through one function. A run stopped by SIGTERM lingered
+    metrics.linger_s before exiting, eating a preempted job's grace time."""
+    code = """if True:
+        import json, sys, time, urllib.request
+        from infra.net import free_port
+        from train.config import MetricsConfig
+        from train.step_metrics import start_prometheus, stop_prometheus
+        port = free_port()
+        prom = start_prometheus(MetricsConfig(enabled=True, port_base=port, file_sd_dir=sys.argv[1],
+                                              multiproc_dir=sys.argv[2]), rank=0, local_rank=0, world=4,
+                                backend="cpu", run_dir="/runs/ft-vit_b")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        print(json.dumps([line for line in text.splitlines() if line.startswith("mae_world_size")]))
+        print(json.dumps(json.loads(prom.file_sd_path.read_text())[0]["labels"]["run"]))
+        start = time.monotonic()
+        stop_prometheus(prom, 60.0, "SIGTERM")
+        print(json.dumps(time.monotonic() - start))
+    """
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sd"), str(tmp_path / "mp")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    world, run, stop_s = map(json.loads, out.stdout.splitlines())
+    assert world == ['mae_world_size{rank="0"} 4.0']
+    assert run == "ft-vit_b"
+    assert stop_s < 30  # not the 60 s linger

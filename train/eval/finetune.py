@@ -196,7 +196,8 @@ class Finetuner:
 
     def _build(self) -> None:
         cfg = self.cfg
-        self.prometheus = start_prometheus(cfg.metrics, self.rank, self.local_rank, cfg.data.backend)
+        self.prometheus = start_prometheus(cfg.metrics, self.rank, self.local_rank, self.world, cfg.data.backend,
+                                           cfg.checkpoint.dir)
         self.loader = build_loader(cfg.data, self.rank, self.world, device=self.device)
         self.classes = self._classes(self.loader, cfg.data.url)
         self.num_classes = cfg.model.num_classes or len(self.classes)
@@ -440,6 +441,7 @@ class Finetuner:
         self.tracker.close()
         if self.metrics_file:
             self.metrics_file.close()
-        stop_prometheus(self.prometheus, self.cfg.metrics.linger_s)
+        stop_prometheus(self.prometheus, self.cfg.metrics.linger_s,
+                        self.result.stopped_by_signal if hasattr(self, "result") else None)
         if self.lock is not None:
             self.lock.release()
