@@ -24,11 +24,11 @@ import yaml
 
 from infra.options import (OptionError, doc_of, option, require, require_choice, require_non_negative,
                            require_positive, require_positive_or_none, require_text)
+from infra.redact import redact
 from infra.tracking import TrackingConfig
 from model.spec import num_visible_patches
 from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
-from infra.redact import redact
 from train.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).with_name("configs")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.options import OptionError, option, require, require_choice, require_positive
-from infra.slurm.script import TASKS, SbatchOptions, job_script, time_limit_s
 from infra.redact import redact
+from infra.slurm.script import TASKS, SbatchOptions, job_script, time_limit_s
 from train.errors import LaunchError
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from infra.metrics import sink
+from infra.redact import redact_tree
 from infra.tracking import NullTracker, open_tracker
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
 from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
-from infra.redact import redact_tree
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr

@@ -55,10 +55,10 @@ from pipeline.shards.tar_format import (
     usable_samples,
     walk_tar,
 )
+from infra.redact import redact
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, object_etag
-from infra.redact import redact
 from pipeline.storage.urls import join, split_url
 
 log = logging.getLogger(__name__)

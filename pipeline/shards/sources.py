@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from infra.files import NotAFileError, require_regular
+from infra.redact import redact
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
 from pipeline.shards.labels import integer_classes
 from pipeline.shards.manifest import printable, shown
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, call_at
-from infra.redact import redact
 from pipeline.shards.tables import (RowRef, TableColumns, TableFile, class_names, is_table_source, pick_columns,
                                     table_files, url_of)
 from pipeline.storage.urls import is_local, join, split_url

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
+from infra.redact import redact
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import is_image_name
 from pipeline.shards.manifest import printable, shown
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder
-from infra.redact import redact
 from pipeline.storage.urls import join, split_url
 
 T = TypeVar("T")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from infra.files import remove_dead_temps
 from infra.options import option, require, require_positive
+from infra.redact import redact
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import BadImage, ImagePolicy, check_image, is_image_name, max_file_bytes, reencode_jpeg
 from pipeline.shards.manifest import Reject, ShardInfo, ShardManifest
@@ -45,7 +46,6 @@ from pipeline.shards.tar_format import TarShardWriter
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import MANIFEST_HASHES, ObjectFolder, call_at, cat_limited, file_digests
-from infra.redact import redact
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".record.json"

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from infra.files import NotAFileError
+from infra.redact import describe
 from pipeline.errors import ObjectNotAccessible, ShardFetchError
 from pipeline.storage.config import RetryPolicy
-from infra.redact import describe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from infra.redact import redact, register_secrets
 from pipeline.errors import ObjectNotAccessible
 from pipeline.storage.config import StorageConfig
-from infra.redact import redact, register_secrets
 
 
 def split_url(url: str) -> tuple[str, str]:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from infra.metrics import sink
+from infra.redact import redact_tree
 from infra.tracking import NullTracker, open_tracker
 from model.classifier import ClassifierConfig, ViTClassifier, param_groups_lrd
 from model.registry import model_config
@@ -40,7 +41,6 @@ from model.weights import CheckpointMismatchError, load_classifier_state_dict
 from pipeline.augment import AugmentConfig
 from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
-from infra.redact import redact_tree
 from train.checkpoint import CheckpointManager
 from train.config import flat_config
 from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
