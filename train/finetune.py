@@ -21,7 +21,7 @@ def finetune(cfg):
     from train.eval.finetune import Finetuner
     from train.pretrain import run_to_end
 
-    return run_to_end(Finetuner(cfg))
+    return run_to_end(cfg, Finetuner)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

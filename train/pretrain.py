@@ -26,26 +26,29 @@ from train.trainer import RunResult, StopSignal, Trainer
 
 def pretrain(cfg: RunConfig) -> RunResult:
     """Build, resume if a checkpoint exists, train, write the run summary, clean up."""
-    return run_to_end(Trainer(cfg))
+    return run_to_end(cfg, Trainer)
 
 
-def run_to_end(loop):
-    """A built training loop (``Trainer``, ``Finetuner``): resume if a checkpoint
-    exists, run under the stop signals (saying whether a stop saved), write its
-    summary; always clean up."""
-    saves = loop.cfg.checkpoint.enabled
-    try:
-        loop.resume()
-        with StopSignal(saves) as stop:
+def run_to_end(cfg, build: Callable):
+    """Build a training loop (``Trainer``, ``Finetuner``) of ``cfg``, resume if a
+    checkpoint exists, run it, write its summary (saying whether a stop saved);
+    always clean up. The stop signals are caught from the start: one that comes
+    while the loop is built or resumes (a preemption notice at start-up) stops it
+    at the end of its first step, saved, rather than killing it."""
+    saves = cfg.checkpoint.enabled
+    with StopSignal(saves) as stop:
+        loop = build(cfg)
+        try:
+            loop.resume()
             result = loop.run(stop)
-        loop.write_summary()
-        if result.stopped_by_signal:
-            logging.getLogger(__name__).warning(
-                "stopped by %s at step %d %s", result.stopped_by_signal, result.step,
-                "after saving a checkpoint" if saves else "with no checkpoint saved (checkpoint.enabled=false)")
-        return result
-    finally:
-        loop.close()
+            loop.write_summary()
+        finally:
+            loop.close()
+    if result.stopped_by_signal:
+        logging.getLogger(__name__).warning(
+            "stopped by %s at step %d %s", result.stopped_by_signal, result.step,
+            "after saving a checkpoint" if saves else "with no checkpoint saved (checkpoint.enabled=false)")
+    return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +75,9 @@ def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
     except reported_errors() as e:
         log.error("%s", describe(e))
         return exit_code_of(e)
+    except KeyboardInterrupt as e:  # Ctrl-C twice
+        log.error("%s", e or "interrupted")
+        return 130
     return 0
 
 

@@ -27,6 +27,8 @@ from train.errors import LaunchError
 
 log = logging.getLogger(__name__)
 SUBMIT_TIMEOUT_S = 120
+# sbatch options the job script relies on, so --sbatch-arg may not set them
+OWN_SBATCH_FLAGS = ("--signal", "--requeue", "--no-requeue", "--output", "-o", "--chdir", "-D", "--job-name", "-J")
 
 
 @dataclass
@@ -71,6 +73,14 @@ class SlurmJobConfig:
         if self.task == "shard":
             require(self.nodes == 1 and self.tasks() == 1, "nodes",
                     "sharding runs as one task on one node (its --workers processes)")
+        if self.job_name is not None:  # it names the script file and the log files
+            require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}", self.job_name) is not None, "job_name",
+                    f"must be letters, digits and _ . + - (at most 128, no leading dot), got {self.job_name!r}")
+        for arg in self.sbatch_args:
+            flag = arg.split("=", 1)[0]
+            require(flag not in OWN_SBATCH_FLAGS, "sbatch_args",
+                    f"{arg!r}: the launcher sets {flag} itself (the time-limit signal, the requeue, the job's "
+                    "folder, name and log that resume it); use --signal-grace-s, --max-requeues, --job-name")
 
     def gpus(self) -> int:
         if self.gpus_per_node is not None:
@@ -142,10 +152,8 @@ def _pretrain(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
 
     config = _required(config)
     cfg = load_config(config, args)  # a bad key or value fails here, not on the cluster
-    run_dir = (workdir / cfg.checkpoint.dir).resolve()
-    command = [job.python, "-m", "train.pretrain", "--config", config, *args, f"checkpoint.dir={run_dir}"]
-    return TaskCommand(command, cfg.data.num_workers + 2, run_dir,
-                       {"python": shlex.quote(job.python), "summary": shlex.quote(str(run_dir / "run_summary.json"))})
+    return _training("train.pretrain", job, args, config, (workdir / cfg.checkpoint.dir).resolve(),
+                     cfg.data.num_workers + 2)
 
 
 def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Path) -> TaskCommand:
@@ -156,9 +164,16 @@ def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
 
     config = _required(config)
     cfg = load_config(config, args, schema=FinetuneConfig)  # a bad key or value fails here, not on the cluster
-    run_dir = (workdir / cfg.checkpoint.dir).resolve()
-    return TaskCommand([job.python, "-m", "train.finetune", "--config", config, *args, f"checkpoint.dir={run_dir}"],
-                       8, run_dir)
+    return _training("train.finetune", job, args, config, (workdir / cfg.checkpoint.dir).resolve(), 8)
+
+
+def _training(module: str, job: SlurmJobConfig, args: list[str], config: str, run_dir: Path,
+              cpus: int) -> TaskCommand:
+    """A training task (pretraining, fine-tuning) writing to ``run_dir``: its
+    run_summary.json tells the job script whether a signal stopped it early."""
+    return TaskCommand([job.python, "-m", module, "--config", config, *args, f"checkpoint.dir={run_dir}"], cpus,
+                       run_dir, {"python": shlex.quote(job.python),
+                                 "summary": shlex.quote(str(run_dir / "run_summary.json"))})
 
 
 def _shard(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Path) -> TaskCommand:

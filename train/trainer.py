@@ -60,8 +60,13 @@ class RunResult:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag the loop checks every step (all ranks agree on it
-    through the per-step all-reduce, so every rank saves at the same step)."""
+    """SIGTERM, SIGINT, SIGUSR1 (Slurm's usual warning signal) and SIGHUP (a closed
+    terminal) set a flag the loop checks every step (all ranks agree on it through
+    the per-step all-reduce, so every rank saves at the same step). A SIGHUP that
+    the process ignores (``nohup``) stays ignored. A second SIGINT (Ctrl-C again)
+    stops at once, without saving: the way out of a start-up that hangs."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
     def __init__(self, saves: bool = True) -> None:
         self.received: str | None = None
@@ -69,11 +74,15 @@ class StopSignal:
         self._old = {}
 
     def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt("SIGINT twice: stopping now, without saving")
         self.received = signal.Signals(signum).name
         log.warning("%s received: %s at the end of this step, then exiting", self.received,
                     "saving a checkpoint" if self.saves else "stopping (checkpoint.enabled=false: nothing is saved)")

@@ -35,7 +35,19 @@ requeue() {
     exit 1
   fi
   echo "maescale: requeueing job $SLURM_JOB_ID ($1); the next attempt resumes from the last checkpoint"
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    echo "maescale: scontrol requeue failed: resubmit this script to resume from the last checkpoint"
+    exit 1
+  fi
   exit 0
+}
+
+# Requeue when the training step stopped early on a signal its tasks got while this
+# script did not (a preemption notice, `scancel --signal=TERM`): the trainer saved and
+# exited 0, and its run_summary.json says stopped_by_signal.
+requeue_if_stopped() {
+  if [ "$step_rc" -eq 0 ] && "$1" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("stopped_by_signal") else 1)' "$2" 2>/dev/null; then
+    requeue "stopped by a signal before the last step"
+  fi
 }
 # ---- end of preamble -----------------------------------------------------------------

@@ -41,6 +41,48 @@ def resumed_step(log: str) -> int:
     return int(found[0])
 
 
+def test_a_stop_signal_during_start_up_saves_after_the_first_step_then_resumes_exactly(shards, single_run, tmp_path):
+    """`mae pretrain`; SIGUSR1 (Slurm's usual warning) while the trainer is still being
+    built. The stop signals were caught only once training began, so a preemption
+    notice at start-up (or during a requeued job's resume) killed the run with 143,
+    and Slurm failed the job for good; SIGUSR1 and SIGHUP killed it at any time."""
+    run = tmp_path / "stopped-at-start"
+    proc = start(mae_pretrain(shards, run), run)
+    wait_for(lambda: (run / "ckpt" / "LOCK").exists(), proc=proc)  # taken first thing while building
+    assert steps_logged(run) == 0
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    stopped = summary(run)
+    assert (stopped["stopped_by_signal"], stopped["step"]) == ("SIGUSR1", 1), output[-3000:]
+    assert (run / "ckpt" / "step000000001" / "COMPLETE").exists()
+    out = run_cmd(mae_pretrain(shards, run), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed_step(out.stderr) == 1
+    assert_exact(run, single_run, resumed_at=1)
+
+
+def test_ctrl_c_twice_stops_at_once_and_releases_the_lock(shards, tmp_path):
+    """With the stop signals caught from the start, Ctrl-C alone could no longer end
+    a start-up that hangs: a second one stops at once, without saving."""
+    run = tmp_path / "interrupted"
+    proc = start(mae_pretrain(shards, run), run)
+    wait_for(lambda: (run / "ckpt" / "LOCK").exists(), proc=proc)
+    proc.send_signal(signal.SIGINT)
+    seen = []
+    while not any("SIGINT received" in line for line in seen):  # the first one was handled
+        line = proc.stdout.readline()
+        assert line, "".join(seen)[-3000:]
+        seen.append(line)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + output
+    assert proc.returncode == 130 and "SIGINT twice: stopping now, without saving" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (run / "ckpt" / "LOCK").exists()
+    assert not list((run / "ckpt").glob("step*"))
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_a_restart_from_a_checkpoint_is_exact(stage, shards, stage_runs, tmp_path):
     """A clean restart: a fresh process resumes the step-4 checkpoint of the

@@ -89,7 +89,10 @@ def test_finetune_job_goes_beside_its_checkpoints_with_an_absolute_checkpoint_di
     monkeypatch.chdir(tmp_path)
     written = write_job(job_config(task="finetune", gpus_per_node=0), ["checkpoint.dir=runs/ft"], "finetune_tiny_cpu")
     assert written.script == tmp_path / "runs" / "ft" / "slurm" / "mae-finetune.sbatch"
-    assert _srun_command(written.script.read_text())[-1] == f"checkpoint.dir={tmp_path}/runs/ft"
+    text = written.script.read_text()
+    assert _srun_command(text)[-1] == f"checkpoint.dir={tmp_path}/runs/ft"
+    # a TERM to its tasks (a preemption notice) requeues it, as for pretraining: it ended COMPLETED at step 7 of 60
+    assert f"requeue_if_stopped {shlex.quote(sys.executable)} {tmp_path}/runs/ft/run_summary.json" in text
     with pytest.raises(ConfigError, match="unknown config key model.nope"):
         write_job(job_config(task="finetune"), ["model.nope=1"], "finetune_tiny_cpu")
 
@@ -110,6 +113,15 @@ def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
         job_config(time="48h")  # sbatch would refuse it only once the job is submitted
     with pytest.raises(LaunchError, match=r"signal_grace_s \(300 s\) must be less than the time limit 4 \(240 s\)"):
         job_config(time="4")  # minutes: the checkpoint signal would come before the job starts
+    # the job name names the script and log files: it wrote the script outside the job folder
+    with pytest.raises(LaunchError, match="job_name must be letters"):
+        job_config(job_name="../../escaped")
+    with pytest.raises(LaunchError, match="job_name must be letters"):
+        job_config(job_name="a/b")
+    # the launcher's own time-limit signal and requeue: a second --signal or --no-requeue undid them silently
+    for arg in ("--signal=USR1@600", "--no-requeue", "--output=/tmp/x.out"):
+        with pytest.raises(LaunchError, match=f"'{arg}': the launcher sets {arg.split('=')[0]} itself"):
+            job_config(sbatch_args=(arg,))
     out = _mae("launch", "slurm", "--config", "vit_l", "deepspeed.stage=7", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "deepspeed.stage" in out.stderr
     out = _mae("launch", "slurm", "--task", "shard", "--", "src", "dest", "--bogus", cwd=tmp_path)
