@@ -174,11 +174,15 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
     return meta
 
 
+# Fingerprint keys added after checkpoints were written without them (2026-11-30):
+# a checkpoint that lacks one is not compared on it.
+ADDED_FINGERPRINT_KEYS = frozenset({"head_classes", "weights", "weight_decay", "betas", "momentum", "layer_decay"})
+
+
 def fingerprint_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    """``key: checkpoint value -> this run's value`` for each differing key. A key the
-    checkpoint lacks was added to the fingerprint after it was written: not compared."""
+    """``key: checkpoint value -> this run's value`` for each differing key."""
     return [f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(saved.keys() | ours.keys())
-            if k in saved and saved.get(k) != ours.get(k)]
+            if saved.get(k) != ours.get(k) and (k in saved or k not in ADDED_FINGERPRINT_KEYS)]
 
 
 def checkpoint_bytes(tag_dir: Path) -> int | None:

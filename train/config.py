@@ -200,14 +200,25 @@ class RunConfig:
 
     def fingerprint(self, dataset: str) -> dict[str, Any]:
         """What a checkpoint must match to be resumed, key by key: the model (its whole
-        architecture), the seeds, the data (``dataset``: the manifest's hash) and what
-        shapes the optimizer state. Not lr, schedule or world size, which may change."""
+        architecture), the seeds, the data (``dataset``: the manifest's hash), what
+        shapes the optimizer state and the settings it keeps (weight decay, betas).
+        Not lr, schedule or world size, which may change."""
         arch = dataclasses.asdict(model_config(self.model.name, img_size=self.data.augment.img_size,
                                                norm_pix_loss=self.model.norm_pix_loss))
         return {"model": self.model.name, "architecture": arch, "mask_ratio": self.model.mask_ratio,
                 "seed": self.seed, "data_seed": self.data.plan.seed, "dataset": dataset,
                 "zero_stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
-                "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
+                "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params],
+                **optimizer_settings(self.optim)}
+
+
+def optimizer_settings(optim) -> dict[str, Any]:
+    """The optimizer settings a checkpoint's optimizer state holds, which a resume
+    would silently keep (DeepSpeed restores each parameter group as saved): part of
+    the fingerprint, so a change is refused by name instead."""
+    if getattr(optim, "name", "adamw") == "lars":
+        return {"weight_decay": optim.weight_decay, "momentum": optim.momentum}
+    return {"weight_decay": optim.weight_decay, "betas": list(optim.betas)}
 
 
 def require_input_dtype(data: LoaderConfig, deepspeed: DeepSpeedConfig) -> None:

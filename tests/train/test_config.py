@@ -198,12 +198,25 @@ def test_fingerprint_tracks_the_model_seeds_data_and_optimizer_state():
         "data_seed": load_config("tiny_cpu", ["data.plan.seed=1"]).fingerprint("data-a"),
         "dataset": load_config("tiny_cpu").fingerprint("data-b"),
         "mask_ratio": load_config("tiny_cpu", ["model.mask_ratio=0.5"]).fingerprint("data-a"),
+        # kept in the optimizer state: a resume restored the saved values silently
+        "weight_decay": load_config("tiny_cpu", ["optim.weight_decay=5.0"]).fingerprint("data-a"),
+        "betas": load_config("tiny_cpu", ["optim.betas=[0.5, 0.6]"]).fingerprint("data-a"),
     }
     for key, other in changed.items():
         assert a[key] != other[key], key
     assert a["architecture"]["embed_dim"] == 64 and a["architecture"]["img_size"] == 32
     img = load_config("tiny_cpu", ["data.augment.img_size=64"]).fingerprint("data-a")
     assert [k for k in a if a[k] != img[k]] == ["architecture"]
+
+
+def test_a_fingerprint_key_added_later_is_not_compared_when_the_checkpoint_lacks_it():
+    from train.checkpoint import fingerprint_differences
+
+    ours = load_config("tiny_cpu").fingerprint("data-a")
+    old = {k: v for k, v in ours.items() if k not in ("weight_decay", "betas")}  # written before they were added
+    assert fingerprint_differences(old, ours) == []
+    assert fingerprint_differences({k: v for k, v in ours.items() if k != "seed"}, ours) == ["seed: None -> 0"]
+    assert fingerprint_differences({**ours, "betas": [0.5, 0.6]}, ours) == ["betas: [0.5, 0.6] -> [0.9, 0.95]"]
 
 
 def test_lr_schedule_warmup_then_half_cosine():

@@ -20,7 +20,7 @@ from model.classifier import HEADS
 from model.registry import list_models, model_config
 from pipeline.loader import LoaderConfig
 from train.config import (CheckpointConfig, DeepSpeedConfig, FaultConfig, LogConfig, MetricsConfig, OptimConfig,
-                          ScheduleConfig, require_input_dtype, sized_model_config)
+                          ScheduleConfig, optimizer_settings, require_input_dtype, sized_model_config)
 from train.eval.mixup import MixupConfig
 
 OPTIMIZERS = ("adamw", "lars")
@@ -120,10 +120,12 @@ class FinetuneConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed, key by key: the classifier's shape,
-        the seeds, and what shapes the optimizer state (not lr, schedule or world size)."""
+        the seeds, what shapes the optimizer state and the settings it keeps (layer
+        decay's lr scales, weight decay, betas; not lr, schedule or world size)."""
         m = self.model
         return {"model": f"classifier:{m.name}", "img_size": self.img_size, "num_classes": m.num_classes,
                 "head": m.head, "global_pool": m.global_pool, "trainable_blocks": m.trainable_blocks,
                 "optim": self.optim.name, "seed": self.seed, "data_seed": self.data.plan.seed,
                 "zero_stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
-                "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params]}
+                "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params],
+                "layer_decay": m.layer_decay, **optimizer_settings(self.optim)}
