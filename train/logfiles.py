@@ -11,10 +11,14 @@ room.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from train.errors import ConfigError, LogFileError
+
+log = logging.getLogger(__name__)
 
 
 class JsonLines:
@@ -29,6 +33,7 @@ class JsonLines:
         except OSError as e:
             raise ConfigError(f"{key} {self.path}: cannot make its folder ({e.strerror or e})") from None
         try:
+            _drop_torn_tail(self.path)
             self._file = open(self.path, "a")
         except OSError as e:
             raise ConfigError(f"{key} {self.path}: cannot open it to append to ({e.strerror or e})") from None
@@ -46,6 +51,29 @@ class JsonLines:
             self._file.close()
         except OSError:  # the buffer was flushed after each record, or its error already stopped the run
             pass
+
+
+def _drop_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
+    """Cut a regular file back to its last newline: a run stopped mid-write (a full
+    disk, kill -9) left half a record, which the resumed run's next record would
+    have been glued onto."""
+    if not path.is_file():
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                pos = start + newline + 1
+                break
+            pos = start
+        if pos < end:
+            log.warning("%s: dropped a partial last record (%d bytes) left by a run that stopped while writing it",
+                        path, end - pos)
+            f.truncate(pos)
 
 
 def open_log(path: str | Path | None, key: str) -> JsonLines | None:
