@@ -157,10 +157,14 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(holder)))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(asdict(holder)))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full disk: an empty LOCK left behind would refuse the next run
+            self.path.unlink(missing_ok=True)
+            raise
         self.holder = holder
         return True
 
@@ -180,6 +184,9 @@ class RunLock:
             reason, who = "it is unreadable", f"an unreadable lock ({age:.0f}s old)"
         else:
             reason, who = stale_reason(holder, self.stale_after_s), holder.describe()
+            if reason is None and self._silent(holder):
+                holder = self._wait_while_silent(holder)
+                reason = stale_reason(holder, self.stale_after_s)
             if reason is None:
                 beat = time.time() - holder.heartbeat
                 raise CheckpointLockError(
@@ -190,8 +197,30 @@ class RunLock:
         if current == holder:  # nobody took it over in between
             self.path.unlink(missing_ok=True)
 
+    def _interval(self) -> float:
+        return max(0.5, self.stale_after_s / 10)
+
+    def _silent(self, holder: LockHolder) -> bool:
+        """A holder on another host that missed several heartbeats: its node may be
+        gone (a relaunch after a node failure), or only slow."""
+        return holder.host != socket.gethostname() and time.time() - holder.heartbeat > 3 * self._interval()
+
+    def _wait_while_silent(self, holder: LockHolder) -> LockHolder:
+        """Wait until the silent ``holder`` goes stale (then it is taken over) or
+        beats again (a live run: refused); returns the holder as last read."""
+        left = holder.heartbeat + self.stale_after_s - time.time()
+        log.warning("the checkpoint lock %s is held by %s, which has not refreshed it for %.0fs: waiting up to "
+                    "%.0fs more for it to go stale before taking it over", self.path, holder.describe(),
+                    time.time() - holder.heartbeat, max(left, 0))
+        while stale_reason(holder, self.stale_after_s) is None:
+            time.sleep(min(self._interval(), 5.0))
+            current = read_holder(self.path)
+            if current is None or current.token != holder.token or current.heartbeat != holder.heartbeat:
+                return current or holder  # it beat again, was released or taken: decide afresh
+        return holder
+
     def _heartbeat(self) -> None:
-        interval = max(0.5, self.stale_after_s / 10)
+        interval = self._interval()
         while not self._stop.wait(interval):
             self.problem = self._refresh()
             if self.problem:

@@ -79,6 +79,54 @@ def test_a_holder_on_another_host_is_stale_only_after_its_heartbeat_stops(tmp_pa
     lock.release()
 
 
+def test_a_silent_holder_on_another_host_is_waited_for_then_taken_over(tmp_path, caplog):
+    """A relaunch on a new node after a node failure was refused at once, though the
+    dead node's lock would go stale within lock_stale_s (docs: "waits at most")."""
+    remote = replace(this_process(), host="node17", boot_id="x", pid=1)
+    _write(tmp_path / LOCK_NAME, replace(remote, heartbeat=time.time() - 2))  # missed 4 beats of 0.5 s
+    lock = RunLock(tmp_path, stale_after_s=3)
+    start = time.monotonic()
+    lock.acquire()
+    assert time.monotonic() - start >= 0.5  # it waited for the lock to go stale
+    assert read_holder(tmp_path / LOCK_NAME).token == lock.holder.token
+    assert "has not refreshed it for 2s: waiting up to 1s more" in caplog.text
+    assert "no heartbeat for" in caplog.text
+    lock.release()
+
+
+def test_a_silent_holder_that_beats_again_is_refused(tmp_path):
+    remote = replace(this_process(), host="node17", boot_id="x", pid=1, heartbeat=time.time() - 2)
+    _write(tmp_path / LOCK_NAME, remote)
+    beat = subprocess.Popen([sys.executable, "-c", f"""if True:
+        import json, time
+        time.sleep(0.3)
+        d = json.load(open({str(tmp_path / LOCK_NAME)!r}))
+        d["heartbeat"] = time.time()
+        open({str(tmp_path / LOCK_NAME)!r}, "w").write(json.dumps(d))
+    """])
+    try:
+        with pytest.raises(CheckpointLockError, match="in use by another run \\(host node17 pid 1"):
+            RunLock(tmp_path, stale_after_s=3).acquire()
+    finally:
+        beat.wait(timeout=30)
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A start on a full disk left an empty LOCK: the next start within 10 s was
+    refused with "other runs keep taking it"."""
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointStorageError, match="No space left on device"):
+        RunLock(tmp_path, stale_after_s=60).acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+    monkeypatch.undo()
+    lock = RunLock(tmp_path, stale_after_s=60)
+    lock.acquire()
+    lock.release()
+
+
 def test_a_restarted_host_frees_its_locks():
     assert stale_reason(replace(this_process(), boot_id="an-earlier-boot"), 60) == "its host restarted since"
 
