@@ -383,7 +383,7 @@ CASES = [
           r"shards\[0\].samples must be an integer"),
     error("samples negative", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: (d["shards"][0].update(samples=-3), d.update(total_samples=-3)))),
-        r"shards\[0\].samples must be an integer in \[0, "),
+        r"shards\[0\].samples must be an integer in \[1, "),
     error("samples more than the bytes hold", lambda ws: inspect(ws, lambda ws: edit_manifest(
         ws, lambda d: (d["shards"][0].update(samples=10**6), d.update(total_samples=10**6)))),
         r"shards\[0\].samples \(1000000\) cannot fit in \d+ bytes"),

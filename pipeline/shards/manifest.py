@@ -28,6 +28,11 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest of a million shards is ~200 MB
 MAX_SHARD_BYTES = 2**40
 MIN_SAMPLE_BYTES = 512  # every sample has at least one tar header block
+# Samples one shard may claim: a reader permutes a shard's samples in memory, so a
+# forged count of 2**31 had every rank allocate 16 GiB. A tar shard holds thousands;
+# a .beton is one shard of the whole dataset (ImageNet-21k: 14M), so the cap is 2**27
+# (a 1 GiB permutation at most).
+MAX_SHARD_SAMPLES = 2**27
 MAX_ETAG_CHARS = 256
 DATASET_FORMATS = ("tar", "beton")
 # relative names whose every part starts with [A-Za-z0-9_-] (so none is '.' or '..'):
@@ -186,7 +191,7 @@ class _ManifestReader:
         self.no_unknown_keys(entry, {"name", "samples", "bytes", "sha256", "etag", "headers_sha256", "xxh3_128"}, key)
         name = self.string(entry, "name", key, safe_relative_name,
                            "must be a relative name inside the dataset (no '..', no leading '/', no backslash)")
-        samples = self.count(entry, "samples", key, 0, MAX_SHARD_BYTES // MIN_SAMPLE_BYTES)
+        samples = self.count(entry, "samples", key, 1, MAX_SHARD_SAMPLES)  # writers list no empty shard
         size = self.count(entry, "bytes", key, 0, MAX_SHARD_BYTES)
         headers = self.optional(entry, "headers_sha256", key, is_sha256, "must be 64 lowercase hex digits")
         digest = (self.string(entry, "sha256", key, is_sha256, "must be 64 lowercase hex digits") if headers is None
@@ -283,7 +288,8 @@ def _plain_shard(entry: Any) -> ShardInfo | None:
         return None
     name, samples, size, digest, fast = (entry["name"], entry["samples"], entry["bytes"], entry["sha256"],
                                          entry.get("xxh3_128"))
-    if (type(samples) is int and type(size) is int and 0 <= samples * MIN_SAMPLE_BYTES <= size <= MAX_SHARD_BYTES
+    if (type(samples) is int and type(size) is int and 1 <= samples <= MAX_SHARD_SAMPLES
+            and samples * MIN_SAMPLE_BYTES <= size <= MAX_SHARD_BYTES
             and is_sha256(digest) and (fast is None or is_xxh3_128(fast)) and isinstance(name, str)
             and safe_relative_name(name)):
         return ShardInfo(name, samples, size, digest, xxh3_128=fast)

@@ -55,7 +55,12 @@ def test_a_valid_manifest_round_trips():
     ({"shard_sha256": GOOD_SHA + "00"}, r"shards\[0\].sha256 must be 64 lowercase hex digits"),
     ({"shard_samples": "2"}, r"shards\[0\].samples must be an integer"),
     ({"shard_samples": True}, r"shards\[0\].samples must be an integer"),
-    ({"shard_samples": -1, "total_samples": -1}, r"shards\[0\].samples must be an integer in \[0, "),
+    ({"shard_samples": -1, "total_samples": -1}, r"shards\[0\].samples must be an integer in \[1, 134217728\]"),
+    # a shard no writer lists: it was skipped without a word, its real samples never read
+    ({"shard_samples": 0, "total_samples": 0}, r"shards\[0\].samples must be an integer in \[1, 134217728\]"),
+    # fits its forged 2**40 bytes, but every reader permuted 2**31 positions: 16 GiB
+    ({"shard_samples": 2**31, "total_samples": 2**31, "shard_bytes": 2**40, "total_bytes": 2**40},
+     r"shards\[0\].samples must be an integer in \[1, 134217728\], got 2147483648"),
     ({"shard_samples": 1000, "total_samples": 1000}, r"shards\[0\].samples \(1000\) cannot fit in 10240 bytes"),
     ({"shard_bytes": 2**50, "total_bytes": 2**50}, r"shards\[0\].bytes must be an integer in \[0, 1099511627776\]"),
     ({"shard_extra": 1}, r"shards\[0\] has an unknown field 'extra'"),

@@ -83,7 +83,7 @@ def test_the_xxh3_column_round_trips_and_a_version_1_index_is_still_read():
 
 
 def test_plain_non_ascii_names_and_an_empty_dataset_round_trip():
-    m = _manifest([ShardInfo("données/shard-0.tar", 1, 1024, SHA[0]), ShardInfo("x.tar", 0, 0, SHA[1])])
+    m = _manifest([ShardInfo("données/shard-0.tar", 1, 1024, SHA[0]), ShardInfo("x.tar", 1, 512, SHA[1])])
     text, index = _pair(m)
     assert [read_index(index, text)[i] for i in range(2)] == m.shards
     empty = ShardManifest([], options={})
