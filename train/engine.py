@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -167,13 +168,32 @@ def module_state_dict(engine) -> dict[str, torch.Tensor]:
                 for k, v in module.state_dict().items()}
 
 
-def agree_across_ranks(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool, bool]:
-    """One all-reduce per micro-step: (mean loss, any rank non-finite, any rank stopping),
-    so every rank skips, saves and stops at the same step."""
+@dataclass(frozen=True)
+class Agreement:
+    """What every rank knows after a micro-step's all-reduce."""
+
+    mean_loss: float
+    skip: str | None  # why every rank skips this micro-batch's update; None: none does
+    stopping: bool  # some rank got a stop signal
+
+
+def agree_across_ranks(loss: torch.Tensor, stop: bool, world: int, images: int, step: int,
+                       micro: int) -> Agreement:
+    """One all-reduce per micro-step, so every rank skips, saves and stops at the same
+    step. A rank whose micro-batch held only corrupt samples (``images`` 0: its loss is
+    NaN) makes every rank skip it, as a non-finite loss does."""
     import torch.distributed as dist
 
     value = loss.detach().float()
-    flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=value.device)])
+    device = value.device
+    flags = torch.stack([value, (~torch.isfinite(value)).float(), torch.tensor(float(stop), device=device),
+                         torch.tensor(float(images == 0), device=device)])
     if world > 1:
         dist.all_reduce(flags)
-    return flags[0].item() / world, flags[1].item() > 0, flags[2].item() > 0
+    skip = None
+    if flags[3].item() > 0:
+        skip = (f"{int(flags[3].item())} rank(s) had a micro-batch of only corrupt samples at step {step} "
+                f"(micro-step {micro}): update skipped")
+    elif flags[1].item() > 0:
+        skip = f"non-finite loss at step {step} (micro-step {micro}): update skipped"
+    return Agreement(flags[0].item() / world, skip, flags[2].item() > 0)

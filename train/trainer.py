@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import time
+import warnings
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -215,10 +216,6 @@ class Trainer:
         seconds = self.ckpt.save(self.engine, r.step, meta, self.streams.state_dict())
         sink().observe("mae_checkpoint_save_duration_seconds", seconds)
 
-    def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
-        """One all-reduce per micro-step: mean loss, any rank non-finite, any rank stopping."""
-        return agree_across_ranks(loss, stop, self.world)
-
     def run(self, stop: StopSignal) -> RunResult:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
         r = self.result
@@ -257,16 +254,20 @@ class Trainer:
         cfg, r = self.cfg, self.result
         set_lr(self.engine, lr_at(r.step, self.derived, cfg.optim.min_lr))
         noise = self.streams.mask_noise(len(batch.keys), self.num_patches)
-        with self.streams.model_stream():
+        with self.streams.model_stream(), warnings.catch_warnings():
+            if not batch.keys:  # only corrupt samples: the forward still runs (ZeRO-3 gathers in it), its loss NaN
+                warnings.simplefilter("ignore")
             loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio, noise)  # bf16: the engine autocasts
         if self._micro in cfg.faults.inject_nonfinite_at:
             loss = loss * float("nan")  # fault drill: a poisoned batch
         self._micro += 1
         self._log_ids(batch)
         self.micro_steps += 1
-        mean_loss, nonfinite, stopping = self._agree(loss, stop.received is not None)
-        if nonfinite:  # every rank skips this micro-batch together: no update, no hang
-            self.guard.skipped(f"non-finite loss at step {r.step} (micro-step {self._micro - 1}): update skipped")
+        agreed = agree_across_ranks(loss, stop.received is not None, self.world, len(batch.keys), r.step,
+                                    self._micro - 1)
+        mean_loss, stopping = agreed.mean_loss, agreed.stopping
+        if agreed.skip:  # every rank skips this micro-batch together: no update, no hang
+            self.guard.skipped(agreed.skip)
             return False
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)

@@ -176,8 +176,10 @@ class PlannedLoader:
                     f"{epoch_skipped} corrupt samples on rank {self.rank} this epoch exceed max_corrupt_fraction="
                     f"{self.config.max_corrupt_fraction} of {len(ids)} ({dict(self.stats.skipped)}); last: "
                     f"{b.skips[-1][0]} ({b.skips[-1][1]})")
-            if not b.keys:
-                continue
+            # A batch whose every sample was corrupt is still yielded, empty: every rank
+            # yields the same number of batches an epoch, so ranks stay in step (the
+            # trainer skips that micro-step on every rank). Dropping it moved this rank
+            # into its next epoch a batch early, and ranks drifted epochs apart.
             self.stats.images += len(b.keys)
             self.stats.batches += 1
             yield Batch(self._finish(b.images, b.ids), b.labels, b.keys, b.ids)

@@ -205,3 +205,27 @@ def test_the_ffcv_backend_trains_from_a_beton(shards, tmp_path):
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps.values())
     assert _summary(run)["images"] >= STEPS * 8
     assert "ffcv: first batch after" in out.stdout + out.stderr
+
+
+def test_a_micro_batch_of_only_corrupt_samples_is_skipped_on_every_rank_in_step(tmp_path):
+    """torchrun, 2 ranks, ZeRO-3 (its forward gathers parameters: the empty rank must
+    run it too): rank 0's second micro-batch of every epoch is all corrupt. That batch
+    was dropped, rank 0 drifted into later epochs than rank 1, and its checkpoint saved
+    only rank 0's position. Every rank now skips that update together, and both read
+    the same epoch at every micro-step."""
+    from tests.helpers.shards import jpeg_bytes, write_raw_shards
+    from train.chaos import micro_records
+
+    samples = [(f"{n:06d}", {"jpg": b"garbage" * 10 if 4 <= n < 8 else jpeg_bytes((48, 40), seed=n),
+                             "cls": str(n % 2).encode()}) for n in range(32)]
+    write_raw_shards(tmp_path / "ds", [samples[i:i + 8] for i in range(0, 32, 8)], classes=["a", "b"])
+    run = tmp_path / "run"
+    out = _run(_torchrun(tmp_path / "ds", run, "data.batch_size=4", "data.plan.shuffle=false", "deepspeed.stage=3",
+                         "data.max_corrupt_fraction=0.5", "schedule.max_steps=12"), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "1 rank(s) had a micro-batch of only corrupt samples at step 1 (micro-step 1): update skipped" in out.stderr
+    assert _summary(run)["nonfinite_skipped"] == 4  # 12 applied steps: 4 epochs of 4 micro-batches, one skipped each
+    records = micro_records(run / "ids")
+    for micro in range(16):
+        assert records[(0, micro)][-1]["epoch"] == records[(1, micro)][-1]["epoch"], micro
+    assert [len(records[(0, m)][-1]["ids"]) for m in range(4)] == [4, 0, 4, 4]

@@ -322,9 +322,11 @@ class Finetuner:
         if self._micro in cfg.faults.inject_nonfinite_at:
             loss = loss * float("nan")
         self._micro += 1
-        mean_loss, nonfinite, stopping = agree_across_ranks(loss, stop.received is not None, self.world)
-        if nonfinite:  # every rank skips this micro-batch together: no update, no hang
-            self.guard.skipped(f"non-finite loss at step {r.step} (micro-step {self._micro - 1}): update skipped")
+        agreed = agree_across_ranks(loss, stop.received is not None, self.world, len(batch.keys), r.step,
+                                    self._micro - 1)
+        mean_loss, stopping = agreed.mean_loss, agreed.stopping
+        if agreed.skip:  # every rank skips this micro-batch together: no update, no hang
+            self.guard.skipped(agreed.skip)
             return False
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)

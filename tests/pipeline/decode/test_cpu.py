@@ -212,6 +212,28 @@ def test_each_corrupt_kind_is_skipped_counted_and_named(corrupt_ds, caplog):
         assert any("shard-000000.tar/" in r.message and f"_{reason}: {reason}" in r.message for r in caplog.records)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "dali"])
+def test_a_batch_of_only_corrupt_samples_keeps_the_ranks_in_step(tmp_path, backend):
+    """Rank 0's second batch is all corrupt. It was dropped, so rank 0 ended each epoch
+    a batch early: on two ranks stepping together, rank 0 read epochs 0,0,1,1,2 while
+    rank 1 read 0,1,2,3,4. Now it is yielded empty, and both ranks yield as many
+    batches an epoch."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    samples = [(f"{n:06d}", {"jpg": b"garbage" * 10 if 4 <= n < 8 else jpeg_bytes((48, 40), seed=n),
+                             "cls": str(n % 2).encode()}) for n in range(32)]
+    write_raw_shards(tmp_path / "ds", [samples[i:i + 8] for i in range(0, 32, 8)], classes=["a", "b"])
+    cfg = LoaderConfig(url=str(tmp_path / "ds"), batch_size=4, num_workers=0, backend=backend,
+                       max_corrupt_fraction=0.5, plan=PlanConfig(shuffle=False), augment=AugmentConfig(img_size=32))
+    per_rank = []
+    for rank in (0, 1):
+        loader = build_loader(cfg, rank, 2)
+        per_rank.append([[len(b.keys) for b in loader] for _ in range(3)])
+        assert loader.epoch == 3 and loader.stats.skipped["not_an_image"] == (12 if rank == 0 else 0)
+    assert per_rank[0] == [[4, 0, 4, 4]] * 3
+    assert per_rank[1] == [[4, 4, 4, 4]] * 3
+
+
 def test_convert_policy_keeps_mode_outliers(corrupt_ds):
     loader = build_loader(_cfg(corrupt_ds, batch_size=3, max_corrupt_fraction=0.6, plan=PlanConfig(shuffle=False),
                                images=ImagePolicy(max_pixels=100_000)), 0, 1)
