@@ -79,3 +79,18 @@ def _drop_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
 def open_log(path: str | Path | None, key: str) -> JsonLines | None:
     """The log at ``path``; None when the setting is unset."""
     return JsonLines(path, key) if path else None
+
+
+SUMMARY_NAME = "run_summary.json"
+
+
+def write_run_summary(directory: str | Path, summary: dict[str, Any]) -> None:
+    """``run_summary.json`` of a run (rank 0). A relaunch that trained nothing (it
+    resumed a finished run) keeps the summary of the run that did the training,
+    which it used to overwrite with zeros."""
+    path = Path(directory) / SUMMARY_NAME
+    if not summary.get("images") and path.exists():
+        log.info("the run had already finished: %s kept as it was", path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))

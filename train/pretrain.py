@@ -75,9 +75,6 @@ def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
     except reported_errors() as e:
         log.error("%s", describe(e))
         return exit_code_of(e)
-    except KeyboardInterrupt as e:  # Ctrl-C twice
-        log.error("%s", e or "interrupted")
-        return 130
     return 0
 
 

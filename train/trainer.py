@@ -10,8 +10,8 @@ same step.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
 import signal
 import time
 import warnings
@@ -31,7 +31,7 @@ from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
 from train.errors import ResumeError
-from train.logfiles import open_log
+from train.logfiles import open_log, write_run_summary
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
@@ -65,7 +65,8 @@ class StopSignal:
     terminal) set a flag the loop checks every step (all ranks agree on it through
     the per-step all-reduce, so every rank saves at the same step). A SIGHUP that
     the process ignores (``nohup``) stays ignored. A second SIGINT (Ctrl-C again)
-    stops at once, without saving: the way out of a start-up that hangs."""
+    ends the process at once, exit 130, without saving: the way out of a start-up
+    that hangs."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
@@ -83,7 +84,10 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received is not None:
-            raise KeyboardInterrupt("SIGINT twice: stopping now, without saving")
+            # At once and whatever the process is doing, as kill -9 would (every save
+            # is atomic); the LOCK left behind names a dead process: the next run takes it.
+            os.write(2, b"SIGINT twice: stopping now, without saving\n")
+            os._exit(130)
         self.received = signal.Signals(signum).name
         log.warning("%s received: %s at the end of this step, then exiting", self.received,
                     "saving a checkpoint" if self.saves else "stopping (checkpoint.enabled=false: nothing is saved)")
@@ -348,9 +352,8 @@ class Trainer:
         if self.rank != 0:
             return
         r = self.result
-        summary = {**asdict(r), "losses": r.losses[-5:], "derived": asdict(self.derived)}
-        Path(self.cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.cfg.checkpoint.dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
+        write_run_summary(self.cfg.checkpoint.dir, {**asdict(r), "losses": r.losses[-5:],
+                                                    "derived": asdict(self.derived)})
 
     def close(self) -> None:
         self.tracker.close()

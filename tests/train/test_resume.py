@@ -62,7 +62,7 @@ def test_a_stop_signal_during_start_up_saves_after_the_first_step_then_resumes_e
     assert_exact(run, single_run, resumed_at=1)
 
 
-def test_ctrl_c_twice_stops_at_once_and_releases_the_lock(shards, tmp_path):
+def test_ctrl_c_twice_stops_at_once_and_the_next_run_starts(shards, tmp_path):
     """With the stop signals caught from the start, Ctrl-C alone could no longer end
     a start-up that hangs: a second one stops at once, without saving."""
     run = tmp_path / "interrupted"
@@ -79,8 +79,22 @@ def test_ctrl_c_twice_stops_at_once_and_releases_the_lock(shards, tmp_path):
     output = "".join(seen) + output
     assert proc.returncode == 130 and "SIGINT twice: stopping now, without saving" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert not (run / "ckpt" / "LOCK").exists()
     assert not list((run / "ckpt").glob("step*"))
+    out = run_cmd(mae_pretrain(shards, run), run)  # its LOCK names a dead process: taken over
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_relaunching_a_finished_run_trains_nothing_and_keeps_its_summary(shards, single_run, tmp_path):
+    """It overwrote run_summary.json with `images: 0`, `losses: []`."""
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(single_run, run)
+    before = summary(run)
+    out = run_cmd(mae_pretrain(shards, run), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed_step(out.stderr) == STEPS
+    assert summary(run) == before and before["images"] > 0 and before["step"] == STEPS
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

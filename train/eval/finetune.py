@@ -17,7 +17,6 @@ back from the checkpoint; mixing is keyed by the batch; building an iterator
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -49,7 +48,7 @@ from train.errors import EvalInputError, ResumeError, WeightsError, check_classe
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
-from train.logfiles import open_log
+from train.logfiles import open_log, write_run_summary
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
@@ -434,10 +433,9 @@ class Finetuner:
         if self.rank != 0:
             return
         r = self.result
-        summary = {**asdict(r), "losses": r.losses[-5:], "derived": asdict(self.derived),
-                   "classes": len(self.classes), "last_loss": r.losses[-1] if r.losses else math.nan}
-        Path(self.cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.cfg.checkpoint.dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
+        write_run_summary(self.cfg.checkpoint.dir, {
+            **asdict(r), "losses": r.losses[-5:], "derived": asdict(self.derived), "classes": len(self.classes),
+            "last_loss": r.losses[-1] if r.losses else math.nan})
 
     def close(self) -> None:
         self.tracker.close()
