@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="train.finetune", description=__doc__.splitlines()[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    from train.cli.common import parse_with_overrides
+
+    return run(parse_with_overrides(p, argv))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from infra.redact import one_line, redact_logs
+from train.cli.common import parse_with_overrides
 from train.errors import exit_code_of, reported_errors
 
 # (command path, help)
@@ -86,7 +87,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args = parse_with_overrides(build_parser(argv), argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logs()  # botocore logs signed requests at DEBUG

@@ -122,3 +122,18 @@ def ray_target(args: argparse.Namespace, workers: int | None):
     if args.ray is None:
         return None
     return RayTarget(None, workers) if args.ray == "local" else RayTarget(args.ray)
+
+
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*=.*", re.S)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``a.b=value`` overrides after an option
+    (``data.url=x --world 2 data.seed=3``) join the command's ``overrides`` instead
+    of failing as unrecognized arguments."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(OVERRIDE.fullmatch(e) for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args

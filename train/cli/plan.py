@@ -9,6 +9,7 @@ from train.cli.common import check_model, number, whole
 
 MAX_COUNT = 2**24  # GPUs per node, nodes, micro-batch: far past any real run
 MAX_GPU_MEM_GIB = 2**20  # 1 PiB per GPU
+MAX_IMG_SIZE = 4096  # the plan builds the model's position embedding: 16000 px failed deep in torch's allocator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=whole(1, MAX_COUNT), default=32)
     p.add_argument("--gpu-mem", type=number(0, MAX_GPU_MEM_GIB, open_lo=True), default=80.0,
                    help=f"GiB per GPU, in (0, {MAX_GPU_MEM_GIB}]")
-    p.add_argument("--img-size", type=whole(1, MAX_COUNT), default=224, help="a multiple of the model's patch size")
+    p.add_argument("--img-size", type=whole(1, MAX_IMG_SIZE), default=224,
+                   help=f"a multiple of the model's patch size, at most {MAX_IMG_SIZE}")
     p.add_argument("--mask-ratio", type=number(0, 1, open_lo=True, open_hi=True), default=0.75)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
 

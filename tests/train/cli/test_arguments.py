@@ -51,6 +51,7 @@ def shards(tmp_path_factory):
 
 @pytest.mark.parametrize("argv, argument", [
     (["--img-size", "33"], "--img-size"),  # not a multiple of the patch size 14
+    (["--img-size", "16002"], "--img-size"),  # a torch allocator traceback; 160,000 asked for 153 GB
     (["--gpu-mem", "1e308"], "--gpu-mem"),
     (["--gpu-mem", "nan"], "--gpu-mem"),
     (["--gpus", "0"], "--gpus"),
@@ -207,3 +208,17 @@ def test_an_empty_destination_or_source_is_refused_and_nothing_is_written(capsys
     monkeypatch.chdir(tmp_path)
     assert f"argument {argument}: must not be empty" in _refused(capsys, *argv)
     assert not any(tmp_path.iterdir())
+
+
+def test_overrides_may_follow_options():
+    """`mae simulate data.url=x --world 2 data.storage.cache_limit_gb=0` failed with
+    "unrecognized arguments", naming no reason."""
+    from train.cli import build_parser
+    from train.cli.common import parse_with_overrides
+
+    argv = ["simulate", "data.url=x", "--world", "2", "data.storage.cache_limit_gb=0", "data.plan.seed=3"]
+    args = parse_with_overrides(build_parser(argv), argv)
+    assert args.overrides == ["data.url=x", "data.storage.cache_limit_gb=0", "data.plan.seed=3"] and args.world == 2
+    argv = ["simulate", "data.url=x", "--world", "2", "--bogus"]
+    with pytest.raises(SystemExit):
+        parse_with_overrides(build_parser(argv), argv)
