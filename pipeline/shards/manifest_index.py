@@ -173,14 +173,25 @@ def table_for(manifest_json: bytes, index: bytes | None, where: str) -> ShardTab
     return ShardTable.from_manifest(ShardManifest.from_json(manifest_json, where))
 
 
-def index_status(manifest_json: bytes, index: bytes | None) -> str:
-    """One word for `mae inspect`: current, missing, stale or corrupt (with why)."""
+FORGED = "forged"
+
+
+def index_status(manifest_json: bytes, index: bytes | None, manifest: ShardManifest | None = None) -> str:
+    """One word for `mae inspect`: current, missing, stale or corrupt (with why); and,
+    given the parsed ``manifest``, forged: an index that carries the JSON's real digest
+    but other shards (a subset), which loaders would read as it says."""
     if index is None:
         return "missing"
     try:
-        read_index(index, manifest_json, INDEX_NAME)
+        table = read_index(index, manifest_json, INDEX_NAME)
     except ManifestError as e:
         return str(e)
+    if manifest is not None:
+        parsed = ShardTable.from_manifest(manifest)
+        if table.fingerprint() != parsed.fingerprint():
+            return (f"{FORGED}: it lists {len(table)} shards of {table.total_samples} samples, {MANIFEST_NAME} "
+                    f"{len(parsed)} of {parsed.total_samples}, and loaders read the index; `mae inspect URL "
+                    "--write-index` rewrites it from the JSON")
     return "current"
 
 

@@ -41,7 +41,7 @@ def index_report(store: ShardStore, manifest: ShardManifest) -> str:
     if not indexable(manifest):
         return "index: none (tars indexed in place: readers parse manifest.json)"
     data = store.read_object(MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
-    return f"index: {index_status(data, store.folder.read_if_exists(INDEX_NAME, limit=MAX_INDEX_BYTES))}"
+    return f"index: {index_status(data, store.folder.read_if_exists(INDEX_NAME, limit=MAX_INDEX_BYTES), manifest)}"
 
 
 def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[str]:

@@ -18,13 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.shards.manifest_index import FORGED
     from pipeline.shards.verify import first_keys, index_report, summarize, verify_shards, write_index
     from pipeline.storage.store import ShardStore
 
     store = ShardStore(args.url, storage_config(args, cache_limit_gb=1024))
     manifest = write_index(store) if args.write_index else store.read_manifest()
     print(summarize(manifest))
-    print(index_report(store, manifest))
+    index_line = index_report(store, manifest)
+    print(index_line)
     if args.write_index:
         print(f"wrote manifest.index for {len(manifest.shards)} shards")
     keys = first_keys(store, manifest, args.samples)
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"first keys of {manifest.shards[0].name}: {', '.join(keys)}")
     if args.verify:
         problems = verify_shards(store, manifest)
+        if index_line.startswith(f"index: {FORGED}"):
+            problems.insert(0, index_line.removeprefix("index: "))
         for line in problems:
             print(f"FAIL {line}")
         if problems:

@@ -202,3 +202,19 @@ def test_inspect_reports_the_index_and_writes_it(tmp_path, capsys):
     assert "index: current" in run_mae(capsys, "inspect", tmp_path / "ds").out
     (tmp_path / "ds" / MANIFEST_NAME).write_text((tmp_path / "ds" / MANIFEST_NAME).read_text().replace(": 4,", ": 4 ,"))
     assert "is stale" in run_mae(capsys, "inspect", tmp_path / "ds").out
+
+
+def test_inspect_verify_fails_an_index_forged_with_the_jsons_real_digest(tmp_path, capsys):
+    """An index of 1 of the 3 shards, carrying the real manifest.json's digest: loaders
+    read 3 of 12 samples, and `mae inspect --verify` said "index: current",
+    "verified 3 shards"."""
+    numbered_shards(tmp_path / "ds", [3, 4, 5])
+    text = (tmp_path / "ds" / MANIFEST_NAME).read_bytes()
+    real = ShardManifest.from_json(text, "m")
+    subset = ShardManifest(real.shards[:1], classes=real.classes, options=real.options)
+    (tmp_path / "ds" / INDEX_NAME).write_bytes(encode_index(subset, text))
+    out = run_mae(capsys, "inspect", tmp_path / "ds", "--verify")
+    assert out.code == 1, out.out + out.err
+    assert ("FAIL forged: it lists 1 shards of 3 samples, manifest.json 3 of 12, and loaders read the index"
+            in out.out), out.out
+    assert "verified" not in out.out
