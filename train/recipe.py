@@ -32,6 +32,9 @@ def micro_batches_per_epoch(cfg: RunConfig, samples: int, world_size: int) -> in
     """Whole micro-batches an epoch of ``samples`` (one rank's) gives. A batch the data
     cannot fill once is refused: its steps would be partial batches under the lr of full ones."""
     micro, accum = cfg.data.batch_size, cfg.optim.accum_steps
+    if samples == 0:
+        raise ConfigError(f"an epoch gives each of the {world_size} ranks no samples: the data holds fewer samples "
+                          "than there are ranks (data.plan.uneven=drop drops the rest), or its sources' quotas are 0")
     if samples < micro * accum:
         raise ConfigError(f"data.batch_size {micro} x optim.accum_steps {accum} is more than the {samples} samples "
                           f"an epoch gives each of the {world_size} ranks: lower data.batch_size")

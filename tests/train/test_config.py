@@ -253,3 +253,14 @@ def test_reference_table_lists_every_key_with_its_documentation():
     assert rows["optim.blr"] == "base lr; lr = blr * global_batch / 256"
     assert [k for k, doc in rows.items() if not doc] == []  # every key explains itself
     assert isinstance(RunConfig(), RunConfig) and torch  # defaults construct
+
+
+def test_an_epoch_with_no_samples_for_a_rank_names_why_not_the_batch_size():
+    """It said "lower data.batch_size", which cannot help."""
+    from train.errors import ConfigError
+    from train.recipe import micro_batches_per_epoch
+
+    with pytest.raises(ConfigError, match="an epoch gives each of the 64 ranks no samples: the data holds fewer"):
+        micro_batches_per_epoch(load_config("tiny_cpu"), 0, 64)
+    with pytest.raises(ConfigError, match="is more than the 3 samples an epoch gives each of the 2 ranks: lower"):
+        micro_batches_per_epoch(load_config("tiny_cpu"), 3, 2)
