@@ -168,6 +168,18 @@ def module_state_dict(engine) -> dict[str, torch.Tensor]:
                 for k, v in module.state_dict().items()}
 
 
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (an all-reduce on ``device``,
+    which NCCL needs to be the GPU)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
 @dataclass(frozen=True)
 class Agreement:
     """What every rank knows after a micro-step's all-reduce."""

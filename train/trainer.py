@@ -29,7 +29,7 @@ from model.registry import create_model, model_config
 from pipeline.loader import Batch, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
-from train.engine import agree_across_ranks, build_engine, device_for, init_distributed, set_lr
+from train.engine import agree_across_ranks, any_rank, build_engine, device_for, init_distributed, set_lr
 from train.errors import ResumeError
 from train.logfiles import open_log, write_run_summary
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
@@ -291,7 +291,9 @@ class Trainer:
         r.losses.append(step_loss)
         self._log_step(step_loss, batch, wait, t0)
         self._record_step(step_loss)
-        r.stopped_by_signal = self.guard.end_step(r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save)
+        r.stopped_by_signal = self.guard.end_step(
+            r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save,
+            lambda: (any_rank(stop.received is not None, self.world, self.device), stop.received))
         return r.stopped_by_signal is not None
 
     def _log_ids(self, batch: Batch) -> None:

@@ -51,13 +51,18 @@ class UpdateGuard:
         self._save_waiting = due and self.in_a_row > 0 and step < self.total_steps
         return due and not self._save_waiting
 
-    def end_step(self, step: int, stopping: bool, received: str | None, saving: bool,
-                 save: Callable[[], None]) -> str | None:
+    def end_step(self, step: int, stopping: bool, received: str | None, saving: bool, save: Callable[[], None],
+                 stop_after_save: Callable[[], tuple[bool, str | None]] | None = None) -> str | None:
         """Save when due (``saving``: checkpoints are on); on a stop, save this step on
-        every rank if not saved yet. Returns why the run stops, or None."""
+        every rank if not saved yet. A stop signal that came during a due save (the
+        ranks agree on it with ``stop_after_save``: any rank stopping, this rank's
+        signal) stops here, with nothing more to save, rather than one step and one
+        save later. Returns why the run stops, or None."""
         saved = saving and self.checkpoint_due(step)
         if saved:
             save()
+            if not stopping and stop_after_save is not None:
+                stopping, received = stop_after_save()
         if not stopping:
             return None
         if saving and not saved:

@@ -84,6 +84,23 @@ def test_ctrl_c_twice_stops_at_once_and_the_next_run_starts(shards, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
 
 
+def test_a_sigterm_during_a_periodic_save_stops_right_after_it(shards, single_run, tmp_path):
+    """`mae pretrain`; SIGTERM while the step-4 checkpoint is written. The flag was read
+    before the save, so the run trained step 5 and saved again before stopping."""
+    run = tmp_path / "term-in-save"
+    proc = start(mae_pretrain(shards, run, "faults.slow_save_s=2"), run)
+    wait_for(lambda: saving(run, 4), proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert (summary(run)["stopped_by_signal"], summary(run)["step"]) == ("SIGTERM", 4), output[-3000:]
+    assert sorted(p.name for p in (run / "ckpt").glob("step*")) == ["step000000004"]
+    out = run_cmd(mae_pretrain(shards, run), run)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert resumed_step(out.stderr) == 4
+    assert_exact(run, single_run, resumed_at=4)
+
+
 def test_relaunching_a_finished_run_trains_nothing_and_keeps_its_summary(shards, single_run, tmp_path):
     """It overwrote run_summary.json with `images: 0`, `losses: []`."""
     import shutil
