@@ -21,6 +21,7 @@ the manifest load plus the first batches' shards over the node's bandwidth.
 
 from __future__ import annotations
 
+import math
 import time
 import tracemalloc
 from collections import Counter, OrderedDict
@@ -380,5 +381,5 @@ def report_lines(r: SimulationReport, what: str) -> list[str]:
         lines.append(f"warning      the cache ran over its limit to {_size(r.peak_cache_bytes)} (readers held "
                      f"{_size(r.peak_pinned_bytes)} open or prefetched): the node's disk needs that much, and "
                      f"shards leave the cache as soon as they close; raise data.storage.cache_limit_gb to "
-                     f"{r.peak_pinned_bytes / GiB:.2f} or more")
+                     f"{max(math.ceil(r.peak_pinned_bytes / GiB * 100) / 100, 0.01):.2f} or more")
     return lines

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     synthetic = None
     if args.samples is not None:
+        given = [o.split("=", 1)[0] for o in args.overrides if o.startswith(("data.url=", "data.sources="))]
+        require(not given, "--samples", f"describes a synthetic dataset, and {', '.join(given)} a real one: give one")
+        require(args.shard_bytes >= 512, "--shard-bytes", f"must be at least 512 (one tar header), got {args.shard_bytes}")
         synthetic = (args.samples, args.shards or max(1, args.samples // 10_000), args.shard_bytes)
         ranks = min(args.world, args.ranks_per_node * args.nodes)
         replayed = -(-args.samples // args.world) * ranks * args.epochs

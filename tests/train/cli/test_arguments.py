@@ -77,6 +77,8 @@ def test_plan_runs_with_good_values(capsys):
     (["--samples", "1.5"], "--samples"),
     (["--samples", "2e9"], "--samples"),  # replays 4e9 samples on 8 ranks: minutes
     (["--shards", "5"], "--shards"),  # without --samples
+    (["--samples", "1000", "--shard-bytes", "1"], "--shard-bytes"),  # printed "0 B downloaded (0.4 shards)"
+    (["--samples", "1000", "data.url=/somewhere"], "--samples"),  # the URL was ignored without a word
 ])
 def test_simulate_refuses(capsys, argv, argument):
     assert argument in _refused(capsys, "simulate", "--world", "8", *argv)
