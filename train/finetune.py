@@ -6,7 +6,8 @@ ways to launch, as pretraining:
     mae finetune --config finetune_tiny_cpu data.url=train-shards eval.url=val-shards    # one process
 
 A restarted run resumes from the latest complete checkpoint by itself (exactly);
-SIGTERM/SIGINT save and exit. The loop itself is ``train.eval.finetune``.
+SIGTERM, SIGINT, SIGUSR1 and SIGHUP save and exit. The loop itself is
+``train.eval.finetune``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 
 Rank, local rank and world size come from the launcher's environment; the sample
 plan partitions data by global rank. A restarted run resumes from the latest
-complete checkpoint by itself; SIGTERM/SIGINT save and exit. The loop itself is
-``train.trainer``.
+complete checkpoint by itself; SIGTERM, SIGINT, SIGUSR1 and SIGHUP save and exit
+(``StopSignal``). The loop itself is ``train.trainer``.
 """
 
 from __future__ import annotations
