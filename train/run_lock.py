@@ -278,11 +278,19 @@ class RunLock:
 
 def take_run_lock(cfg: CheckpointConfig, rank: int) -> RunLock | None:
     """Rank 0 takes ``cfg.dir``'s lock for a run that saves there (None when it does
-    not, and on other ranks); if it cannot, every rank raises the same error."""
-    if not cfg.enabled:
-        return None
+    not, and on other ranks); if it cannot, every rank raises the same error. A run
+    that does not save takes no lock, but is refused a folder a live run holds: it
+    would still resume from it and write its summary there (which a Slurm job reads
+    to decide whether to requeue)."""
     lock, error = RunLock(Path(cfg.dir), cfg.lock_stale_s) if rank == 0 else None, None
-    if lock is not None:
+    if lock is not None and not cfg.enabled:
+        holder = read_holder(lock.path)
+        if holder is not None and stale_reason(holder, cfg.lock_stale_s) is None:
+            error = CheckpointLockError(f"checkpoint.dir {lock.root} is in use by another run ({holder.describe()}); "
+                                        "a run with checkpoint.enabled=false would still resume from it and write "
+                                        "its summary there: set another checkpoint.dir")
+        lock = None
+    elif lock is not None:
         try:
             lock.acquire()
         except TrainError as e:

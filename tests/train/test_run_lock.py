@@ -127,6 +127,26 @@ def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch)
     lock.release()
 
 
+def test_a_run_that_does_not_save_is_refused_a_folder_a_live_run_holds(tmp_path):
+    """It took no lock, resumed from the live run's checkpoints and overwrote its
+    run_summary.json, which the Slurm job script reads to decide on a requeue."""
+    from train.config import CheckpointConfig
+    from train.run_lock import take_run_lock
+
+    cfg = CheckpointConfig(dir=str(tmp_path), enabled=False)
+    assert take_run_lock(cfg, rank=0) is None  # no lock there: it may use the folder
+    live = RunLock(tmp_path, stale_after_s=60)
+    live.acquire()
+    try:
+        with pytest.raises(CheckpointLockError, match="in use by another run .*checkpoint.enabled=false would still"):
+            take_run_lock(cfg, rank=0)
+    finally:
+        live.release()
+    _write(tmp_path / LOCK_NAME, replace(this_process(), pid=_dead_pid(), pid_start=None))
+    assert take_run_lock(cfg, rank=0) is None  # a dead holder's lock does not stand in the way
+    assert (tmp_path / LOCK_NAME).exists()  # and is left for a run that saves to take over
+
+
 def test_a_restarted_host_frees_its_locks():
     assert stale_reason(replace(this_process(), boot_id="an-earlier-boot"), 60) == "its host restarted since"
 
