@@ -92,6 +92,11 @@ class StopSignal:
         log.warning("%s received: %s at the end of this step, then exiting", self.received,
                     "saving a checkpoint" if self.saves else "stopping (checkpoint.enabled=false: nothing is saved)")
 
+    def on_any_rank(self, world: int, device: torch.device) -> tuple[bool, str | None]:
+        """(whether any rank has received a stop signal, the one this rank received):
+        an all-reduce, so every rank must call it at the same point."""
+        return any_rank(self.received is not None, world, device), self.received
+
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -293,7 +298,7 @@ class Trainer:
         self._record_step(step_loss)
         r.stopped_by_signal = self.guard.end_step(
             r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save,
-            lambda: (any_rank(stop.received is not None, self.world, self.device), stop.received))
+            lambda: stop.on_any_rank(self.world, self.device))
         return r.stopped_by_signal is not None
 
     def _log_ids(self, batch: Batch) -> None:

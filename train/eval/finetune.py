@@ -42,8 +42,8 @@ from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
 from train.config import flat_config
-from train.engine import (adamw, agree_across_ranks, any_rank, build_engine, device_for, init_distributed,
-                          module_state_dict, set_lr)
+from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
+                          set_lr)
 from train.errors import EvalInputError, ResumeError, WeightsError, check_classes
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
@@ -348,7 +348,7 @@ class Finetuner:
         self._record_step(step_loss, batch)
         r.stopped_by_signal = self.guard.end_step(
             r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save,
-            lambda: (any_rank(stop.received is not None, self.world, self.device), stop.received))
+            lambda: stop.on_any_rank(self.world, self.device))
         return r.stopped_by_signal is not None
 
     def _labels(self, batch: Batch) -> torch.Tensor:
