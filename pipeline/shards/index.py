@@ -36,6 +36,7 @@ from pathlib import PurePosixPath
 from tqdm import tqdm
 
 from infra.options import option, require, require_positive
+from infra.redact import redact
 from pipeline.errors import ManifestError, ObjectNotAccessible, SourceError
 from pipeline.shards.labels import RULES, LabelRule, integer_classes
 from pipeline.shards.manifest import (
@@ -55,7 +56,6 @@ from pipeline.shards.tar_format import (
     usable_samples,
     walk_tar,
 )
-from infra.redact import redact
 from pipeline.shards.tasks import RayTarget, cluster_cpus, run_tasks
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.objects import ObjectFolder, object_etag

@@ -249,13 +249,12 @@ def _header(raw: bytes, where: str) -> dict[str, Any]:
 def _check_columns(t: ShardTable, header: dict[str, Any], where: str) -> None:
     """The JSON's per-shard rules (``manifest._ManifestReader.shard``), on arrays."""
     n = len(t)
-    max_samples = MAX_SHARD_SAMPLES
-    bad = np.flatnonzero((t.samples < 1) | (t.samples > max_samples) | (t.nbytes < 0) | (t.nbytes > MAX_SHARD_BYTES)
-                         | (t.samples * MIN_SAMPLE_BYTES > t.nbytes))
+    bad = np.flatnonzero((t.samples < 1) | (t.samples > MAX_SHARD_SAMPLES) | (t.nbytes < 0)
+                         | (t.nbytes > MAX_SHARD_BYTES) | (t.samples * MIN_SAMPLE_BYTES > t.nbytes))
     if len(bad):
         i = int(bad[0])
         raise ManifestError(f"{where}: shards[{i}] has {int(t.samples[i])} samples in {int(t.nbytes[i])} bytes: "
-                            f"samples must be in [1, {max_samples}], bytes in [0, {MAX_SHARD_BYTES}], and fit")
+                            f"samples must be in [1, {MAX_SHARD_SAMPLES}], bytes in [0, {MAX_SHARD_BYTES}], and fit")
     if t.total_samples != header["total_samples"] or t.total_bytes != header["total_bytes"]:
         raise ManifestError(f"{where}: header totals differ from the sums over shards")
     if n and len(t.name_ends) != n or not n and t.names:
