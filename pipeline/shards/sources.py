@@ -75,8 +75,7 @@ def list_sources(src: str, storage: StorageConfig,
     if kind == "file":
         data = folder.call("list file", lambda: folder.fs.cat_file(path))
         try:
-            return _list_from_text(data.decode("utf-8"), storage, src.rstrip("/").rsplit("/", 1)[0] if "/" in src
-                                   else ".")
+            return _list_from_text(data.decode("utf-8"), storage, _folder_of(src))
         except UnicodeDecodeError:
             raise SourceError(f"list file {redact(src)} is not UTF-8 text") from None
     if kind is None:
@@ -246,6 +245,11 @@ def _list_from_text(text: str, storage: StorageConfig, base: str) -> tuple[list[
 
     with cf.ThreadPoolExecutor(16) as pool:  # one HEAD per object: do them in parallel
         return list(pool.map(item, entries)), classes
+
+
+def _folder_of(src: str) -> str:
+    """The folder (path or URL) of a list file: ``/l.txt`` -> ``/``, ``l.txt`` -> ``.``."""
+    return posixpath.dirname(src.rstrip("/")) or "."
 
 
 def _resolved(path: str, base: str) -> str:

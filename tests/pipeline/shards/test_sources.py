@@ -186,6 +186,17 @@ def test_list_lines_are_relative_to_the_list_and_a_repeated_path_is_a_duplicate(
     assert _rejects(summary) == {"00000003:a.jpg": "duplicate", "00000004:a.jpg": "duplicate"}
 
 
+def test_a_list_files_folder_is_where_its_relative_lines_are_read():
+    """A list at the root (`/l.txt`) took "" as its folder, so its lines were read from
+    the current folder again."""
+    from pipeline.shards.sources import _folder_of, _resolved
+
+    assert [_folder_of(s) for s in ("/l.txt", "l.txt", "lists/l.txt", "s3://b/d/l.txt")] == ["/", ".", "lists",
+                                                                                            "s3://b/d"]
+    assert _resolved("img/a.jpg", _folder_of("/l.txt")) == "/img/a.jpg"
+    assert _resolved("../x/a.jpg", _folder_of("s3://b/d/l.txt")) == "s3://b/x/a.jpg"
+
+
 def test_table_columns_named_for_a_folder_are_an_error_not_ignored(tmp_path):
     _images(tmp_path / "src", ["a.jpg"])
     with pytest.raises(SourceError, match="is not a parquet/Arrow source: --image-column"):
