@@ -39,7 +39,7 @@ from pipeline.errors import ManifestError, MixError
 from pipeline.plan import SourceQuota
 from pipeline.shards.manifest import ShardInfo
 from pipeline.shards.manifest_index import ShardTable
-from pipeline.storage.config import StorageConfig
+from pipeline.storage.config import StorageConfig, require_endpoint
 from pipeline.storage.store import ShardStore, report_event
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ class SourceConfig:
         require(self.samples is None or self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
         require(self.name is None or bool(SOURCE_NAME.fullmatch(self.name)), "name",
                 f"must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit, got {self.name!r}")
-        require(self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
-                f"must start with http:// or https://, got {self.endpoint_url!r}")
+        require_endpoint(self, "endpoint_url")
 
     @property
     def label(self) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from infra.options import option, require, require_choice, require_non_negative, require_positive, require_text
+from infra.redact import redact
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,30 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff for the attempt that just failed (1-based)."""
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why an S3 endpoint URL cannot be used (None: it can). One with a user name or
+    password is refused: botocore would send it as part of the host, and every
+    request fail as a network error until the retry deadline."""
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises on a port that is not a number or is out of range
+    except ValueError as e:
+        return f"is not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be http://host[:port] or https://..."
+    if parts.username is not None or parts.password is not None:
+        return ("must not carry a user name or password: credentials come from AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile or an instance role")
+    return None
+
+
+def require_endpoint(config: object, name: str) -> None:
+    """An option holding an S3 endpoint URL (or None) is usable; the error never shows a password."""
+    value = getattr(config, name)
+    problem = endpoint_problem(value) if value is not None else None
+    require(problem is None, name, f"{problem}, got {redact(str(value))!r}")
 
 
 @dataclass(frozen=True)
@@ -58,8 +84,7 @@ class StorageConfig:
         require(self.cache_limit_bytes >= 1, "cache_limit_gb", f"must be at least one byte, got {self.cache_limit_gb:g}")
         require_choice(self, "checksum", ("xxh3", "sha256"))
         require_choice(self, "cache_mode", ("disk", "memory"))
-        require(self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
-                f"must start with http:// or https://, got {self.endpoint_url!r}")
+        require_endpoint(self, "endpoint_url")
         require(self.prefetch_shards >= 0, "prefetch_shards", f"must be >= 0, got {self.prefetch_shards}")
         require_text(self, "cache_dir")
 

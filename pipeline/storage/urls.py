@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
 import fsspec
 
 from infra.redact import redact, register_secrets
 from pipeline.errors import ObjectNotAccessible
-from pipeline.storage.config import StorageConfig
+from pipeline.storage.config import StorageConfig, endpoint_problem
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -76,17 +75,9 @@ def _s3_options(options: dict[str, Any], config: StorageConfig) -> dict[str, Any
 def _check_endpoint(endpoint: str | None) -> None:
     """An endpoint from the environment is checked as ``--endpoint-url`` is: botocore
     would raise deep inside the first request, or retry a bad scheme as a network error."""
-    if not endpoint:
-        return
-    try:
-        parts = urlsplit(endpoint)
-        parts.port  # noqa: B018 - raises on a port that is not a number or is out of range
-    except ValueError as e:
-        raise ObjectNotAccessible(f"S3 endpoint {redact(endpoint)} is not a URL ({e}); check AWS_ENDPOINT_URL or "
-                                  "--endpoint-url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ObjectNotAccessible(f"S3 endpoint {redact(endpoint)} must be http://host[:port] or https://...; check "
-                                  "AWS_ENDPOINT_URL or --endpoint-url")
+    problem = endpoint_problem(endpoint) if endpoint else None
+    if problem is not None:
+        raise ObjectNotAccessible(f"S3 endpoint {redact(endpoint)} {problem}; check AWS_ENDPOINT_URL or --endpoint-url")
 
 
 def s3_endpoint(options: dict[str, Any]) -> str | None:

@@ -58,7 +58,7 @@ def test_a_quota_of_more_than_a_thousand_passes_is_refused():
     ({"url": "a", "weight": 1, "samples": 2}, "weight and samples exclude each other"),
     ({"url": "a", "name": "has space"}, "name must be 1-64 characters"),
     ({"url": "a", "name": "x" * 65}, "name must be 1-64 characters"),
-    ({"url": "a", "endpoint_url": "ftp://x"}, "endpoint_url must start with http"),
+    ({"url": "a", "endpoint_url": "ftp://x"}, "endpoint_url must be http://host"),
 ])
 def test_a_source_config_names_what_is_wrong(kw, message):
     with pytest.raises(OptionError, match=message):

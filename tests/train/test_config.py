@@ -68,7 +68,7 @@ def test_overrides_and_derived_values_are_not_written_back():
     ("data.url=", "data.url must not be empty, got ''"),
     ("data.storage.read_timeout_s=0", "data.storage.read_timeout_s must be positive, got 0.0"),
     ("data.storage.retry.deadline_s=-5", "data.storage.retry.deadline_s must be positive, got -5.0"),
-    ("data.storage.endpoint_url=127.0.0.1:9000", "data.storage.endpoint_url must start with http:// or https://"),
+    ("data.storage.endpoint_url=127.0.0.1:9000", "data.storage.endpoint_url must be http://host"),
     ("checkpoint.dir=''", "checkpoint.dir must not be empty"),
     ("faults.max_nonfinite_in_row=0", "faults.max_nonfinite_in_row must be positive, got 0"),
     ("faults.inject_nonfinite_at=[-1]", "faults.inject_nonfinite_at must be micro-step numbers >= 0, got [-1]"),

@@ -15,6 +15,7 @@ from pipeline.plan import PlanConfig
 from pipeline.shards.manifest import ShardInfo
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import RetryPolicy, StorageConfig
+from infra.options import OptionError
 from infra.redact import redact
 from pipeline.storage.store import ShardStore
 
@@ -446,7 +447,18 @@ def test_a_cache_folder_that_is_a_file_or_an_endpoint_that_is_not_a_url_is_named
                                               "point data.storage.cache_dir, or MAESCALE_CACHE, at a folder"):
         ShardCache(tmp_path / "file" / "shards", 2**20)
     for endpoint, problem in [("127.0.0.1:9000", "must be http://host"), ("http://[::1:9000", "is not a URL"),
-                              ("http://127.0.0.1:99999", "is not a URL"), ("htp://x:1", "must be http://host")]:
+                              ("http://127.0.0.1:99999", "is not a URL"), ("htp://x:1", "must be http://host"),
+                              ("http://admin:pw-s3cret@127.0.0.1:9000", "must not carry a user name or password")]:
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # --endpoint-url is checked by its config; this was not
-        with pytest.raises(ShardFetchError, match=rf"S3 endpoint .* {problem}.*check AWS_ENDPOINT_URL"):
+        with pytest.raises(ShardFetchError, match=rf"S3 endpoint .* {problem}.*check AWS_ENDPOINT_URL") as caught:
             ShardStore("s3://bucket/ds", StorageConfig(cache_dir=str(tmp_path / "cache"))).read_manifest()
+        assert "s3cret" not in str(caught.value)
+
+
+def test_an_endpoint_with_a_password_is_refused_by_the_config_without_showing_it():
+    # botocore took it as part of the host: every request failed as a network error, retried to the deadline
+    for endpoint in ("http://admin:pw-s3cret@minio:9000", "ftp://admin:pw-s3cret@minio:9000"):
+        with pytest.raises(OptionError, match="endpoint_url must") as caught:
+            StorageConfig(endpoint_url=endpoint)
+        assert "s3cret" not in str(caught.value) and "<redacted>" in str(caught.value)
+    assert StorageConfig(endpoint_url="https://minio.example:9000").endpoint_url == "https://minio.example:9000"
