@@ -44,6 +44,14 @@ class ObjectNotAccessible(ShardFetchError):
     exit_code = 2
 
 
+class ObjectMissing(ObjectNotAccessible):
+    """The object is not there, or is not a regular file: a problem of that one object."""
+
+
+class ShardCorrupt(ShardFetchError):
+    """An object's bytes do not match the digest its manifest records, after every retry."""
+
+
 class CorruptDataError(PipelineError):
     """More samples were corrupt than the configured tolerance allows."""
 

@@ -6,7 +6,8 @@ import io
 from collections import Counter
 from typing import BinaryIO
 
-from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardManifest
+from pipeline.errors import ObjectMissing, ShardCorrupt, ShardFormatError
+from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
 from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, encode_index, index_status, indexable
 from pipeline.shards.tar_format import index_shard
 from pipeline.storage.objects import HASHES
@@ -55,34 +56,43 @@ def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[s
 
 
 def verify_shards(store: ShardStore, manifest: ShardManifest) -> list[str]:
-    """Fetch every shard (which checks the digest readers use, raising
-    ``ShardFetchError`` on a mismatch), check every other digest the manifest
-    records, and index it (``ShardFormatError`` for an unsafe or broken tar);
-    returns one line per shard whose other digests or sample count differ, or that
-    repeats keys."""
+    """Fetch every shard (which checks the digest readers use), check every other
+    digest the manifest records, and index it; returns one line per problem, for
+    every shard: a digest or sample count that differs, repeated keys, a shard that
+    is missing, corrupt or not a safe tar. A failure that is not one shard's own
+    (credentials, an endpoint that does not answer) is raised at once."""
+    problems = []
+    for shard in manifest.shards:
+        try:
+            problems += _shard_problems(store, manifest, shard)
+        except (ShardFormatError, ShardCorrupt, ObjectMissing) as e:
+            problems.append(str(e) if shard.name in str(e) else f"{shard.name}: {e}")
+    return problems
+
+
+def _shard_problems(store: ShardStore, manifest: ShardManifest, shard: ShardInfo) -> list[str]:
     problems = []
     beton = is_beton(manifest)
-    for shard in manifest.shards:
-        checked = store.checksum(shard)
-        with store.open_shard(shard) as f:
-            recorded = {name: getattr(shard, name) for name in HASHES if getattr(shard, name)}  # sha256, xxh3_128
-            wrong = _wrong_digests(f, recorded, checked[0] if checked else None)
-            size = f.seek(0, io.SEEK_END)
-            samples = [] if beton else index_shard(f, shard)  # a .beton's samples are not tar members
-            count = beton_samples(f) if beton else len(samples)
-        if size != shard.bytes:  # a cached copy is found by its digest, whatever size the manifest claims
-            problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
-        if wrong:
-            verb = "does" if len(wrong) == 1 else "do"
-            passed = checked[0] if checked else "header fingerprint"
-            problems.append(f"{shard.name}: its {' and '.join(wrong)} {verb} not match the manifest (its {passed} does)")
-        if count != shard.samples:
-            held = f"its header holds {count}" if beton else str(count)
-            problems.append(f"{shard.name}: {held} samples, manifest says {shard.samples}")
-        renamed = [s for s in samples if s.renamed_from]
-        if renamed:
-            problems.append(f"{shard.name}: {len(renamed)} duplicate keys (first: {renamed[0].renamed_from!r}; "
-                            f"read as {renamed[0].key!r})")
+    checked = store.checksum(shard)
+    with store.open_shard(shard) as f:
+        recorded = {name: getattr(shard, name) for name in HASHES if getattr(shard, name)}  # sha256, xxh3_128
+        wrong = _wrong_digests(f, recorded, checked[0] if checked else None)
+        size = f.seek(0, io.SEEK_END)
+        samples = [] if beton else index_shard(f, shard)  # a .beton's samples are not tar members
+        count = beton_samples(f) if beton else len(samples)
+    if size != shard.bytes:  # a cached copy is found by its digest, whatever size the manifest claims
+        problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
+    if wrong:
+        verb = "does" if len(wrong) == 1 else "do"
+        passed = checked[0] if checked else "header fingerprint"
+        problems.append(f"{shard.name}: its {' and '.join(wrong)} {verb} not match the manifest (its {passed} does)")
+    if count != shard.samples:
+        held = f"its header holds {count}" if beton else str(count)
+        problems.append(f"{shard.name}: {held} samples, manifest says {shard.samples}")
+    renamed = [s for s in samples if s.renamed_from]
+    if renamed:
+        problems.append(f"{shard.name}: {len(renamed)} duplicate keys (first: {renamed[0].renamed_from!r}; "
+                        f"read as {renamed[0].key!r})")
     return problems
 
 

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from infra.files import NotAFileError
 from infra.redact import describe
-from pipeline.errors import ObjectNotAccessible, ShardFetchError
+from pipeline.errors import ObjectMissing, ObjectNotAccessible, ShardCorrupt, ShardFetchError
 from pipeline.storage.config import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ _PERMANENT_ERRNOS = {errno.EINVAL: "the server rejected the request as invalid",
                                                                "behind another endpoint",
                      errno.ENOSPC: "no space left on the local disk",
                      errno.EROFS: "read-only file system"}
+
+
+_NOT_FOUND = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+_MISSING = (NotAFileError, *_NOT_FOUND)  # a problem of one object, not of the store or the credentials
 
 
 class ChecksumMismatch(Exception):
@@ -62,7 +66,7 @@ def permanent_cause(exc: BaseException) -> str | None:
         return "access denied (check credentials)"
     if isinstance(exc, NotAFileError):
         return exc.strerror
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, _NOT_FOUND):
         return "not found"
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & _CREDENTIAL_ERRORS:
@@ -102,7 +106,8 @@ def with_retries(what: str, where: str, fn: Callable[[], T], policy: RetryPolicy
             cause = permanent_cause(e)
             if cause is not None:
                 on_event("fetch_error", 1)
-                error = ShardFetchError if isinstance(e, ChecksumMismatch) else ObjectNotAccessible
+                error = (ShardCorrupt if isinstance(e, ChecksumMismatch) else ObjectMissing if isinstance(e, _MISSING)
+                         else ObjectNotAccessible)
                 raise error(f"{what} at {where}: {cause} ({describe(e)})") from None
             if not is_transient(e):
                 raise
@@ -111,7 +116,8 @@ def with_retries(what: str, where: str, fn: Callable[[], T], policy: RetryPolicy
                 on_event("fetch_error", 1)
                 kind = "checksum mismatch" if isinstance(e, ChecksumMismatch) else "failed"
                 limit = "" if attempt >= policy.max_attempts else f", deadline {policy.deadline_s:g} s"
-                raise ShardFetchError(f"{what} at {where}: {kind} after {attempt} attempts in {elapsed:.1f} s"
+                error = ShardCorrupt if isinstance(e, ChecksumMismatch) else ShardFetchError
+                raise error(f"{what} at {where}: {kind} after {attempt} attempts in {elapsed:.1f} s"
                                       f"{limit} (last: {describe(e)})") from None
             on_event("fetch_retry", 1)
             log.warning("%s: attempt %d/%d failed (%s); retrying in %.2fs",

@@ -10,7 +10,7 @@ from train.cli.common import add_storage_arguments, storage_config, whole
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="dataset folder or URL holding manifest.json")
     p.add_argument("--verify", action="store_true", help="fetch every shard and check every digest the manifest records (xxh3-128, sha256) "
-                        "and its sample count")
+                        "and its sample count; lists every shard that fails")
     p.add_argument("--samples", type=whole(0, 10_000), default=5, help="sample keys to show from the first shard")
     p.add_argument("--write-index", action="store_true",
                    help="(re)write manifest.index, the binary index loaders read, for the current manifest.json")
@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.errors import ObjectMissing, ShardCorrupt, ShardFormatError
     from pipeline.shards.manifest_index import FORGED
     from pipeline.shards.verify import first_keys, index_report, summarize, verify_shards, write_index
     from pipeline.storage.store import ShardStore
@@ -29,7 +30,12 @@ def run(args: argparse.Namespace) -> int:
     print(index_line)
     if args.write_index:
         print(f"wrote manifest.index for {len(manifest.shards)} shards")
-    keys = first_keys(store, manifest, args.samples)
+    try:
+        keys = first_keys(store, manifest, args.samples)
+    except (ShardFormatError, ShardCorrupt, ObjectMissing):
+        if not args.verify:
+            raise
+        keys = []  # the first shard's problem is reported with every other shard's below
     if keys:
         print(f"first keys of {manifest.shards[0].name}: {', '.join(keys)}")
     if args.verify:

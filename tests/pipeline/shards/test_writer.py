@@ -5,7 +5,7 @@ import sys
 import tarfile
 
 import pytest
-from tests.helpers.shards import jpeg_bytes, read_json
+from tests.helpers.shards import flip_a_byte, jpeg_bytes, numbered_shards, read_json
 
 from pipeline.errors import SourceError
 from pipeline.images import ImagePolicy
@@ -158,3 +158,21 @@ def test_cli_shard_and_inspect(photos, tmp_path):
     assert res.returncode == 0 and "verified" in res.stdout and "samples 45" in res.stdout
     bad = run("shard", str(tmp_path / "missing"), str(out))
     assert bad.returncode == 2 and "neither a folder nor a list file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_inspect_verify_lists_every_bad_shard_and_stops_at_none(tmp_path):
+    # it stopped at the first: a dataset with three bad shards needed three passes to find them
+    ds = tmp_path / "ds"
+    numbered_shards(ds, [3, 3, 3, 3, 3], image_size=(32, 24))
+    flip_a_byte(ds / "shard-000000.tar")  # the first shard, which inspect also opens for its keys
+    (ds / "shard-000002.tar").unlink()
+    flip_a_byte(ds / "shard-000004.tar")
+    res = subprocess.run([sys.executable, "-m", "train.cli", "inspect", str(ds), "--verify"], capture_output=True,
+                         text=True, timeout=300)
+    fails = [line for line in res.stdout.splitlines() if line.startswith("FAIL")]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(fails) == 3, res.stdout
+    assert "shard-000000.tar" in fails[0] and "checksum mismatch" in fails[0]
+    assert "shard-000002.tar" in fails[1] and "not found" in fails[1]
+    assert "shard-000004.tar" in fails[2] and "checksum mismatch" in fails[2]
+    assert "verified" not in res.stdout
