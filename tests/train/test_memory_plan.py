@@ -39,3 +39,16 @@ def test_vit_h_on_8_h100s_needs_sharding_and_fits_with_zero():
     assert rows[3]["deepspeed"] is not None and rows[1]["deepspeed"] is None
     assert rows[3]["max_micro_batch"][True] > rows[3]["max_micro_batch"][False] > 0
     assert r["activations"][True] < r["activations"][False]
+
+
+def test_plan_advice_names_what_can_help():
+    from train.cli.plan import _advice
+
+    tiny = plan(PlanRequest(model="mae_vit_huge_patch14", gpus=8, nodes=1, micro_batch=32, gpu_mem_gib=0.001,
+                            img_size=224, mask_ratio=0.75, dtype="bf16"))
+    # lowering the micro-batch cannot help when the model states alone do not fit: it said so anyway
+    advice = _advice(tiny)
+    assert "model states alone need 2.45 GiB per GPU at stage 3" in advice and "offload" in advice
+    large_batch = plan(PlanRequest(model="mae_vit_huge_patch14", gpus=8, nodes=1, micro_batch=4096, gpu_mem_gib=4.5,
+                                   img_size=224, mask_ratio=0.75, dtype="bf16"))
+    assert _advice(large_batch) == "lower the micro-batch (raise accumulation) or add GPUs"

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
                          dtype=args.dtype))
     print(f"{args.model}: {r['params'] / 1e6:.2f}M trainable parameters (largest layer {r['largest_layer'] / 1e6:.2f}M), "
           f"{r['gpus']} GPUs ({args.nodes} node(s) x {args.gpus}), micro-batch {args.micro_batch}, {args.dtype}, "
-          f"{args.gpu_mem:.0f} GiB/GPU (plan for {r['usable'] / GiB:.0f} usable)")
+          f"{args.gpu_mem:.4g} GiB/GPU (plan for {r['usable'] / GiB:.4g} usable)")
     print(f"activations per GPU: {r['activations'][False] / GiB:.1f} GiB, with activation checkpointing "
           f"{r['activations'][True] / GiB:.1f} GiB")
     print(f"{'stage':<7}{'states GiB':>11}{'DeepSpeed est.':>16}{'total GiB':>11}{'w/ ckpt':>9}{'fits':>6}"
@@ -52,7 +52,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"-> ZeRO stage {best} fits micro-batch {args.micro_batch} without activation checkpointing "
               "(lowest stage = least communication)")
     else:
-        ck = next((row["stage"] for row in r["rows"] if row["total"][True] <= r["usable"]), None)
-        print("-> nothing fits without checkpointing; " + (f"stage {ck} with model.grad_checkpointing=true" if ck is not None
-              else "lower the micro-batch (raise accumulation) or add GPUs"))
+        print("-> nothing fits without checkpointing; " + _advice(r))
     return 0
+
+
+def _advice(r: dict) -> str:
+    """What to change when no stage fits the micro-batch without checkpointing."""
+    from train.memory_plan import GiB
+
+    ck = next((row["stage"] for row in r["rows"] if row["total"][True] <= r["usable"]), None)
+    if ck is not None:
+        return f"stage {ck} with model.grad_checkpointing=true"
+    smallest = min(r["rows"], key=lambda row: row["model_states"])
+    if smallest["model_states"] > r["usable"]:  # no micro-batch can help
+        return (f"the model states alone need {smallest['model_states'] / GiB:.3g} GiB per GPU at stage "
+                f"{smallest['stage']}, more than the {r['usable'] / GiB:.3g} usable: add GPUs (stage 3 divides them) "
+                "or offload (deepspeed.offload_optimizer=true, deepspeed.offload_params=true)")
+    return "lower the micro-batch (raise accumulation) or add GPUs"
