@@ -33,6 +33,7 @@ import numpy as np
 
 from infra.options import option, require, require_non_negative, require_positive
 from pipeline.plan import SamplePlan
+from pipeline.storage.cache import eviction_target
 
 if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
@@ -112,7 +113,8 @@ class SimulationReport:
 
 class NodeCache:
     """The node's shard cache as ``ShardCache`` behaves: LRU by last use, entries
-    open in a reader pinned, eviction after each download down to the limit."""
+    open in a reader pinned; a download that takes it over its limit evicts down to
+    ``eviction_target``."""
 
     def __init__(self, shard_bytes: np.ndarray, limit: int) -> None:
         self.shard_bytes, self.limit = shard_bytes, limit
@@ -139,8 +141,11 @@ class NodeCache:
         self.peak_size = max(self.peak_size, self.size)  # above the limit only when open entries fill it
 
     def _evict(self, keep: int) -> None:
+        if self.size <= self.limit:
+            return
+        target = eviction_target(self.limit, len(self.entries))
         for shard in list(self.entries):
-            if self.size <= self.limit:
+            if self.size <= target:
                 return
             if shard != keep and not self.pins[shard]:
                 self.size -= self.entries.pop(shard)
