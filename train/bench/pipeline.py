@@ -2,7 +2,8 @@
 
 (a) bucket read bandwidth: plain ``s3fs cat`` of every shard vs the reader's
     verified, cached fetch of the same shard, interleaved shard by shard, against
-    an S3 endpoint (the CLI starts SeaweedFS on loopback unless given a bucket);
+    an S3 endpoint (the CLI starts SeaweedFS on loopback unless given a bucket),
+    with the cache at its limit and while it fills;
 (b) decode: each backend's (``--backend cpu|dali|ffcv|all``) images/sec and
     CPU-ms per image vs a baseline like the official MAE loader (one JPEG file per
     image, PIL decode, crop then bicubic resize, flip, float normalize in
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -35,6 +37,7 @@ from infra.options import option, require, require_positive
 from pipeline.augment import AugmentConfig, Normalizer, crop_and_flip, sample_rng
 from pipeline.loader import LoaderConfig, build_loader
 from pipeline.shards.writer import ShardWriterConfig, write_shards
+from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
 from pipeline.storage.store import ShardStore
 from pipeline.storage.urls import filesystem, join
@@ -154,40 +157,151 @@ READER_VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
+class _Timer:
+    """Wall and CPU seconds per name, summed over calls."""
+
+    def __init__(self, names) -> None:
+        self.seconds, self.cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+
+    def run(self, name: str, fn) -> None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        self.seconds[name] += time.perf_counter() - t0
+        self.cpu[name] += time.process_time() - c0
+
+    def rates(self, nbytes: int) -> dict[str, float]:
+        out = {}
+        for name in self.seconds:
+            out[f"{name}_MiB_s"] = nbytes / self.seconds[name] / MiB
+            out[f"{name}_client_cpu_ms_per_MiB"] = 1e3 * self.cpu[name] / (nbytes / MiB)
+        out["reader_vs_raw"] = out["reader_MiB_s"] / out["raw_cat_MiB_s"]
+        out["reader_cpu_vs_raw"] = out["reader_client_cpu_ms_per_MiB"] / out["raw_cat_client_cpu_ms_per_MiB"]
+        return out
+
+
+class _FetchCount:
+    """Bytes a store downloaded: every measured read must be a real fetch, not a cache hit."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def __call__(self, event: str, n: int) -> None:
+        if event == "bytes_fetched":
+            self.bytes += n
+
+
 def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) -> dict[str, object]:
     """Raw ``cat`` (to memory), raw ``cat`` + write to local disk, and the reader's
-    verified fetch into an empty cache (or into memory) under each lever of
-    ``READER_VARIANTS`` — shard by shard, interleaved."""
+    verified fetch of the same shards, interleaved shard by shard, in two states:
+
+    - *steady*: every disk cache at its limit (one shard), so each fetch evicts the
+      last one, as when a dataset larger than the cache streams through it; one
+      unmeasured pass fills the caches first. Each lever of ``READER_VARIANTS``.
+    - *filling*: the default reader into an empty, unbounded cache, against raw cat:
+      every byte lands on page-cache pages the node has not used yet.
+
+    Every measured reader call is checked to have downloaded its whole shard."""
     fs, root = filesystem(url, storage)
     shards = ShardStore(url, storage).read_manifest().shards
+    if len(shards) < 2:
+        raise ValueError(f"the read part needs at least 2 shards to keep a one-shard cache missing; the dataset has "
+                         f"{len(shards)}: lower --shard-size or raise --images")
     shutil.rmtree(cache_dir, ignore_errors=True)  # every reader starts from an empty cache (a kept --workdir too)
     Path(cache_dir).mkdir(parents=True)
-    seconds = dict.fromkeys(("raw_cat", "raw_cat_to_disk", *READER_VARIANTS), 0.0)
-    cpu = dict.fromkeys(seconds, 0.0)
-    total = 0
+    limit = max(s.bytes for s in shards) + MiB  # one shard (memory mode: bounds the one it holds)
+
+    def raw_cat(to_disk: bool = False):
+        def read(shard):
+            data = _check_len(fs.cat_file(join(root, shard.name)), shard)
+            if to_disk:
+                Path(f"{cache_dir}/raw.tar").write_bytes(data)
+        return read
+
+    def reader(store: ShardStore):
+        return lambda shard: store.open_shard(shard).close()
+
+    counts = {name: _FetchCount() for name in READER_VARIANTS}
+    steady = {"raw_cat": raw_cat(), "raw_cat_to_disk": raw_cat(to_disk=True)} | {
+        name: reader(ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/steady-{name}",
+                                             cache_limit_gb=limit / 2**30, **changes), counts[name]))
+        for name, changes in READER_VARIANTS.items()}
+    for shard in shards:  # fill every cache to its limit, unmeasured
+        for read in steady.values():
+            read(shard)
+    timer, filling, total = _Timer(steady), _Timer(("raw_cat", "reader")), 0
+    fill_count = _FetchCount()
+    for c in counts.values():
+        c.bytes = 0
     for r in range(rounds):
-        stores = {name: ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/{r}-{name}", cache_limit_gb=1024,
-                                                **changes)) for name, changes in READER_VARIANTS.items()}
+        fill = {"raw_cat": raw_cat(), "reader": reader(
+            ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/fill-{r}", cache_limit_gb=1024), fill_count))}
         for shard in shards:
-            for name in seconds:
-                c0, t0 = time.process_time(), time.perf_counter()
-                if name in stores:
-                    stores[name].open_shard(shard).close()
-                else:
-                    data = _check_len(fs.cat_file(join(root, shard.name)), shard)
-                    if name == "raw_cat_to_disk":
-                        Path(f"{cache_dir}/raw.tar").write_bytes(data)
-                    del data
-                seconds[name] += time.perf_counter() - t0
-                cpu[name] += time.process_time() - c0
+            for name, read in steady.items():
+                timer.run(name, lambda: read(shard))
+            for name, read in fill.items():
+                filling.run(name, lambda: read(shard))
             total += shard.bytes
-    out: dict[str, object] = {"bytes": total}
-    for name in seconds:
-        out[f"{name}_MiB_s"] = total / seconds[name] / MiB
-        out[f"{name}_client_cpu_ms_per_MiB"] = 1e3 * cpu[name] / (total / MiB)
-    out["reader_vs_raw"] = out["reader_MiB_s"] / out["raw_cat_MiB_s"]
-    out["reader_cpu_vs_raw"] = out["reader_client_cpu_ms_per_MiB"] / out["raw_cat_client_cpu_ms_per_MiB"]
+    missed = {name: c.bytes for name, c in [*counts.items(), ("filling", fill_count)] if c.bytes != total}
+    if missed:
+        raise RuntimeError(f"readers fetched other than the {total} bytes read ({missed}): a cache hit was timed")
+    out: dict[str, object] = {"bytes": total, "cache_limit_MiB": limit / MiB, **timer.rates(total)}
     out["reader_vs_raw_to_disk"] = out["reader_MiB_s"] / out["raw_cat_to_disk_MiB_s"]
+    out["filling"] = filling.rates(total)
+    out["page_cache_write"] = page_cache_write_cost(Path(cache_dir) / "pages", limit)
+    out["cache_commit"] = cache_commit_cost(Path(cache_dir) / "commits")
+    return out
+
+
+def cache_commit_cost(folder: Path, entries: int = 20_000, commits: int = 2_000,
+                      shard_bytes: int = 16 * MiB) -> dict[str, float]:
+    """CPU per commit into a full node cache of ``entries`` shards (sparse files: the
+    sizes are real, the blocks are not written), listings included (enough commits
+    for several), against one listing of its folder, which every commit made before
+    the cache kept a ledger."""
+    cache = ShardCache(folder, limit_bytes=entries * shard_bytes)
+    for i in range(entries):
+        with open(cache.dir / f"{hashlib.sha256(b'old%d' % i).hexdigest()}.tar", "wb") as f:
+            f.truncate(shard_bytes)
+    c0 = time.process_time()
+    cache.evict()  # builds the ledger: one listing
+    listing = time.process_time() - c0
+    listings = 0
+    evict = cache.evict
+
+    def counted() -> int:
+        nonlocal listings
+        listings += 1
+        return evict()
+
+    cache.evict = counted  # type: ignore[method-assign]
+    c0 = time.process_time()
+    for i in range(commits):
+        digest = hashlib.sha256(b"new%d" % i).hexdigest()
+        tmp = cache.temp_path(digest)
+        with open(tmp, "wb") as f:
+            f.truncate(shard_bytes)
+        cache.commit(digest, tmp)[1].close()
+    per_commit = (time.process_time() - c0) / commits
+    shutil.rmtree(folder)
+    return {"entries": entries, "commits": commits, "listings": listings, "commit_cpu_ms": 1e3 * per_commit,
+            "listing_cpu_ms": 1e3 * listing}
+
+
+def page_cache_write_cost(folder: Path, nbytes: int, files: int = 4) -> dict[str, float]:
+    """CPU-ms per MiB to write ``files`` new files of ``nbytes`` (pages the page
+    cache takes from free memory), then to write them again after deleting them
+    (pages just freed). On a VM whose balloon reports free pages to the host, the
+    first costs a fault into the hypervisor per page."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(nbytes)
+    out = {}
+    for label in ("fresh", "recycled"):
+        c0 = time.process_time()
+        for i in range(files):
+            (folder / f"{i}.bin").write_bytes(data)
+        out[f"{label}_cpu_ms_per_MiB"] = 1e3 * (time.process_time() - c0) / (files * nbytes / MiB)
+        for i in range(files):
+            (folder / f"{i}.bin").unlink()
     return out
 
 
@@ -327,16 +441,31 @@ DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
                  ("ffcv_backend", "ffcv backend, normalized"))
 
 
+def _read_line(label: str, rates: dict, name: str) -> str:
+    return (f"    {label:<44}{rates[name + '_MiB_s']:8.1f} MiB/s  client CPU "
+            f"{rates[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
+
+
 def format_report(r: dict) -> str:
     lines = [f"mae bench pipeline: {r['images']} JPEGs (~500x375, q90), {r['cpus']} CPUs, device {r['device']}"]
     if "read" in r:
         rd = r["read"]
-        lines.append("(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs):")
-        for name, label in READ_LABELS:
-            lines.append(f"    {label:<44}{rd[name + '_MiB_s']:8.1f} MiB/s  client CPU "
-                         f"{rd[name + '_client_cpu_ms_per_MiB']:.2f} ms/MiB")
+        lines.append("(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs); steady state: "
+                     f"every disk cache at its limit ({rd['cache_limit_MiB']:.0f} MiB), each fetch evicting the last:")
+        lines += [_read_line(label, rd, name) for name, label in READ_LABELS]
         lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat's MiB/s at {rd['reader_cpu_vs_raw']:.2f}x "
                      f"its CPU/MiB; {rd['reader_vs_raw_to_disk']:.0%} of cat+write")
+        fill, pages = rd["filling"], rd["page_cache_write"]
+        lines.append("  filling an empty cache (every byte on page-cache pages not used before):")
+        lines += [_read_line(label, fill, name) for name, label in READ_LABELS if name in ("raw_cat", "reader")]
+        lines.append(f"    -> reader at {fill['reader_vs_raw']:.0%} of raw cat's MiB/s at "
+                     f"{fill['reader_cpu_vs_raw']:.2f}x its CPU/MiB")
+        lines.append(f"  writing the page cache: {pages['fresh_cpu_ms_per_MiB']:.2f} CPU-ms/MiB on new pages, "
+                     f"{pages['recycled_cpu_ms_per_MiB']:.2f} on pages just freed")
+        cc = rd["cache_commit"]
+        lines.append(f"  committing into a full cache of {cc['entries']:,} shards: {cc['commit_cpu_ms']:.2f} CPU-ms per "
+                     f"commit ({cc['listings']} listings in {cc['commits']} commits); one listing of the folder, which "
+                     f"every commit made before the ledger: {cc['listing_cpu_ms']:.1f} CPU-ms")
     if "decode" in r:
         dc = r["decode"]
         b = dc["per_file_pil_baseline"]

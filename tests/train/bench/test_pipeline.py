@@ -21,6 +21,12 @@ def test_bench_pipeline_report_is_consistent(tmp_path):
                                                       / read["raw_cat_client_cpu_ms_per_MiB"])
     assert all(read[f"{lever}_MiB_s"] > 0 for lever in ("reader_sha256", "reader_memory", "reader_16mib_ranges",
                                                         "reader_4mib_ranges"))
+    fill = read["filling"]  # the same shards into an empty cache, measured apart from the steady state
+    assert fill["reader_vs_raw"] == pytest.approx(fill["reader_MiB_s"] / fill["raw_cat_MiB_s"])
+    assert read["cache_limit_MiB"] < read["bytes"] / 2**20  # the steady state's caches really evict
+    assert all(v > 0 for v in read["page_cache_write"].values())
+    commits = read["cache_commit"]  # 20,000 entries: each listing makes room for 625 commits
+    assert commits["entries"] == 20_000 and commits["listings"] == commits["commits"] // 626
     stream = r["stream"]  # every contender delivered every image, once per run
     for name in ("raw_cat/bytes", "maescale/bytes", "webdataset/bytes", "maescale/e2e", "webdataset/e2e"):
         assert [run["samples"] for run in stream[name]["runs"]] == [60], name
