@@ -134,7 +134,7 @@ class ShardCache:
         """The ledger's file descriptor under an exclusive lock (None when it cannot
         be opened: each caller then does without)."""
         try:
-            fd = os.open(self.dir / LEDGER_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.dir / LEDGER_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # never a link out
         except OSError:
             yield None
             return

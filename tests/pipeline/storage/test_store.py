@@ -336,6 +336,12 @@ def test_a_torn_or_missing_ledger_is_rebuilt_by_the_next_commit(tmp_path):
     (cache.dir / LEDGER_NAME).unlink()
     _commit(cache, 4)
     assert _ledger(cache) == _on_disk(cache) == 500
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.write_text("keep")
+    (cache.dir / LEDGER_NAME).unlink()
+    (cache.dir / LEDGER_NAME).symlink_to(elsewhere)  # a link is never written through: the cache lists instead
+    _commit(cache, 5)
+    assert elsewhere.read_text() == "keep" and _on_disk(cache) == 600
 
 
 def test_processes_committing_at_once_keep_the_ledger_exact(tmp_path):
