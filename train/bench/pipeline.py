@@ -200,7 +200,8 @@ def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) ->
     - *filling*: the default reader into an empty, unbounded cache, against raw cat:
       every byte lands on page-cache pages the node has not used yet.
 
-    Every measured reader call is checked to have downloaded its whole shard."""
+    The order of the contenders rotates from shard to shard. Every measured reader
+    call is checked to have downloaded its whole shard."""
     fs, root = filesystem(url, storage)
     shards = ShardStore(url, storage).read_manifest().shards
     if len(shards) < 2:
@@ -235,10 +236,10 @@ def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) ->
     for r in range(rounds):
         fill = {"raw_cat": raw_cat(), "reader": reader(
             ShardStore(url, replace(storage, cache_dir=f"{cache_dir}/fill-{r}", cache_limit_gb=1024), fill_count))}
-        for shard in shards:
-            for name, read in steady.items():
+        for j, shard in enumerate(shards):
+            for name, read in _rotated(list(steady.items()), j):
                 timer.run(name, lambda: read(shard))
-            for name, read in fill.items():
+            for name, read in _rotated(list(fill.items()), j):
                 filling.run(name, lambda: read(shard))
             total += shard.bytes
     missed = {name: c.bytes for name, c in [*counts.items(), ("filling", fill_count)] if c.bytes != total}
@@ -303,6 +304,13 @@ def page_cache_write_cost(folder: Path, nbytes: int, files: int = 4) -> dict[str
         for i in range(files):
             (folder / f"{i}.bin").unlink()
     return out
+
+
+def _rotated(items: list, k: int) -> list:
+    """``items`` starting at ``k`` (mod its length): each contender takes each place in
+    the order in turn, so none always follows the same one."""
+    k %= len(items)
+    return items[k:] + items[:k]
 
 
 def _check_len(data: bytes, shard) -> bytes:
