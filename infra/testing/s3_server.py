@@ -76,9 +76,13 @@ class SeaweedS3:
                f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}"]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self._log = open(Path(self.data_dir) / "weed.log", "wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        self._wait_ready()
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self._wait_ready()
+        except BaseException:  # Ctrl-C while it starts: __exit__ never runs, and its own session hides it
+            self.stop()
+            raise
         return self
 
     def client(self):

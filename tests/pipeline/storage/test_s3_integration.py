@@ -126,3 +126,25 @@ def test_an_upload_to_a_stalled_server_fails_within_its_deadline(tmp_path):
             assert time.monotonic() - t0 < 15
         finally:
             os.kill(s3.proc.pid, signal.SIGCONT)
+
+
+def test_an_interrupt_while_the_test_server_starts_stops_it(monkeypatch):
+    """Ctrl-C while `weed mini` started (mae bench pipeline, mae demo --s3) left it
+    running in its own session, with its data folder: __exit__ never ran."""
+    from infra.testing.s3_server import SeaweedS3
+
+    server = SeaweedS3()
+    started = []
+
+    def interrupted() -> None:
+        started.append(server.proc.pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "_wait_ready", interrupted)
+    folder = server.data_dir
+    with pytest.raises(KeyboardInterrupt):
+        with server:
+            pass
+    assert started and not os.path.exists(folder)
+    with pytest.raises(ProcessLookupError):
+        os.kill(started[0], 0)
