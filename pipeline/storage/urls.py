@@ -49,6 +49,9 @@ def filesystem(url: str, config: StorageConfig | None = None, fresh: bool = Fals
         options = _s3_options(options, config)
         if getattr(parent, "session", None) is not None and "session" not in options:
             options["session"] = parent.session
+    if protocol not in fsspec.available_protocols():
+        raise ObjectNotAccessible(f"{redact(str(url))}: no filesystem for URLs of the form {protocol}://; give a local "
+                                  "path, s3://bucket/prefix or another fsspec URL (gs://, az://, https://)")
     try:
         fs = fsspec.filesystem(protocol, **options)
     except ImportError as e:

@@ -544,3 +544,12 @@ def test_an_endpoint_with_a_password_is_refused_by_the_config_without_showing_it
             StorageConfig(endpoint_url=endpoint)
         assert "s3cret" not in str(caught.value) and "<redacted>" in str(caught.value)
     assert StorageConfig(endpoint_url="https://minio.example:9000").endpoint_url == "https://minio.example:9000"
+
+
+def test_a_url_of_no_known_scheme_is_one_line_naming_it():
+    # fsspec's ValueError('Protocol not known') came out as a traceback from every command
+    from pipeline.errors import ObjectNotAccessible
+    from pipeline.storage.urls import filesystem
+
+    with pytest.raises(ObjectNotAccessible, match=r"notaurl://x/y: no filesystem for URLs of the form notaurl://"):
+        filesystem("notaurl://x/y")
