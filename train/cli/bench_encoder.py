@@ -6,7 +6,7 @@ import argparse
 import json
 
 from model.registry import list_models
-from train.cli.common import number, whole
+from train.cli.common import number, torch_device, whole
 from train.speedup import SpeedupConfig, format_report, measure_speedup
 
 
@@ -29,20 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _device(text: str) -> str:
-    """'auto', 'cpu', or a CUDA device torch sees."""
-    import torch
-
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (auto, cpu, cuda, cuda:1 ...)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    return text
+    """'auto', or a device ``torch_device`` accepts."""
+    return text if text == "auto" else torch_device(text)
 
 
 def run(args: argparse.Namespace) -> int:

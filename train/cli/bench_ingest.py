@@ -6,16 +6,26 @@ from __future__ import annotations
 import argparse
 import json
 
+from train.cli.common import whole
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--parts", default="index,shard", help="comma list: index, shard")
-    p.add_argument("--tars", type=int, default=16, help="index: tars on the S3 test server")
-    p.add_argument("--per-tar", type=int, default=200, help="index: samples per tar (.jpg ~500x375, .txt, .json)")
-    p.add_argument("--parallel", type=int, default=16, help="index: tars walked at once")
-    p.add_argument("--read-ahead", type=int, default=1536, help="index: the read-ahead setting compared")
-    p.add_argument("--images", type=int, default=400, help="shard: photos in the source folder")
-    p.add_argument("--rounds", type=int, default=2, help="alternated rounds (medians reported)")
+    p.add_argument("--parts", type=_parts, default=("index", "shard"), help="comma list: index, shard")
+    p.add_argument("--tars", type=whole(1), default=16, help="index: tars on the S3 test server")
+    p.add_argument("--per-tar", type=whole(1), default=200, help="index: samples per tar (.jpg ~500x375, .txt, .json)")
+    p.add_argument("--parallel", type=whole(1), default=16, help="index: tars walked at once")
+    p.add_argument("--read-ahead", type=whole(0), default=1536, help="index: the read-ahead setting compared")
+    p.add_argument("--images", type=whole(1), default=400, help="shard: photos in the source folder")
+    p.add_argument("--rounds", type=whole(1), default=2, help="alternated rounds (medians reported)")
     p.add_argument("--json", action="store_true")
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p for p in text.split(",") if p)
+    unknown = sorted(set(parts) - {"index", "shard"})
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: index, shard")
+    return parts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from train.bench.ingest import bench_index, bench_shard
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    parts = set(args.parts.split(","))
+    parts = set(args.parts)
     report = {}
     if "index" in parts:
         report["index"] = bench_index(args.tars, args.per_tar, args.rounds, args.parallel, args.read_ahead)
@@ -47,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"mae shard, {r['images']} photos (Ray cluster start {r['ray_start_s']:.1f} s, not timed):")
         for name in ("one_process", "ray_2_workers"):
             k = r[name]
-            print(f"  {name:>14}: {k['images_per_s']:.1f} images/s, {k['images_per_s_per_core']:.1f} per core")
+            print(f"  {name:>14}: {k['images_per_s']:.1f} images/s, {k['images_per_s_per_core']:.1f} per worker")
         print(f"  speedup {r['speedup']:.2f}x")
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from train.cli.common import whole
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", type=int, default=100_000, help="shards in the synthetic manifest")
-    p.add_argument("--images", type=int, default=300, help="real-photo JPEGs (~500x375) for the writer's checks")
-    p.add_argument("--rounds", type=int, default=3, help="alternated (trusted, checked) pairs")
+    p.add_argument("--shards", type=whole(1), default=100_000, help="shards in the synthetic manifest")
+    p.add_argument("--images", type=whole(1), default=300, help="real-photo JPEGs (~500x375) for the writer's checks")
+    p.add_argument("--rounds", type=whole(1), default=3, help="alternated (trusted, checked) pairs")
     p.add_argument("--json", action="store_true")
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from train.cli.common import whole
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
-    p.add_argument("--rounds", type=int, default=3, help="alternated off/on pairs")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--steps", type=whole(1), default=150, help="optimizer steps per run")
+    p.add_argument("--rounds", type=whole(1), default=3, help="alternated off/on pairs")
+    p.add_argument("--images", type=whole(1), default=256)
+    p.add_argument("--workers", type=whole(0), default=1)
     p.add_argument("--tracking", action="store_true", help="'on' also writes TensorBoard events (log.tensorboard)")
     p.add_argument("--json", action="store_true")
 

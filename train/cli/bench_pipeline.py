@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from train.cli.common import add_storage_arguments, storage_config
+from train.cli.common import add_storage_arguments, storage_config, torch_device
 
 MiB = 2**20
 PARTS = ("read", "decode", "rss", "stream")
@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="keep generated data here (default: a temp dir)")
     p.add_argument("--backend", default="cpu", choices=["cpu", "dali", "ffcv", "all"],
                    help="decode backends to compare with the baseline (all: cpu, dali, ffcv)")
-    p.add_argument("--device", default="cpu", help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
+    p.add_argument("--device", type=torch_device, default="cpu",
+                   help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
     p.add_argument("--parts", type=_parts, default=PARTS,
                    help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory), "
                         "stream (samples from S3 through the Loader, bytes only and end to end)")

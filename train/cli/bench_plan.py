@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from train.cli.common import number, whole
+
 
 def _sizes(text: str) -> tuple[tuple[int, int, int], ...]:
     """'1e6:100:4096,2e9:200000:4096' -> ((1000000, 100, 4096), ...)."""
@@ -19,10 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=_sizes, default=None,
                    help="samples:shards:ranks rows, comma separated (default: ImageNet on 1,024 ranks, then 1 M to "
                         "2 B samples on 4,096 ranks, 10,000 per shard)")
-    p.add_argument("--window", type=int, default=4, help="data.plan.window_shards")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--reference-max", type=float, default=1e7, help="largest size the materialized reference runs on")
-    p.add_argument("--index-shards", type=int, default=200_000, help="manifest shards to load both ways (0: skip)")
+    p.add_argument("--window", type=whole(1), default=4, help="data.plan.window_shards")
+    p.add_argument("--rounds", type=whole(1), default=3)
+    p.add_argument("--reference-max", type=number(0), default=1e7, help="largest size the materialized reference runs on")
+    p.add_argument("--index-shards", type=whole(0), default=200_000, help="manifest shards to load both ways (0: skip)")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw time and memory against the dataset size")
     p.add_argument("--json", action="store_true")
 

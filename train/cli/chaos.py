@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="chaos", help="where data, runs, logs and chaos_report.json go (emptied)")
+    p.add_argument("--workdir", default="chaos", help="where data, runs, logs and chaos_report.json go; emptied "
+                                                     "first, so a new or empty folder, or one an earlier soak made")
     p.add_argument("--kills", type=int, default=6, help="SIGKILLs at random points, every other one inside a save")
     p.add_argument("--epochs", type=int, default=3,
                    help="epochs of the tiny run (8 steps each with 128 images); a kill costs ~3 steps")

@@ -73,6 +73,21 @@ def non_empty(text: str) -> str:
     return text
 
 
+def torch_device(text: str) -> str:
+    """An argparse type: 'cpu', or a CUDA device torch sees ('cuda', 'cuda:1')."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1 ...)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
 def non_empty_path(text: str) -> Path:
     return Path(non_empty(text))
 

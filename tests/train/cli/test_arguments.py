@@ -157,6 +157,23 @@ def test_bench_encoder_refuses_cuda_without_a_gpu(capsys):
     assert "--device" in _refused(capsys, *BENCH, "--device", "cuda")
 
 
+@pytest.mark.parametrize("argv, argument", [
+    # each crashed: StatisticsError, ZeroDivisionError, a figure for "-3 shards", nothing run at exit 0,
+    # ValueError for nan, torch's AssertionError/RuntimeError for a device
+    (["bench", "metrics", "--rounds", "0"], "--rounds"),
+    (["bench", "inputs", "--images", "0"], "--images"),
+    (["bench", "inputs", "--shards", "-3"], "--shards"),
+    (["bench", "ingest", "--per-tar", "0"], "--per-tar"),
+    (["bench", "ingest", "--parts", "bogus"], "--parts"),
+    (["bench", "plan", "--reference-max", "nan"], "--reference-max"),
+    (["bench", "checkpoint", "--rounds", "0"], "--rounds"),
+    (["bench", "pipeline", "--device", "nonsense"], "--device"),
+    (["bench", "pipeline", "--device", f"cuda:{torch.cuda.device_count()}"], "--device"),
+])
+def test_other_benches_refuse(capsys, argv, argument):
+    assert argument in _refused(capsys, *argv)
+
+
 def test_bench_encoder_runs_on_the_cpu(capsys):
     r = run_mae(capsys, *BENCH, "--device", "cpu", "--json")
     assert r.code == 0, r.err
