@@ -18,25 +18,28 @@ written to ``WORKDIR/chaos_report.json``; ``ChaosReport.ok`` is the verdict.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from infra.net import free_port
-from infra.options import option, require, require_choice, require_positive
+from infra.options import option, require, require_choice, require_positive, require_text
 from infra.testing.processes import kill_tree
 from train.checkpoint import COMPLETE, complete_tags, latest_complete, tag_for, verify
-from train.errors import CheckpointIntegrityError, TrainError
+from train.errors import CheckpointIntegrityError, ConfigError, TrainError
 
 log = logging.getLogger(__name__)
 BUCKET = "maescale-chaos"
@@ -44,6 +47,7 @@ MICRO_BATCH = 8
 EVERY_STEPS = 2  # a checkpoint every 2 steps: many saves to kill inside
 SLOW_SAVE_S = 0.4  # the window inside each save of the faulted run
 FAULT_KINDS = ("slowdown", "error500", "reset", "truncate", "stall")  # stalls outlast the 1 s read timeout
+MARKER = ".mae-chaos"  # a workdir holding it was made by mae chaos and may be emptied
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fake", "AWS_SECRET_ACCESS_KEY": "fake-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -53,7 +57,8 @@ class ChaosError(TrainError):
 
 @dataclass(frozen=True)
 class ChaosConfig:
-    workdir: str = option("chaos", "where data, runs, logs and chaos_report.json go (emptied first)")
+    workdir: str = option("chaos", "where data, runs, logs and chaos_report.json go (emptied first: a new or empty "
+                                   "folder, or one an earlier soak made)")
     kills: int = option(6, "SIGKILLs at random points; every other one inside a checkpoint save")
     epochs: int = option(3, "epochs of the tiny run (a kill costs ~3 of its 8 steps per epoch: kills <= 2 x epochs)")
     images: int = option(128, "real-photo crops in the dataset (even: 2 ranks, no padding)")
@@ -65,8 +70,13 @@ class ChaosConfig:
     launch_timeout_s: float = option(300.0, "a launch that runs longer is a hang")
 
     def __post_init__(self) -> None:
+        require_text(self, "workdir")
         require_positive(self, "epochs", "images", "ranks", "launch_timeout_s")
         require(self.kills >= 0, "kills", f"must be >= 0, got {self.kills}")
+        # each kill lands after the launch's first checkpoint, so each costs the run ~2 steps of progress
+        require(self.kills == 0 or 2 * self.kills + 3 <= self.steps, "kills",
+                f"must be at most {max(0, (self.steps - 3) // 2)} for a run of {self.steps} steps (epochs x images / "
+                f"(ranks x {MICRO_BATCH})), got {self.kills}: raise epochs or images")
         require(0 <= self.fault_rate < 1, "fault_rate", f"must be in [0, 1), got {self.fault_rate}")
         require(self.images % (self.ranks * MICRO_BATCH) == 0, "images",
                 f"must be a multiple of ranks x {MICRO_BATCH} (whole batches, no padding), got {self.images}")
@@ -84,6 +94,8 @@ class ChaosConfig:
 
 @dataclass
 class ChaosReport:
+    kills_asked: int = 0
+    fault_rate: float = 0.0
     kills: int = 0  # SIGKILLs survived (the run was relaunched and went on)
     kills_in_save: int = 0
     launches: int = 0
@@ -94,6 +106,7 @@ class ChaosReport:
     samples_lost: int = 0  # over every epoch, summed over ranks
     samples_duplicated: int = 0
     loss_mismatches: list[int] = field(default_factory=list)  # steps whose loss differs from the clean run
+    sample_mismatches: int = 0  # micro-steps that read other samples than the clean run's
     weights_identical: bool = False
     checkpoints_lost: list[str] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
@@ -101,19 +114,24 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
-        return (self.kills > 0 or self.launches == 1) and not (
-            self.samples_lost or self.samples_duplicated or self.loss_mismatches or self.checkpoints_lost
-        ) and self.weights_identical
+        """Nothing changed, and the soak did what it says: every kill asked for, a
+        relaunch that resumed from a checkpoint, faults injected when asked for."""
+        tested = (self.kills == self.kills_asked and (not self.kills or any(self.resumed_from))
+                  and (not self.fault_rate or sum(self.faults.values()) > 0))
+        return tested and not (self.samples_lost or self.samples_duplicated or self.loss_mismatches
+                               or self.sample_mismatches or self.checkpoints_lost) and self.weights_identical
 
     def summary(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
         return "\n".join([
-            f"kills survived       {self.kills} ({self.kills_in_save} inside a checkpoint save), "
-            f"{self.launches} launches",
+            f"kills survived       {self.kills} of {self.kills_asked} ({self.kills_in_save} inside a checkpoint "
+            f"save), {self.launches} launches",
             f"faults injected      {sum(self.faults.values())} of {self.object_gets} object GETs ({faults})",
             f"steps, epochs        {self.steps}, {self.epochs}; resumed from steps {self.resumed_from}",
             f"samples lost / dup   {self.samples_lost} / {self.samples_duplicated}",
             f"losses vs clean run  {'identical' if not self.loss_mismatches else f'differ at {self.loss_mismatches}'}",
+            f"samples vs clean run "
+            f"{f'differ at {self.sample_mismatches} micro-steps' if self.sample_mismatches else 'identical'}",
             f"final weights        {'identical' if self.weights_identical else 'DIFFER'}",
             f"checkpoints lost     {len(self.checkpoints_lost)} {self.checkpoints_lost or ''}".rstrip(),
             f"verdict              {'PASS' if self.ok else 'FAIL'} in {self.wall_s:.0f}s",
@@ -149,10 +167,20 @@ def launch_command(cfg: ChaosConfig, url: str, endpoint: str, run: Path, cache: 
             str(free_port()), "-m", "train.pretrain", "--config", "tiny_cpu", *overrides]
 
 
-def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def launched(cmd: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """A launch (torchrun and its ranks, in their own session so a kill takes them
+    all), killed on the way out if it still runs: a Ctrl-C or an error in the soak
+    must not leave it training."""
     env = {**os.environ, **CREDENTIALS}
     with open(log_path, "w") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
 
 
 def finish(proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
@@ -168,10 +196,19 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
 
 
 # ------------------------------------------------------------------ killing
-def steps_done(metrics: Path) -> int:
-    """The last step rank 0 logged (0 before the first)."""
+def log_size(metrics: Path) -> int:
     try:
-        lines = metrics.read_text().splitlines()
+        return metrics.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def steps_done(metrics: Path, offset: int = 0) -> int:
+    """The last step rank 0 logged past byte ``offset`` of the log (0 before the first)."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return 0
     for line in reversed(lines):
@@ -192,14 +229,18 @@ def kill_point(cfg: ChaosConfig, rng: random.Random, resumed: int, in_save: bool
     return min(first + rng.randint(1, EVERY_STEPS), cfg.steps - 1)
 
 
-def wait_and_kill(proc: subprocess.Popen, run: Path, step: int, in_save: bool, timeout_s: float) -> bool:
-    """SIGKILL the launcher and its ranks at the point; False if the run ended first."""
+def wait_and_kill(proc: subprocess.Popen, run: Path, step: int, in_save: bool, timeout_s: float,
+                  offset: int, started: float) -> bool:
+    """SIGKILL the launcher and its ranks at the point; False if the run ended first.
+    Only this launch's own progress counts: steps it logged past byte ``offset`` of
+    the shared log, a save folder changed since ``started`` (unix time) — not what
+    an earlier launch left."""
     partial = run / "ckpt" / tag_for(step)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
-        if in_save and partial.is_dir() and not (partial / COMPLETE).exists() and any(partial.iterdir()):
+        if in_save and _saving(partial, started):
             break
-        if not in_save and steps_done(run / "metrics.jsonl") >= step:
+        if not in_save and steps_done(run / "metrics.jsonl", offset) >= step:
             break
         time.sleep(0.01)
     if proc.poll() is not None:
@@ -207,6 +248,15 @@ def wait_and_kill(proc: subprocess.Popen, run: Path, step: int, in_save: bool, t
     kill_tree(proc.pid)
     proc.wait()
     return True
+
+
+def _saving(partial: Path, since: float) -> bool:
+    """A save into ``partial`` is under way: files in it, not complete, changed since ``since``."""
+    try:
+        return (partial.stat().st_mtime >= since and not (partial / COMPLETE).exists()
+                and any(partial.iterdir()))
+    except FileNotFoundError:
+        return False
 
 
 def resumed_step(log_path: Path) -> int:
@@ -271,11 +321,11 @@ def audit(cfg: ChaosConfig, report: ChaosReport, chaos: Path, clean: Path) -> No
     report.epochs = cfg.epochs
     report.loss_mismatches = [s for s in sorted(ref) if got.get(s) is None or any(v != ref[s][-1] for v in got[s])]
     lost, dup, problems = audit_samples(cfg, chaos, clean)
-    report.samples_lost, report.samples_duplicated = lost, dup
+    report.samples_lost, report.samples_duplicated, report.sample_mismatches = lost, dup, len(problems)
     for p in problems[:5]:
         log.error("chaos: %s", p)
     a, b = final_weights(clean, cfg.steps), final_weights(chaos, cfg.steps)
-    report.weights_identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and not problems
+    report.weights_identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for tag in complete_tags(chaos / "ckpt"):
         try:
             verify(chaos / "ckpt" / tag)
@@ -287,22 +337,19 @@ def audit(cfg: ChaosConfig, report: ChaosReport, chaos: Path, clean: Path) -> No
 def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     """Clean run, killed-and-faulted run, audit; the report is also written to
     ``WORKDIR/chaos_report.json``."""
-    import shutil
-
     from infra.testing.s3_faults import FaultyS3
 
     t0 = time.monotonic()
-    work = Path(cfg.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    report = ChaosReport()
+    work = fresh_workdir(Path(cfg.workdir))
+    report = ChaosReport(kills_asked=cfg.kills, fault_rate=cfg.fault_rate)
     with FaultyS3() as s3:
         url = write_dataset(cfg, s3, work / "data")
         clean, chaos = work / "clean", work / "chaos"
         clean.mkdir(), chaos.mkdir()
         log.info("chaos: clean run, %d steps on %d ranks", cfg.steps, cfg.ranks)
-        proc = start(launch_command(cfg, url, s3.endpoint_url, clean, work / "cache-clean"), clean / "launch.log")
-        finish(proc, clean / "launch.log", cfg.launch_timeout_s)
+        with launched(launch_command(cfg, url, s3.endpoint_url, clean, work / "cache-clean"),
+                      clean / "launch.log") as proc:
+            finish(proc, clean / "launch.log", cfg.launch_timeout_s)
         s3.faults.set_rate(cfg.fault_rate, FAULT_KINDS, seed=cfg.seed, seconds=2.0)
         gets_before = s3.faults.object_gets
         killed_run(cfg, s3, url, chaos, report)
@@ -314,6 +361,21 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     return report
 
 
+def fresh_workdir(work: Path) -> Path:
+    """``work``, emptied: only a folder that is new, empty, or was made by ``mae chaos``
+    (it holds the marker) — never a folder of the user's (``.``, ``~``, a typo)."""
+    if work.exists() and not (work / MARKER).is_file():
+        if not work.is_dir():
+            raise ConfigError(f"chaos: --workdir {work} is a file; give a new or empty folder")
+        if any(work.iterdir()):
+            raise ConfigError(f"chaos: --workdir {work} is not empty and was not made by mae chaos (no {MARKER} in "
+                             "it); give a new or empty folder: the soak empties its workdir first")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("made by mae chaos: emptied by the next soak in this folder\n")
+    return work
+
+
 def killed_run(cfg: ChaosConfig, s3, url: str, run: Path, report: ChaosReport) -> None:
     """Launch, kill at a random point, relaunch ... and let the last launch finish.
     Each relaunch must resume from the newest checkpoint the killed one left."""
@@ -323,13 +385,15 @@ def killed_run(cfg: ChaosConfig, s3, url: str, run: Path, report: ChaosReport) -
         log_path = run / f"launch{launch:02d}.log"
         cmd = launch_command(cfg, url, s3.endpoint_url, run, run.parent / f"cache-{launch:02d}",
                              f"faults.slow_save_s={SLOW_SAVE_S}")
-        proc = start(cmd, log_path)
-        report.launches += 1
-        in_save = launch % 2 == 1
-        target = kill_point(cfg, rng, newest, in_save)
-        killed = launch < cfg.kills and wait_and_kill(proc, run, target, in_save, cfg.launch_timeout_s)
-        if not killed:
-            finish(proc, log_path, cfg.launch_timeout_s)
+        offset, started = log_size(run / "metrics.jsonl"), time.time()
+        with launched(cmd, log_path) as proc:
+            report.launches += 1
+            in_save = launch % 2 == 1
+            target = kill_point(cfg, rng, newest, in_save)
+            killed = launch < cfg.kills and wait_and_kill(proc, run, target, in_save, cfg.launch_timeout_s,
+                                                          offset, started)
+            if not killed:
+                finish(proc, log_path, cfg.launch_timeout_s)
         resumed = resumed_step(log_path)
         report.resumed_from.append(resumed)
         if resumed != newest:
