@@ -32,7 +32,8 @@ from model.registry import model_config
 from train.errors import WeightsError
 from train.weights.files import classifier_config_of, save_safetensors
 from model.weights import is_encoder_key
-from train.weights.pretrained import architecture_of, metadata_config, read_weights, registered_size_of
+from train.weights.pretrained import (architecture_of, check_architecture, metadata_config, read_weights,
+                                      registered_size_of)
 
 TARGETS = ("timm", "transformers")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -50,11 +51,16 @@ def convert(source: str | Path, out: str | Path, target: str) -> dict:
     try:
         if any(k.startswith("head.") for k in sd):
             cfg = classifier_config_of(meta, source)
+            check_architecture(cfg, sd, source)  # before building: metadata saying 8192 px built for a minute
             _require_shapes(sd, ViTClassifier, cfg, source, lambda key: True)
             classes = meta.get("classes") or [str(i) for i in range(cfg.num_classes)]
+            if len(classes) != cfg.num_classes or len(set(classes)) != len(classes):
+                raise WeightsError(f"{source}: its metadata names {len(classes)} classes ({len(set(classes))} "
+                                   f"distinct) for a head of {cfg.num_classes}")
             written = _classifier(sd, cfg, classes, out, target)
         else:
             cfg = _encoder_config(sd, meta, source)
+            check_architecture(cfg, sd, source)
             _require_shapes(sd, MaskedAutoencoderViT, cfg, source, is_encoder_key)
             written = _encoder(sd, cfg, out, target)
     except LayoutError as e:
@@ -127,8 +133,9 @@ def _timm_args(img_size: int, patch_size: int, embed_dim: int, depth: int, num_h
 
 
 def _timm_config(args: dict, classes: list[str], crop: float) -> dict:
-    """timm's Hub config: ``timm.create_model(architecture, pretrained=True,
-    pretrained_cfg_overlay={"file": "model.safetensors"}, **model_args)``."""
+    """timm's Hub config: ``timm.create_model(architecture,
+    checkpoint_path="model.safetensors", **model_args)`` loads it strictly (with
+    ``pretrained=True`` timm drops a head of other than the architecture's classes)."""
     name = TIMM_NAMES.get((args["embed_dim"], args["depth"], args["patch_size"]), "vit_base_patch16_224")
     size = args["img_size"]
     return {"architecture": name, "num_classes": args["num_classes"], "num_features": args["embed_dim"],

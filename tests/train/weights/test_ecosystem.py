@@ -157,3 +157,22 @@ def test_convert_and_load_read_a_files_metadata_alike(mae, tmp_path):
     for read in (load_pretrained, lambda p: convert(p, tmp_path / "hf2", "transformers")):
         with pytest.raises(WeightsError, match="norm_pix_loss must be true or false, got 'False'"):
             read(text)
+
+
+def test_convert_checks_untrusted_metadata_against_the_tensors_before_building(mae, tmp_path):
+    # a 430 KB file whose metadata said img_size=8192 built that model first: 24 GB and a minute; 1e9 a traceback
+    from safetensors.torch import load_file
+
+    export_encoder(mae, tmp_path / "encoder.safetensors")
+    sd = load_file(tmp_path / "encoder.safetensors")
+    meta = {"arch": "vit", "img_size": "1000000000", "patch_size": "4", "embed_dim": "64", "depth": "2",
+            "num_heads": "4"}
+    forged = save_safetensors(sd, tmp_path / "forged" / "encoder.safetensors", meta)
+    with pytest.raises(WeightsError, match=r"its metadata does not describe its tensors: patches 62500000000000000"):
+        convert(forged, tmp_path / "out", "timm")
+    model = _classifier(global_pool=True)
+    export_classifier(model.state_dict(), model.cfg, tmp_path / "cls" / "classifier.safetensors",
+                      {"classes": ["a", "b", "c"]})
+    with pytest.raises(WeightsError, match=r"names 3 classes \(3 distinct\) for a head of 5"):
+        convert(tmp_path / "cls" / "classifier.safetensors", tmp_path / "out2", "timm")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
