@@ -170,6 +170,10 @@ def test_an_export_never_lands_among_checkpoints_nor_half_written(single_run, tm
     into_run = _export(run / "ckpt", run / "ckpt")  # later read in place of the newer checkpoints
     assert into_run.returncode == 2 and "holds checkpoints: an export there would be read in their place" in \
         into_run.stderr
+    # into one of its step folders: probe, convert and finetune --weights then read that step as the export
+    into_step = _export(run / "ckpt", run / "ckpt" / "step000000004")
+    assert into_step.returncode == 2 and "is a checkpoint: an export there would be read in its place" in \
+        into_step.stderr and not (run / "ckpt" / "step000000004" / "mae.safetensors").exists()
     out = tmp_path / "export"
     assert _export(run / "ckpt", out).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -130,6 +130,9 @@ def export(ckpt: Path, out: Path) -> tuple[MaskedAutoencoderViT, dict]:
     if complete_tags(out):
         raise WeightsError(f"{out} holds checkpoints: an export there would be read in their place (mae reconstruct, "
                            "probe, convert); export to another folder")
+    if (out / COMPLETE).exists():
+        raise WeightsError(f"{out} is a checkpoint: an export there would be read in its place (mae reconstruct, "
+                           "probe, convert); export to another folder")
     model, info = load_checkpoint(ckpt)
     cfg = model.cfg
     full = {"model": info["model"], "step": info["step"], "img_size": cfg.img_size, "norm_pix_loss": cfg.norm_pix_loss}

@@ -6,7 +6,6 @@ Checkpoints are untrusted input: ``.pth`` files are read with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from infra.files import atomic_path, require_regular
+from infra.files import remove_dead_temps, require_regular
 from model.classifier import ClassifierConfig
 from model.mae import MAEConfig, MaskedAutoencoderViT
 from model.weights import CheckpointMismatchError, encoder_state_dict, unwrap_state_dict
@@ -84,21 +83,51 @@ def save_safetensors(
 
 def write_together(folder: Path, files: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, object] | None]]
                    ) -> None:
-    """Write each ``name: (tensors, metadata)`` as safetensors in ``folder``: all are
-    written beside their names first, then renamed in place, so a failed write (a
-    full disk) leaves every file as it was and never a mix of two exports."""
+    """Write each ``name: (tensors, metadata)`` as safetensors in ``folder``: every
+    file is written and flushed to disk beside its name first, then all are renamed
+    in place back to back. A failed write (a full disk) leaves every file as it was;
+    a crash leaves a mix of two exports only if it lands between two renames (it
+    was the whole flush of a multi-GB file before). Files get the mode the umask
+    gives (safetensors makes them private); an earlier export's temporary files,
+    left by a killed process, are removed."""
     from safetensors.torch import save_file
 
-    with contextlib.ExitStack() as stack:
+    for name in files:  # checked first: a rename that fails after another succeeded would leave a mix
+        if (folder / name).is_dir():
+            raise WeightsError(f"cannot write {folder / name}: a folder is in the way")
+    remove_dead_temps(folder)
+    temps: dict[str, Path] = {}
+    try:
         for name, (state_dict, metadata) in files.items():
-            tmp = stack.enter_context(atomic_path(folder / name))
+            temps[name] = tmp = folder / f".{name}.tmp-{os.getpid()}"
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
             meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v
                                        for k, v in (metadata or {}).items()}}
             try:
                 save_file(tensors, str(tmp), metadata=meta)
+                os.chmod(tmp, 0o666 & ~_umask())
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
             except Exception as e:  # safetensors' own error type, e.g. for a full disk
                 raise WeightsError(f"cannot write {folder / name}: {e}") from None
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_encoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,42 @@
+"""Writing weight files: mode, temporaries, several files together."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train.weights.files import read_state_dict, write_together
+
+
+def test_weights_are_written_with_the_umask_mode_like_every_other_file(tmp_path):
+    # safetensors makes its files 0600: teammates on shared storage could not read an export
+    old = os.umask(0o022)
+    try:
+        write_together(tmp_path, {"a.safetensors": ({"w": torch.ones(3)}, {"model": "x"})})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o644
+    assert torch.equal(read_state_dict(tmp_path / "a.safetensors")["w"], torch.ones(3))
+
+
+def test_a_killed_exports_temporaries_are_removed_by_the_next(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".mae.safetensors.tmp-{int(dead.stdout)}"  # a full-size file a kill -9 left behind
+    left.write_bytes(b"x" * 1000)
+    write_together(tmp_path, {"mae.safetensors": ({"w": torch.zeros(2)}, None),
+                              "encoder.safetensors": ({"w": torch.zeros(1)}, None)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors", "mae.safetensors"]
+
+
+def test_a_failed_write_leaves_the_earlier_files_as_they_were(tmp_path):
+    write_together(tmp_path, {"a.safetensors": ({"w": torch.ones(2)}, None),
+                              "b.safetensors": ({"w": torch.ones(2)}, None)})
+    with pytest.raises(Exception):
+        write_together(tmp_path, {"a.safetensors": ({"w": torch.zeros(2)}, None),
+                                  "b.safetensors": ({"w": "not a tensor"}, None)})
+    for name in ("a.safetensors", "b.safetensors"):
+        assert torch.equal(read_state_dict(tmp_path / name)["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
