@@ -29,6 +29,7 @@ from model.layouts import LayoutError, timm_state_dict, transformers_classifier_
     transformers_encoder_state_dict
 from model.mae import MAEConfig, MaskedAutoencoderViT
 from model.registry import model_config
+from train.checkpoint import COMPLETE, complete_tags
 from train.errors import WeightsError
 from train.weights.files import classifier_config_of, save_safetensors
 from model.weights import is_encoder_key
@@ -46,8 +47,11 @@ def convert(source: str | Path, out: str | Path, target: str) -> dict:
     """Write ``source`` in ``target``'s layout under ``out``; returns what was written."""
     if target not in TARGETS:
         raise WeightsError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
-    sd, meta = read_weights(source)
     out = Path(out)
+    if complete_tags(out) or (out / COMPLETE).exists():
+        raise WeightsError(f"{out} holds checkpoints: converted weights there would be read in their place; "
+                           "convert to another folder")
+    sd, meta = read_weights(source)
     try:
         if any(k.startswith("head.") for k in sd):
             cfg = classifier_config_of(meta, source)
@@ -170,6 +174,8 @@ def _write(out: Path, sd: dict[str, torch.Tensor], config: dict, preprocessor: d
         if preprocessor is not None:
             atomic_write(out / "preprocessor_config.json", json.dumps(preprocessor, indent=1))
             files.append("preprocessor_config.json")
+        else:  # a transformers conversion's, left in the folder, would describe these weights wrongly
+            (out / "preprocessor_config.json").unlink(missing_ok=True)
     except OSError as e:
         raise WeightsError(f"cannot write the configs in {out}: {e.strerror or e}") from None
     return {"files": files, "tensors": len(sd), "architecture": config.get("architectures", [config.get(

@@ -176,3 +176,16 @@ def test_convert_checks_untrusted_metadata_against_the_tensors_before_building(m
     with pytest.raises(WeightsError, match=r"names 3 classes \(3 distinct\) for a head of 5"):
         convert(tmp_path / "cls" / "classifier.safetensors", tmp_path / "out2", "timm")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_convert_never_writes_among_checkpoints_nor_leaves_another_targets_config(mae, tmp_path):
+    export_encoder(mae, tmp_path / "encoder.safetensors")
+    run = tmp_path / "run"
+    (run / "step000000002").mkdir(parents=True)
+    (run / "step000000002" / "COMPLETE").write_text("{}")
+    for out in (run, run / "step000000002"):  # a live run's checkpoint.dir, or one of its steps
+        with pytest.raises(WeightsError, match="holds checkpoints: converted weights there would be read"):
+            convert(tmp_path / "encoder.safetensors", out, "timm")
+    convert(tmp_path / "encoder.safetensors", tmp_path / "out", "transformers")
+    convert(tmp_path / "encoder.safetensors", tmp_path / "out", "timm")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
