@@ -8,6 +8,7 @@ Pure functions over state dicts; reading and writing files lives in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -75,9 +76,17 @@ def load_mae_state_dict(model: MaskedAutoencoderViT, checkpoint: Mapping[str, ob
     return "encoder" if encoder_only else "full"
 
 
+def _is_decoder_key(key: str) -> bool:
+    return key == "mask_token" or key.startswith("decoder_")
+
+
 def _fit_pos_embed(key: str, value: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     if key in ("pos_embed", "decoder_pos_embed") and value.dim() == 3 and value.shape[-1] == own.shape[-1] \
             and value.shape[1] != own.shape[1]:
+        grid = value.shape[1] - 1  # after the cls token
+        if grid < 1 or math.isqrt(grid) ** 2 != grid:
+            raise CheckpointMismatchError(f"{key} has {grid} grid positions, not a square grid: it cannot be "
+                                          "resized to the model's")
         new_grid = round((own.shape[1] - 1) ** 0.5)
         return resize_pos_embed(value, new_grid)
     return value
@@ -97,11 +106,12 @@ def load_classifier_state_dict(model: ViTClassifier, checkpoint: Mapping[str, ob
     own = model.state_dict()
     if any(k.startswith("head.") for k in sd):  # a classifier: every key, strictly
         kind, expected, take = "classifier", set(own), set(sd)
-    else:
+    else:  # the decoder, and the final norm a pooled classifier does not use, are left; nothing else is
         kind = "encoder"
         expected = {k for k in own if is_encoder_key(k)}
         take = {k for k in sd if k in expected}
-    missing, unexpected = expected - set(sd), (take - set(own)) if kind == "classifier" else set()
+        left = {k for k in sd if k not in expected and not _is_decoder_key(k) and not k.startswith("norm.")}
+    missing, unexpected = expected - set(sd), (take - set(own)) if kind == "classifier" else left
     fitted = {k: _fit_pos_embed(k, sd[k], own[k]) for k in take if k in own}
     mis_shaped = {f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in fitted.items() if v.shape != own[k].shape}
     if missing or unexpected or mis_shaped:

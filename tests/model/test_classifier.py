@@ -111,3 +111,19 @@ def test_position_embeddings_are_resized_for_a_larger_input_and_mismatches_are_n
         load_classifier_state_dict(other, trained.state_dict())
     again = _classifier()
     assert load_classifier_state_dict(again, trained.state_dict()) == "classifier"
+
+
+def test_an_encoder_with_more_than_the_classifier_takes_or_a_broken_grid_is_refused():
+    # a depth-3 encoder fine-tuned into 2 blocks without a word, a stray tensor ignored; a non-square
+    # pos_embed a ValueError traceback from the resize
+    mae = create_model("mae_vit_test_patch4")
+    sd = mae.state_dict()
+    deeper = {**sd, **{k.replace("blocks.1.", "blocks.2."): v for k, v in sd.items() if k.startswith("blocks.1.")}}
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected \(12\): blocks\.2\."):
+        load_classifier_state_dict(_classifier(), deeper)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected \(1\): evil"):
+        load_classifier_state_dict(_classifier(), {**sd, "evil": torch.zeros(1)})
+    for cut in (51, 1):  # 50 grid positions, then none
+        bad = {**sd, "pos_embed": sd["pos_embed"][:, :cut].clone()}
+        with pytest.raises(CheckpointMismatchError, match=f"pos_embed has {cut - 1} grid positions, not a square"):
+            load_classifier_state_dict(_classifier(), bad)

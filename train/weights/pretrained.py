@@ -163,8 +163,8 @@ def registered_size_of(sd: dict[str, torch.Tensor], source: object) -> str:
 
 def _img_size_of(sd: dict[str, torch.Tensor], source: object) -> int:
     patches = architecture_of(sd, source)["patches"]
-    grid = 14 if patches is None else math.isqrt(patches)
-    if grid * grid != patches and patches is not None:
+    grid = 14 if patches is None else math.isqrt(max(patches, 0))
+    if patches is not None and (patches < 1 or grid * grid != patches):
         raise WeightsError(f"{source}: pos_embed has {patches} patch positions, not a square grid")
     return grid * sd["patch_embed.proj.weight"].shape[-1]
 
