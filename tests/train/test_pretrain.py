@@ -229,3 +229,21 @@ def test_a_micro_batch_of_only_corrupt_samples_is_skipped_on_every_rank_in_step(
     for micro in range(16):
         assert records[(0, micro)][-1]["epoch"] == records[(1, micro)][-1]["epoch"], micro
     assert [len(records[(0, m)][-1]["ids"]) for m in range(4)] == [4, 0, 4, 4]
+
+
+def test_a_zero3_checkpoint_with_a_stray_shard_is_refused_in_one_line(stage_runs, tmp_path):
+    # DeepSpeed's ZeRO-3 reader takes every *_optim_states.pt it finds: a stray copy ended in its ValueError
+    import shutil
+
+    from train.checkpoint import latest_complete
+    from train.errors import WeightsError
+    from train.weights.consolidate import consolidate
+
+    run = tmp_path / "ckpt"
+    shutil.copytree(stage_runs[3] / "ckpt", run)
+    tag = latest_complete(run)
+    assert consolidate(run, tag)  # as the run left it
+    optim = sorted((run / tag).glob("*_optim_states.pt"))[0]
+    shutil.copy(optim, optim.with_name(optim.name.replace("rank_0", "rank_7")))
+    with pytest.raises(WeightsError, match="holds files its COMPLETE record does not list: .*rank_7"):
+        consolidate(run, tag)

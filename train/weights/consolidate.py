@@ -58,7 +58,12 @@ def _safe_load(file: Path) -> dict:
 def consolidate(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 state dict of the MAE in a verified checkpoint."""
     tag_dir = root / tag
-    states = {name: _safe_load(tag_dir / name) for name in _verified(tag_dir) if name.endswith(".pt")}
+    recorded = _verified(tag_dir)
+    stray = sorted(p.name for p in tag_dir.glob("*.pt") if p.name not in recorded)
+    if stray:  # DeepSpeed's ZeRO-3 reader takes every *_states.pt it finds, recorded or not
+        raise WeightsError(f"{tag_dir} holds files its COMPLETE record does not list: {', '.join(stray[:4])}; "
+                           "remove them (a leftover of another run?)")
+    states = {name: _safe_load(tag_dir / name) for name in recorded if name.endswith(".pt")}
     # stages 0-2: mp_rank_00_model_states.pt; stage 3: one zero_pp_rank_R_mp_rank_00_model_states.pt per rank
     model_states = states.get("mp_rank_00_model_states.pt") or states.get("zero_pp_rank_0_mp_rank_00_model_states.pt")
     if not isinstance(model_states, dict):
@@ -70,8 +75,12 @@ def consolidate(root: Path, tag: str) -> dict[str, torch.Tensor]:
     if stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with plain_data_only():
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        try:
+            with plain_data_only():
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        except (ValueError, KeyError, IndexError, TypeError, AssertionError, RuntimeError) as e:
+            raise WeightsError(f"{tag_dir}: its ZeRO-3 shards do not consolidate (damaged or altered): "
+                               f"{type(e).__name__}: {str(e)[:200]}") from None
     else:  # stages 0-2 keep whole fp32 weights in the model states (bf16 is autocast only)
         sd = model_states.get("module")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
