@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -70,9 +71,23 @@ def connect(target: RayTarget) -> Any:
         if target.address is None:
             ray.init(num_cpus=target.num_cpus, include_dashboard=False, log_to_driver=False)
         else:
+            check_reachable(target.address)
             ray.init(address=target.address, log_to_driver=False)
         log.info("ray: %s CPUs in the cluster", ray.cluster_resources().get("CPU", 0))
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` cluster address answers a TCP connection: Ray itself retries an
+    unreachable one for minutes. 'auto' and 'ray://' addresses are Ray's to check."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or address.startswith("ray://") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise DistributedError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one there with "
+                               "`ray start --head`, or give --ray alone for a local one") from None
 
 
 def cluster_cpus(target: RayTarget) -> int:
@@ -97,6 +112,10 @@ def _on_ray(fn: Callable[..., Any], calls: Sequence[tuple], keys: Sequence[K], t
                 raise DistributedError(f"a Ray task failed after {TASK_RETRIES} retries "
                                        f"({type(e).__name__}); finished work is kept, rerun to resume") from None
             yield refs[done[0]], result
+    except BaseException:
+        if target.address is None:  # a Ctrl-C: the local cluster's agents outlived the driver
+            ray.shutdown()
+        raise
     finally:
         for ref in pending:
             ray.cancel(ref)

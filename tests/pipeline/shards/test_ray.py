@@ -95,3 +95,17 @@ def test_a_killed_worker_is_retried_and_a_killed_driver_resumes(cluster, photos,
     again = write_shards(str(photos), str(out), cfg, RayTarget(cluster))
     assert 3 <= again.skipped_existing and again.written + again.skipped_existing == len(local.manifest.shards)
     assert done < len(local.manifest.shards) and files(out) == files(tmp_path / "local")
+
+
+def test_a_cluster_address_nobody_answers_is_one_line_at_once(tmp_path):
+    # `--ray 127.0.0.1:1` left Ray retrying the connection for minutes
+    from infra.net import free_port
+    from pipeline.errors import DistributedError
+    from pipeline.shards.tasks import check_reachable
+
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(DistributedError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10
+    check_reachable("auto")  # Ray's own to resolve
