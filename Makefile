@@ -59,7 +59,7 @@ BENCH_PEERS := litdata==0.2.76 webdataset==1.0.2 mosaicml-streaming==0.13.0 brac
 	filelock requests tifffile brotli python-snappy cramjam zstd catalogue
 bench-peers: venv
 	$(PY) -m pip install -q --no-deps $(BENCH_PEERS)
-	$(PY) -m pip install -q transformers  # MosaicML Streaming imports it (no torch dependency)
+	$(PY) -m pip install -q transformers==5.24.0  # MosaicML Streaming imports it (no torch dependency)
 
 gpu-check-dry-run: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash infra/gpu_check.sh --dry-run

@@ -42,6 +42,7 @@ from pipeline.storage.config import StorageConfig
 from pipeline.storage.store import ShardStore
 from pipeline.storage.urls import filesystem, join
 from train.bench.streaming import PEERS, bench_stream, format_stream
+from train.errors import ConfigError
 
 MiB = 2**20
 
@@ -194,7 +195,7 @@ def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) ->
     """Raw ``cat`` (to memory), raw ``cat`` + write to local disk, and the reader's
     verified fetch of the same shards, interleaved shard by shard, in two states:
 
-    - *steady*: every disk cache at its limit (one shard), so each fetch evicts the
+    - *steady*: every disk cache at its limit (the largest shard), so each fetch evicts the
       last one, as when a dataset larger than the cache streams through it; one
       unmeasured pass fills the caches first. Each lever of ``READER_VARIANTS``.
     - *filling*: the default reader into an empty, unbounded cache, against raw cat:
@@ -205,11 +206,11 @@ def bench_read(url: str, storage: StorageConfig, cache_dir: str, rounds: int) ->
     fs, root = filesystem(url, storage)
     shards = ShardStore(url, storage).read_manifest().shards
     if len(shards) < 2:
-        raise ValueError(f"the read part needs at least 2 shards to keep a one-shard cache missing; the dataset has "
-                         f"{len(shards)}: lower --shard-size or raise --images")
+        raise ConfigError(f"the read part needs at least 2 shards, so that a cache of one shard misses on every read; "
+                          f"the dataset has {len(shards)}: lower --shard-size or raise --images")
     shutil.rmtree(cache_dir, ignore_errors=True)  # every reader starts from an empty cache (a kept --workdir too)
     Path(cache_dir).mkdir(parents=True)
-    limit = max(s.bytes for s in shards) + MiB  # one shard (memory mode: bounds the one it holds)
+    limit = max(s.bytes for s in shards)  # the largest shard: any two are more (memory mode: the one it holds)
 
     def raw_cat(to_disk: bool = False):
         def read(shard):
@@ -458,8 +459,9 @@ def format_report(r: dict) -> str:
     lines = [f"mae bench pipeline: {r['images']} JPEGs (~500x375, q90), {r['cpus']} CPUs, device {r['device']}"]
     if "read" in r:
         rd = r["read"]
-        lines.append("(a) bucket read, SeaweedFS S3 on loopback (server and client share the CPUs); steady state: "
-                     f"every disk cache at its limit ({rd['cache_limit_MiB']:.0f} MiB), each fetch evicting the last:")
+        where = rd.get("where") or "SeaweedFS S3 on loopback (server and client share the CPUs)"
+        lines.append(f"(a) bucket read, {where}; steady state: every disk cache at its limit "
+                     f"({rd['cache_limit_MiB']:.0f} MiB), each fetch evicting the last:")
         lines += [_read_line(label, rd, name) for name, label in READ_LABELS]
         lines.append(f"    -> reader at {rd['reader_vs_raw']:.0%} of raw cat's MiB/s at {rd['reader_cpu_vs_raw']:.2f}x "
                      f"its CPU/MiB; {rd['reader_vs_raw_to_disk']:.0%} of cat+write")

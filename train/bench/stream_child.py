@@ -188,7 +188,8 @@ def timed_pass(contender: str, mode: str, urls: dict, endpoint: str, workers: in
             first = time.perf_counter() - t0
         samples, nbytes = samples + n, nbytes + k
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"samples": samples, "samples_per_s": samples / wall, "cpu_ms_per_image": 1e3 * cpu / samples,
+    return {"samples": samples, "mib": nbytes / MiB, "samples_per_s": samples / wall,
+            "cpu_ms_per_image": 1e3 * cpu / samples,
             "cpu_ms_per_mib": 1e3 * cpu / (nbytes / MiB) if nbytes else None,  # e2e: images, not bytes, come out
             "first_batch_s": first or wall, "wall_s": wall}
 

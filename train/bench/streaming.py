@@ -134,6 +134,10 @@ def bench_stream(files: list[Path], bucket_url: str, storage: StorageConfig, wor
             with tempfile.TemporaryDirectory(prefix="mae-stream-cache-", dir=work) as cache:
                 run = _run_child(contender, mode, urls, storage.endpoint_url, workers, batch, cache)
             runs.setdefault(f"{contender}/{mode}", []).append(run)
+    # raw cat counts whole tars; every other contender the image bytes it hands over: per MiB of images for all
+    image_mib = runs["maescale/bytes"][0]["mib"]
+    for r in runs["raw_cat/bytes"]:
+        r["cpu_ms_per_mib"] = r["cpu_ms_per_mib"] * r["mib"] / image_mib
     out: dict[str, object] = {"workers": workers, "batch": batch, "rounds": rounds, "versions": _versions(against)}
     for name, rs in runs.items():
         out[name] = {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None

@@ -57,7 +57,8 @@ def _peers(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"unknown peers {unknown}; valid: {', '.join(PEERS)}")
     missing = [p for p in peers if not peer_available(p)]
     if missing:
-        raise argparse.ArgumentTypeError(f"not installed: {', '.join(missing)}; pip install 'maescale[bench]'")
+        raise argparse.ArgumentTypeError(f"not installed: {', '.join(missing)}; make bench-peers installs them "
+                                         "(pip install 'maescale[bench]' also pulls torchvision and its torch)")
     return peers
 
 
@@ -94,5 +95,9 @@ def run(args: argparse.Namespace) -> int:
                         backends=("cpu", "dali", "ffcv") if args.backend == "all" else (args.backend,))
     with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp, _bucket(args, parts) as (bucket, storage):
         report = run_pipeline_bench(cfg, Path(args.workdir or tmp), bucket, storage)
+    if args.bucket_url and "read" in report:
+        from infra.redact import redact
+
+        report["read"]["where"] = redact(args.bucket_url)
     print(json.dumps(report) if args.json else format_report(report))
     return 0

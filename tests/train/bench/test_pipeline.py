@@ -32,6 +32,9 @@ def test_bench_pipeline_report_is_consistent(tmp_path):
         assert [run["samples"] for run in stream[name]["runs"]] == [60], name
         assert stream[name]["first_batch_s"] <= stream[name]["wall_s"]
     assert stream["maescale/bytes"]["cpu_ms_per_mib"] > 0 and stream["maescale/e2e"]["cpu_ms_per_mib"] is None
+    raw, ours = stream["raw_cat/bytes"]["runs"][0], stream["maescale/bytes"]["runs"][0]
+    assert raw["mib"] > ours["mib"]  # raw cat reads whole tars, headers included: its CPU is per MiB of images too
+    assert raw["cpu_ms_per_image"] * raw["samples"] / raw["cpu_ms_per_mib"] == pytest.approx(ours["mib"])
     assert stream["bytes_vs_fastest_peer"]["samples_per_s"] == pytest.approx(
         stream["maescale/bytes"]["samples_per_s"] / stream["webdataset/bytes"]["samples_per_s"])
     assert stream["versions"]["webdataset"] == "1.0.2"
