@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "2 B samples on 4,096 ranks, 10,000 per shard)")
     p.add_argument("--window", type=whole(1), default=4, help="data.plan.window_shards")
     p.add_argument("--rounds", type=whole(1), default=3)
-    p.add_argument("--reference-max", type=number(0), default=1e7, help="largest size the materialized reference runs on")
+    p.add_argument("--reference-max", type=number(0), default=1e7,
+                   help="largest size the materialized reference runs on")
     p.add_argument("--index-shards", type=whole(0), default=200_000, help="manifest shards to load both ways (0: skip)")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw time and memory against the dataset size")
     p.add_argument("--json", action="store_true")

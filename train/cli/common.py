@@ -20,6 +20,9 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+MAX_IMG_SIZE = 4096  # a model of 16,000 px failed deep in torch's allocator (its position embedding)
+
+
 def whole(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number in [lo, hi] (no upper bound without ``hi``); '2e9' is accepted."""
     def parse(text: str) -> int:

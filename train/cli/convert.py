@@ -9,8 +9,9 @@ from train.cli.common import non_empty_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", type=non_empty_path, help="a run's checkpoint dir, an `mae export` folder, mae/encoder.safetensors, an "
-                                  "official MAE .pth, or a fine-tuned classifier (RUN/best, RUN/last)")
+    p.add_argument("source", type=non_empty_path,
+                   help="a run's checkpoint dir, an `mae export` folder, mae/encoder.safetensors, an official MAE "
+                        ".pth, or a fine-tuned classifier (RUN/best, RUN/last)")
     p.add_argument("out", type=non_empty_path, help="output folder (model.safetensors + config.json)")
     p.add_argument("--to", required=True, choices=["timm", "transformers"], dest="target")
 

@@ -9,8 +9,9 @@ from train.cli.common import add_storage_arguments, storage_config, whole
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="dataset folder or URL holding manifest.json")
-    p.add_argument("--verify", action="store_true", help="fetch every shard and check every digest the manifest records (xxh3-128, sha256) "
-                        "and its sample count; lists every shard that fails")
+    p.add_argument("--verify", action="store_true",
+                   help="fetch every shard and check every digest the manifest records (xxh3-128, sha256) and its "
+                        "sample count; lists every shard that fails")
     p.add_argument("--samples", type=whole(0, 10_000), default=5, help="sample keys to show from the first shard")
     p.add_argument("--write-index", action="store_true",
                    help="(re)write manifest.index, the binary index loaders read, for the current manifest.json")

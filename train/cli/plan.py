@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from model.registry import list_models
-from train.cli.common import check_model, number, whole
+from train.cli.common import MAX_IMG_SIZE, check_model, number, whole
 
 MAX_COUNT = 2**24  # GPUs per node, nodes, micro-batch: far past any real run
 MAX_GPU_MEM_GIB = 2**20  # 1 PiB per GPU
-MAX_IMG_SIZE = 4096  # the plan builds the model's position embedding: 16000 px failed deep in torch's allocator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,9 @@ def split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+DIVERGED = 10  # a final loss over this many times chance's (log classes) is a diverged probe
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                  classes: int, epochs: int = 90, lr: float = 0.1, batch: int = 256, seed: int = 0) -> float:
     """Top-1 of BatchNorm(affine=False) + Linear trained on frozen features."""
@@ -81,6 +84,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
             loss.backward()
             opt.step()
             step += 1
+    chance = math.log(classes)
+    if step and not loss.item() <= DIVERGED * chance:  # a diverged head's argmax is a made-up top-1 (NaN too)
+        raise EvalInputError(f"the linear probe diverged: its loss ended at {loss.item():.3g}, chance is "
+                             f"{chance:.2f}; lower --lr ({lr:g})")
     head.eval()
     with torch.no_grad():
         return (head(val_x).argmax(1) == val_y).float().mean().item()
@@ -115,4 +122,4 @@ def probe(weights: str, train_url: str, val_url: str | None = None, val_fraction
     return {"weights": str(weights), "model": info["model"], "kind": info["kind"], "pool": pool,
             "train_samples": len(x), "val_samples": len(vx), "classes": classes,
             "linear_top1": linear_probe(x, y, vx, vy, classes, epochs, lr, seed=seed),
-            "knn_top1": knn(x, y, vx, vy, classes, k), "k": k}
+            "knn_top1": knn(x, y, vx, vy, classes, k), "k": min(k, len(x))}  # k as used: at most the samples

@@ -81,6 +81,19 @@ def test_probes_separate_separable_features_and_not_noise():
     assert knn(noise[tr], y[tr], noise[va], y[va], 4) < 0.45
 
 
+def test_a_diverged_linear_probe_is_an_error_not_a_top1():
+    # --lr 1e30 reported "linear probe top-1 25.0%": the argmax of non-finite logits
+    from train.errors import EvalInputError
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    noise = torch.randn(200, 32, generator=g)  # features a head cannot fit: a huge step throws it far off
+    with pytest.raises(EvalInputError, match=r"the linear probe diverged: its loss ended at .*lower --lr \(1e\+30\)"):
+        linear_probe(noise[:150], y[:150], noise[150:], y[150:], 4, epochs=20, lr=1e30)
+    x = torch.randn(4, 32, generator=g)[y] * 3 + noise
+    assert linear_probe(x[:150], y[:150], x[150:], y[150:], 4, epochs=20, lr=0.1) > 0.9
+
+
 def test_load_pretrained_reads_every_kind_of_weights(tmp_path):
     torch.manual_seed(3)
     model = create_model("mae_vit_test_patch4")
