@@ -142,6 +142,8 @@ def export(ckpt: Path, out: Path) -> tuple[MaskedAutoencoderViT, dict]:
     if (out / COMPLETE).exists():
         raise WeightsError(f"{out} is a checkpoint: an export there would be read in its place (mae reconstruct, "
                            "probe, convert); export to another folder")
+    if out.exists() and not out.is_dir():
+        raise WeightsError(f"{out} is a file: mae export writes a folder (mae.safetensors, encoder.safetensors)")
     model, info = load_checkpoint(ckpt)
     cfg = model.cfg
     full = {"model": info["model"], "step": info["step"], "img_size": cfg.img_size, "norm_pix_loss": cfg.norm_pix_loss}

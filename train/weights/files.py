@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return checked_tensors(load_file(str(path)), path)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects beyond tensors: possibly code
         raise WeightsError(
             f"refused to load {path}: it holds objects other than tensors and plain containers "
@@ -157,7 +160,9 @@ def export_classifier(state_dict: Mapping[str, torch.Tensor], cfg: ClassifierCon
 def classifier_config_of(meta: Mapping[str, object], source: object) -> ClassifierConfig:
     """The ``ClassifierConfig`` recorded by ``export_classifier`` (drop path off: inference)."""
     if meta.get("arch") != CLASSIFIER_ARCH:
-        raise WeightsError(f"{source} is not a classifier written by `mae finetune` (no arch={CLASSIFIER_ARCH})")
+        hint = (f"; its classifiers are in {Path(source) / 'best'} and {Path(source) / 'last'}"
+                if (Path(source) / "best" / "classifier.safetensors").is_file() else "")
+        raise WeightsError(f"{source} is not a classifier written by `mae finetune` (no arch={CLASSIFIER_ARCH}){hint}")
     try:
         return ClassifierConfig(**{k: meta[k] for k in ("num_classes", "img_size", "patch_size", "embed_dim", "depth",
                                                         "num_heads", "mlp_ratio", "global_pool", "head")})

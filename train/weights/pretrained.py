@@ -45,6 +45,9 @@ def load_pretrained(spec: str | Path, seed: int = 0, img_size: int | None = None
     path = Path(spec)
     if path.is_dir() and (path / "mae.safetensors").is_file():
         path = _export_file(path, "mae.safetensors")
+    if (path / "classifier.safetensors").is_file() or path.name == "classifier.safetensors":
+        raise WeightsError(f"{path} is a classifier from `mae finetune`; this takes an MAE: a pretraining run, its "
+                           "`mae export` folder, mae.safetensors or encoder.safetensors")
     if path.is_dir():
         from train.weights.consolidate import load_checkpoint
 

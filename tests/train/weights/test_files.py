@@ -40,3 +40,27 @@ def test_a_failed_write_leaves_the_earlier_files_as_they_were(tmp_path):
     for name in ("a.safetensors", "b.safetensors"):
         assert torch.equal(read_state_dict(tmp_path / name)["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_a_classifier_given_where_an_mae_is_wanted_is_named_as_such(tmp_path):
+    # probe and reconstruct said "no complete checkpoint" or listed 22 missing decoder tensors
+    from model.classifier import ClassifierConfig, ViTClassifier
+    from train.errors import WeightsError
+    from train.weights.files import export_classifier
+    from train.weights.pretrained import load_pretrained
+
+    model = ViTClassifier(ClassifierConfig(num_classes=3, img_size=32, patch_size=4, embed_dim=64, depth=2,
+                                           num_heads=4))
+    export_classifier(model.state_dict(), model.cfg, tmp_path / "best" / "classifier.safetensors")
+    for given in (tmp_path / "best", tmp_path / "best" / "classifier.safetensors"):
+        with pytest.raises(WeightsError, match="is a classifier from `mae finetune`; this takes an MAE"):
+            load_pretrained(given)
+
+
+def test_an_export_onto_a_file_says_so(tmp_path):
+    from train.errors import WeightsError
+    from train.weights.consolidate import export
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WeightsError, match="afile is a file: mae export writes a folder"):
+        export(tmp_path / "no-run", tmp_path / "afile")
