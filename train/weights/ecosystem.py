@@ -117,16 +117,16 @@ def _encoder(sd: dict[str, torch.Tensor], cfg: MAEConfig, out: Path, target: str
 def _classifier(sd: dict[str, torch.Tensor], cfg: ClassifierConfig, classes: list[str], out: Path,
                 target: str) -> dict:
     shape = (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+    crop = 0.875 if cfg.img_size <= 224 else 1.0  # as `mae finetune` evaluates
     if target == "timm":
         if cfg.head != "linear":
             raise LayoutError("the linear probe's BatchNorm head is not a timm ViT head")
         args = _timm_args(*shape, num_classes=cfg.num_classes, global_pool="avg" if cfg.global_pool else "token")
-        crop = 0.875 if cfg.img_size <= 224 else 1.0
         return _write(out, timm_state_dict(sd), _timm_config(args, classes, crop))
     config = {**_hf_common(*shape), "model_type": "vit", "architectures": ["ViTForImageClassification"],
               "id2label": {str(i): name for i, name in enumerate(classes)},
               "label2id": {name: i for i, name in enumerate(classes)}}
-    return _write(out, transformers_classifier_state_dict(sd), config, _hf_preprocessor(cfg.img_size))
+    return _write(out, transformers_classifier_state_dict(sd), config, _hf_preprocessor(cfg.img_size, crop))
 
 
 def _timm_args(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float,
@@ -157,10 +157,16 @@ def _hf_common(img_size: int, patch_size: int, embed_dim: int, depth: int, num_h
             "image_size": img_size, "patch_size": patch_size, "num_channels": 3, "qkv_bias": True}
 
 
-def _hf_preprocessor(size: int) -> dict:
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(MEAN), "image_std": list(STD)}
+def _hf_preprocessor(size: int, crop: float | None = None) -> dict:
+    """transformers' image processing: the whole image squashed to ``size`` (an
+    encoder's features), or with ``crop`` our evaluation's view (the shorter side to
+    ``size / crop``, the centre ``size`` square), which ViT's own processor cannot do."""
+    common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(MEAN), "image_std": list(STD)}
+    if crop is None:
+        return {"image_processor_type": "ViTImageProcessor", "size": {"height": size, "width": size}, **common}
+    return {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": size}, "crop_pct": crop,
+            **common}
 
 
 def _write(out: Path, sd: dict[str, torch.Tensor], config: dict, preprocessor: dict | None = None) -> dict:

@@ -68,7 +68,27 @@ def test_cls_token_classifier_loads_into_vit_for_image_classification(tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf.eval()(pixel_values=x).logits, model(x), atol=1e-5)
     pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    assert pre["size"] == {"height": 32, "width": 32} and pre["image_mean"] == [0.485, 0.456, 0.406]
+    assert pre["size"] == {"shortest_edge": 32} and pre["image_mean"] == [0.485, 0.456, 0.406]
+    # transformers sees what `mae finetune` evaluated on: the centre 0.875 of the shorter side, not the whole
+    # image squashed to a square (ViT's own processor)
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.augment import center_crop_box
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8)).resize((360, 240), Image.BICUBIC)
+    got = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")(img, return_tensors="pt")["pixel_values"]
+
+    def normalized(view: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(view.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255)
+        return (x.permute(2, 0, 1) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+    x0, y0, w, h = center_crop_box(*img.size, 0.875)
+    cropped, squashed = normalized(img.crop((x0, y0, x0 + w, y0 + h))), normalized(img)
+    assert got.shape == (1, 3, 32, 32)
+    assert (got[0] - cropped).abs().mean() < 0.1 < (got[0] - squashed).abs().mean()
 
 
 def test_pooled_or_probe_classifiers_are_refused_where_the_library_cannot_compute_them(tmp_path):
