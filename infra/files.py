@@ -76,6 +76,29 @@ class NotAFileError(OSError):
         return f"{self.filename} is {self.strerror}"
 
 
+class ForeignFolderError(OSError):
+    """A folder a tool would write into (and clear parts of) that it did not make."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def claim_folder(path: str | os.PathLike[str], marker: str, tool: str) -> Path:
+    """``path`` as a folder ``tool`` may clear parts of: new, empty, or marked by an
+    earlier ``claim_folder`` with ``marker`` — never a folder of the user's (``.``,
+    ``~``, a typo). Made if missing, and marked."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ForeignFolderError(f"{path} is a file; {tool} needs a new or empty folder")
+        if not (path / marker).is_file() and any(path.iterdir()):
+            raise ForeignFolderError(f"{path} is not empty and was not made by {tool} (no {marker} in it); give a "
+                                     f"new or empty folder: {tool} replaces what it made there")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / marker).write_text(f"made by {tool}, which may replace what is in this folder\n")
+    return path
+
+
 def require_regular(path: str | os.PathLike[str]) -> None:
     """Raise ``NotAFileError`` unless ``path`` (links followed) is a regular file."""
     mode = os.stat(path).st_mode

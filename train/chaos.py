@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
+from infra.files import claim_folder
 from infra.net import free_port
 from infra.options import option, require, require_choice, require_positive, require_text
 from infra.testing.processes import kill_tree
 from train.checkpoint import COMPLETE, complete_tags, latest_complete, tag_for, verify
-from train.errors import CheckpointIntegrityError, ConfigError, TrainError
+from train.errors import CheckpointIntegrityError, TrainError
 
 log = logging.getLogger(__name__)
 BUCKET = "maescale-chaos"
@@ -364,15 +365,10 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
 def fresh_workdir(work: Path) -> Path:
     """``work``, emptied: only a folder that is new, empty, or was made by ``mae chaos``
     (it holds the marker) — never a folder of the user's (``.``, ``~``, a typo)."""
-    if work.exists() and not (work / MARKER).is_file():
-        if not work.is_dir():
-            raise ConfigError(f"chaos: --workdir {work} is a file; give a new or empty folder")
-        if any(work.iterdir()):
-            raise ConfigError(f"chaos: --workdir {work} is not empty and was not made by mae chaos (no {MARKER} in "
-                             "it); give a new or empty folder: the soak empties its workdir first")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / MARKER).write_text("made by mae chaos: emptied by the next soak in this folder\n")
+    claim_folder(work, MARKER, "mae chaos")
+    for p in work.iterdir():
+        if p.name != MARKER:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return work
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infra.files import claim_folder
 from infra.net import free_port
 from train.errors import TrainError
 
@@ -189,7 +190,7 @@ def heldout_losses(weights: list[str], folder: Path, seed: int) -> list[float]:
 # --------------------------------------------------------------- the demo
 def run_demo(cfg: DemoConfig) -> dict:
     torch.manual_seed(cfg.seed)
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    claim_folder(cfg.workdir, ".mae-demo", "mae demo")  # it replaces its images/, run/ and finetune/ there
     t_start = time.monotonic()
     r = cfg.results
     say(cfg, f"== 1. real images -> {cfg.workdir / 'images'}")

@@ -28,3 +28,16 @@ def test_temporaries_of_dead_writers_go_those_of_live_ones_stay(tmp_path):
         p.write_bytes(b"x")
     assert remove_dead_temps(tmp_path) == [left]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_mae_demo_never_replaces_parts_of_a_folder_it_did_not_make(tmp_path):
+    # `mae demo --workdir ~` deleted ~/images and ~/run
+    from infra.files import ForeignFolderError
+    from train.demo import DemoConfig, run_demo
+
+    home = tmp_path / "home"
+    (home / "images").mkdir(parents=True)
+    (home / "images" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ForeignFolderError, match=r"is not empty and was not made by mae demo \(no .mae-demo in it\)"):
+        run_demo(DemoConfig(workdir=home, photos=10, epochs=1))
+    assert (home / "images" / "holiday.jpg").read_bytes() == b"precious"

@@ -40,20 +40,20 @@ def test_a_short_soak_loses_nothing_and_changes_nothing(tmp_path):
 
 def test_the_soak_never_empties_a_folder_it_did_not_make(tmp_path, monkeypatch):
     # `mae chaos --workdir ''` (or `.`, `~`) emptied the current folder before the soak began
+    from infra.files import ForeignFolderError
     from infra.options import OptionError
     from train.chaos import MARKER, fresh_workdir
-    from train.errors import ConfigError
 
     with pytest.raises(OptionError, match="workdir must not be empty"):
         ChaosConfig(workdir="")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "important.txt").write_text("precious")
-    with pytest.raises(ConfigError, match=f"is not empty and was not made by mae chaos \\(no {MARKER} in it\\)"):
+    with pytest.raises(ForeignFolderError, match=f"is not empty and was not made by mae chaos \\(no {MARKER} in it\\)"):
         fresh_workdir(mine)
     assert (mine / "important.txt").read_text() == "precious"
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(ConfigError, match="is a file"):
+    with pytest.raises(ForeignFolderError, match="is a file"):
         fresh_workdir(tmp_path / "afile")
     made = fresh_workdir(tmp_path / "new" / "chaos")  # new: made, marked
     (made / "old-run.log").write_text("x")

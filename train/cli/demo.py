@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run and pictures go")
+    p.add_argument("--workdir", type=Path, default=Path("demo"),
+                   help="where data, run and pictures go: a new or empty folder, or one an earlier demo made")
     p.add_argument("--s3", action="store_true", help="use a real S3 server (SeaweedFS, started here) as the store")
     p.add_argument("--epochs", type=float, default=50, help="pretraining epochs (~31 steps each)")
     p.add_argument("--photos", type=int, default=800)
