@@ -215,8 +215,8 @@ class ObjectFolder:
         if self.call(f"bucket {bucket!r}", lambda: self._bucket_exists(bucket)):
             return
         if not create_bucket:
-            raise ObjectNotAccessible(f"bucket {bucket!r} at {self.where} does not exist; check its name, or pass "
-                                      "--create-bucket to create it")
+            raise ObjectNotAccessible(f"bucket {bucket!r} at {self.where} does not exist; check its name, or create "
+                                      "it (mae shard and mae index create it with --create-bucket)")
         self.call(f"create bucket {bucket!r}", lambda: self.fs.mkdir(bucket))
 
     def _bucket_exists(self, bucket: str) -> bool:

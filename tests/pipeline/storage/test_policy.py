@@ -138,7 +138,8 @@ def test_a_misspelled_bucket_is_an_error_and_never_created(src, s3_env, capsys):
     res = run_mae(capsys, "shard", src, "s3://datasetz/photos", "--workers", "1")
     assert res.code == 2
     assert ("bucket 'datasetz' at s3://datasetz/photos (endpoint http://127.0.0.1:" in res.error_line
-            and "does not exist; check its name, or pass --create-bucket" in res.error_line)
+            and "does not exist; check its name, or create it (mae shard and mae index create it with "
+                "--create-bucket)" in res.error_line)
     buckets = lambda: {b["Name"] for b in s3_env.client().list_buckets()["Buckets"]}  # noqa: E731
     assert "datasetz" not in buckets()
     res = run_mae(capsys, "shard", src, "s3://datasetz/photos", "--workers", "1", "--create-bucket")
