@@ -132,19 +132,22 @@ def plot_scaling(report: dict[str, object], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((r for r in report["rows"] if r["world"] == 4096), key=lambda r: r["samples"])
+    worlds = sorted({r["world"] for r in report["rows"]})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, ref, label in ((axes[0], "first_ids_s", "reference_s", "seconds to one rank's sample ids"),
                                 (axes[1], "peak_mib", "reference_peak_mib", "peak MiB of one rank's plan")):
-        ax.loglog([r["samples"] for r in rows], [r[key] for r in rows], "o-", label="per-rank plan (v2)")
-        done = [r for r in rows if ref in r]
-        if done:
-            ax.loglog([r["samples"] for r in done], [r[ref] for r in done], "s--",
-                      label="whole epoch per rank (v1 algorithm)")
-        ax.set_xlabel("samples in the dataset (4,096 ranks, 10,000 per shard)")
+        for world in worlds:  # one line per rank count of --sizes
+            rows = sorted((r for r in report["rows"] if r["world"] == world), key=lambda r: r["samples"])
+            ax.loglog([r["samples"] for r in rows], [r[key] for r in rows], "o-",
+                      label=f"per-rank plan (v2), {world:,} ranks")
+            done = [r for r in rows if ref in r]
+            if done:
+                ax.loglog([r["samples"] for r in done], [r[ref] for r in done], "s--",
+                          label=f"whole epoch per rank (v1), {world:,} ranks")
+        ax.set_xlabel("samples in the dataset")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

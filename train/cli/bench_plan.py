@@ -31,8 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from infra.options import OptionError
     from train.bench.plan import PlanBench, bench_plan, plot_scaling
 
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():  # before the benchmark, not after it
+        raise OptionError("--plot", f"{args.plot}: its folder does not exist")
     cfg = PlanBench(window_shards=args.window, rounds=args.rounds, reference_max=int(args.reference_max),
                     index_shards=args.index_shards, **({"sizes": args.sizes} if args.sizes else {}))
     r = bench_plan(cfg)
