@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,18 @@ def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def staging_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder named ``<prefix><pid>-...``, after removing the ones of
+    this prefix whose process is gone: a worker killed mid-task (a lost Ray worker,
+    the OOM killer) never ran its clean-up, and each held up to a shard."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
 
 
 def _running(pid: int) -> bool:

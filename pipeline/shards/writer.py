@@ -25,14 +25,13 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from infra.files import remove_dead_temps
+from infra.files import remove_dead_temps, staging_dir
 from infra.options import option, require, require_positive
 from infra.redact import redact
 from pipeline.errors import ObjectNotAccessible, SourceError
@@ -208,7 +207,7 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
 
     rows = read_rows([(pos, it.url, it.row) for pos, it in job.items if it.row is not None and not it.problem],
                      cfg.storage)
-    with tempfile.TemporaryDirectory(prefix="mae-shard-") as tmpdir:
+    with staging_dir("mae-shard-") as tmpdir:
         local = os.path.join(tmpdir, job.name)
         with open(local, "wb") as f:
             tar = TarShardWriter(f)

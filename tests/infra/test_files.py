@@ -41,3 +41,23 @@ def test_mae_demo_never_replaces_parts_of_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(ForeignFolderError, match=r"is not empty and was not made by mae demo \(no .mae-demo in it\)"):
         run_demo(DemoConfig(workdir=home, photos=10, epochs=1))
     assert (home / "images" / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_a_killed_workers_staging_folder_is_removed_by_the_next_task():
+    # a shard worker killed mid-shard (a lost Ray worker) left /tmp/mae-shard-* behind, up to a shard each
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from infra.files import staging_dir
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    left = Path(tempfile.mkdtemp(prefix=f"mae-test-stage-{dead}-"))
+    (left / "shard-000000.tar").write_bytes(b"x" * 1000)
+    mine = Path(tempfile.mkdtemp(prefix=f"mae-test-stage-{os.getpid()}-"))  # a live process's: kept
+    with staging_dir("mae-test-stage-") as new:
+        assert Path(new).name.startswith(f"mae-test-stage-{os.getpid()}-")
+        assert not left.exists() and mine.exists()
+    mine.rmdir()
