@@ -151,6 +151,8 @@ def _forge_pipe(tag_dir) -> None:
      "its metadata does not describe its tensors: patches 256 (the tensors: 64)"),  # exported resized, exit 0
     (lambda t: _forge_meta(t, lambda m: m.update(config={})), "its model settings are incomplete or invalid "
                                                              "(KeyError: 'data')"),  # a traceback
+    (lambda t: _forge_meta(t, lambda m: m["config"]["model"].update(norm_pix_loss="false")),
+     "norm_pix_loss must be true or false, got 'false'"),  # read as True: reconstruct un-normalized wrongly
     (lambda t: _forge_meta(t, lambda m: m["config"].update(mixup={})), "is a fine-tuning checkpoint, not an MAE"),
     (lambda t: poison_weight(t, "cls_token", float("nan")), "tensor 'cls_token' holds NaN or infinite values"),
 ])

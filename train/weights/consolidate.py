@@ -123,7 +123,9 @@ def _load_tag(root: Path, tag: str) -> tuple[MaskedAutoencoderViT, dict]:
                            f"{root / 'last'} (and {root / 'best'})")
     sd = consolidate(root, tag)
     try:
-        img_size, norm_pix = int(config["data"]["augment"]["img_size"]), bool(config["model"]["norm_pix_loss"])
+        img_size, norm_pix = int(config["data"]["augment"]["img_size"]), config["model"]["norm_pix_loss"]
+        if not isinstance(norm_pix, bool):  # bool("false") is True
+            raise TypeError(f"norm_pix_loss must be true or false, got {str(norm_pix)[:40]!r}")
         cfg = model_config(meta["model"], img_size=img_size, norm_pix_loss=norm_pix)
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{root / tag / 'meta.json'}: its model settings are incomplete or invalid "
