@@ -49,7 +49,7 @@ def test_a_data_error_after_start_up_is_one_line_too(tmp_path):
                   f"checkpoint.dir={tmp_path / 'ckpt'}")
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert re.search(r"ERROR train.pretrain: ObjectNotAccessible: manifest.json at .*/none: not found", out.stderr)
+    assert re.search(r"ERROR train.pretrain: ObjectMissing: manifest.json at .*/none: not found", out.stderr)
     assert not OUR_FRAME.search(out.stderr), out.stderr[-3000:]
 
 

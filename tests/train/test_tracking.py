@@ -48,7 +48,7 @@ def tracked(shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("tracked")
     mlflow_db = f"sqlite:///{run / 'mlflow.db'}"
     backends = ("log.wandb=true", "log.wandb_mode=offline", "log.mlflow=true", f"log.mlflow_uri={mlflow_db}",
-                f"data.storage.endpoint_url=http://user:{PASSWORD}@127.0.0.1:9")  # unused: the data is local
+                f"data.storage.options={{secret: {PASSWORD}}}")  # unused: the data is local
     _pretrain(shards, run, 8, *backends)
     first = _jsonl(run)
     shutil.rmtree(run / "step000000008")  # as if the run died after step 8, before that checkpoint
