@@ -23,7 +23,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; when the block ends without error the
     file written there replaces ``path``, else it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -31,6 +31,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temp_beside(path: str | os.PathLike[str]) -> Path:
+    """Where this process writes ``path`` before renaming it in place: hidden, and
+    named by the pid, so ``remove_dead_temps`` knows a killed writer's."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:

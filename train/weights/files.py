@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from infra.files import remove_dead_temps, require_regular
+from infra.files import remove_dead_temps, require_regular, temp_beside
 from model.classifier import ClassifierConfig
 from model.mae import MAEConfig, MaskedAutoencoderViT
 from model.weights import CheckpointMismatchError, encoder_state_dict, unwrap_state_dict
@@ -102,7 +102,7 @@ def write_together(folder: Path, files: Mapping[str, tuple[Mapping[str, torch.Te
     temps: dict[str, Path] = {}
     try:
         for name, (state_dict, metadata) in files.items():
-            temps[name] = tmp = folder / f".{name}.tmp-{os.getpid()}"
+            temps[name] = tmp = temp_beside(folder / name)
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
             meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v
                                        for k, v in (metadata or {}).items()}}
