@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from train.cli.common import whole
+from train.cli.common import parts_of, whole
+
+PARTS = ("index", "shard")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--parts", type=_parts, default=("index", "shard"), help="comma list: index, shard")
+    p.add_argument("--parts", type=parts_of(PARTS), default=PARTS, help="comma list: index, shard")
     p.add_argument("--tars", type=whole(1), default=16, help="index: tars on the S3 test server")
     p.add_argument("--per-tar", type=whole(1), default=200, help="index: samples per tar (.jpg ~500x375, .txt, .json)")
     p.add_argument("--parallel", type=whole(1), default=16, help="index: tars walked at once")
@@ -18,14 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=whole(1), default=400, help="shard: photos in the source folder")
     p.add_argument("--rounds", type=whole(1), default=2, help="alternated rounds (medians reported)")
     p.add_argument("--json", action="store_true")
-
-
-def _parts(text: str) -> tuple[str, ...]:
-    parts = tuple(p for p in text.split(",") if p)
-    unknown = sorted(set(parts) - {"index", "shard"})
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: index, shard")
-    return parts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from train.cli.common import add_storage_arguments, storage_config, torch_device
+from train.cli.common import add_storage_arguments, parts_of, storage_config, torch_device
 
 MiB = 2**20
 PARTS = ("read", "decode", "rss", "stream")
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode backends to compare with the baseline (all: cpu, dali, ffcv)")
     p.add_argument("--device", type=torch_device, default="cpu",
                    help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
-    p.add_argument("--parts", type=_parts, default=PARTS,
+    p.add_argument("--parts", type=parts_of(PARTS), default=PARTS,
                    help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory), "
                         "stream (samples from S3 through the Loader, bytes only and end to end)")
     p.add_argument("--against", type=_peers, default=(),
@@ -38,14 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "chain); default: a SeaweedFS server started on loopback for the run")
     add_storage_arguments(p)
     p.add_argument("--json", action="store_true")
-
-
-def _parts(text: str) -> tuple[str, ...]:
-    parts = tuple(p for p in text.split(",") if p)
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: {', '.join(PARTS)}")
-    return parts
 
 
 def _peers(text: str) -> tuple[str, ...]:

@@ -76,6 +76,18 @@ def non_empty(text: str) -> str:
     return text
 
 
+def parts_of(valid: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma list of at least one of ``valid`` (a benchmark's parts)."""
+    def parse(text: str) -> tuple[str, ...]:
+        parts = tuple(p for p in text.split(",") if p)
+        unknown = sorted(set(parts) - set(valid))
+        if unknown or not parts:
+            raise argparse.ArgumentTypeError(f"unknown parts {unknown}; valid: {', '.join(valid)}")
+        return parts
+
+    return parse
+
+
 def torch_device(text: str) -> str:
     """An argparse type: 'cpu', or a CUDA device torch sees ('cuda', 'cuda:1')."""
     import torch
