@@ -79,6 +79,12 @@ def complete_tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).exists())
 
 
+def holds_checkpoints(folder: Path) -> bool:
+    """Complete checkpoints in ``folder``, or it is one: weights written there would
+    be read in their place."""
+    return bool(complete_tags(folder)) or (folder / COMPLETE).exists()
+
+
 def latest_complete(root: Path) -> str | None:
     """The newest tag with a COMPLETE marker (``latest`` is only a pointer for people:
     a crash between COMPLETE and its update leaves it one behind)."""

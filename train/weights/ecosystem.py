@@ -29,7 +29,7 @@ from model.layouts import LayoutError, timm_state_dict, transformers_classifier_
     transformers_encoder_state_dict
 from model.mae import MAEConfig, MaskedAutoencoderViT
 from model.registry import model_config
-from train.checkpoint import COMPLETE, complete_tags
+from train.checkpoint import holds_checkpoints
 from train.errors import WeightsError
 from train.weights.files import classifier_config_of, save_safetensors
 from model.weights import is_encoder_key
@@ -48,7 +48,7 @@ def convert(source: str | Path, out: str | Path, target: str) -> dict:
     if target not in TARGETS:
         raise WeightsError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     out = Path(out)
-    if complete_tags(out) or (out / COMPLETE).exists():
+    if holds_checkpoints(out):
         raise WeightsError(f"{out} holds checkpoints: converted weights there would be read in their place; "
                            "convert to another folder")
     sd, meta = read_weights(source)

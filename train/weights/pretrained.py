@@ -144,9 +144,9 @@ def read_weights(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _export_file(folder: Path, name: str) -> Path:
     """``folder / name``, unless ``folder`` also holds checkpoints: which one the user
     means is not ours to guess (an old export would silently win over newer steps)."""
-    from train.checkpoint import COMPLETE, complete_tags
+    from train.checkpoint import holds_checkpoints
 
-    if complete_tags(folder) or (folder / COMPLETE).exists():
+    if holds_checkpoints(folder):
         raise WeightsError(f"{folder} holds both checkpoints and an export ({name}): give {folder / name}, or one "
                            f"checkpoint's step folder without it")
     return folder / name
