@@ -103,7 +103,6 @@ class SeaweedS3:
             except Exception as e:  # not up yet
                 last = e
                 time.sleep(0.25)
-        self.stop()
         raise S3ServerError(f"SeaweedFS S3 did not answer within {self.start_timeout_s}s ({last})")
 
     def create_bucket(self, name: str) -> None:

@@ -118,7 +118,7 @@ def with_retries(what: str, where: str, fn: Callable[[], T], policy: RetryPolicy
                 limit = "" if attempt >= policy.max_attempts else f", deadline {policy.deadline_s:g} s"
                 error = ShardCorrupt if isinstance(e, ChecksumMismatch) else ShardFetchError
                 raise error(f"{what} at {where}: {kind} after {attempt} attempts in {elapsed:.1f} s"
-                                      f"{limit} (last: {describe(e)})") from None
+                            f"{limit} (last: {describe(e)})") from None
             on_event("fetch_retry", 1)
             log.warning("%s: attempt %d/%d failed (%s); retrying in %.2fs",
                         what, attempt, policy.max_attempts, describe(e), delay)
