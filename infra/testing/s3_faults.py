@@ -25,6 +25,9 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 ERROR_XML = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{msg}</Message></Error>'
 KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
+# a server that ignores ranged GETs: the whole object, 200, with its Content-Length or
+# (unsized) without one. Permanent, so only ``add`` injects them, never ``set_rate``.
+MISBEHAVIOURS = ("ignore_range", "ignore_range_unsized")
 
 
 @dataclass
@@ -54,8 +57,8 @@ class FaultInjector:
         self._lock = threading.Lock()
 
     def add(self, kind: str, match: str = ".tar", times: int = 1, seconds: float = 0.0) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"fault kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        if kind not in KINDS + MISBEHAVIOURS:
+            raise ValueError(f"fault kind must be one of {', '.join(KINDS + MISBEHAVIOURS)}; got {kind!r}")
         with self._lock:
             self.faults.append(Fault(kind, match, times, seconds))
 
@@ -102,6 +105,15 @@ class FaultInjector:
             body = ERROR_XML.replace(b"{code}", code.encode()).replace(b"{msg}", b"injected")
             start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
+        if fault.kind in MISBEHAVIOURS:
+            whole = {k: v for k, v in environ.items() if k != "HTTP_RANGE"}
+            if fault.kind == "ignore_range":
+                return self.app(whole, start_response)
+
+            def unsized(status, headers, exc_info=None):
+                return start_response("200 OK", [(k, v) for k, v in headers if k.lower() != "content-length"], exc_info)
+
+            return self.app(whole, unsized)
         if fault.kind == "delay":
             time.sleep(fault.seconds)
             return self.app(environ, start_response)

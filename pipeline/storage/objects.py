@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import fsspec
 import xxhash
+from fsspec.asyn import sync
 
 from infra.files import atomic_path, require_regular
 from pipeline.errors import ObjectNotAccessible
@@ -75,6 +76,58 @@ def range_past_the_end(e: BaseException) -> bool:
     """S3's 416 for a ranged GET that starts at or past the object's end (an empty
     object, or one shorter than expected), as s3fs raises it."""
     return isinstance(e, OSError) and e.errno == errno.EINVAL and "range" in str(e).lower()
+
+
+def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
+               put: Callable[[int, bytes], None]) -> int:
+    """Bytes ``[start, end)`` of an object, handed to ``put(offset, chunk)`` as they
+    arrive: on S3 the response body's own chunks, so no buffer of the whole range is
+    allocated (page faults, zeroing) and none is joined (a copy of every byte): on
+    loopback that is ~1/3 of a fetch's CPU. Elsewhere one ``cat_file``.
+
+    Returns how many bytes the server answered with; compare it with ``end - start``.
+    Nothing past ``end`` is handed over: an answer longer than asked (a server that
+    ignores ranges) stops the read and returns ``end - start + 1``. A body that ends
+    short of what the server announced raises ConnectionError (a cut connection:
+    worth a retry); one that announces fewer bytes than asked returns that number
+    without reading it (the object is shorter)."""
+    if getattr(fs, "async_impl", False) and hasattr(fs, "_call_s3"):
+        return sync(fs.loop, _s3_range, fs, path, start, end, put)
+    data = fs.cat_file(path, start=start, end=end)
+    if data and len(data) <= end - start:
+        put(start, data)
+    return min(len(data), end - start + 1)
+
+
+STREAM_CHUNK = 1 << 20  # the most one read takes where the client cannot hand over its own chunks
+
+
+async def _s3_range(fs: Any, path: str, start: int, end: int, put: Callable[[int, bytes], None]) -> int:
+    bucket, key, version = fs.split_path(path)
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                             **({"VersionId": version} if version else {}))
+    body = resp["Body"]
+    try:
+        announced = resp.get("ContentLength")
+        if isinstance(announced, int) and announced != end - start:
+            return min(announced, end - start + 1)
+        content = getattr(getattr(body, "_raw_stream", None), "content", None)  # aiohttp's stream, when it is one
+        if content is not None and hasattr(content, "readany"):
+            read = content.readany  # one received chunk as it is: no copy
+        else:
+            async def read() -> bytes:
+                return await body.read(STREAM_CHUNK)
+        pos = start
+        while chunk := await read():
+            if len(chunk) > end - pos:
+                return end - start + 1
+            put(pos, chunk)
+            pos += len(chunk)
+        if pos < end:
+            raise ConnectionError(f"the body ended after {pos - start} of the {end - start} bytes announced")
+        return end - start
+    finally:
+        body.close()
 
 
 def cat_limited(fs: fsspec.AbstractFileSystem, path: str, limit: int | None) -> bytes:

@@ -1,8 +1,9 @@
 """Verified shard fetches: parallel ranged GETs into the node's shard cache.
 
-Shards are fetched as several ranged GETs in flight, written at their offsets
-into a local file in the cache (``pipeline.storage.cache``), hashed in order as
-the prefix completes, and only handed out once the whole shard matches its
+Shards are fetched as several ranged GETs in flight, each body's chunks written
+at their offsets into a local file in the cache (``pipeline.storage.cache``) as
+they arrive (``objects.read_range``: no range-sized buffer, no copy to join one),
+hashed in order as the prefix completes, and only handed out once the whole shard matches its
 manifest checksum — so a read that fails halfway is resumed or redone and never
 yields a partial or duplicated sample. The checksum is the manifest's xxh3-128
 where it records one (``storage.checksum='xxh3'``, the default: ~1/9 of
@@ -44,7 +45,15 @@ from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInf
 from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, ShardTable, table_for
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
-from pipeline.storage.objects import HASHES, READ_BLOCK, ObjectFolder, file_digests, object_etag, range_past_the_end
+from pipeline.storage.objects import (
+    HASHES,
+    READ_BLOCK,
+    ObjectFolder,
+    file_digests,
+    object_etag,
+    range_past_the_end,
+    read_range,
+)
 from pipeline.storage.retry import ChecksumMismatch
 from pipeline.storage.urls import is_local, join
 
@@ -181,16 +190,17 @@ class _PartialShard:
         self.digest = HASHES[algorithm]() if algorithm is not None else None
         self.hashed = 0
         self.arrived: set[int] = set()
-        self._waiting: dict[int, bytes] = {}
+        self._waiting: dict[int, list[bytes]] = {}
 
-    def add(self, start: int, data: bytes) -> None:
+    def add(self, start: int, chunks: list[bytes]) -> None:
+        """A whole range, as the chunks it arrived in."""
         self.arrived.add(start)
-        self._waiting[start] = data
+        self._waiting[start] = chunks
         while self.hashed in self._waiting:
-            chunk = self._waiting.pop(self.hashed)
-            if self.digest is not None:
-                self.digest.update(chunk)
-            self.hashed += len(chunk)
+            for chunk in self._waiting.pop(self.hashed):
+                if self.digest is not None:
+                    self.digest.update(chunk)
+                self.hashed += len(chunk)
 
     def finish(self, stored: _FileSink | ShardBytes, size: int) -> None:
         """Hash what an earlier attempt stored beyond the in-memory prefix."""
@@ -423,19 +433,27 @@ class ShardStore:
         state = self._partial.setdefault(key, _PartialShard(check[0] if check else None))
         ranges = [(start, min(start + step, shard.bytes)) for start in range(0, shard.bytes, step)]
 
-        def fetch(r: tuple[int, int]) -> tuple[int, bytes]:
+        def fetch(r: tuple[int, int]) -> tuple[int, list[bytes]]:
+            chunks: list[bytes] = []
+
+            def put(offset: int, chunk: bytes) -> None:  # stored as it arrives; hashed once the prefix reaches it
+                stored.put(offset, chunk)
+                chunks.append(chunk)
+
             try:
-                data = self.fs.cat_file(remote, start=r[0], end=r[1])
+                n = read_range(self.fs, remote, r[0], r[1], put)
             except OSError as e:
                 if not range_past_the_end(e):
                     raise
-                data = b""
-            if len(data) != r[1] - r[0]:  # a whole answer, so the object itself is shorter: retrying cannot help
-                raise ObjectChanged(f"bytes {r[0]}-{r[1]} of the manifest's {shard.bytes} gave {len(data)}: the "
+                n = 0
+            if n > r[1] - r[0]:
+                raise ObjectChanged(f"bytes {r[0]}-{r[1]}: the server answered with more than the {r[1] - r[0]} "
+                                    "bytes asked (it does not honour ranged GETs)")
+            if n < r[1] - r[0]:  # a whole answer, so the object itself is shorter: retrying cannot help
+                raise ObjectChanged(f"bytes {r[0]}-{r[1]} of the manifest's {shard.bytes} gave {n}: the "
                                     "object is shorter than the manifest says (replaced or cut since it was written)")
-            stored.put(r[0], data)
-            self._on_event("bytes_fetched", len(data))
-            return r[0], data
+            self._on_event("bytes_fetched", n)
+            return r[0], chunks
 
         errors: list[Exception] = []
         parallel = max(1, self.config.parallel_ranges)
@@ -446,10 +464,10 @@ class ShardStore:
                 done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     try:
-                        start, data = fut.result()
-                        state.add(start, data)
+                        start, chunks = fut.result()
+                        state.add(start, chunks)
                         if on_bytes is not None:
-                            on_bytes(len(data))
+                            on_bytes(sum(map(len, chunks)))
                     except Exception as e:  # raised below, for the retry logic
                         errors.append(e)
                 if not errors:

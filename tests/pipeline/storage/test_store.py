@@ -16,6 +16,8 @@ from pipeline.plan import PlanConfig
 from pipeline.shards.manifest import ShardInfo
 from pipeline.storage.cache import LEDGER_NAME, ShardCache, eviction_target
 from pipeline.storage.config import RetryPolicy, StorageConfig
+from pipeline.storage.objects import read_range
+from pipeline.storage.urls import filesystem
 from infra.options import OptionError
 from infra.redact import redact
 from pipeline.storage.store import ShardStore
@@ -553,3 +555,65 @@ def test_a_url_of_no_known_scheme_is_one_line_naming_it():
 
     with pytest.raises(ObjectNotAccessible, match=r"notaurl://x/y: no filesystem for URLs of the form notaurl://"):
         filesystem("notaurl://x/y")
+
+
+def _big_object(faulty_s3, name: str, size: int) -> ShardInfo:
+    """A random object of ``size`` bytes in the faults bucket, as a manifest entry."""
+    data = os.urandom(size)
+    faulty_s3.client().put_object(Bucket="faults", Key=f"ds/{name}", Body=data)
+    import xxhash
+
+    return ShardInfo(name, 1, size, hashlib.sha256(data).hexdigest(), xxh3_128=xxhash.xxh3_128(data).hexdigest())
+
+
+@pytest.mark.integration
+def test_a_range_arrives_as_the_bodys_own_chunks_in_order(seaweed, tmp_path):
+    """On S3 a ranged GET's body is handed over chunk by chunk as received (no
+    buffer of the whole range, no join): the chunks tile the range exactly."""
+    data = os.urandom(3 * 2**20 + 12345)
+    client = seaweed.client()
+    client.create_bucket(Bucket="chunks")
+    client.put_object(Bucket="chunks", Key="obj", Body=data)
+    storage = StorageConfig(options={"endpoint_url": seaweed.endpoint_url, "key": seaweed.access_key,
+                                     "secret": seaweed.secret_key})
+    fs, root = filesystem("s3://chunks", storage)
+    got = []
+    start, end = 1000, len(data) - 7
+    assert read_range(fs, f"{root}/obj", start, end, lambda at, chunk: got.append((at, chunk))) == end - start
+    assert len(got) > 1 and max(len(c) for _, c in got) < end - start
+    assert [at for at, _ in got] == [start + sum(len(c) for _, c in got[:i]) for i in range(len(got))]
+    assert b"".join(c for _, c in got) == data[start:end]
+    # past the end: the server says how many bytes there are, none is handed over beyond them
+    got.clear()
+    assert read_range(fs, f"{root}/obj", len(data) - 10, len(data) + 90, lambda at, c: got.append(c)) == 10
+    assert got == []
+    local = tmp_path / "obj"
+    local.write_bytes(data)
+    fs, path = filesystem(str(local))
+    got.clear()
+    assert read_range(fs, path, 5, 105, lambda at, chunk: got.append((at, chunk))) == 100
+    assert got == [(5, data[5:105])]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["ignore_range", "ignore_range_unsized"])
+def test_a_server_that_ignores_ranges_is_refused_and_writes_nothing_past_a_range(kind, faulty_s3, tmp_path):
+    """A 200 with the whole object to a ranged GET, announced or not: the answer is
+    refused at once (a retry gets the same), and no byte of it lands at another
+    range's offset or past the shard's end."""
+    shard = _big_object(faulty_s3, f"whole-{kind}.tar", 3 * 2**20 + 100)
+    events = []
+    store = _store(faulty_s3, tmp_path, events, range_mib=1)
+    faulty_s3.faults.clear()
+    faulty_s3.faults.add(kind, match=shard.name, times=10)
+    with pytest.raises(ShardFetchError, match=rf"{shard.name} at .*: the object changed \(ObjectChanged: bytes "
+                                              r"\d+-\d+: the server answered with more than the 1048576 bytes "
+                                              r"asked \(it does not honour ranged GETs\)\)"):
+        store.local_path(shard)
+    assert not [e for e in events if e[0] == "fetch_retry"]
+    assert not list((tmp_path / "cache").glob("*.tar"))
+    assert sum(n for name, n in events if name == "bytes_fetched") < shard.bytes
+    faulty_s3.faults.clear()
+    with store.open_shard(shard) as f:  # the same store, once the server honours ranges again
+        data = f.read()
+    assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
