@@ -87,10 +87,10 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
 
     Returns how many bytes the server answered with; compare it with ``end - start``.
     Nothing past ``end`` is handed over: an answer longer than asked (a server that
-    ignores ranges) stops the read and returns ``end - start + 1``. A body that ends
-    short of what the server announced raises ConnectionError (a cut connection:
-    worth a retry); one that announces fewer bytes than asked returns that number
-    without reading it (the object is shorter)."""
+    ignores ranges) stops the read and returns ``end - start + 1``. An answer that
+    announces fewer bytes than asked returns that number without reading them (the
+    object is shorter); a body that ends short of the range without saying so raises
+    ConnectionError (a cut connection: worth a retry)."""
     if getattr(fs, "async_impl", False) and hasattr(fs, "_call_s3"):
         return sync(fs.loop, _s3_range, fs, path, start, end, put)
     data = fs.cat_file(path, start=start, end=end)
@@ -124,7 +124,7 @@ async def _s3_range(fs: Any, path: str, start: int, end: int, put: Callable[[int
             put(pos, chunk)
             pos += len(chunk)
         if pos < end:
-            raise ConnectionError(f"the body ended after {pos - start} of the {end - start} bytes announced")
+            raise ConnectionError(f"the body ended after {pos - start} of the {end - start} bytes asked")
         return end - start
     finally:
         body.close()

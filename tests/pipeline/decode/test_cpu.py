@@ -1,4 +1,5 @@
 import io
+import json
 import logging
 
 import numpy as np
@@ -74,6 +75,32 @@ def test_workers_are_forked_even_where_the_default_start_method_is_spawn(ds):
     finally:
         multiprocessing.set_start_method(before, force=True)
     assert ids == ref_ids and torch.equal(images, ref_images)
+
+
+def test_the_first_loader_freezes_the_start_up_objects_once(ds):
+    """In a fresh process: the objects alive when the first loader is built (torch's
+    alone are ~200,000) leave the collector's reach, so the first full collection does
+    not walk them inside the manifest's first request or in each forked worker; a
+    second loader freezes nothing more (objects frozen can still be freed)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, json, sys, torch\n"
+        "from pipeline.loader import LoaderConfig, build_loader\n"
+        "before = gc.get_freeze_count()\n"
+        "alive = len(gc.get_objects())\n"
+        "cfg = LoaderConfig(url=sys.argv[1], batch_size=4, num_workers=2)\n"
+        "first = build_loader(cfg, 0, 1)\n"
+        "after_first = gc.get_freeze_count()\n"
+        "n = sum(len(b.sample_ids) for b in first)\n"
+        "build_loader(cfg, 0, 1)\n"
+        "print(json.dumps([before, alive, after_first, gc.get_freeze_count(), n]))\n")
+    out = subprocess.run([sys.executable, "-c", code, ds], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, alive, after_first, after_second, n = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == 0 and after_first >= alive > 100_000
+    assert after_second <= after_first and n == sum(SIZES)  # frozen objects may still be freed
 
 
 def test_a_sigterm_while_the_workers_start_is_deferred_not_fatal(ds, monkeypatch):
