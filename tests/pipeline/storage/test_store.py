@@ -617,3 +617,32 @@ def test_a_server_that_ignores_ranges_is_refused_and_writes_nothing_past_a_range
     with store.open_shard(shard) as f:  # the same store, once the server honours ranges again
         data = f.read()
     assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
+
+
+@pytest.mark.integration
+def test_memory_mode_reads_any_span_of_the_chunks_it_arrived_in(seaweed, tmp_path):
+    """A shard held in memory is the pieces its ranges' bodies arrived in (many per
+    range on a real server): reads across their edges give the object's bytes."""
+    import random
+
+    import xxhash
+
+    data = os.urandom(3 * 2**20 + 4321)
+    client = seaweed.client()
+    client.create_bucket(Bucket="pieces")
+    client.put_object(Bucket="pieces", Key="ds/big.tar", Body=data)
+    storage = StorageConfig(options={"endpoint_url": seaweed.endpoint_url, "key": seaweed.access_key,
+                                     "secret": seaweed.secret_key}, cache_mode="memory", range_mib=1,
+                            cache_dir=str(tmp_path / "cache"))
+    shard = ShardInfo("big.tar", 1, len(data), hashlib.sha256(data).hexdigest(),
+                      xxh3_128=xxhash.xxh3_128(data).hexdigest())
+    held = ShardStore("s3://pieces/ds", storage).fetch_bytes(shard)
+    assert len(held._starts) > 3  # more pieces than ranges: the bodies' own chunks
+    rng = random.Random(0)
+    for _ in range(200):
+        start = rng.randrange(len(data))
+        n = rng.choice([1, 100, 70_000, 300_000, 2**20 + 3])
+        assert held.read_at(start, n) == data[start:start + n]
+    held.seek(0)
+    assert held.read() == data
+    assert not (tmp_path / "cache").exists()
