@@ -25,9 +25,11 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 ERROR_XML = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{msg}</Message></Error>'
 KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
-# a server that ignores ranged GETs: the whole object, 200, with its Content-Length or
-# (unsized) without one. Permanent, so only ``add`` injects them, never ``set_rate``.
-MISBEHAVIOURS = ("ignore_range", "ignore_range_unsized")
+# Injected only by ``add``, never drawn by ``set_rate``: a server that ignores ranged
+# GETs (the whole object, 200, with its Content-Length or, unsized, without one:
+# permanent), and a body cut after three small pieces sent apart (transient; the
+# retry's chunks then start at other offsets than the cut attempt's).
+MISBEHAVIOURS = ("ignore_range", "ignore_range_unsized", "cut_in_pieces")
 
 
 @dataclass
@@ -105,7 +107,7 @@ class FaultInjector:
             body = ERROR_XML.replace(b"{code}", code.encode()).replace(b"{msg}", b"injected")
             start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
-        if fault.kind in MISBEHAVIOURS:
+        if fault.kind in ("ignore_range", "ignore_range_unsized"):
             whole = {k: v for k, v in environ.items() if k != "HTTP_RANGE"}
             if fault.kind == "ignore_range":
                 return self.app(whole, start_response)
@@ -120,7 +122,7 @@ class FaultInjector:
         if fault.kind == "reset":
             _reset(environ["werkzeug.socket"])
             raise ConnectionResetError("injected reset")  # the handler drops the dead connection
-        # truncate / stall: real headers (full Content-Length), then part of the body
+        # truncate / stall / cut_in_pieces: real headers (full Content-Length), then part of the body
         captured = {}
 
         def capture(status, headers, exc_info=None):
@@ -131,6 +133,11 @@ class FaultInjector:
         start_response(captured["status"], captured["headers"])
 
         def partial():
+            if fault.kind == "cut_in_pieces":
+                for start in range(0, min(3000, len(body) // 2), 1000):
+                    yield body[start:start + 1000]
+                    time.sleep(0.1)
+                return
             yield body[: len(body) // 2]
             if fault.kind == "stall":
                 time.sleep(fault.seconds)  # the client's read timeout fires first

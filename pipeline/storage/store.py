@@ -92,6 +92,10 @@ class ShardBytes(io.RawIOBase):
     """A verified shard held in memory (``cache_mode='memory'``) as the ranges it
     arrived in — never joined into one buffer — and read like a read-only file."""
 
+    # a range cut halfway leaves pieces a retry, split elsewhere, would not replace:
+    # only whole ranges are put here
+    rewritten_whole = False
+
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size, self._pos = size, 0
@@ -154,6 +158,8 @@ class ShardBytes(io.RawIOBase):
 
 class _FileSink:
     """A download's ranges written at their offsets into the cache's part file."""
+
+    rewritten_whole = True  # a range cut halfway is written again whole, over the same bytes: chunks go in as they come
 
     def __init__(self, path: Path, size: int) -> None:
         self.size = size
@@ -436,8 +442,9 @@ class ShardStore:
         def fetch(r: tuple[int, int]) -> tuple[int, list[bytes]]:
             chunks: list[bytes] = []
 
-            def put(offset: int, chunk: bytes) -> None:  # stored as it arrives; hashed once the prefix reaches it
-                stored.put(offset, chunk)
+            def put(offset: int, chunk: bytes) -> None:  # hashed once the prefix reaches it
+                if stored.rewritten_whole:
+                    stored.put(offset, chunk)  # written as it arrives
                 chunks.append(chunk)
 
             try:
@@ -452,6 +459,11 @@ class ShardStore:
             if n < r[1] - r[0]:  # a whole answer, so the object itself is shorter: retrying cannot help
                 raise ObjectChanged(f"bytes {r[0]}-{r[1]} of the manifest's {shard.bytes} gave {n}: the "
                                     "object is shorter than the manifest says (replaced or cut since it was written)")
+            if not stored.rewritten_whole:  # the range's pieces, only now that it is whole
+                offset = r[0]
+                for chunk in chunks:
+                    stored.put(offset, chunk)
+                    offset += len(chunk)
             self._on_event("bytes_fetched", n)
             return r[0], chunks
 

@@ -646,3 +646,25 @@ def test_memory_mode_reads_any_span_of_the_chunks_it_arrived_in(seaweed, tmp_pat
     held.seek(0)
     assert held.read() == data
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_range_cut_in_pieces_then_retried_leaves_nothing_of_the_cut_attempt(mode, faulty_s3, tmp_path):
+    """The cut attempt's chunks start at other offsets than the retry's. In memory a
+    range's pieces are kept only once it is whole: before, the cut attempt's pieces
+    stayed beside the retry's and reads went through them (a verified shard read
+    short); on disk the retry rewrites the whole range over them."""
+    shard = _big_object(faulty_s3, f"pieces-{mode}.tar", 200_000)
+    events = []
+    store = _store(faulty_s3, tmp_path, events, cache_mode=mode)
+    faulty_s3.faults.clear()
+    faulty_s3.faults.add("cut_in_pieces", match=shard.name, times=1)
+    with store.open_shard(shard) as f:
+        data = f.read()
+        f.seek(1500)
+        middle = f.read(5000)
+    assert faulty_s3.faults.injected == ["cut_in_pieces"]
+    assert sum(n for name, n in events if name == "fetch_retry") == 1
+    assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
+    assert middle == data[1500:6500]
