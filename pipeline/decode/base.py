@@ -8,6 +8,7 @@ accounting against the tolerance, and normalization on the device.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Iterator
@@ -67,23 +68,39 @@ def fix_malloc_mmap_threshold(threshold: int = 4 * 2**20) -> bool:
         return False
 
 
-_frozen = False
+@contextlib.contextmanager
+def startup_objects_frozen() -> Iterator[None]:
+    """The objects alive now (the imported modules: torch alone is ~200,000) out of
+    the collector's reach for the duration, then back.
+
+    The first full collection after start-up walks them all (~0.1 s). Unfrozen, it
+    fell inside the manifest's first request (building the S3 client allocates
+    enough to set it off), and again in each DataLoader worker, whose walk also
+    copies the parent's pages it touches. So the loader reads its manifest, forks
+    its workers and waits for its first batch inside this; the workers keep the
+    frozen objects, the parent gets them back, and objects that died meanwhile are
+    collected as usual. A program that froze objects itself is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
-def freeze_startup_objects() -> None:
-    """Move every object alive now (the imported modules: torch alone is ~200,000
-    objects) into the collector's permanent generation, once per process.
+_END = object()
 
-    Otherwise the first full collection after start-up walks them all: ~0.1 s, paid
-    in the middle of the first object-store request (building the client allocates
-    enough to trigger it), and again in every DataLoader worker, whose walk also
-    copies the parent's pages it touches (Python's advice before forking workers).
-    Objects frozen here are never collected; at this point they are the program
-    itself."""
-    global _frozen
-    if not _frozen:
-        gc.freeze()
-        _frozen = True
+
+def first_batch_frozen(batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, the first one fetched inside ``startup_objects_frozen``."""
+    with startup_objects_frozen():
+        first = next(batches, _END)
+    if first is _END:
+        return
+    yield first
+    yield from batches
 
 
 class PlannedLoader:
@@ -98,8 +115,8 @@ class PlannedLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.config, self.rank, self.world_size = config, rank, world_size
-        freeze_startup_objects()  # before the manifest's first request and the workers' fork
-        self.manifest = DataSources(config)  # one dataset, or every data.sources entry end to end
+        with startup_objects_frozen():  # the manifest's first request
+            self.manifest = DataSources(config)  # one dataset, or every data.sources entry end to end
         for spec, table in zip(self.manifest.specs, self.manifest.tables):
             self._check_format(spec.url, table.options.get("format", "tar"), len(table))
         self.plan = SamplePlan(self.manifest.shard_sizes(), config.plan, self.manifest.plan_quotas())
@@ -181,7 +198,7 @@ class PlannedLoader:
         end = consumed + (len(ids) - consumed) // bs * bs if self.config.drop_last else len(ids)
         budget = int(self.config.max_corrupt_fraction * len(ids))
         epoch_skipped = 0
-        for b in self._batches(ids[consumed:end], self.epoch):
+        for b in self._planned_batches(ids[consumed:end], self.epoch):
             self._count_sources(ids[self.segments[-1][1]:self.segments[-1][1] + b.planned], b.ids)
             self.segments[-1][1] += b.planned
             self.stats.converted.update(b.converted)
@@ -205,6 +222,11 @@ class PlannedLoader:
             self.stats.batches += 1
             yield Batch(self._finish(b.images, b.ids), b.labels, b.keys, b.ids)
         self.epoch, self.segments = self.epoch + 1, [[self.world_size, 0]]
+
+    def _planned_batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
+        """The backend's batches, its workers forked and its first batch fetched with
+        the start-up objects frozen."""
+        return first_batch_frozen(self._batches(ids, epoch))
 
     def _finish(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """A backend's images -> the batch's: RandAugment on the device (unless the

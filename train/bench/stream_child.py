@@ -73,7 +73,7 @@ def maescale(urls: dict, endpoint: str, workers: int, batch: int, cache: str, mo
 
     loader = BytesLoader(cfg, 0, 1, torch.device("cpu"))
     ids, _ = loader._rank_ids()
-    return loader._batches(ids, 0)
+    return loader._planned_batches(ids, 0)
 
 
 def raw_cat(urls: dict, endpoint: str, workers: int, batch: int, cache: str, mode: str) -> Iterable:

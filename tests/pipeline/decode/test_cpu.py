@@ -77,30 +77,66 @@ def test_workers_are_forked_even_where_the_default_start_method_is_spawn(ds):
     assert ids == ref_ids and torch.equal(images, ref_images)
 
 
-def test_the_first_loader_freezes_the_start_up_objects_once(ds):
-    """In a fresh process: the objects alive when the first loader is built (torch's
-    alone are ~200,000) leave the collector's reach, so the first full collection does
-    not walk them inside the manifest's first request or in each forked worker; a
-    second loader freezes nothing more (objects frozen can still be freed)."""
+_FREEZE_PROBE = """
+import gc, json, os, sys, weakref, torch
+import pipeline.mixture as mixture
+from pipeline.loader import LoaderConfig, build_loader
+
+seen = {"manifest": [], "fork": []}
+read = mixture.DataSources.__init__
+def probed(self, *a, **k):
+    seen["manifest"].append(gc.get_freeze_count())
+    read(self, *a, **k)
+mixture.DataSources.__init__ = probed
+os.register_at_fork(before=lambda: seen["fork"].append(gc.get_freeze_count()))
+
+class Held:  # a big object in a reference cycle, alive when the loader is built
+    def __init__(self):
+        self.me, self.data = self, bytearray(50 * 2**20)
+held = Held()
+gone = weakref.ref(held)
+alive = len(gc.get_objects())
+if sys.argv[2] == "program-froze":
+    gc.freeze()
+program = gc.get_freeze_count()
+loader = build_loader(LoaderConfig(url=sys.argv[1], batch_size=4, num_workers=2), 0, 1)
+after_build = gc.get_freeze_count()
+batches = iter(loader)
+next(batches)
+after_first = gc.get_freeze_count()
+n = 4 + sum(len(b.sample_ids) for b in batches)
+del held
+gc.collect()
+print(json.dumps({"program": program, "alive": alive, "seen": seen, "after_build": after_build,
+                  "after_first": after_first, "n": n, "collected": gone() is None}))
+"""
+
+
+@pytest.mark.parametrize("program", ["plain", "program-froze"])
+def test_the_loader_freezes_the_start_up_objects_only_while_it_starts(ds, program):
+    """In a fresh process: the objects alive when a loader starts (torch's alone are
+    ~200,000) are out of the collector's reach while it reads the manifest and
+    while its workers fork, so the first full collection does not walk them then;
+    they are given back afterwards, so a big object in a cycle that dies later is
+    still collected. A program that froze objects itself keeps them frozen."""
     import subprocess
     import sys
 
-    code = (
-        "import gc, json, sys, torch\n"
-        "from pipeline.loader import LoaderConfig, build_loader\n"
-        "before = gc.get_freeze_count()\n"
-        "alive = len(gc.get_objects())\n"
-        "cfg = LoaderConfig(url=sys.argv[1], batch_size=4, num_workers=2)\n"
-        "first = build_loader(cfg, 0, 1)\n"
-        "after_first = gc.get_freeze_count()\n"
-        "n = sum(len(b.sample_ids) for b in first)\n"
-        "build_loader(cfg, 0, 1)\n"
-        "print(json.dumps([before, alive, after_first, gc.get_freeze_count(), n]))\n")
-    out = subprocess.run([sys.executable, "-c", code, ds], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _FREEZE_PROBE, ds, program], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    before, alive, after_first, after_second, n = json.loads(out.stdout.strip().splitlines()[-1])
-    assert before == 0 and after_first >= alive > 100_000
-    assert after_second <= after_first and n == sum(SIZES)  # frozen objects may still be freed
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["alive"] > 100_000 and r["n"] == sum(SIZES)
+    assert r["collected"] == (program == "plain")  # what the program froze itself stays frozen, and uncollected
+    assert len(r["seen"]["manifest"]) == 1 and len(r["seen"]["fork"]) == 2  # one manifest read, two workers
+    if program == "plain":
+        assert r["program"] == 0
+        assert all(count >= r["alive"] for count in r["seen"]["manifest"] + r["seen"]["fork"])
+        assert r["after_build"] == 0 and r["after_first"] == 0
+    else:
+        assert r["program"] >= r["alive"]
+        counts = r["seen"]["manifest"] + r["seen"]["fork"] + [r["after_build"], r["after_first"]]
+        assert all(0.9 * r["program"] < count <= r["program"] for count in counts)  # frozen objects may be freed
 
 
 def test_a_sigterm_while_the_workers_start_is_deferred_not_fatal(ds, monkeypatch):
