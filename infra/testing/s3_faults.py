@@ -28,8 +28,9 @@ KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
 # Injected only by ``add``, never drawn by ``set_rate``: a server that ignores ranged
 # GETs (the whole object, 200, with its Content-Length or, unsized, without one:
 # permanent), and a body cut after three small pieces sent apart (transient; the
-# retry's chunks then start at other offsets than the cut attempt's).
-MISBEHAVIOURS = ("ignore_range", "ignore_range_unsized", "cut_in_pieces")
+# retry's chunks then start at other offsets than the cut attempt's), and a body
+# dribbled a byte every ``seconds`` (under any read timeout: a stall no timeout sees).
+MISBEHAVIOURS = ("ignore_range", "ignore_range_unsized", "cut_in_pieces", "drip")
 
 
 @dataclass
@@ -122,7 +123,7 @@ class FaultInjector:
         if fault.kind == "reset":
             _reset(environ["werkzeug.socket"])
             raise ConnectionResetError("injected reset")  # the handler drops the dead connection
-        # truncate / stall / cut_in_pieces: real headers (full Content-Length), then part of the body
+        # truncate / stall / cut_in_pieces / drip: real headers (full Content-Length), then (part of) the body
         captured = {}
 
         def capture(status, headers, exc_info=None):
@@ -133,6 +134,11 @@ class FaultInjector:
         start_response(captured["status"], captured["headers"])
 
         def partial():
+            if fault.kind == "drip":
+                for i in range(len(body)):
+                    yield body[i:i + 1]
+                    time.sleep(fault.seconds)
+                return
             if fault.kind == "cut_in_pieces":
                 for start in range(0, min(3000, len(body) // 2), 1000):
                     yield body[start:start + 1000]

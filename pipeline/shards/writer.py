@@ -171,7 +171,8 @@ def _read_source(item: SourceItem, cfg: ShardWriterConfig) -> bytes:
     if item.size > limit:
         raise BadImage("too_large", f"{item.size:,} bytes, more than an image of max_pixels={cfg.images.max_pixels:,} "
                                     f"needs ({limit:,})")
-    data = call_at(item.url, cfg.storage, f"source {item.rel}", lambda fs, path: cat_limited(fs, path, limit))
+    data = call_at(item.url, cfg.storage, f"source {item.rel}",
+                   lambda fs, path: cat_limited(fs, path, limit, cfg.storage))
     if len(data) > limit:
         raise BadImage("too_large", f"more than {limit:,} bytes, more than an image of max_pixels="
                                     f"{cfg.images.max_pixels:,} needs")

@@ -10,6 +10,7 @@ creates one, so a misspelled bucket is an error, not a new bucket.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
@@ -69,7 +70,7 @@ def sha256_file(path: str | os.PathLike[str], fs: fsspec.AbstractFileSystem | No
     return file_digests(path, fs)["sha256"]
 
 
-MIN_UPLOAD_BYTES_PER_S = 1 << 20  # an upload slower than this, after the timeouts, is a stalled one
+MIN_TRANSFER_BYTES_PER_S = 1 << 20  # a transfer slower than this, after the timeouts, is a stalled one
 
 
 def range_past_the_end(e: BaseException) -> bool:
@@ -78,8 +79,15 @@ def range_past_the_end(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno == errno.EINVAL and "range" in str(e).lower()
 
 
+def transfer_limit_s(storage: StorageConfig, nbytes: int) -> float:
+    """The longest one attempt to move ``nbytes`` may take: the timeouts, plus the
+    bytes at ``MIN_TRANSFER_BYTES_PER_S``. A server that dribbles a byte now and then
+    stays under the read timeout for ever; this ends it."""
+    return storage.connect_timeout_s + storage.read_timeout_s + nbytes / MIN_TRANSFER_BYTES_PER_S
+
+
 def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
-               put: Callable[[int, bytes], None]) -> int:
+               put: Callable[[int, bytes], None], limit_s: float | None = None) -> int:
     """Bytes ``[start, end)`` of an object, handed to ``put(offset, chunk)`` as they
     arrive: on S3 the response body's own chunks, so no buffer of the whole range is
     allocated (page faults, zeroing) and none is joined (a copy of every byte): on
@@ -90,9 +98,11 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
     ignores ranges) stops the read and returns ``end - start + 1``. An answer that
     announces fewer bytes than asked returns that number without reading them (the
     object is shorter); a body that ends short of the range without saying so raises
-    ConnectionError (a cut connection: worth a retry)."""
+    ConnectionError (a cut connection: worth a retry). On S3, an answer still
+    arriving after ``limit_s`` is cancelled (no chunk is handed over after this
+    returns) and raises ConnectionError."""
     if getattr(fs, "async_impl", False) and hasattr(fs, "_call_s3"):
-        return sync(fs.loop, _s3_range, fs, path, start, end, put)
+        return sync(fs.loop, _s3_range_within, limit_s, fs, path, start, end, put)
     data = fs.cat_file(path, start=start, end=end)
     if data and len(data) <= end - start:
         put(start, data)
@@ -100,6 +110,15 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
 
 
 STREAM_CHUNK = 1 << 20  # the most one read takes where the client cannot hand over its own chunks
+
+
+async def _s3_range_within(limit_s: float | None, fs: Any, path: str, start: int, end: int,
+                           put: Callable[[int, bytes], None]) -> int:
+    try:  # cancelled inside the loop, and waited for: nothing of it runs on beside a retry
+        return await asyncio.wait_for(_s3_range(fs, path, start, end, put), limit_s)
+    except asyncio.TimeoutError:
+        raise ConnectionError(f"bytes {start}-{end} still arriving after {limit_s:.0f} s (a stalled transfer: "
+                              f"less than {MIN_TRANSFER_BYTES_PER_S // 2**20} MiB/s after the timeouts)") from None
 
 
 async def _s3_range(fs: Any, path: str, start: int, end: int, put: Callable[[int, bytes], None]) -> int:
@@ -130,13 +149,16 @@ async def _s3_range(fs: Any, path: str, start: int, end: int, put: Callable[[int
         body.close()
 
 
-def cat_limited(fs: fsspec.AbstractFileSystem, path: str, limit: int | None) -> bytes:
+def cat_limited(fs: fsspec.AbstractFileSystem, path: str, limit: int | None,
+                storage: StorageConfig | None = None) -> bytes:
     """A whole object, or with ``limit`` at most ``limit + 1`` bytes of it (so a
-    caller can refuse an oversized one without reading all of it)."""
+    caller can refuse an oversized one without reading all of it). With ``limit``
+    and ``storage``, an async client's attempt ends after ``transfer_limit_s``."""
     if limit is None:
         return fs.cat_file(path)
+    bounded = {"timeout": transfer_limit_s(storage, limit)} if storage and getattr(fs, "async_impl", False) else {}
     try:
-        return fs.cat_file(path, start=0, end=limit + 1)
+        return fs.cat_file(path, start=0, end=limit + 1, **bounded)
     except OSError as e:
         if range_past_the_end(e):  # S3 answers a range over an empty object with 416
             return b""
@@ -220,7 +242,7 @@ class ObjectFolder:
     def _cat(self, name: str, limit: int | None) -> bytes:
         if self.local:
             require_regular(self.path(name))  # a pipe would block the reader for good, a device never end
-        return cat_limited(self.fs, self.path(name), limit)
+        return cat_limited(self.fs, self.path(name), limit, self.storage)
 
     def size(self, name: str) -> int:
         return self.call(name, lambda: self.fs.size(self.path(name)))
@@ -239,8 +261,7 @@ class ObjectFolder:
         else:
             # botocore's upload waits for "100 Continue" outside the read timeout: a stalled
             # server held `mae shard` forever. Each attempt of an async one gets a deadline.
-            limit = (self.storage.connect_timeout_s + self.storage.read_timeout_s
-                     + os.path.getsize(local) / MIN_UPLOAD_BYTES_PER_S)
+            limit = transfer_limit_s(self.storage, os.path.getsize(local))
             deadline = {"timeout": limit} if getattr(self.fs, "async_impl", False) else {}
             self.call(f"upload {name}", lambda: self.fs.put_file(local, remote, **deadline))
 

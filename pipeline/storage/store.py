@@ -53,6 +53,7 @@ from pipeline.storage.objects import (
     object_etag,
     range_past_the_end,
     read_range,
+    transfer_limit_s,
 )
 from pipeline.storage.retry import ChecksumMismatch
 from pipeline.storage.urls import is_local, join
@@ -448,7 +449,7 @@ class ShardStore:
                 chunks.append(chunk)
 
             try:
-                n = read_range(self.fs, remote, r[0], r[1], put)
+                n = read_range(self.fs, remote, r[0], r[1], put, transfer_limit_s(self.config, r[1] - r[0]))
             except OSError as e:
                 if not range_past_the_end(e):
                     raise

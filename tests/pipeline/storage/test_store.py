@@ -668,3 +668,24 @@ def test_a_range_cut_in_pieces_then_retried_leaves_nothing_of_the_cut_attempt(mo
     assert sum(n for name, n in events if name == "fetch_retry") == 1
     assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
     assert middle == data[1500:6500]
+
+
+@pytest.mark.integration
+def test_a_body_dribbled_under_the_read_timeout_ends_within_the_transfer_limit(faulty_s3, tmp_path):
+    """A byte every 0.3 s never trips a 1 s read timeout: 60 bytes took 18 s an
+    attempt, for as long as the server liked. An attempt now ends after the timeouts
+    plus its bytes at 1 MiB/s, cancelled, and the retries stop at the deadline."""
+    shard = _big_object(faulty_s3, "drip.tar", 60)
+    events = []
+    store = _store(faulty_s3, tmp_path, events, connect_timeout_s=1.0, retry=RetryPolicy(2, 0.01, 0.02, deadline_s=30))
+    faulty_s3.faults.clear()
+    faulty_s3.faults.add("drip", match=shard.name, times=2, seconds=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ShardFetchError, match=r"drip.tar at .*: failed after 2 attempts .*bytes 0-60 still arriving "
+                                              r"after 2 s \(a stalled transfer"):
+        store.local_path(shard)
+    assert time.monotonic() - t0 < 8
+    assert faulty_s3.faults.injected == ["drip", "drip"]
+    assert not list((tmp_path / "cache").glob("*.tar"))
+    with store.open_shard(shard) as f:  # the fault spent: the same store reads it whole
+        assert hashlib.sha256(f.read()).hexdigest() == shard.sha256
