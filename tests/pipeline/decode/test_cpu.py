@@ -139,6 +139,39 @@ def test_the_loader_freezes_the_start_up_objects_only_while_it_starts(ds, progra
         assert all(0.9 * r["program"] < count <= r["program"] for count in counts)  # frozen objects may be freed
 
 
+_HEAP_PROBE = """
+import ctypes, resource, sys
+from pipeline.decode.base import fix_malloc_thresholds
+if sys.argv[1] == "loader":
+    assert fix_malloc_thresholds()
+else:  # the mmap threshold pinned alone, as loaders did before
+    ctypes.CDLL("libc.so.6").mallopt(-3, 4 * 2**20)
+def shard():  # a shard's worth of received chunks, held, then freed
+    held = [b"x" * 262144 for _ in range(64)]
+    del held
+shard()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    shard()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def test_the_loaders_heap_keeps_a_freed_shard_of_chunks_for_the_next():
+    """Pinning glibc's mmap threshold pins its trim threshold at 128 KiB: each freed
+    shard of ~256 KiB chunks went back to the kernel and faulted in again (4,000
+    faults per 16 MiB). The loaders' settings keep it."""
+    import subprocess
+    import sys
+
+    faults = {}
+    for settings in ("loader", "mmap-only"):
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, settings], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        faults[settings] = float(out.stdout.strip().splitlines()[-1])
+    assert faults["loader"] < 10 and faults["mmap-only"] > 1000, faults
+
+
 def test_a_sigterm_while_the_workers_start_is_deferred_not_fatal(ds, monkeypatch):
     """A preemption's TERM reaches every process of a job, a worker that is just
     starting too (each epoch forks new ones): it must wait for the worker's handler,
