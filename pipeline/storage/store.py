@@ -3,8 +3,8 @@
 Shards are fetched as several ranged GETs in flight, each body's chunks written
 at their offsets into a local file in the cache (``pipeline.storage.cache``) as
 they arrive (``objects.read_range``: no range-sized buffer, no copy to join one),
-hashed in order as the prefix completes, and only handed out once the whole shard matches its
-manifest checksum — so a read that fails halfway is resumed or redone and never
+hashed in order as the prefix completes, and only handed out once the whole shard
+matches its manifest checksum — so a read that fails halfway is resumed or redone and never
 yields a partial or duplicated sample. The checksum is the manifest's xxh3-128
 where it records one (``storage.checksum='xxh3'``, the default: ~1/9 of
 sha256's CPU, and every accidental change is caught) and sha256 otherwise, or
@@ -90,8 +90,8 @@ class ObjectChanged(ChecksumMismatch):
 
 
 class ShardBytes(io.RawIOBase):
-    """A verified shard held in memory (``cache_mode='memory'``) as the ranges it
-    arrived in — never joined into one buffer — and read like a read-only file."""
+    """A verified shard held in memory (``cache_mode='memory'``) as the chunks its
+    ranges arrived in — never joined into one buffer — and read like a read-only file."""
 
     # a range cut halfway leaves pieces a retry, split elsewhere, would not replace:
     # only whole ranges are put here
