@@ -90,8 +90,7 @@ class FfcvLoader(PlannedLoader):
                                 "or dali")
         self.store = self.manifest.stores[0]
         keys_name = self.manifest.options.get("keys")
-        text = self.store.read_object(keys_name).decode("utf-8", "replace") if keys_name else ""
-        self.keys = text.splitlines()
+        self.keys = self.store.read_keys(keys_name) if keys_name else []
         if len(self.keys) != self.manifest.total_samples:
             raise ManifestError(f"{config.url}: {keys_name} lists {len(self.keys)} keys for "
                              f"{self.manifest.total_samples} samples")

@@ -26,6 +26,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "maescale-shards"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest of a million shards is ~200 MB
+MAX_KEYS_BYTES = 2**30  # a beton's sample keys, one short line each: ~60 MB for ImageNet
+MAX_RECORD_BYTES = 64 * 2**20  # the record beside a written shard or an indexed batch: kilobytes
 MAX_SHARD_BYTES = 2**40
 MIN_SAMPLE_BYTES = 512  # every sample has at least one tar header block
 # Samples one shard may claim: a reader permutes a shard's samples in memory, so a

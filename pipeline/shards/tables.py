@@ -102,11 +102,11 @@ def table_files(src: str, storage: StorageConfig) -> tuple[ObjectFolder, list[st
         base, name = src.rstrip("/").rsplit("/", 1) if "/" in src else (".", src)
         return ObjectFolder(base, storage), [name]
     folder = ObjectFolder(src, storage)
-    if (dd := folder.read_if_exists("dataset_dict.json")) is not None:
+    if (dd := folder.read_if_exists("dataset_dict.json", MAX_STATE_BYTES)) is not None:
         splits = _json(dd, src, "dataset_dict.json").get("splits", [])
         raise SourceError(f"{redact(src)} holds a DatasetDict; shard one split: "
                           + ", ".join(f"{redact(join(src, str(s)))}" for s in splits))
-    if (state := folder.read_if_exists("state.json")) is not None:
+    if (state := folder.read_if_exists("state.json", MAX_STATE_BYTES)) is not None:
         files = [f.get("filename") for f in _json(state, src, "state.json").get("_data_files", [])]
         if files and all(isinstance(f, str) and "/" not in f and f.endswith(".arrow") for f in files):
             return folder, files
@@ -118,7 +118,13 @@ def table_files(src: str, storage: StorageConfig) -> tuple[ObjectFolder, list[st
     return folder, files
 
 
+MAX_STATE_BYTES = 16 * 2**20  # a saved dataset's dataset_dict.json or state.json: kilobytes
+
+
 def _json(data: bytes, src: str, name: str) -> dict:
+    if len(data) > MAX_STATE_BYTES:
+        raise SourceError(f"{redact(src)}/{name} is larger than {MAX_STATE_BYTES // 2**20} MiB: not the small JSON file "
+                          "a saved dataset keeps beside its tables")
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError):

@@ -50,7 +50,7 @@ def first_keys(store: ShardStore, manifest: ShardManifest, count: int) -> list[s
     if not manifest.shards or count < 1:
         return []
     if is_beton(manifest):  # one .beton: its keys are listed beside it
-        return store.read_object(manifest.options["keys"]).decode("utf-8", "replace").splitlines()[:count]
+        return store.read_keys(manifest.options["keys"])[:count]
     with store.open_shard(manifest.shards[0]) as f:
         return [s.key for s in index_shard(f, manifest.shards[0])[:count]]
 

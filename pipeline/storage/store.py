@@ -41,7 +41,7 @@ from tqdm import tqdm
 from infra.files import require_regular
 from infra.metrics import sink
 from pipeline.errors import ManifestError, ShardFetchError
-from pipeline.shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
+from pipeline.shards.manifest import MANIFEST_NAME, MAX_KEYS_BYTES, MAX_MANIFEST_BYTES, ShardInfo, ShardManifest
 from pipeline.shards.manifest_index import INDEX_NAME, MAX_INDEX_BYTES, ShardTable, table_for
 from pipeline.storage.cache import ShardCache
 from pipeline.storage.config import StorageConfig
@@ -274,6 +274,15 @@ class ShardStore:
     def read_object(self, name: str, limit: int | None = None) -> bytes:
         """A small object of the dataset (manifest, keys file), under the retry policy."""
         return self.folder.read(name, limit)
+
+    def read_keys(self, name: str) -> list[str]:
+        """The sample keys listed in ``name`` (a beton's, one per line); a file
+        larger than ``MAX_KEYS_BYTES`` is refused without reading the rest."""
+        data = self.read_object(name, limit=MAX_KEYS_BYTES)
+        if len(data) > MAX_KEYS_BYTES:
+            raise ManifestError(f"{self.folder.where_of(name)}: more than {MAX_KEYS_BYTES // 2**20} MiB of sample keys "
+                                "(one short key per sample); not a keys file written by `mae shard --format beton`")
+        return data.decode("utf-8", "replace").splitlines()
 
     def read_manifest(self) -> ShardManifest:
         """The dataset's manifest; when it names a ``data_url`` (tars indexed in place,

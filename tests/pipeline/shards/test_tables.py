@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import SourceError
 from pipeline.shards.writer import ShardWriterConfig, write_shards
+from pipeline.storage.config import StorageConfig
 from tests.helpers.cli import run_mae
 from tests.helpers.shards import jpeg_bytes
 
@@ -105,3 +106,14 @@ def test_a_photo_folder_with_a_stray_table_file_is_an_error_not_a_table_source(t
     with pytest.raises(SourceError, match="holds both table files \\(metadata.parquet\\) and images or folders "
                                           "\\(cat, dog\\); name the table file itself"):
         write_shards(str(src), str(tmp_path / "out"), ShardWriterConfig())
+
+
+def test_an_oversized_state_file_is_refused_unread(tmp_path, monkeypatch):
+    """A saved dataset's state.json is kilobytes; a huge one is one line, not read whole."""
+    import pipeline.shards.tables as tables
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/state.json").write_text(json.dumps({"_data_files": [{"filename": "data.arrow"}]}) + " " * 100)
+    monkeypatch.setattr(tables, "MAX_STATE_BYTES", 64)
+    with pytest.raises(SourceError, match=r"hf/state.json is larger than 0 MiB: not the small JSON file"):
+        tables.table_files(str(tmp_path / "hf"), StorageConfig())

@@ -689,3 +689,19 @@ def test_a_body_dribbled_under_the_read_timeout_ends_within_the_transfer_limit(f
     assert not list((tmp_path / "cache").glob("*.tar"))
     with store.open_shard(shard) as f:  # the fault spent: the same store reads it whole
         assert hashlib.sha256(f.read()).hexdigest() == shard.sha256
+
+
+
+def test_a_keys_file_over_its_limit_is_refused_without_reading_the_rest(tmp_path, monkeypatch):
+    """A beton's keys file is one short line per sample; the manifest that names it is
+    untrusted, so the file is read at most MAX_KEYS_BYTES + 1 bytes."""
+    import pipeline.storage.store as store_module
+    from pipeline.errors import ManifestError
+
+    (tmp_path / "keys.txt").write_text("a/000\na/001\n")
+    store = ShardStore(str(tmp_path))
+    assert store.read_keys("keys.txt") == ["a/000", "a/001"]
+    (tmp_path / "keys.txt").write_bytes(b"k" * (2**20 + 5))
+    monkeypatch.setattr(store_module, "MAX_KEYS_BYTES", 2**20)
+    with pytest.raises(ManifestError, match=r"keys.txt: more than 1 MiB of sample keys"):
+        store.read_keys("keys.txt")
