@@ -42,11 +42,11 @@ from pipeline.shards.labels import RULES, LabelRule, integer_classes
 from pipeline.shards.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
-    MAX_RECORD_BYTES,
     MAX_SHARD_BYTES,
     Reject,
     ShardInfo,
     ShardManifest,
+    read_record,
     safe_relative_name,
     shown,
 )
@@ -370,14 +370,8 @@ def index_batch(batch: IndexBatch, data_url: str, out: str, cfg: IndexConfig) ->
 
 
 def _existing(folder: ObjectFolder, batch: IndexBatch) -> dict | None:
-    data = folder.read_if_exists(batch.record_name, MAX_RECORD_BYTES)
-    if data is not None and len(data) > MAX_RECORD_BYTES:  # not one we wrote: the batch is indexed again
-        return None
-    try:
-        record = json.loads(data) if data is not None else None
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and record.get("digest") == batch.digest else None
+    record = read_record(folder, batch.record_name)
+    return record if record is not None and record.get("digest") == batch.digest else None
 
 
 # ------------------------------------------------------------- the whole job

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.errors import ManifestError
 from pipeline.shards.labels import LabelRule
-from pipeline.storage.objects import is_sha256, is_xxh3_128
+from pipeline.storage.objects import ObjectFolder, is_sha256, is_xxh3_128
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "maescale-shards"
@@ -68,6 +68,20 @@ class ShardInfo:
 class Reject:
     source: str
     reason: str
+
+
+def read_record(folder: ObjectFolder, name: str) -> dict | None:
+    """The JSON object an earlier run left beside its work (a written shard's record,
+    an indexed batch's), or None when there is none we could have written: missing,
+    over ``MAX_RECORD_BYTES``, not JSON or not an object. The work is then done again."""
+    data = folder.read_if_exists(name, MAX_RECORD_BYTES)
+    if data is None or len(data) > MAX_RECORD_BYTES:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def safe_relative_name(name: str) -> bool:

@@ -36,7 +36,7 @@ from infra.options import option, require, require_positive
 from infra.redact import redact
 from pipeline.errors import ObjectNotAccessible, SourceError
 from pipeline.images import BadImage, ImagePolicy, check_image, is_image_name, max_file_bytes, reencode_jpeg
-from pipeline.shards.manifest import MAX_RECORD_BYTES, Reject, ShardInfo, ShardManifest
+from pipeline.shards.manifest import Reject, ShardInfo, ShardManifest, read_record
 from pipeline.shards.manifest_index import write_manifest
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.sources import SourceItem, list_sources
@@ -250,14 +250,8 @@ def write_shard(job: ShardJob, dest: str, classes: list[str], cfg: ShardWriterCo
 def _existing_record(folder: ObjectFolder, job: ShardJob) -> dict | None:
     """The sidecar of a shard already written from the same sources and options,
     if the shard on storage still matches it byte for byte."""
-    data = folder.read_if_exists(job.name + RECORD_SUFFIX, MAX_RECORD_BYTES)
-    if data is not None and len(data) > MAX_RECORD_BYTES:  # not one we wrote: the shard is written again
-        return None
-    try:
-        record = json.loads(data) if data is not None else None
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or record.get("sources_digest") != job.digest:
+    record = read_record(folder, job.name + RECORD_SUFFIX)
+    if record is None or record.get("sources_digest") != job.digest:
         return None
     if record.get("samples") == 0 and isinstance(record.get("rejects"), list):
         return record  # nothing was written but the rejects

@@ -289,14 +289,14 @@ def test_s3_index_reads_headers_only_and_loads_through_the_cache(s3_env, tmp_pat
 
 
 def test_an_oversized_batch_record_is_not_read_and_the_batch_is_indexed_again(tmp_path, monkeypatch):
-    import pipeline.shards.index as index
+    import pipeline.shards.manifest as manifest
 
     webdataset_tars(tmp_path / "tars", count=4, hostile=False)
     cfg = IndexConfig(batch_objects=2)
     first = index_tars(str(tmp_path / "tars"), str(tmp_path / "idx"), cfg)
     text = (tmp_path / "idx/manifest.json").read_text()
     record = tmp_path / "idx/_index/batch-000001.json"
-    monkeypatch.setattr(index, "MAX_RECORD_BYTES", record.stat().st_size + 10)
+    monkeypatch.setattr(manifest, "MAX_RECORD_BYTES", record.stat().st_size + 10)
     record.write_bytes(record.read_bytes() + b" " * 11)  # still valid JSON, one byte over the limit
     (tmp_path / "idx/manifest.json").unlink()
     again = index_tars(str(tmp_path / "tars"), str(tmp_path / "idx"), cfg)

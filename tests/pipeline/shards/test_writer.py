@@ -181,13 +181,13 @@ def test_inspect_verify_lists_every_bad_shard_and_stops_at_none(tmp_path):
 def test_an_oversized_record_is_not_read_and_its_shard_is_written_again(photos, tmp_path, monkeypatch):
     """A record beside a shard is kilobytes: one larger than MAX_RECORD_BYTES (planted,
     or not ours) is not read into memory; its shard is written again."""
-    import pipeline.shards.writer as writer
+    import pipeline.shards.manifest as manifest
 
     out = tmp_path / "out"
     cfg = ShardWriterConfig(shard_bytes=300_000)
     first = write_shards(str(photos), str(out), cfg).manifest
     record = out / (first.shards[0].name + ".record.json")
-    monkeypatch.setattr(writer, "MAX_RECORD_BYTES", record.stat().st_size + 10)
+    monkeypatch.setattr(manifest, "MAX_RECORD_BYTES", record.stat().st_size + 10)
     record.write_bytes(record.read_bytes() + b" " * 11)  # still valid JSON, one byte over the limit
     again = write_shards(str(photos), str(out), cfg)
     assert again.written == 1 and again.skipped_existing == len(first.shards) - 1
