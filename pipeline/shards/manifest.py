@@ -73,13 +73,14 @@ class Reject:
 def read_record(folder: ObjectFolder, name: str) -> dict | None:
     """The JSON object an earlier run left beside its work (a written shard's record,
     an indexed batch's), or None when there is none we could have written: missing,
-    over ``MAX_RECORD_BYTES``, not JSON or not an object. The work is then done again."""
+    over ``MAX_RECORD_BYTES``, not JSON (or nested past the parser's depth) or not an
+    object. The work is then done again."""
     data = folder.read_if_exists(name, MAX_RECORD_BYTES)
     if data is None or len(data) > MAX_RECORD_BYTES:
         return None
     try:
         record = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

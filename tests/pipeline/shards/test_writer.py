@@ -192,3 +192,15 @@ def test_an_oversized_record_is_not_read_and_its_shard_is_written_again(photos, 
     again = write_shards(str(photos), str(out), cfg)
     assert again.written == 1 and again.skipped_existing == len(first.shards) - 1
     assert again.manifest.shards == first.shards
+
+
+def test_a_record_nested_past_the_parsers_depth_is_not_ours_and_its_shard_is_written_again(photos, tmp_path):
+    """A planted record of 100,000 nested arrays raised RecursionError out of the
+    writer; it is now a record we could not have written."""
+    out = tmp_path / "out"
+    cfg = ShardWriterConfig(shard_bytes=300_000)
+    first = write_shards(str(photos), str(out), cfg).manifest
+    (out / (first.shards[0].name + ".record.json")).write_text("[" * 100_000)
+    again = write_shards(str(photos), str(out), cfg)
+    assert again.written == 1 and again.skipped_existing == len(first.shards) - 1
+    assert again.manifest.shards == first.shards
