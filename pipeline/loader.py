@@ -45,9 +45,12 @@ class DaliOptions:
     crop: str = option("plan", "'plan': crop boxes and flips from the sample plan (the cpu backend's exact "
                                "crops, unchanged by resume or a rebuild); 'random': DALI's own RNG")
     hw_decoder_load: float = option(0.65, "share of JPEGs for the hardware JPEG decoder (A100/H100/H200)")
+    decode: str = option("roi", "'roi': decode only each crop's region; 'whole': decode every image whole, then "
+                                "crop on the device (the same crops; the hardware decoder may decode whole images only)")
 
     def __post_init__(self) -> None:
         require_choice(self, "crop", ("plan", "random"))
+        require_choice(self, "decode", ("roi", "whole"))
         require_fraction(self, "hw_decoder_load")
 
 

@@ -16,7 +16,10 @@ from the plan's per-sample RNG — the very boxes the ``cpu`` backend uses — a
 not change when a run resumes or a pipeline is rebuilt after a bad sample.
 ``dali.crop='random'`` uses ``fn.decoders.image_random_crop`` and
 ``fn.random.coin_flip`` with DALI's own RNG instead (same distribution, but a
-resume or rebuild draws new crops).
+resume or rebuild draws new crops). ``dali.decode='whole'`` decodes every image
+whole and crops it on the device instead (the same boxes): the hardware JPEG
+decoder of A100/H100/H200 decodes whole images, and ROI decode may leave its
+share to the hybrid CPU+GPU path. Which is faster is the GPU check's to measure.
 
 EXIF orientation: not applied (``adjust_orientation=False``). The shard writer
 turns images upright; like the ``cpu`` backend, DALI reads stored pixels, so a
@@ -138,21 +141,31 @@ class DaliLoader(PlannedLoader):
         else:
             norm = {"dtype": types.UINT8}
 
+        whole = cfg.dali.decode == "whole"
+        box = {"axis_names": "WH", "normalized_anchor": False, "normalized_shape": False}
+        draw = {"random_area": list(aug.scale), "random_aspect_ratio": list(aug.ratio), "num_attempts": 10}
+
         @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=self.device_id,
                       seed=hash((cfg.plan.seed, self.epoch, self.rank, self.rebuilds)) % 2**31,
                       prefetch_queue_depth=2 if pipelined else 1, exec_pipelined=pipelined, exec_async=pipelined)
         def graph():
             if self.plan_crops:
                 jpegs, anchor, shape, flip = fn.external_source(source=source, num_outputs=4, batch=True)
-                images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="WH", normalized_anchor=False,
-                                                 normalized_shape=False, output_type=types.RGB, **decode)
+                if whole:
+                    images = fn.slice(fn.decoders.image(jpegs, output_type=types.RGB, **decode), anchor, shape, **box)
+                else:
+                    images = fn.decoders.image_slice(jpegs, anchor, shape, output_type=types.RGB, **box, **decode)
             else:
                 (jpegs,) = fn.external_source(source=source, num_outputs=1, batch=True)
-                images = fn.decoders.image_random_crop(jpegs, random_area=list(aug.scale),
-                                                       random_aspect_ratio=list(aug.ratio), num_attempts=10,
-                                                       output_type=types.RGB, **decode)
+                if whole:
+                    images = fn.random_resized_crop(fn.decoders.image(jpegs, output_type=types.RGB, **decode),
+                                                    size=[S, S], interp_type=types.INTERP_CUBIC, antialias=True,
+                                                    **draw)
+                else:
+                    images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, **draw, **decode)
                 flip = fn.random.coin_flip(probability=aug.flip_prob)
-            images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
+            if self.plan_crops or not whole:
+                images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.crop_mirror_normalize(images, mirror=flip, output_layout="CHW", **norm)
 
         pipe = graph()

@@ -148,6 +148,20 @@ def test_random_crop_mode_and_output_dtypes(numbered):
     assert b.images.dtype == torch.uint8 and b.images.shape == (4, 3, 32, 32) and b.images.max() > 100
 
 
+def test_whole_decode_crops_the_same_boxes_as_roi_decode(numbered):
+    """dali.decode='whole' decodes each image whole and slices the plan's box out:
+    the very pixels of ROI decode (DALI's CPU mode, one libjpeg-turbo for both)."""
+    def run(**options):
+        return _drain(build_loader(_cfg(numbered, batch_size=5, dali=DaliOptions(**options)), 0, 1))
+
+    (roi, roi_ids), (whole, whole_ids) = run(), run(decode="whole")
+    assert whole_ids == roi_ids and sorted(roi_ids) == list(range(38))
+    assert torch.equal(torch.cat([b.images for b in whole]), torch.cat([b.images for b in roi]))
+    assert torch.cat([b.images for b in roi]).std() > 0.3  # real pixels, not a blank both would share
+    drawn, drawn_ids = run(decode="whole", crop="random")  # DALI's own crops: every sample once, the size asked
+    assert sorted(drawn_ids) == list(range(38)) and drawn[0].images.shape == (5, 3, 32, 32)
+
+
 def test_choosing_a_missing_backend_names_the_extra(numbered):
     code = ("import sys; sys.modules['nvidia'] = None; sys.modules['ffcv'] = None\n"
             "import pipeline.loader as L, pipeline.decode.cpu\n"
@@ -162,9 +176,10 @@ def test_choosing_a_missing_backend_names_the_extra(numbered):
 
 
 @pytest.mark.gpu
-def test_mixed_decode_on_the_gpu_matches_cpu_mode(numbered):
+@pytest.mark.parametrize("decode", ["roi", "whole"])
+def test_mixed_decode_on_the_gpu_matches_cpu_mode(numbered, decode):
     """nvJPEG (device='mixed') hands torch CUDA tensors; same plan, same crops."""
-    gpu = build_loader(_cfg(numbered, batch_size=8), 0, 1, device="cuda")
+    gpu = build_loader(_cfg(numbered, batch_size=8, dali=DaliOptions(decode=decode)), 0, 1, device="cuda")
     cpu = build_loader(_cfg(numbered, batch_size=8), 0, 1)
     for g, c in zip(gpu, cpu):
         assert g.images.is_cuda and g.images.dtype == torch.float32

@@ -57,9 +57,13 @@ def test_bench_pipeline_all_backends_side_by_side(tmp_path):
     assert "read" not in r and "rss" not in r  # --parts decode only
     dec = r["decode"]
     base = dec["per_file_pil_baseline"]
-    for name in ("cpu_backend_uint8", "cpu_backend_host_normalize", "dali_backend", "dali_host_side", "ffcv_backend"):
+    for name in ("cpu_backend_uint8", "cpu_backend_host_normalize", "dali_backend", "dali_backend_whole",
+                 "dali_host_side", "ffcv_backend"):
         assert [run["images"] for run in dec[name]["runs"]] == [48], name
         assert dec[name]["throughput_ratio"] == pytest.approx(dec[name]["images_per_s"] / base["images_per_s"])
+        run = dec[name]["runs"][0]  # the pass split at its first batch (16 images): both parts add up to the whole
+        assert 0 < run["first_batch_s"] < run["wall_s"]
+        assert run["first_batch_s"] + 32 / run["after_first_batch_images_per_s"] == pytest.approx(run["wall_s"])
     assert dec["warmup"]["ffcv_jit_first_batch_s"] > 0  # FFCV's JIT, reported apart
     # DALI's host side alone is part of what the whole DALI CPU-mode run spends
     assert dec["dali_host_side"]["cpu_ms_per_image"] < dec["dali_backend"]["cpu_ms_per_image"]
