@@ -43,6 +43,7 @@ class SpeedupConfig:
     seed: int = 0
     peak_flops: float | None = None
     img_size: int | None = None  # None: the model's own
+    breakdown: bool = False  # profile one more step of each: time per op family
 
     def __post_init__(self) -> None:
         require_choice(self, "model", list_models())
@@ -126,6 +127,59 @@ def saved_activation_bytes(step: Callable[[torch.Tensor, torch.Tensor], None], i
     return sum(seen.values())
 
 
+# Op families of a training step, by the name of the op that ran the work (first
+# match wins); the rest is elementwise work, copies and reductions.
+OP_FAMILIES = (
+    ("attention", ("attention",)),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "conv")),
+    ("layer_norm", ("layer_norm",)),
+    ("optimizer", ("adam", "_foreach")),
+    ("masking", ("sort", "gather", "scatter")),
+)
+
+
+def op_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, keys in OP_FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+def _inside_optimizer_step(event) -> bool:
+    """Whether the optimizer's step ran this op (an unfused AdamW is plain mul_,
+    lerp_, sqrt ... under the profiler's ``Optimizer.step#AdamW.step`` range)."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def step_breakdown(step: Callable[[torch.Tensor, torch.Tensor], None], imgs: torch.Tensor, noise: torch.Tensor,
+                   device: torch.device) -> dict[str, dict[str, float]]:
+    """One profiled step by op family: milliseconds (the GPU time of the kernels each
+    op launched itself; on a CPU, each op's own CPU time) and the FLOPs torch's
+    profiler counts (matrix products and convolutions forward; attention and a
+    convolution's backward are not counted). Where the step's time goes, and how
+    fast each family runs, to say why a step falls short of its FLOP share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, with_flops=True):  # a process's first profile is slow (its set-up)
+        torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    _synchronize(device)
+    with profile(activities=activities, with_flops=True) as prof:
+        step(imgs, noise)
+        _synchronize(device)
+    out = {family: {"ms": 0.0, "gflop": 0.0} for family in [*(f for f, _ in OP_FAMILIES), "other"]}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # kernels count through the op that launched them
+        family = out["optimizer" if _inside_optimizer_step(event) else op_family(event.name)]
+        family["ms"] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        family["gflop"] += (event.flops or 0) / 1e9
+    return out
+
+
 def measure_speedup(cfg: SpeedupConfig) -> dict[str, object]:
     """Run the interleaved benchmark and return a JSON-ready report."""
     device = resolve_device(cfg.device)
@@ -172,8 +226,11 @@ def measure_speedup(cfg: SpeedupConfig) -> dict[str, object]:
             activation_bytes=saved_activation_bytes(step, imgs, noise, models[name]),
             peak_memory_bytes=peaks[name] if device.type == "cuda" else None,
         )
+    breakdown = {name: step_breakdown(step, imgs, noise, device) for name, step in variants.items()} \
+        if cfg.breakdown else None
     return {
         "config": asdict(cfg),
+        "breakdown": breakdown,
         "device": _device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -204,4 +261,16 @@ def format_report(report: dict[str, object]) -> str:
         )
     lines.append(f"measured speedup (baseline / MAE step time): {report['measured_speedup']:.2f}x   "
                  f"analytic FLOP ratio: {report['flop_ratio']:.2f}x")
+    if report.get("breakdown"):
+        mae, base = report["breakdown"]["mae"], report["breakdown"]["mask_token_baseline"]
+        where = "GPU time of the kernels each op launched" if report["device"] != "cpu" else "CPU time of each op"
+        lines.append(f"one profiled step by op family ({where}; TFLOP/s where the profiler counts FLOPs):")
+        lines.append(f"  {'family':<12}{'MAE ms':>9}{'baseline ms':>13}{'baseline/MAE':>14}{'MAE TFLOP/s':>13}"
+                     f"{'baseline TFLOP/s':>18}")
+        for family in [*mae, "total"]:
+            m, b = ({k: sum(f[k] for f in side.values()) for k in ("ms", "gflop")} if family == "total"
+                    else side[family] for side in (mae, base))
+            ratio = f"{b['ms'] / m['ms']:.2f}x" if m["ms"] > 0 else "-"
+            rates = [f"{f['gflop'] / f['ms']:.2f}" if f["gflop"] and f["ms"] > 0 else "-" for f in (m, b)]
+            lines.append(f"  {family:<12}{m['ms']:>9.2f}{b['ms']:>13.2f}{ratio:>14}{rates[0]:>13}{rates[1]:>18}")
     return "\n".join(lines)

@@ -26,6 +26,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert [(e[0], e[1]) for e in enc] == [("mae_vit_test_patch4", ""), ("mae_vit_tiny_patch16", ""),
                                           ("mae_vit_test_patch4", " compiled")]
     assert all(float(e[2]) > 0 and float(e[3]) > 2 for e in enc)
+    # the eager sections say where each step's time went, op family by op family
+    families = re.findall(r"^  (matmul|attention) +([\d.]+) +([\d.]+) +[\d.]+x +\S+ +\S+$", out.stdout, re.M)
+    assert [f[0] for f in families] == ["attention", "matmul"] * 2 and all(float(v) > 0 for f in families
+                                                                          for v in f[1:])
     train = re.findall(r"^SUMMARY train tiny ZeRO-(\d): ([\d.]+) img/s .* final loss ([\d.]+)", out.stdout, re.M)
     assert [t[0] for t in train] == ["2", "3"]
     assert all(float(t[1]) > 0 and 0 < float(t[2]) < 10 for t in train)

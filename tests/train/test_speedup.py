@@ -1,4 +1,5 @@
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,28 @@ def test_report_values_are_consistent_with_the_measured_times():
     assert base["train_flops_per_step"] == train_step_flops(mcfg, 4, baseline=True)
     # the baseline encodes 4x the tokens, so it must save more activations for backward
     assert base["activation_bytes"] > 1.5 * mae["activation_bytes"] > 0
+
+
+def test_the_breakdown_puts_the_baselines_extra_tokens_in_its_matmuls():
+    """--breakdown profiles one more step of each variant. The FLOPs the profiler
+    counts are exact: the baseline encodes 4x the tokens, so its matrix products do
+    over 3x MAE's work, and MAE's are most of the analytic step FLOPs (attention and
+    a convolution's backward go uncounted)."""
+    cmd = [sys.executable, "-m", "train.cli", "bench", "encoder", "--model", "mae_vit_tiny_patch16", "--batch", "4",
+           "--steps", "1", "--warmup", "1", "--dtype", "fp32", "--device", "cpu", "--breakdown"]
+    report = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout)
+    mae, base = report["breakdown"]["mae"], report["breakdown"]["mask_token_baseline"]
+    assert list(mae) == list(base) == ["attention", "matmul", "layer_norm", "optimizer", "masking", "other"]
+    assert all(f["ms"] >= 0 and f["gflop"] >= 0 for side in (mae, base) for f in side.values())
+    assert all(mae[f]["ms"] > 0 for f in ("matmul", "attention", "optimizer", "masking"))
+    mcfg = model_config("mae_vit_tiny_patch16")
+    assert base["matmul"]["gflop"] > 3 * mae["matmul"]["gflop"]
+    assert 0.8 * train_step_flops(mcfg, 4) < 1e9 * mae["matmul"]["gflop"] < train_step_flops(mcfg, 4)
+    assert mae["matmul"]["gflop"] > 0.999 * sum(f["gflop"] for f in mae.values())  # elementwise ops count little
+    table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^  matmul +[\d.]+ +[\d.]+ +[\d.]+x +[\d.]+ +[\d.]+$", table, re.M), table
+    assert "breakdown" in measure_speedup(SpeedupConfig(model="mae_vit_test_patch4", batch=2, steps=1, warmup=0,
+                                                        device="cpu", dtype="fp32"))
 
 
 def test_grad_checkpointing_cuts_saved_activations():

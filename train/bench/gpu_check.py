@@ -104,7 +104,8 @@ class Check:
     def _encoder(self, model: str, batch: int, steps: list[str], compiled: bool, min_s: float) -> Section:
         name = f"encoder_{model}_{self.scale.dtype}{'_compiled' if compiled else ''}"
         argv = [PY, "-m", "train.cli", "bench", "encoder", "--model", model, "--batch", str(batch), "--dtype",
-                self.scale.dtype, "--device", self.scale.device, *steps, "--json"] + (["--compile"] if compiled else [])
+                self.scale.dtype, "--device", self.scale.device, *steps, "--json"] + (["--compile"] if compiled else
+                                                                                      ["--breakdown"])
 
         def summarize() -> str:
             from train.speedup import format_report

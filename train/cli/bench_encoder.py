@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=whole(0, 2**32 - 1), default=d.seed)
     p.add_argument("--peak-tflops", type=number(0, open_lo=True), default=None,
                    help="peak bf16 TFLOP/s for MFU if the card is not known")
+    p.add_argument("--breakdown", action="store_true",
+                   help="profile one more step of each variant: its time by op family (matmul, attention, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
         device=args.device, compile=args.compile, mask_ratio=args.mask_ratio,
         grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None, breakdown=args.breakdown,
     )
     report = measure_speedup(cfg)
     print(json.dumps(report) if args.json else format_report(report))
