@@ -119,7 +119,7 @@ class Check:
                     f"(FLOP ratio {r['flop_ratio']:.2f}x, {verdict} target), MAE {mae['images_per_s']:.1f} img/s, "
                     f"MFU {mfu}")
 
-        return Section(name, argv, summarize, min_s=min_s, cap_s=min_s * 4, json_stdout=True)
+        return Section(name, argv, summarize, min_s=min_s, cap_s=max(min_s * 4, 90), json_stdout=True)
 
     def _launch(self, preset: str, overrides: tuple[str, ...], run: Path, steps: int) -> list[str]:
         self.port += 1

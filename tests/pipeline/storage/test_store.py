@@ -40,8 +40,8 @@ def dataset(tmp_path_factory, faulty_s3):
 def _config(faulty_s3, tmp_path, **kw) -> StorageConfig:
     # s3fs's and botocore's own retries are off by default: the faults reach our retry layer
     options = {"endpoint_url": faulty_s3.endpoint_url, "key": "fake", "secret": "fake-secret"}
-    return StorageConfig(options=options, retry=kw.pop("retry", FAST_RETRY), read_timeout_s=1.0,
-                         cache_dir=str(tmp_path / "cache"), **kw)
+    kw.setdefault("read_timeout_s", 1.0)
+    return StorageConfig(options=options, retry=kw.pop("retry", FAST_RETRY), cache_dir=str(tmp_path / "cache"), **kw)
 
 
 def _store(faulty_s3, tmp_path, events=None, **kw) -> ShardStore:
@@ -671,26 +671,29 @@ def test_a_range_cut_in_pieces_then_retried_leaves_nothing_of_the_cut_attempt(mo
         f.seek(1500)
         middle = f.read(5000)
     assert faulty_s3.faults.injected == ["cut_in_pieces"]
-    assert sum(n for name, n in events if name == "fetch_retry") == 1
+    # one retry at least: a retry that stalls past the 1 s read timeout on a busy machine is retried again
+    assert sum(n for name, n in events if name == "fetch_retry") >= 1
     assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
     assert middle == data[1500:6500]
 
 
 @pytest.mark.integration
 def test_a_body_dribbled_under_the_read_timeout_ends_within_the_transfer_limit(faulty_s3, tmp_path):
-    """A byte every 0.3 s never trips a 1 s read timeout: 60 bytes took 18 s an
+    """A byte every 0.3 s never trips a 2 s read timeout: 60 bytes took 18 s an
     attempt, for as long as the server liked. An attempt now ends after the timeouts
-    plus its bytes at 1 MiB/s, cancelled, and the retries stop at the deadline."""
+    plus its bytes at 1 MiB/s (3 s here), cancelled, and the retries stop at the
+    deadline."""
     shard = _big_object(faulty_s3, "drip.tar", 60)
     events = []
-    store = _store(faulty_s3, tmp_path, events, connect_timeout_s=1.0, retry=RetryPolicy(2, 0.01, 0.02, deadline_s=30))
+    store = _store(faulty_s3, tmp_path, events, connect_timeout_s=1.0, read_timeout_s=2.0,
+                   retry=RetryPolicy(2, 0.01, 0.02, deadline_s=30))
     faulty_s3.faults.clear()
     faulty_s3.faults.add("drip", match=shard.name, times=2, seconds=0.3)
     t0 = time.monotonic()
     with pytest.raises(ShardFetchError, match=r"drip.tar at .*: failed after 2 attempts .*bytes 0-60 still arriving "
-                                              r"after 2 s \(a stalled transfer"):
+                                              r"after 3 s \(a stalled transfer"):
         store.local_path(shard)
-    assert time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 12  # two 3 s attempts and a busy machine's slack; one dribbled attempt took 18 s
     assert faulty_s3.faults.injected == ["drip", "drip"]
     assert not list((tmp_path / "cache").glob("*.tar"))
     with store.open_shard(shard) as f:  # the fault spent: the same store reads it whole
