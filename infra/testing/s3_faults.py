@@ -30,7 +30,8 @@ KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
 # permanent), and a body cut after three small pieces sent apart (transient; the
 # retry's chunks then start at other offsets than the cut attempt's), and a body
 # dribbled a byte every ``seconds`` (under any read timeout: a stall no timeout sees).
-MISBEHAVIOURS = ("ignore_range", "ignore_range_unsized", "cut_in_pieces", "drip")
+IGNORE_RANGE = ("ignore_range", "ignore_range_unsized")
+MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip")
 
 
 @dataclass
@@ -108,7 +109,7 @@ class FaultInjector:
             body = ERROR_XML.replace(b"{code}", code.encode()).replace(b"{msg}", b"injected")
             start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
-        if fault.kind in ("ignore_range", "ignore_range_unsized"):
+        if fault.kind in IGNORE_RANGE:
             whole = {k: v for k, v in environ.items() if k != "HTTP_RANGE"}
             if fault.kind == "ignore_range":
                 return self.app(whole, start_response)

@@ -131,10 +131,11 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
         runners["cpu_backend_uint8"] = lambda: build_loader(replace(cfg, normalize=False), 0, 1, device)
         runners["cpu_backend_host_normalize"] = lambda: build_loader(cfg, 0, 1, device)
     if "dali" in backends:
-        runners["dali_backend"] = lambda: build_loader(replace(cfg, backend="dali"), 0, 1, device)
-        runners["dali_backend_whole"] = lambda: build_loader(
-            replace(cfg, backend="dali", dali=DaliOptions(decode="whole")), 0, 1, device)
-        runners["dali_host_side"] = lambda: dali_host_side(build_loader(replace(cfg, backend="dali"), 0, 1, device))
+        dali = replace(cfg, backend="dali")
+        runners["dali_backend"] = lambda: build_loader(dali, 0, 1, device)
+        runners["dali_backend_whole"] = lambda: build_loader(replace(dali, dali=DaliOptions(decode="whole")), 0, 1,
+                                                             device)
+        runners["dali_host_side"] = lambda: dali_host_side(build_loader(dali, 0, 1, device))
     warmup = {}
     if "ffcv" in backends:
         ffcv = build_loader(replace(cfg, backend="ffcv", url=beton_url), 0, 1, device)
