@@ -66,6 +66,8 @@ class LoaderConfig:
     batch_size: int = option(64, "samples per rank per step (the trainer's micro-batch)")
     num_workers: int = option(8, "cpu: DataLoader worker processes; dali: decode threads; ffcv: numba threads")
     drop_last: bool = option(False, "drop this rank's partial last batch of an epoch")
+    overlap_epochs: bool = option(True, "start the next epoch (fork its workers, build its DALI graph, fetch its "
+                                        "first shards) while this one's last batches are consumed")
     max_corrupt_fraction: float = option(0.01, "of a rank's epoch; more corrupt samples stop the run")
     dtype: str = option("float32", "float32 | bfloat16 | float16: dtype of normalized images")
     normalize: bool = option(True, "false: uint8 images (normalize later, e.g. in the model)")
@@ -107,12 +109,14 @@ class LoaderStats:
     converted: Counter = field(default_factory=Counter)  # mode reason -> count (converted to RGB)
     sources: Counter = field(default_factory=Counter)  # source name -> samples delivered
     warmup_s: float = 0.0  # time to this process's first batch (ffcv: numba JIT compile)
+    epochs_started_early: int = 0  # epochs set up before the last one ended (data.overlap_epochs)
 
 
 @runtime_checkable
 class Loader(Protocol):
     stats: LoaderStats
     epoch: int
+    last_epoch: int | None  # the last epoch the consumer reads, if it knows: none after it is started early
 
     def __iter__(self) -> Iterator[Batch]: ...
     def __len__(self) -> int: ...
@@ -120,6 +124,7 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
 
 
 def dist_rank_world() -> tuple[int, int]:

@@ -26,7 +26,7 @@ from infra.redact import redact_tree
 from infra.tracking import NullTracker, open_tracker
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
 from model.registry import create_model, model_config
-from pipeline.loader import Batch, build_loader
+from pipeline.loader import Batch, Loader, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
 from train.engine import agree_across_ranks, any_rank, build_engine, device_for, init_distributed, set_lr
@@ -235,6 +235,8 @@ class Trainer:
         self.tracker = open_tracker(self.cfg.log, self.rank, self.cfg.checkpoint.dir, r.step, flat_config(self.cfg))
         self.clock, self.grad_norm = StepClock(), GradNorm(self.engine, enabled=self.tracker.active)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
+            mark_last_epoch(self.loader, self.derived.total_steps - r.step, self.cfg.optim.accum_steps,
+                            len(self._window))
             with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
                 for batch, wait, t0 in _timed(it):
                     if self._micro_step(batch, wait, t0, stop) or r.step >= self.derived.total_steps:
@@ -363,6 +365,7 @@ class Trainer:
                                                     "derived": asdict(self.derived)})
 
     def close(self) -> None:
+        self.loader.close()  # the next epoch's workers, if a run that ended in an epoch's last batches started them
         self.tracker.close()
         self.encoder_timer.close()
         for f in (self.metrics_file, self.ids_file):
@@ -370,6 +373,15 @@ class Trainer:
                 f.close()
         stop_prometheus(self.prometheus, self.cfg.metrics.linger_s, self.result.stopped_by_signal)
         self._release_lock()
+
+
+def mark_last_epoch(loader: Loader, steps_left: int, accum_steps: int, in_window: int) -> None:
+    """Tell the loader whether the run reads past this epoch: if this epoch's
+    remaining batches cover the micro-steps the run still needs, no next epoch is
+    started early (data.overlap_epochs) only to be dropped at the end. A batch
+    skipped as corrupt or non-finite can make the run need one more: that epoch
+    then starts at its turn, as without overlap."""
+    loader.last_epoch = loader.epoch if len(loader) >= steps_left * accum_steps - in_window else None
 
 
 def _timed(it):

@@ -1,9 +1,12 @@
 """What every decode backend shares: the ``DecodedBatch`` contract and ``PlannedLoader``.
 
 A backend implements ``_batches(ids, epoch)``, yielding one ``DecodedBatch`` per
-planned batch, in plan order. ``PlannedLoader`` does the rest the same way for
-all of them: the sample plan and this rank's position in it, resume, corrupt-sample
-accounting against the tolerance, and normalization on the device.
+planned batch, in plan order — or ``_start(ids, epoch)``, which does an epoch's
+set-up (fork workers, build a DALI graph) at once and returns it as an ``EpochRun``.
+``PlannedLoader`` does the rest the same way for all of them: the sample plan and
+this rank's position in it, resume, corrupt-sample accounting against the
+tolerance, normalization on the device, and starting the next epoch before this
+one ends (``data.overlap_epochs``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +25,7 @@ import torch
 from infra.metrics import sink
 from pipeline.augment import Normalizer, erase_params, rand_augment_params
 from pipeline.erasing import random_erase
+from pipeline.decode.reader import PlannedData
 from pipeline.errors import CorruptDataError, ManifestError, ResumeStateError
 from pipeline.loader import DTYPES, Batch, LoaderConfig, LoaderStats
 from pipeline.mixture import DataSources
@@ -108,6 +113,56 @@ def first_batch_frozen(batches: Iterator[Any]) -> Iterator[Any]:
     yield from batches
 
 
+class EpochRun:
+    """One epoch's batches, set up already (workers forked, a DALI graph built).
+    ``close()`` releases what the set-up holds, whether or not the batches were
+    ever taken: closing a generator that never ran runs none of its code, so a
+    run started early and then dropped needs ``release`` to stop its workers."""
+
+    def __init__(self, batches: Iterator[DecodedBatch], release: Callable[[], None] = lambda: None,
+                 poll: Callable[[], None] = lambda: None) -> None:
+        self.batches, self.release = batches, release
+        self.poll = poll  # called between the batches of the epoch before, to move on without waiting
+
+    def close(self) -> None:
+        batches, self.batches = self.batches, iter(())
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        release, self.release, self.poll = self.release, lambda: None, lambda: None
+        release()
+
+
+class NextEpoch:
+    """The run of an epoch started before its turn, with the position it starts
+    from; ``take`` hands it over if the loader is at that position, and closes it
+    if not."""
+
+    def __init__(self) -> None:
+        self.position: tuple | None = None
+        self.run: EpochRun | None = None
+
+    def put(self, position: tuple, run: EpochRun) -> None:
+        self.close()
+        self.position, self.run = position, run
+
+    def take(self, position: tuple) -> EpochRun | None:
+        run, matches = self.run, self.position == position
+        self.position, self.run = None, None
+        if run is not None and not matches:
+            run.close()
+        return run if matches else None
+
+    def poll(self) -> None:
+        if self.run is not None:
+            self.run.poll()
+
+    def close(self) -> None:
+        run, self.position, self.run = self.run, None, None
+        if run is not None:
+            run.close()
+
+
 class PlannedLoader:
     """Position tracking, resume, normalization and corrupt-sample accounting shared
     by the backends; a backend implements ``_batches``."""
@@ -132,12 +187,27 @@ class PlannedLoader:
         self.normalizer = Normalizer(config.augment.mean, config.augment.std, device)
         self.epoch = 0
         self.segments: list[list[int]] = [[world_size, 0]]
+        self.data = PlannedData(config, self.plan, self.manifest)  # what workers read with
+        self.next_epoch = NextEpoch()
+        self.last_epoch: int | None = None  # set by a consumer that knows it reads no epoch after this one
+        # A loader dropped unclosed stops its next epoch when it is freed, or at exit
+        # (before multiprocessing's exit hook, which would SIGTERM those workers: they
+        # defer it a minute). Nothing that epoch holds may refer back to the loader, or
+        # it would never be freed; torch's own clean-up of a worker pool that cyclic
+        # GC collects waits out that minute (its queues' finalizers run first).
+        weakref.finalize(self, self.next_epoch.close)
         fix_malloc_thresholds()
 
     # -- position
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.segments = epoch, [[self.world_size, 0]]
+            self.next_epoch.close()
+
+    def close(self) -> None:
+        """Stop the next epoch's workers if it was started early (a run that ends
+        in an epoch's last batches). Iterating again later still works."""
+        self.next_epoch.close()
 
     def _rank_ids(self) -> tuple[np.ndarray, int]:
         return self.plan.rank_sequence(self.epoch, self.segments, self.rank)
@@ -178,6 +248,7 @@ class PlannedLoader:
         segments = resume_segments(saved, self.world_size)
         self.plan.rank_size(epoch, segments, 0)  # each segment's consumed fits its blocks
         self.epoch, self.segments = epoch, segments
+        self.next_epoch.close()
 
     def _check_mix(self, saved: Any, segments: list[list[int]]) -> None:
         """Another mix (weights, counts) changes the order: fine at an epoch's start, not mid-epoch."""
@@ -197,41 +268,92 @@ class PlannedLoader:
                                 f"with `mae shard --format {self.dataset_format}`")
 
     # -- iteration
+    def _span(self, ids: np.ndarray, consumed: int) -> np.ndarray:
+        """What is left of an epoch's ``ids`` after ``consumed``; with drop_last, without the partial batch."""
+        bs = self.config.batch_size
+        return ids[consumed:consumed + (len(ids) - consumed) // bs * bs] if self.config.drop_last else ids[consumed:]
+
     def __iter__(self) -> Iterator[Batch]:
         ids, consumed = self._rank_ids()
-        bs = self.config.batch_size
-        end = consumed + (len(ids) - consumed) // bs * bs if self.config.drop_last else len(ids)
-        budget = int(self.config.max_corrupt_fraction * len(ids))
-        epoch_skipped = 0
-        for b in self._planned_batches(ids[consumed:end], self.epoch):
-            self._count_sources(ids[self.segments[-1][1]:self.segments[-1][1] + b.planned], b.ids)
-            self.segments[-1][1] += b.planned
-            self.stats.converted.update(b.converted)
-            for reason in b.converted:
-                sink().inc("mae_pipeline_samples_converted_total", reason=reason)
-            for key, reason in b.skips:
-                self.stats.skipped[reason] += 1
-                sink().inc("mae_pipeline_samples_skipped_total", backend=self.config.backend, reason=reason)
-                log.warning("skipped corrupt sample %s: %s", key, reason)
-            epoch_skipped += len(b.skips)
-            if epoch_skipped > budget:
-                raise CorruptDataError(
-                    f"{epoch_skipped} corrupt samples on rank {self.rank} this epoch exceed max_corrupt_fraction="
-                    f"{self.config.max_corrupt_fraction} of {len(ids)} ({dict(self.stats.skipped)}); last: "
-                    f"{b.skips[-1][0]} ({b.skips[-1][1]})")
-            # A batch whose every sample was corrupt is still yielded, empty: every rank
-            # yields the same number of batches an epoch, so ranks stay in step (the
-            # trainer skips that micro-step on every rank). Dropping it moved this rank
-            # into its next epoch a batch early, and ranks drifted epochs apart.
-            self.stats.images += len(b.keys)
-            self.stats.batches += 1
-            yield Batch(self._finish(b.images, b.ids), b.labels, b.keys, b.ids)
+        todo = self._span(ids, consumed)
+        started = self.next_epoch.take((self.epoch, self.segments))
+        planned = -(-len(todo) // self.config.batch_size)
+        lead = self.overlap_lead() if self.config.overlap_epochs and self.epoch != self.last_epoch else 0
+        skipped, ended = 0, False
+        try:
+            for n, b in enumerate(self._planned_batches(todo, self.epoch, started), 1):
+                skipped = self._account(b, ids, skipped)
+                if lead and planned - n == min(lead, planned - 1):  # once, ``lead`` batches before the end
+                    self._start_next_epoch()
+                elif lead and planned - n < lead:
+                    self.next_epoch.poll()
+                # A batch whose every sample was corrupt is still yielded, empty: every rank
+                # yields the same number of batches an epoch, so ranks stay in step (the
+                # trainer skips that micro-step on every rank). Dropping it moved this rank
+                # into its next epoch a batch early, and ranks drifted epochs apart.
+                yield Batch(self._finish(b.images, b.ids), b.labels, b.keys, b.ids)
+            ended = True
+        finally:
+            if not ended:  # stopped mid-epoch (an error, a run's end, a checkpoint to resume from): not next
+                self.next_epoch.close()
         self.epoch, self.segments = self.epoch + 1, [[self.world_size, 0]]
 
-    def _planned_batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
-        """The backend's batches, its workers forked and its first batch fetched with
-        the start-up objects frozen."""
-        return first_batch_frozen(self._batches(ids, epoch))
+    def _account(self, b: DecodedBatch, ids: np.ndarray, skipped: int) -> int:
+        """Move the position past batch ``b`` of epoch ``ids``, count what it
+        delivered, skipped and converted; returns the epoch's skips so far, or
+        raises when they exceed the tolerance."""
+        self._count_sources(ids[self.segments[-1][1]:self.segments[-1][1] + b.planned], b.ids)
+        self.segments[-1][1] += b.planned
+        self.stats.converted.update(b.converted)
+        for reason in b.converted:
+            sink().inc("mae_pipeline_samples_converted_total", reason=reason)
+        for key, reason in b.skips:
+            self.stats.skipped[reason] += 1
+            sink().inc("mae_pipeline_samples_skipped_total", backend=self.config.backend, reason=reason)
+            log.warning("skipped corrupt sample %s: %s", key, reason)
+        skipped += len(b.skips)
+        budget = int(self.config.max_corrupt_fraction * len(ids))
+        if skipped > budget:
+            raise CorruptDataError(
+                f"{skipped} corrupt samples on rank {self.rank} this epoch exceed max_corrupt_fraction="
+                f"{self.config.max_corrupt_fraction} of {len(ids)} ({dict(self.stats.skipped)}); last: "
+                f"{b.skips[-1][0]} ({b.skips[-1][1]})")
+        self.stats.images += len(b.keys)
+        self.stats.batches += 1
+        return skipped
+
+    def overlap_lead(self) -> int:
+        """How many batches before an epoch's end the next one starts (0: not
+        early): the backend's batches in flight, so that its new workers start
+        as the old ones run out of work. A backend with nothing to set up keeps 0."""
+        return 0
+
+    def _start_next_epoch(self) -> None:
+        """Set up the epoch after this one now (its workers forked, its first
+        shards fetched), so that its first batch does not wait for that."""
+        epoch, segments = self.epoch + 1, [[self.world_size, 0]]
+        ids, consumed = self.plan.rank_sequence(epoch, segments, self.rank)
+        todo = self._span(ids, consumed)
+        if len(todo):
+            with startup_objects_frozen():
+                self.next_epoch.put((epoch, segments), self._start(todo, epoch))
+            self.stats.epochs_started_early += 1
+
+    def _planned_batches(self, ids: np.ndarray, epoch: int, started: EpochRun | None = None) -> Iterator[DecodedBatch]:
+        """The backend's batches of ``ids`` (those of ``started``, set up early,
+        if given): its set-up and first batch run with the start-up objects
+        frozen, and what the set-up holds is released however this ends."""
+        with startup_objects_frozen():
+            run = started or self._start(ids, epoch)
+        try:
+            yield from first_batch_frozen(run.batches)
+        finally:
+            run.close()
+
+    def _start(self, ids: np.ndarray, epoch: int) -> EpochRun:
+        """The batches of ``ids``, set up at once (a backend with nothing to set
+        up: on the first batch)."""
+        return EpochRun(self._batches(ids, epoch))
 
     def _finish(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """A backend's images -> the batch's: RandAugment on the device (unless the

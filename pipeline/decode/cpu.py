@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra.metrics import sink
 from pipeline.augment import rand_augment_params, sample_rng
-from pipeline.decode.base import DecodedBatch, PlannedLoader
+from pipeline.decode.base import DecodedBatch, EpochRun, PlannedLoader
 from pipeline.decode.crop import decode_crop
 from pipeline.decode.reader import read_batches, warm_first_batch
 from pipeline.errors import PipelineError
@@ -47,7 +47,7 @@ class _RankEpoch(IterableDataset):
     """One rank's remaining batches of one epoch, split over DataLoader workers."""
 
     def __init__(self, loader: CpuLoader, ids: np.ndarray, epoch: int) -> None:
-        self.loader, self.config, self.epoch, self.ids = loader, loader.config, epoch, ids
+        self.data, self.config, self.epoch, self.ids = loader.data, loader.config, epoch, ids  # not the loader itself
         self.classes = len(loader.manifest.classes)
 
     def __iter__(self) -> Iterator[DecodedBatch]:
@@ -55,7 +55,7 @@ class _RankEpoch(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         batches = range(worker, -(-len(self.ids) // self.config.batch_size), workers)
         try:
-            for ids, samples in read_batches(self.loader, self.ids, batches):
+            for ids, samples in read_batches(self.data, self.ids, batches):
                 yield self._batch(ids, samples)
         except (PipelineError, OSError) as e:
             if info is None:
@@ -146,7 +146,10 @@ class CpuLoader(PlannedLoader):
     rand_augments = True  # in the workers, on the host
     epoch_class = _RankEpoch  # what a worker makes of its samples (the streaming benchmark's: bytes only)
 
-    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
+    def overlap_lead(self) -> int:
+        return 2 * self.config.num_workers  # the DataLoader's prefetch window; without workers, nothing to set up
+
+    def _start(self, ids: np.ndarray, epoch: int) -> EpochRun:
         dataset = self.epoch_class(self, ids, epoch)
         workers = self.config.num_workers
         if workers > 1 and self.config.storage.cache_mode == "memory" and not getattr(self, "_warned_memory", False):
@@ -154,7 +157,11 @@ class CpuLoader(PlannedLoader):
             log.warning("storage.cache_mode='memory' with %d cpu workers: each worker fetches the shards it reads "
                         "for itself, so a shard may be downloaded up to %d times; use cache_mode='disk' (shared "
                         "by the node's processes) or num_workers <= 1", workers, workers)
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+        # The DataLoader draws its workers' base seed from this generator, not from
+        # torch's global RNG, which is the training loop's: an epoch started early, at
+        # another point of the loop, must not shift it (the workers use no torch RNG).
+        seeds = torch.Generator().manual_seed(hash((self.config.plan.seed, epoch, self.rank)) % 2**63)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=seeds,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_defer_stop_signals,
                             prefetch_factor=2 if workers else None, persistent_workers=False,
                             # workers are forked whatever the process's default start method (a library
@@ -162,14 +169,13 @@ class CpuLoader(PlannedLoader):
                             multiprocessing_context="fork" if workers else None)
         it = _forked_with_stop_signals_blocked(loader) if workers else iter(loader)
         if workers:  # after the fork: no worker inherits these threads
-            warm_first_batch(self, ids)
-        try:
-            for batch in it:
-                if isinstance(batch, _WorkerError):
-                    raise batch.error
-                yield batch
-        finally:  # also on close() or an exception upstream: stop workers now, gracefully
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            warm_first_batch(self.data, ids)
+        # stops the workers now, gracefully, also if no batch was ever taken
+        return EpochRun(_raising_worker_errors(it), getattr(it, "_shutdown_workers", lambda: None))
 
+
+def _raising_worker_errors(batches: Iterator) -> Iterator[DecodedBatch]:
+    for batch in batches:
+        if isinstance(batch, _WorkerError):
+            raise batch.error
+        yield batch

@@ -36,9 +36,11 @@ and named, reason ``decode_failed``), and the stream goes on in plan order.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,14 +51,15 @@ from nvidia.dali import fn, pipeline_def, types
 
 from infra.metrics import sink
 from pipeline.augment import crop_and_flip, sample_rng
-from pipeline.decode.base import DecodedBatch, PlannedLoader
+from pipeline.decode.base import DecodedBatch, EpochRun, PlannedLoader
 from pipeline.decode.jpeg import decoder_ready_jpeg
-from pipeline.decode.reader import read_batches
+from pipeline.decode.reader import PlannedData, read_batches
 from pipeline.images import BadImage
 from pipeline.shards.tar_format import image_member, label_of
 
 log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2  # host-side batches read ahead of DALI
+PIPELINE_DEPTH = 2  # batches DALI runs ahead (prefetch_queue_depth)
 DALI_OUT_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
 
 
@@ -94,6 +97,12 @@ class _Feed:
         self.refeed: deque[_Prepared] = deque()
         self.inflight: deque[_Prepared] = deque()  # fed, output not yet taken (in order)
 
+    def ready(self, n: int) -> bool:
+        """The next ``n`` batches are read, and each has samples to decode."""
+        head = [] if self.refeed else self.stream.peek(n)
+        return len(head) == n and all(error is None and isinstance(item, _Prepared) and item.keys
+                                      for item, error in head)
+
     def __call__(self) -> tuple:
         while True:
             batch = self.refeed.popleft() if self.refeed else next(self.stream, None)
@@ -102,6 +111,31 @@ class _Feed:
             self.inflight.append(batch)
             if batch.keys:  # DALI does not take empty batches; they are reported in order
                 return dali_inputs(batch, self.plan_crops)
+
+
+class _Primer:
+    """An epoch's DALI graph, built in a thread, and run on the epoch's first
+    batches as soon as it is built and they are read, for an epoch started early:
+    polled between the batches of the epoch before, it never waits, and it leaves
+    an epoch whose build failed, or whose first batches hold an error, an end or
+    nothing to decode, to start as usual (and report it there)."""
+
+    def __init__(self, built: cf.Future, feed: _Feed) -> None:
+        self.built: cf.Future | None = built
+        self.feed, self.primed = feed, False
+
+    def __call__(self) -> None:
+        built = self.built
+        if (built is not None and not self.primed and built.done() and built.exception() is None
+                and self.feed.ready(PIPELINE_DEPTH)):
+            built.result().schedule_run()  # feeds PIPELINE_DEPTH batches, which are there, and starts decoding
+            self.primed = True
+
+    def take(self) -> tuple:
+        """The pipeline (waiting for its build; raising its error), and whether it
+        was run already; the primer lets go of it."""
+        built, self.built = self.built, None
+        return built.result(), self.primed
 
 
 def dali_inputs(batch: _Prepared, plan_crops: bool) -> tuple:
@@ -130,7 +164,7 @@ class DaliLoader(PlannedLoader):
         self.normalizes = config.normalize and not config.augment.rand_augment
 
     # -- the DALI graph
-    def _pipeline(self, source: Callable[[], tuple], batch_size: int, pipelined: bool = True):
+    def _pipeline(self, source: Callable[[], tuple], batch_size: int, epoch: int, pipelined: bool = True):
         cfg, aug = self.config, self.config.augment
         decode = {"device": "mixed", "hw_decoder_load": cfg.dali.hw_decoder_load} if self.gpu else {"device": "cpu"}
         decode["adjust_orientation"] = False  # pixels as stored, as every backend (pipeline.images); boxes fit them
@@ -141,15 +175,15 @@ class DaliLoader(PlannedLoader):
         else:
             norm = {"dtype": types.UINT8}
 
-        whole = cfg.dali.decode == "whole"
+        whole, plan_crops = cfg.dali.decode == "whole", self.plan_crops  # the graph holds no reference to self
         box = {"axis_names": "WH", "normalized_anchor": False, "normalized_shape": False}
         draw = {"random_area": list(aug.scale), "random_aspect_ratio": list(aug.ratio), "num_attempts": 10}
 
         @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=self.device_id,
-                      seed=hash((cfg.plan.seed, self.epoch, self.rank, self.rebuilds)) % 2**31,
-                      prefetch_queue_depth=2 if pipelined else 1, exec_pipelined=pipelined, exec_async=pipelined)
+                      seed=hash((cfg.plan.seed, epoch, self.rank, self.rebuilds)) % 2**31,
+                      prefetch_queue_depth=PIPELINE_DEPTH if pipelined else 1, exec_pipelined=pipelined, exec_async=pipelined)
         def graph():
-            if self.plan_crops:
+            if plan_crops:
                 jpegs, anchor, shape, flip = fn.external_source(source=source, num_outputs=4, batch=True)
                 if whole:
                     images = fn.slice(fn.decoders.image(jpegs, output_type=types.RGB, **decode), anchor, shape, **box)
@@ -164,7 +198,7 @@ class DaliLoader(PlannedLoader):
                 else:
                     images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, **draw, **decode)
                 flip = fn.random.coin_flip(probability=aug.flip_prob)
-            if self.plan_crops or not whole:
+            if plan_crops or not whole:
                 images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.crop_mirror_normalize(images, mirror=flip, output_layout="CHW", **norm)
 
@@ -174,34 +208,39 @@ class DaliLoader(PlannedLoader):
 
     # -- host side: read and check bytes
     def _prepare(self, ids: np.ndarray, epoch: int) -> Iterator[_Prepared]:
-        cfg = self.config
-        for batch_ids, samples in read_batches(self, ids, range(-(-len(ids) // cfg.batch_size))):
-            out = _Prepared(planned=len(batch_ids))
-            for gid, name, members in samples:
-                try:
-                    label = label_of(members, len(self.manifest.classes))
-                    data, width, height, mode_reason = decoder_ready_jpeg(image_member(members), cfg.images)
-                except BadImage as e:
-                    out.skips.append((name, e.reason))
-                    continue
-                if mode_reason:
-                    out.converted.append(mode_reason)
-                box, flip = crop_and_flip(width, height, cfg.augment, sample_rng(cfg.plan.seed, epoch, gid))
-                out.data.append(np.frombuffer(data, dtype=np.uint8))
-                out.boxes.append(box)
-                out.flips.append(flip)
-                out.labels.append(label)
-                out.keys.append(name)
-                out.ids.append(gid)
-            yield out
+        return prepared_batches(self.data, ids, epoch)
 
-    def _batches(self, ids: np.ndarray, epoch: int) -> Iterator[DecodedBatch]:
-        feed = _Feed(_threaded(self._prepare(ids, epoch), PREFETCH_BATCHES), self.plan_crops)
-        pipe = self._pipeline(feed, self.config.batch_size)
+    def overlap_lead(self) -> int:
+        return PREFETCH_BATCHES + PIPELINE_DEPTH  # read ahead on the host, and DALI's own queue
+
+    def _start(self, ids: np.ndarray, epoch: int) -> EpochRun:
+        """The host reader thread started and the DALI graph building in a thread
+        (on a GPU, the decoder's set-up: most of an epoch's start; started early,
+        the epoch before goes on meanwhile). Started early, the graph also runs
+        on the first batches once they are read (``_Primer``)."""
+        feed = _Feed(_Threaded(self._prepare(ids, epoch), PREFETCH_BATCHES), self.plan_crops)
+        built: cf.Future = cf.Future()
+
+        def build() -> None:
+            try:
+                built.set_result(self._pipeline(feed, self.config.batch_size, epoch))
+            except BaseException as e:  # noqa: BLE001 - raised where the epoch takes its pipeline
+                built.set_exception(e)
+
+        threading.Thread(target=build, name="dali-build", daemon=True).start()
+        primer = _Primer(built, feed)
+        # the run holds the loader weakly (see PlannedLoader.next_epoch); it runs only while the loader iterates
+        return EpochRun(type(self)._run(weakref.proxy(self), feed, primer, epoch), feed.stream.close, primer)
+
+    def _run(self, feed: _Feed, primer: _Primer, epoch: int) -> Iterator[DecodedBatch]:
+        pipe, primed = primer.take()
         try:
             while True:
                 try:
-                    (out,) = pipe.run()
+                    if not primed:
+                        pipe.schedule_run()  # with outputs(): what pipe.run() does
+                    primed = False
+                    (out,) = pipe.outputs()
                 except StopIteration:
                     if any(b.keys for b in feed.inflight):
                         raise RuntimeError("DALI stopped with batches still in flight; samples would be lost") from None
@@ -211,7 +250,7 @@ class DaliLoader(PlannedLoader):
                 except RuntimeError as e:  # a decode failed: the pipeline object is dead
                     del pipe
                     self._recover(feed, e)
-                    pipe = self._pipeline(feed, self.config.batch_size)
+                    pipe = self._pipeline(feed, self.config.batch_size, epoch)
                     continue
                 while not feed.inflight[0].keys:
                     yield self._result(feed.inflight.popleft(), None)
@@ -243,7 +282,7 @@ class DaliLoader(PlannedLoader):
         for i in range(len(batch.keys)):
             holder[:] = [dali_inputs(batch.one(i), self.plan_crops)]
             if single is None:
-                single = self._pipeline(lambda: holder[0], 1, pipelined=False)
+                single = self._pipeline(lambda: holder[0], 1, self.epoch, pipelined=False)  # probes decoding only
             try:
                 single.run()
             except RuntimeError:
@@ -275,47 +314,87 @@ class DaliLoader(PlannedLoader):
         return out
 
 
-def _threaded(items: Iterator, depth: int) -> Iterator:
-    """Run a generator in a background thread, ``depth`` items ahead; errors are
-    re-raised in the consumer. Closing the returned generator stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry: tuple) -> bool:
-        while not stop.is_set():
+def prepared_batches(data: PlannedData, ids: np.ndarray, epoch: int) -> Iterator[_Prepared]:
+    """Each planned batch's bytes read and checked, and its crops planned, as DALI
+    is fed them: on a GPU node, the whole host side. It holds ``data``, not the
+    loader (its thread would keep a dropped loader alive)."""
+    cfg, classes = data.config, len(data.manifest.classes)
+    for batch_ids, samples in read_batches(data, ids, range(-(-len(ids) // cfg.batch_size))):
+        out = _Prepared(planned=len(batch_ids))
+        for gid, name, members in samples:
             try:
-                q.put(entry, timeout=0.1)
+                label = label_of(members, classes)
+                jpeg, width, height, mode_reason = decoder_ready_jpeg(image_member(members), cfg.images)
+            except BadImage as e:
+                out.skips.append((name, e.reason))
+                continue
+            if mode_reason:
+                out.converted.append(mode_reason)
+            box, flip = crop_and_flip(width, height, cfg.augment, sample_rng(cfg.plan.seed, epoch, gid))
+            out.data.append(np.frombuffer(jpeg, dtype=np.uint8))
+            out.boxes.append(box)
+            out.flips.append(flip)
+            out.labels.append(label)
+            out.keys.append(name)
+            out.ids.append(gid)
+        yield out
+
+
+class _Threaded:
+    """Items of a generator, made in a background thread ``depth`` ahead; its
+    errors are raised in the consumer. ``close()`` stops the thread, also when
+    nothing was taken (an epoch started early and then dropped)."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator, depth: int) -> None:
+        self.items = items
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.finished = False
+        self.thread = threading.Thread(target=self._work, name="dali-feed", daemon=True)
+        self.thread.start()
+
+    def _put(self, entry: tuple) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(entry, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def work() -> None:
+    def _work(self) -> None:
         try:
-            for item in items:
-                if not put((item, None)):
+            for item in self.items:
+                if not self._put((item, None)):
                     return
-            put((done, None))
+            self._put((self._DONE, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put((done, e))
+            self._put((self._DONE, e))
         finally:
-            items.close()
+            self.items.close()
 
-    thread = threading.Thread(target=work, name="dali-feed", daemon=True)
-    thread.start()
+    def __iter__(self) -> _Threaded:
+        return self
 
-    def consume() -> Iterator:
-        try:
-            while True:
-                item, error = q.get()
-                if item is done:
-                    if error is not None:
-                        raise error
-                    return
-                yield item
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+    def peek(self, n: int) -> list[tuple]:
+        """The next ``n`` (item, error) entries made, without taking them."""
+        with self.q.mutex:
+            return list(self.q.queue)[:n]
 
-    return consume()
+    def __next__(self):
+        if self.finished:
+            raise StopIteration
+        item, error = self.q.get()
+        if item is self._DONE:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self.finished = True
+        self.stop.set()
+        self.thread.join(timeout=5)

@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
@@ -20,10 +21,22 @@ from pipeline.shards.labels import rule_of
 from pipeline.shards.tar_format import SampleIndex, index_shard, read_members
 
 if TYPE_CHECKING:
-    from pipeline.decode.base import PlannedLoader
+    from pipeline.loader import LoaderConfig
     from pipeline.mixture import DataSources
+    from pipeline.plan import SamplePlan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedData:
+    """What reading a rank's planned samples needs of its loader, and no more. An
+    epoch's workers and reader threads hold this, not the loader: a loader dropped
+    while its next epoch runs early is then freed at once, which stops that epoch."""
+
+    config: LoaderConfig
+    plan: SamplePlan
+    manifest: DataSources
 
 
 class ShardReader:
@@ -101,7 +114,7 @@ def _close_landed(future: cf.Future) -> None:
         future.result().close()
 
 
-def read_batches(loader: PlannedLoader, ids: np.ndarray,
+def read_batches(loader: PlannedData, ids: np.ndarray,
                  batches: Iterable[int]) -> Iterator[tuple[np.ndarray, list[tuple[int, str, dict[str, bytes]]]]]:
     """The samples of batches ``batches`` (numbers into ``ids`` cut in batch_size
     pieces), in order: per batch its planned ids and ``(id, "<shard>/<key>",
@@ -132,7 +145,7 @@ def read_batches(loader: PlannedLoader, ids: np.ndarray,
         reader.close()
 
 
-def warm_first_batch(loader: PlannedLoader, ids: np.ndarray) -> None:
+def warm_first_batch(loader: PlannedData, ids: np.ndarray) -> None:
     """Start fetching, in threads of this (the parent) process, the shards the first
     batch of ``ids`` needs into the node's cache — while the DataLoader workers are
     still starting (fork, object-store client). The worker that reads a shard then

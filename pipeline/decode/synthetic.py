@@ -24,6 +24,7 @@ class SyntheticLoader:
         self.device, self.dtype = device, DTYPES[config.dtype]
         self.stats = LoaderStats()
         self.epoch, self.consumed = 0, 0
+        self.last_epoch: int | None = None
         S, B = config.augment.img_size, config.batch_size
         g = torch.Generator(device="cpu").manual_seed(config.plan.seed * 1000 + rank)
         self._images = torch.randn(B, 3, S, S, generator=g).to(self.device, self.dtype)
@@ -37,6 +38,9 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
+
+    def close(self) -> None:  # nothing runs between epochs
+        pass
 
     def __iter__(self) -> Iterator[Batch]:
         B = self.config.batch_size

@@ -26,11 +26,14 @@ SHARDS, PER_SHARD = 16, 6
 def _measured_run(tmp_path: Path, monkeypatch, url: str, shard_bytes: int, *, workers: int, prefetch: int,
                   cache_shards: float) -> list[list[tuple[str, str, int]]]:
     """Two ranks (each its own node, its own cache) read two epochs through the real
-    loader; every shard download is logged (from DataLoader workers too)."""
+    loader; every shard download is logged (from DataLoader workers too). Each epoch
+    starts at its turn, as the simulation models it (data.overlap_epochs would fetch
+    the next epoch's first shards a few batches early, logged in the epoch before)."""
     log = tmp_path / f"downloads-{workers}-{prefetch}.log"
     log_downloads(monkeypatch, log, lambda store, shard: f"{store.cache.dir.name} {shard.name} {shard.bytes}")
     for rank in range(2):
         cfg = LoaderConfig(url=url, batch_size=4, num_workers=workers, augment=AugmentConfig(img_size=16),
+                           overlap_epochs=False,
                            plan=PlanConfig(window_shards=2, seed=3),
                            storage=StorageConfig(cache_dir=str(tmp_path / f"cache-{workers}-{prefetch}-{rank}"),
                                                  cache_limit_gb=cache_shards * shard_bytes / 2**30,

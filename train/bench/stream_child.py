@@ -60,6 +60,7 @@ def maescale(urls: dict, endpoint: str, workers: int, batch: int, cache: str, mo
     from pipeline.storage.config import StorageConfig
 
     cfg = LoaderConfig(url=urls["shards"], batch_size=batch, num_workers=workers, normalize=False,
+                       overlap_epochs=False,  # one pass, like each peer's
                        storage=StorageConfig(endpoint_url=endpoint or None, cache_dir=cache))
     if mode == "e2e":
         return ((b.images, b.labels) for b in build_loader(cfg, 0, 1))

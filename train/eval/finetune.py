@@ -53,7 +53,7 @@ from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.step_metrics import record_memory, start_prometheus, stop_prometheus
-from train.trainer import StopSignal, _timed
+from train.trainer import StopSignal, _timed, mark_last_epoch
 from train.update_guard import UpdateGuard
 from train.weights.files import export_classifier
 from train.weights.pretrained import read_weights
@@ -84,6 +84,7 @@ def val_loader_config(cfg: FinetuneConfig) -> LoaderConfig:
     with the evaluation transform: centre crop, no flip, manifest order."""
     aug = cfg.data.augment
     return replace(cfg.data, url=cfg.eval.url, batch_size=cfg.eval.batch_size, drop_last=False,
+                   overlap_epochs=False,  # each evaluation reads epoch 0 again (set_epoch(0)): no next epoch
                    augment=AugmentConfig(img_size=cfg.img_size, deterministic=True,
                                          crop_fraction=cfg.eval.crop_fraction, mean=aug.mean, std=aug.std),
                    plan=PlanConfig(seed=cfg.data.plan.seed, shuffle=False, uneven="pad"))
@@ -302,6 +303,8 @@ class Finetuner:
 
     def _train_epoch(self, stop: StopSignal) -> bool:
         """One epoch (the rest of it after a resume); True if it ran to its end."""
+        mark_last_epoch(self.loader, self.derived.total_steps - self.result.step, self.cfg.optim.accum_steps,
+                        len(self._window))
         with closing(batches(self.loader)) as it:
             for batch, wait, t0 in _timed(it):
                 if self._micro_step(batch, wait, t0, stop) or self.result.step >= self.derived.total_steps:
@@ -440,6 +443,9 @@ class Finetuner:
             "last_loss": r.losses[-1] if r.losses else math.nan})
 
     def close(self) -> None:
+        for loader in (getattr(self, "loader", None), getattr(self, "val_loader", None)):
+            if loader is not None:  # an epoch started early (a run that ended in an epoch's last batches)
+                loader.close()
         self.tracker.close()
         if self.metrics_file:
             self.metrics_file.close()

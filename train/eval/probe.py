@@ -37,7 +37,8 @@ def extract_features(model: MaskedAutoencoderViT, url: str, pool: str, batch: in
     dataset, in order."""
     loader = build_loader(LoaderConfig(url=url, batch_size=batch, num_workers=workers,
                                        augment=AugmentConfig(img_size=model.cfg.img_size, deterministic=True),
-                                       plan=PlanConfig(shuffle=False)), rank=0, world_size=1)
+                                       plan=PlanConfig(shuffle=False), overlap_epochs=False),  # one pass
+                          rank=0, world_size=1)
     if not loader.manifest.labelled:
         raise EvalInputError(f"{url} has no labels (shard a folder with one subfolder per class)")
     feats, labels = [], []

@@ -151,7 +151,7 @@ def test_the_first_batchs_shards_are_warmed_by_the_parent_and_each_shard_is_fetc
     loader = build_loader(cfg, 0, 1)
     ids, _ = loader._rank_ids()
     first = {manifest.shards[s].name for s in loader.plan.locate(ids[:5])[0].tolist()}
-    warm_first_batch(loader, ids)
+    warm_first_batch(loader.data, ids)
     store = loader.manifest.store_of(0)
     keys = {store.cache_key(s): s.name for s in manifest.shards}
     wait_for(lambda: {keys.get(p.stem) for p in store.cache.dir.glob("*.tar")} == first, timeout=30)
