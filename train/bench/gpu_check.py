@@ -93,9 +93,10 @@ class Check:
         out = [self._encoder(m, b, steps, compiled=False, min_s=10 if dry else 25) for m, b in s.encoders]
         out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[:1] for stage in (2, 3)]
         out.append(Section("dali_decode", [
-            PY, "-m", "train.cli", "bench", "pipeline", "--backend", "dali", "--parts", "decode", "--workdir",
-            str(self.data), "--images", str(s.dali_images), *s.dali_args, "--json"],
-            self._dali_summary, min_s=20 if dry else 40, cap_s=300, needs_data=True, json_stdout=True))
+            PY, "-m", "train.cli", "bench", "pipeline", "--backend", "dali", "--parts", "decode,epochs", "--workdir",
+            str(self.data), "--images", str(s.dali_images), *s.dali_args, "--epochs", "3", "--step-ms", "100",
+            "--json"],
+            self._dali_summary, min_s=20 if dry else 60, cap_s=300, needs_data=True, json_stdout=True))
         out.append(self._e2e())
         out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[1:] for stage in (2, 3)]
         out += [self._encoder(m, b, steps, compiled=True, min_s=30 if dry else 90) for m, b in s.compile_encoders]
@@ -172,6 +173,9 @@ class Check:
             ok = d["images_per_s"] >= 5000 and cores < 2
             said.append(f"{label} {d['images_per_s']:.0f} img/s ({d['after_first_batch_images_per_s']:.0f} after the "
                         f"first batch), {cores:.2f} CPU cores per 1,000 img/s, {'meets' if ok else 'below'} target")
+        late, early = r["epochs"]["dali_late"], r["epochs"]["dali_early"]
+        said.append(f"an epoch's first batch waits {early['boundary_wait_s']:.3f} s started early, "
+                    f"{late['boundary_wait_s']:.3f} s late")
         return f"dali {r['device']}: " + "; ".join(said) + " (>= 5,000 img/s with < 2 cores per 1,000 img/s)"
 
     # ---- running

@@ -9,7 +9,9 @@
     image, PIL decode, crop then bicubic resize, flip, float normalize in
     DataLoader workers), same images, same worker count, runs alternated;
 (c) memory: peak RSS of a process streaming the whole bucket dataset through a
-    cache several times smaller than the data.
+    cache several times smaller than the data;
+(d) epoch boundaries: the wait for each epoch's first batch with the next epoch
+    started early (``data.overlap_epochs``, the default) and late, alternated.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ def _timed(iterable) -> dict[str, float]:
 DECODE_BACKENDS = ("cpu", "dali", "ffcv")
 
 
+def medians(runs: dict[str, list[dict]], keys: tuple[str, ...]) -> dict[str, dict]:
+    """Per contender: the median of each figure over its alternated runs, and the runs."""
+    return {name: {**{k: statistics.median(r[k] for r in rs) for k in keys}, "runs": rs} for name, rs in runs.items()}
+
+
 def dali_host_side(loader) -> Iterator:
     """One epoch of what the ``dali`` backend does on the host, without DALI: read
     each sample's bytes, check its JPEG header and plan its crop, build the
@@ -123,7 +130,7 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
     pays on the host: normalization happens on the device) and normalized on the
     host (a CPU-only run); ``dali`` and ``ffcv`` normalize themselves. FFCV's
     one-off JIT warm-up is reported apart (one untimed epoch first)."""
-    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers)
+    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers, overlap_epochs=False)  # one pass each
     runners: dict[str, object] = {"per_file_pil_baseline": lambda: DataLoader(
         PerFileBaseline(files, cfg.augment), batch_size=batch, num_workers=workers, shuffle=True,
         persistent_workers=False)}
@@ -150,15 +157,58 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
         for name, make in runners.items():
             runs[name].append(_timed(make()))
     out: dict[str, object] = {"warmup": warmup}
-    for name, rs in runs.items():
-        out[name] = {k: statistics.median(r[k] for r in rs)
-                     for k in ("images_per_s", "cpu_ms_per_image", "first_batch_s", "after_first_batch_images_per_s")}
-        out[name]["runs"] = rs
+    out.update(medians(runs, ("images_per_s", "cpu_ms_per_image", "first_batch_s", "after_first_batch_images_per_s")))
     b = out["per_file_pil_baseline"]
     for name in runs:
         if name != "per_file_pil_baseline":
             out[name]["cpu_per_image_reduction"] = b["cpu_ms_per_image"] / out[name]["cpu_ms_per_image"]
             out[name]["throughput_ratio"] = out[name]["images_per_s"] / b["images_per_s"]
+    return out
+
+
+def _epoch_waits(loader, epochs: int, step_s: float) -> dict[str, object]:
+    """``epochs`` epochs of ``loader`` behind a consumer that spends ``step_s`` per
+    batch asleep (a GPU step: the host's cores stay the loader's). Each batch's
+    wait; the first epoch's first batch is the run's start, not a boundary. The
+    longest wait inside an epoch shows what starting the next one early costs
+    the batch it is started at (a fork, a DALI graph built in a thread)."""
+    starts, inside, t_run = [], [], time.perf_counter()
+    for _ in range(epochs):
+        first = True
+        t0 = time.perf_counter()
+        for _batch in loader:
+            (starts if first else inside).append(time.perf_counter() - t0)
+            first = False
+            time.sleep(step_s)
+            t0 = time.perf_counter()
+    wall = time.perf_counter() - t_run
+    loader.close()
+    waited = sum(starts[1:]) + sum(inside)
+    return {"boundary_wait_s": statistics.median(starts[1:]), "start_wait_s": starts[0],
+            "in_epoch_median_wait_s": statistics.median(inside), "in_epoch_max_wait_s": max(inside),
+            "batches": len(starts) + len(inside),
+            "data_wait_fraction": waited / (wall - starts[0]), "boundary_waits_s": starts[1:]}
+
+
+def bench_epochs(shards_url: str, batch: int, workers: int, rounds: int, backends: tuple[str, ...], device: str,
+                 epochs: int, step_ms: float) -> dict[str, object]:
+    """Per backend (``cpu``, ``dali``): the next epoch started early and late, in
+    alternated rounds of ``epochs`` epochs each; medians over the rounds."""
+    cfg = LoaderConfig(url=shards_url, batch_size=batch, num_workers=workers)
+    runs: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for backend in [b for b in backends if b in ("cpu", "dali")]:
+            for early in (False, True):
+                loader = build_loader(replace(cfg, backend=backend, overlap_epochs=early), 0, 1, device)
+                runs.setdefault(f"{backend}_{'early' if early else 'late'}", []).append(
+                    _epoch_waits(loader, epochs, step_ms / 1e3))
+    out: dict[str, object] = {"epochs": epochs, "step_ms": step_ms, "rounds": rounds}
+    out.update(medians(runs, ("boundary_wait_s", "in_epoch_median_wait_s", "in_epoch_max_wait_s",
+                              "data_wait_fraction")))
+    for backend in ("cpu", "dali"):
+        if f"{backend}_early" in out:
+            late, early = out[f"{backend}_late"], out[f"{backend}_early"]
+            early["boundary_wait_vs_late"] = early["boundary_wait_s"] / late["boundary_wait_s"]
     return out
 
 
@@ -343,7 +393,7 @@ from pipeline.storage.config import StorageConfig
 url, cache, limit, endpoint = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 storage = StorageConfig(endpoint_url=endpoint or None, cache_dir=cache, cache_limit_gb=limit / 2**30,
                         prefetch_shards=1)
-loader = build_loader(LoaderConfig(url=url, batch_size=32, num_workers=2, storage=storage,
+loader = build_loader(LoaderConfig(url=url, batch_size=32, num_workers=2, storage=storage, overlap_epochs=False,
                                    plan=PlanConfig(window_shards=1)), 0, 1)
 def rss_mib():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
@@ -388,7 +438,7 @@ def prepare_decode_data(work: Path, images: int, shard_bytes: int = 16 * MiB) ->
     write_shards(str(work / "src"), str(work / "shards"), ShardWriterConfig(shard_bytes=shard_bytes, workers=2))
 
 
-PARTS = ("read", "decode", "rss", "stream")
+PARTS = ("read", "decode", "rss", "stream", "epochs")
 
 
 @dataclass(frozen=True)
@@ -400,11 +450,14 @@ class PipelineBench:
     shard_bytes: int = option(16 * MiB, "target bytes per shard")
     backends: tuple[str, ...] = option(("cpu",), "decode backends to compare with the baseline")
     device: str = option("cpu", "where batches go")
-    parts: tuple[str, ...] = option(PARTS, "read, decode, rss, stream")
+    parts: tuple[str, ...] = option(PARTS, "read, decode, rss, stream, epochs")
+    epochs: int = option(4, "epochs: epochs per run")
+    step_ms: float = option(150.0, "epochs: the consumer's time per batch, asleep (a GPU step leaves the host idle)")
     against: tuple[str, ...] = option((), "stream: peer libraries read side by side (litdata, webdataset, streaming)")
 
     def __post_init__(self) -> None:
-        require_positive(self, "images", "batch", "rounds", "shard_bytes")
+        require_positive(self, "images", "batch", "rounds", "shard_bytes", "step_ms")
+        require(self.epochs >= 2, "epochs", f"must be >= 2 (a boundary needs two epochs), got {self.epochs}")
         require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         require(set(self.backends) <= {"cpu", "dali", "ffcv"}, "backends",
                 f"must be cpu, dali or ffcv, got {self.backends}")
@@ -438,9 +491,13 @@ def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = 
         if "stream" in cfg.parts:
             report["stream"] = bench_stream(files, bucket_url, storage, work, cfg.against, cfg.workers, cfg.batch,
                                             cfg.rounds)
-    if "decode" in cfg.parts:
-        shard_cfg = ShardWriterConfig(shard_bytes=cfg.shard_bytes, workers=2)
+    shard_cfg = ShardWriterConfig(shard_bytes=cfg.shard_bytes, workers=2)
+    if {"decode", "epochs"} & set(cfg.parts):
         write_shards(str(src), str(work / "shards"), shard_cfg)
+    if "epochs" in cfg.parts:
+        report["epochs"] = bench_epochs(str(work / "shards"), cfg.batch, cfg.workers, cfg.rounds, cfg.backends,
+                                        cfg.device, cfg.epochs, cfg.step_ms)
+    if "decode" in cfg.parts:
         beton = None
         if "ffcv" in cfg.backends:
             from pipeline.shards.beton import BetonOptions, write_beton
@@ -464,6 +521,12 @@ DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
                  ("dali_backend_whole", "  decode='whole', crop on the device"),
                  ("dali_host_side", "dali host side only (read, check, feed)"),
                  ("ffcv_backend", "ffcv backend, normalized"))
+
+
+EPOCH_LABELS = (("cpu_late", "cpu backend, next epoch started late"),
+                ("cpu_early", "cpu backend, started early (default)"),
+                ("dali_late", "dali backend, next epoch started late"),
+                ("dali_early", "dali backend, started early (default)"))
 
 
 def _read_line(label: str, rates: dict, name: str) -> str:
@@ -516,4 +579,18 @@ def format_report(r: dict) -> str:
                      f"{rss['images']} images; main RSS at each quarter {rss['main_rss_trace_MiB']} MiB")
     if "stream" in r:
         lines += format_stream(r["stream"])
+    if "epochs" in r:
+        ep = r["epochs"]
+        lines.append(f"(d) epoch boundaries: {ep['epochs']} epochs a run behind a {ep['step_ms']:.0f} ms step per "
+                     f"batch (asleep), median of {ep['rounds']} alternated runs; the wait for each epoch's first batch:")
+        for name, label in EPOCH_LABELS:
+            if name in ep:
+                e = ep[name]
+                lines.append(f"    {label:<40}{e['boundary_wait_s']:7.3f} s at an epoch's start, "
+                             f"{e['in_epoch_median_wait_s']:.3f} s median inside (longest "
+                             f"{e['in_epoch_max_wait_s']:.3f} s); data wait "
+                             f"{e['data_wait_fraction']:.1%} of the run")
+                if "boundary_wait_vs_late" in e:
+                    lines.append(f"    -> an epoch's start waits {e['boundary_wait_vs_late']:.2f}x as long as "
+                                 "when it starts late")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """`mae bench pipeline`: shard read bandwidth vs raw `cat`, decode img/s and CPU per image
-vs the per-file PIL loader, streaming memory — side by side in one run."""
+vs the per-file PIL loader, streaming memory, the wait at epoch boundaries — side by
+side in one run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from train.cli.common import add_storage_arguments, parts_of, storage_config, torch_device
 
 MiB = 2**20
-PARTS = ("read", "decode", "rss", "stream")
+PARTS = ("read", "decode", "rss", "stream", "epochs")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where batches go (cuda: DALI decodes with nvJPEG, device='mixed')")
     p.add_argument("--parts", type=parts_of(PARTS), default=PARTS,
                    help="comma list: read (S3 bandwidth), decode (backends vs baseline), rss (streaming memory), "
-                        "stream (samples from S3 through the Loader, bytes only and end to end)")
+                        "stream (samples from S3 through the Loader, bytes only and end to end), epochs (the wait "
+                        "at each epoch's start, the next epoch started early and late)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs: epochs per run")
+    p.add_argument("--step-ms", type=float, default=150.0,
+                   help="epochs: the consumer's time per batch, asleep (a GPU step leaves the host's CPUs idle)")
     p.add_argument("--against", type=_peers, default=(),
                    help="stream: peers read side by side, comma list of litdata, webdataset, streaming "
                         "(pip install 'maescale[bench]')")
@@ -84,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     parts = args.parts
     cfg = PipelineBench(images=args.images, batch=args.batch, workers=args.workers, rounds=args.rounds,
                         shard_bytes=args.shard_size, device=args.device, parts=parts, against=args.against,
+                        epochs=args.epochs, step_ms=args.step_ms,
                         backends=("cpu", "dali", "ffcv") if args.backend == "all" else (args.backend,))
     with tempfile.TemporaryDirectory(prefix="mae-bench-") as tmp, _bucket(args, parts) as (bucket, storage):
         report = run_pipeline_bench(cfg, Path(args.workdir or tmp), bucket, storage)
