@@ -109,9 +109,12 @@ def test_normalized_channel_statistics_agree_across_backends(photo_folder, tmp_p
     ref_mean, ref_std = stats["cpu"]
     # the photos are not ImageNet: means are far from 0, which makes the check meaningful
     assert ref_mean.abs().max() > 0.1
+    # 135 random crops of 45 photos: each backend's means are one draw. FFCV's crops
+    # are not seeded (numba's RNG): over 6 runs its channel means moved by up to 0.06
+    # (sd ~0.02), and 0.08 failed once. A wrong normalization is off by > 0.3.
     for name, (mean, std) in stats.items():
-        assert (mean - ref_mean).abs().max() < 0.08, (name, mean, ref_mean)
-        assert (std - ref_std).abs().max() < 0.08, (name, std, ref_std)
+        assert (mean - ref_mean).abs().max() < 0.12, (name, mean, ref_mean)
+        assert (std - ref_std).abs().max() < 0.12, (name, std, ref_std)
 
 
 def test_deterministic_mode_gives_near_identical_pixels(datasets, photo_folder, tmp_path):
