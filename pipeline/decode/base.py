@@ -11,9 +11,11 @@ one ends (``data.overlap_epochs``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -154,13 +156,37 @@ class NextEpoch:
         return run if matches else None
 
     def poll(self) -> None:
-        if self.run is not None:
+        if self.run is None:
+            return
+        try:
             self.run.poll()
+        except Exception as e:  # noqa: BLE001 - best effort: the epoch then starts at its turn, and meets it there
+            log.warning("dropped the next epoch started early (%s: %s); it starts at its turn", type(e).__name__, e)
+            self.close()
 
     def close(self) -> None:
         run, self.position, self.run = self.run, None, None
         if run is not None:
             run.close()
+
+
+_OPEN: weakref.WeakSet[NextEpoch] = weakref.WeakSet()  # every NextEpoch that held a run
+_EXIT_HOOK = False
+
+
+def _close_open_epochs() -> None:
+    for next_epoch in list(_OPEN):
+        next_epoch.close()
+
+
+def _close_from_any_thread(next_epoch: NextEpoch) -> None:
+    """A freed loader's finalizer: the cycle collector may run it on any thread,
+    the early epoch's own pin-memory or feed thread included, which could not
+    join itself; off the main thread the closing gets a thread of its own."""
+    if threading.current_thread() is threading.main_thread():
+        next_epoch.close()
+    else:
+        threading.Thread(target=next_epoch.close, name="close-early-epoch").start()
 
 
 class PlannedLoader:
@@ -190,12 +216,13 @@ class PlannedLoader:
         self.data = PlannedData(config, self.plan, self.manifest)  # what workers read with
         self.next_epoch = NextEpoch()
         self.last_epoch: int | None = None  # set by a consumer that knows it reads no epoch after this one
-        # A loader dropped unclosed stops its next epoch when it is freed, or at exit
-        # (before multiprocessing's exit hook, which would SIGTERM those workers: they
-        # defer it a minute). Nothing that epoch holds may refer back to the loader, or
-        # it would never be freed; torch's own clean-up of a worker pool that cyclic
-        # GC collects waits out that minute (its queues' finalizers run first).
-        weakref.finalize(self, self.next_epoch.close)
+        # A loader dropped unclosed stops its next epoch when it is freed; at exit
+        # ``_close_open_epochs`` does, before multiprocessing's exit hook would SIGTERM
+        # those workers (they defer it a minute). Nothing that epoch holds may refer
+        # back to the loader, or it would never be freed; torch's own clean-up of a
+        # worker pool that cyclic GC collects waits out that minute (its queues'
+        # finalizers run first).
+        weakref.finalize(self, _close_from_any_thread, self.next_epoch)
         fix_malloc_thresholds()
 
     # -- position
@@ -334,10 +361,21 @@ class PlannedLoader:
         epoch, segments = self.epoch + 1, [[self.world_size, 0]]
         ids, consumed = self.plan.rank_sequence(epoch, segments, self.rank)
         todo = self._span(ids, consumed)
-        if len(todo):
+        if not len(todo):
+            return
+        try:
             with startup_objects_frozen():
-                self.next_epoch.put((epoch, segments), self._start(todo, epoch))
-            self.stats.epochs_started_early += 1
+                run = self._start(todo, epoch)
+        except Exception as e:  # noqa: BLE001 - best effort (a fork out of memory...): it starts at its turn
+            log.warning("could not start epoch %d early (%s: %s); it starts at its turn", epoch, type(e).__name__, e)
+            return
+        self.next_epoch.put((epoch, segments), run)
+        self.stats.epochs_started_early += 1
+        global _EXIT_HOOK
+        if not _EXIT_HOOK:  # registered now, after torch's and multiprocessing's exit hooks: it runs before them,
+            _EXIT_HOOK = True  # while torch still shuts workers down (it does nothing once its own hook ran)
+            atexit.register(_close_open_epochs)
+        _OPEN.add(self.next_epoch)
 
     def _planned_batches(self, ids: np.ndarray, epoch: int, started: EpochRun | None = None) -> Iterator[DecodedBatch]:
         """The backend's batches of ``ids`` (those of ``started``, set up early,

@@ -169,7 +169,11 @@ class CpuLoader(PlannedLoader):
                             multiprocessing_context="fork" if workers else None)
         it = _forked_with_stop_signals_blocked(loader) if workers else iter(loader)
         if workers:  # after the fork: no worker inherits these threads
-            warm_first_batch(self.data, ids)
+            try:
+                warm_first_batch(self.data, ids)
+            except BaseException:
+                it._shutdown_workers()
+                raise
         # stops the workers now, gracefully, also if no batch was ever taken
         return EpochRun(_raising_worker_errors(it), getattr(it, "_shutdown_workers", lambda: None))
 

@@ -37,6 +37,7 @@ and named, reason ``decode_failed``), and the stream goes on in plan order.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import queue
 import threading
@@ -60,6 +61,7 @@ from pipeline.shards.tar_format import image_member, label_of
 log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2  # host-side batches read ahead of DALI
 PIPELINE_DEPTH = 2  # batches DALI runs ahead (prefetch_queue_depth)
+BUILD_WAIT_S = 60  # how long closing an epoch waits for its pipeline's build
 DALI_OUT_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
 
 
@@ -111,6 +113,21 @@ class _Feed:
             self.inflight.append(batch)
             if batch.keys:  # DALI does not take empty batches; they are reported in order
                 return dali_inputs(batch, self.plan_crops)
+
+
+def _release(feed: _Feed, primer: _Primer) -> None:
+    """An epoch's reader thread stopped and, if the epoch never took its pipeline,
+    that pipeline dropped once built: a build still running in its thread is
+    waited for, not left to the interpreter's end. (A pipeline taken is the run's
+    alone: ``_recover`` can drop a dead one.)"""
+    feed.stream.close()
+    built, primer.built = primer.built, None
+    if built is None:
+        return
+    try:
+        built.exception(timeout=BUILD_WAIT_S)
+    except cf.TimeoutError:
+        log.warning("a DALI pipeline build still runs after %d s; leaving it", BUILD_WAIT_S)
 
 
 class _Primer:
@@ -217,23 +234,30 @@ class DaliLoader(PlannedLoader):
         """The host reader thread started and the DALI graph building in a thread
         (on a GPU, the decoder's set-up: most of an epoch's start; started early,
         the epoch before goes on meanwhile). Started early, the graph also runs
-        on the first batches once they are read (``_Primer``)."""
+        on the first batches once they are read (``_Primer``). Neither thread
+        holds the loader (see PlannedLoader.next_epoch): the run holds it weakly,
+        and it runs only while the loader iterates."""
         feed = _Feed(_Threaded(self._prepare(ids, epoch), PREFETCH_BATCHES), self.plan_crops)
         built: cf.Future = cf.Future()
+        build = functools.partial(type(self)._pipeline, weakref.proxy(self), feed, self.config.batch_size, epoch)
 
-        def build() -> None:
+        def building() -> None:
             try:
-                built.set_result(self._pipeline(feed, self.config.batch_size, epoch))
+                built.set_result(build())
             except BaseException as e:  # noqa: BLE001 - raised where the epoch takes its pipeline
                 built.set_exception(e)
 
-        threading.Thread(target=build, name="dali-build", daemon=True).start()
+        threading.Thread(target=building, name="dali-build", daemon=True).start()
         primer = _Primer(built, feed)
-        # the run holds the loader weakly (see PlannedLoader.next_epoch); it runs only while the loader iterates
-        return EpochRun(type(self)._run(weakref.proxy(self), feed, primer, epoch), feed.stream.close, primer)
+        return EpochRun(type(self)._run(weakref.proxy(self), feed, primer, epoch),
+                        functools.partial(_release, feed, primer), primer)
 
     def _run(self, feed: _Feed, primer: _Primer, epoch: int) -> Iterator[DecodedBatch]:
-        pipe, primed = primer.take()
+        try:
+            pipe, primed = primer.take()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory beside the epoch before's pipeline, now gone
+            log.warning("DALI pipeline built early failed (%s: %s); building it again", type(e).__name__, e)
+            pipe, primed = self._pipeline(feed, self.config.batch_size, epoch), False
         try:
             while True:
                 try:
@@ -395,6 +419,8 @@ class _Threaded:
         return item
 
     def close(self) -> None:
+        if self.stop.is_set():  # once: a reader stuck in a fetch costs one wait, not one per caller
+            return
         self.finished = True
         self.stop.set()
         self.thread.join(timeout=5)

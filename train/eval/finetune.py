@@ -305,6 +305,8 @@ class Finetuner:
         """One epoch (the rest of it after a resume); True if it ran to its end."""
         mark_last_epoch(self.loader, self.derived.total_steps - self.result.step, self.cfg.optim.accum_steps,
                         len(self._window))
+        if self.val_loader is not None and (self.loader.epoch + 1) % self.cfg.eval.every_epochs == 0:
+            self.loader.last_epoch = self.loader.epoch  # an evaluation follows: no next epoch's workers idle through it
         with closing(batches(self.loader)) as it:
             for batch, wait, t0 in _timed(it):
                 if self._micro_step(batch, wait, t0, stop) or self.result.step >= self.derived.total_steps:

@@ -3,6 +3,7 @@ first shards fetched) while the last batches of this one are consumed — and th
 changes nothing a consumer can see but the wait at the epoch's start."""
 
 import gc
+import logging
 import multiprocessing
 import threading
 import time
@@ -133,10 +134,10 @@ def test_a_loader_dropped_without_close_stops_its_early_epoch_at_once(ds, backen
     if held_by == "a_cycle":
         loader.itself = loader
     freed = weakref.ref(loader)
+    t0 = time.monotonic()  # before the finalizer runs: that is where a hang would be
     del loader
     assert (freed() is None) == (held_by == "nothing")
     gc.collect()
-    t0 = time.monotonic()
     assert freed() is None and _gone(ours) and _feed_threads() == 0
     assert time.monotonic() - t0 < 5
 
@@ -242,7 +243,11 @@ def test_dali_runs_nothing_early_on_first_batches_it_cannot_feed():
 
 
 _EXIT_PROBE = """
-import sys, time
+import sys, time, weakref
+if sys.argv[2] == "finalizer-first":  # a weakref.finalize made before torch is imported: its exit hook runs last
+    class Anything: pass
+    kept = Anything()
+    weakref.finalize(kept, print, "finalized", file=sys.stderr)
 from pipeline.augment import AugmentConfig
 from pipeline.loader import LoaderConfig, build_loader
 loader = build_loader(LoaderConfig(url=sys.argv[1], batch_size=4, num_workers=2, augment=AugmentConfig(img_size=32)),
@@ -254,13 +259,53 @@ print(time.monotonic(), flush=True)
 """
 
 
-def test_a_program_that_ends_with_an_early_epoch_running_exits_at_once(ds):
+@pytest.mark.parametrize("order", ["plain", "finalizer-first"])
+def test_a_program_that_ends_with_an_early_epoch_running_exits_at_once(ds, order):
     """At exit, multiprocessing SIGTERMs the workers it still has and waits for
-    them; ours defer SIGTERM by a minute. The early epoch is closed first."""
+    them; ours defer SIGTERM by a minute. The early epoch is closed first, whatever
+    exit hooks the program registered before importing torch."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, ds], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, ds, order], capture_output=True, text=True, timeout=120)
     ended = time.monotonic()
     assert out.returncode == 0, out.stderr[-2000:]
     assert ended - float(out.stdout.split()[-1]) < 10  # from the last line to the process gone
+
+
+@pytest.mark.parametrize("backend", ["cpu", "dali"])
+def test_an_epoch_that_cannot_start_early_starts_at_its_turn(ds, backend, monkeypatch, caplog):
+    """Starting early is best effort: a failure there (a fork out of memory, a DALI
+    build out of GPU memory beside the running pipeline) costs the current epoch
+    nothing, and the next one starts at its turn, the same."""
+    late = _epochs(_loader(ds, backend, overlap_epochs=False), 2)
+    loader = _loader(ds, backend)
+    cls = type(loader)
+    if backend == "cpu":
+        start = cls._start
+
+        def failing(self, ids, epoch):
+            if epoch == 1 and not failing.done:  # the early start of epoch 1 only
+                failing.done = True
+                raise OSError(12, "Cannot allocate memory")
+            return start(self, ids, epoch)
+        failing.done = False
+        monkeypatch.setattr(cls, "_start", failing)
+    else:
+        pipeline = cls._pipeline
+
+        def failing(self, source, batch_size, epoch, pipelined=True):
+            if epoch == 1 and threading.current_thread().name == "dali-build" and not failing.done:
+                failing.done = True
+                raise RuntimeError("CUDA error: out of memory")
+            return pipeline(self, source, batch_size, epoch, pipelined)
+        failing.done = False
+        monkeypatch.setattr(cls, "_pipeline", failing)
+    with caplog.at_level(logging.WARNING):
+        early = _epochs(loader, 2)
+    assert failing.done
+    assert ("could not start epoch 1 early (OSError" if backend == "cpu"
+            else "DALI pipeline built early failed (RuntimeError: CUDA error: out of memory)") in caplog.text
+    assert [(e, ids) for e, ids, _ in early] == [(e, ids) for e, ids, _ in late]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(early, late))
+    loader.close()
