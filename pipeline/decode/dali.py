@@ -198,7 +198,8 @@ class DaliLoader(PlannedLoader):
 
         @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=self.device_id,
                       seed=hash((cfg.plan.seed, epoch, self.rank, self.rebuilds)) % 2**31,
-                      prefetch_queue_depth=PIPELINE_DEPTH if pipelined else 1, exec_pipelined=pipelined, exec_async=pipelined)
+                      prefetch_queue_depth=PIPELINE_DEPTH if pipelined else 1, exec_pipelined=pipelined,
+                      exec_async=pipelined)
         def graph():
             if plan_crops:
                 jpegs, anchor, shape, flip = fn.external_source(source=source, num_outputs=4, batch=True)
@@ -253,34 +254,33 @@ class DaliLoader(PlannedLoader):
                         functools.partial(_release, feed, primer), primer)
 
     def _run(self, feed: _Feed, primer: _Primer, epoch: int) -> Iterator[DecodedBatch]:
+        """The epoch's batches; its reader thread is stopped by the run's release
+        (``_release``), which closing the run always calls after this."""
         try:
             pipe, primed = primer.take()
         except Exception as e:  # noqa: BLE001 - e.g. out of memory beside the epoch before's pipeline, now gone
             log.warning("DALI pipeline built early failed (%s: %s); building it again", type(e).__name__, e)
             pipe, primed = self._pipeline(feed, self.config.batch_size, epoch), False
-        try:
-            while True:
-                try:
-                    if not primed:
-                        pipe.schedule_run()  # with outputs(): what pipe.run() does
-                    primed = False
-                    (out,) = pipe.outputs()
-                except StopIteration:
-                    if any(b.keys for b in feed.inflight):
-                        raise RuntimeError("DALI stopped with batches still in flight; samples would be lost") from None
-                    while feed.inflight:  # empty batches fed after the last real one
-                        yield self._result(feed.inflight.popleft(), None)
-                    return
-                except RuntimeError as e:  # a decode failed: the pipeline object is dead
-                    del pipe
-                    self._recover(feed, e)
-                    pipe = self._pipeline(feed, self.config.batch_size, epoch)
-                    continue
-                while not feed.inflight[0].keys:
+        while True:
+            try:
+                if not primed:
+                    pipe.schedule_run()  # with outputs(): what pipe.run() does
+                primed = False
+                (out,) = pipe.outputs()
+            except StopIteration:
+                if any(b.keys for b in feed.inflight):
+                    raise RuntimeError("DALI stopped with batches still in flight; samples would be lost") from None
+                while feed.inflight:  # empty batches fed after the last real one
                     yield self._result(feed.inflight.popleft(), None)
-                yield self._result(feed.inflight.popleft(), out)
-        finally:
-            feed.stream.close()
+                return
+            except RuntimeError as e:  # a decode failed: the pipeline object is dead
+                del pipe
+                self._recover(feed, e)
+                pipe = self._pipeline(feed, self.config.batch_size, epoch)
+                continue
+            while not feed.inflight[0].keys:
+                yield self._result(feed.inflight.popleft(), None)
+            yield self._result(feed.inflight.popleft(), out)
 
     def _recover(self, feed: _Feed, error: RuntimeError) -> None:
         """Find the samples DALI cannot decode among the batches in flight, drop
