@@ -458,7 +458,8 @@ class ShardStore:
                 chunks.append(chunk)
 
             try:
-                n = read_range(self.fs, remote, r[0], r[1], put, transfer_limit_s(self.config, r[1] - r[0]))
+                n = read_range(self.fs, remote, r[0], r[1], put, transfer_limit_s(self.config, r[1] - r[0]),
+                               self.config.direct_ranges)
             except OSError as e:
                 if not range_past_the_end(e):
                     raise

@@ -217,6 +217,7 @@ def bench_epochs(shards_url: str, batch: int, workers: int, rounds: int, backend
 READER_VARIANTS: dict[str, dict[str, object]] = {
     "reader": {},
     "reader_sha256": {"checksum": "sha256"},  # the verification every release before this one did
+    "reader_client": {"direct_ranges": False},  # each range a get_object call, as before presigned ranges
     "reader_memory": {"cache_mode": "memory"},
     "reader_16mib_ranges": {"range_mib": 16},
     "reader_4mib_ranges": {"range_mib": 4},
@@ -512,6 +513,7 @@ def run_pipeline_bench(cfg: PipelineBench, work: Path, bucket_url: str | None = 
 READ_LABELS = (("raw_cat", "raw s3fs cat (to memory)"), ("raw_cat_to_disk", "raw s3fs cat + write to disk"),
                ("reader", "reader: xxh3-128, 8 MiB ranges x 4"),
                ("reader_sha256", "  sha256 instead (as before)"),
+               ("reader_client", "  each range through the S3 client"),
                ("reader_memory", "  cache_mode=memory (no disk write)"),
                ("reader_16mib_ranges", "  16 MiB ranges"),
                ("reader_4mib_ranges", "  4 MiB ranges"))

@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 import hashlib
 import os
 import re
@@ -594,6 +595,72 @@ def test_a_range_arrives_as_the_bodys_own_chunks_in_order(seaweed, tmp_path):
     got.clear()
     assert read_range(fs, path, 5, 105, lambda at, chunk: got.append((at, chunk))) == 100
     assert got == [(5, data[5:105])]
+
+
+def _get_object_calls(fs) -> list[str]:
+    """The keys of the S3 client's own ``get_object`` calls from now on (its event
+    hook: the client itself counts, nothing stands in for it)."""
+    calls: list[str] = []
+    fs.connect()
+    fs.s3.meta.events.register("before-call.s3.GetObject", lambda params, **kw: calls.append(params["url_path"]))
+    return calls
+
+
+@pytest.mark.integration
+def test_presigned_ranges_read_what_the_client_reads_without_its_get_object(seaweed):
+    """The fast path and the reference path, side by side on a server that checks
+    signatures: the same bytes in the same chunks' order, the same errors, and the
+    fast path never calls ``get_object``; requester-pays reads always use it."""
+    data = os.urandom(2 * 2**20 + 777)
+    client = seaweed.client()
+    client.create_bucket(Bucket="presigned")
+    client.put_object(Bucket="presigned", Key="obj", Body=data)
+    opts = {"endpoint_url": seaweed.endpoint_url, "key": seaweed.access_key, "secret": seaweed.secret_key,
+            "skip_instance_cache": True}
+    fs, root = filesystem("s3://presigned", StorageConfig(options=opts))
+    calls = _get_object_calls(fs)
+    for direct, expect_calls in ((True, 0), (False, 1)):
+        got = []
+        assert read_range(fs, f"{root}/obj", 3, len(data) - 5, lambda at, c: got.append((at, c)), 30,
+                          direct) == len(data) - 8
+        assert b"".join(c for _, c in got) == data[3:-5] and got[0][0] == 3
+        assert len(calls) == expect_calls
+        calls.clear()
+    errors = {}
+    for direct in (True, False):
+        for case, path, start, end in (("missing", "nothing-here", 0, 10), ("past the end", "obj", len(data) + 1,
+                                                                               len(data) + 9)):
+            with pytest.raises(OSError) as e:
+                read_range(fs, f"{root}/{path}", start, end, lambda at, c: None, 30, direct)
+            errors[case, direct] = (type(e.value), e.value.errno, str(e.value))
+        wrong, _ = filesystem("s3://presigned", StorageConfig(options={**opts, "secret": "wrong-secret-value"}))
+        with pytest.raises(PermissionError) as e:
+            read_range(wrong, f"{root}/obj", 0, 10, lambda at, c: None, 30, direct)
+        assert "Signature" not in str(e.value) and "wrong-secret-value" not in str(e.value)
+    assert errors["missing", True][0] is FileNotFoundError and errors["past the end", True][1] == errno.EINVAL
+    assert errors["missing", True] == errors["missing", False]
+    assert errors["past the end", True] == errors["past the end", False]
+    payer, _ = filesystem("s3://presigned", StorageConfig(options={**opts, "requester_pays": True}))
+    calls = _get_object_calls(payer)
+    got = []
+    assert read_range(payer, f"{root}/obj", 0, 100, lambda at, c: got.append(c), 30, True) == 100
+    assert b"".join(got) == data[:100] and len(calls) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_shard_store_sends_its_ranges_the_way_its_config_says(direct, dataset, faulty_s3, tmp_path):
+    """``storage.direct_ranges`` reaches the store: presigned GETs by default, the
+    client's ``get_object`` when off; the shards verify either way."""
+    root, manifest = dataset
+    faulty_s3.faults.clear()
+    store = _store(faulty_s3, tmp_path, direct_ranges=direct, range_mib=1)
+    calls = _get_object_calls(store.fs)
+    for shard in manifest.shards:
+        with store.open_shard(shard) as f:
+            assert f.read() == (root / shard.name).read_bytes()
+    ranges = sum(-(-shard.bytes // 2**20) for shard in manifest.shards)
+    assert ranges >= 3 and len(calls) == (0 if direct else ranges)
 
 
 @pytest.mark.integration
