@@ -22,6 +22,7 @@ _OPTION_SECRETS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_ac
                    "password", "session_token"}
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+"),
+    re.compile(r"([?&](?:Signature|AWSAccessKeyId|x-amz-security-token)=)[^&\s'\"]+"),  # a SigV2 presigned URL
     re.compile(r"(?i)((?:aws_)?(?:secret_access_key|access_key_id|session_token|secret|key|token)"
                r"['\"]?\s*[:=]\s*b?['\"]?)[^\s,'\"}]+"),
     re.compile(r"(?i)(Credential=)[^/\s,'\"]+"),  # the access key id in an Authorization header

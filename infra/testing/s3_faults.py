@@ -30,8 +30,10 @@ KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
 # permanent), and a body cut after three small pieces sent apart (transient; the
 # retry's chunks then start at other offsets than the cut attempt's), and a body
 # dribbled a byte every ``seconds`` (under any read timeout: a stall no timeout sees).
+# ``wrong_region``: the 400 S3 answers a request signed for another region than the
+# bucket's; ``empty_416``: a range refused with no body (as a proxy may answer).
 IGNORE_RANGE = ("ignore_range", "ignore_range_unsized")
-MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip")
+MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip", "wrong_region", "empty_416")
 
 
 @dataclass
@@ -109,6 +111,15 @@ class FaultInjector:
             body = ERROR_XML.replace(b"{code}", code.encode()).replace(b"{msg}", b"injected")
             start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
+        if fault.kind == "wrong_region":
+            msg = b"Error parsing the X-Amz-Credential parameter; the region is wrong; expecting &apos;eu-west-1&apos;"
+            body = ERROR_XML.replace(b"{code}", b"AuthorizationQueryParametersError").replace(b"{msg}", msg)
+            start_response("400 Bad Request", [("Content-Type", "application/xml"), ("Content-Length", str(len(body))),
+                                               ("x-amz-bucket-region", "eu-west-1")])
+            return [body]
+        if fault.kind == "empty_416":
+            start_response("416 Requested Range Not Satisfiable", [("Content-Length", "0")])
+            return [b""]
         if fault.kind in IGNORE_RANGE:
             whole = {k: v for k, v in environ.items() if k != "HTTP_RANGE"}
             if fault.kind == "ignore_range":

@@ -75,8 +75,9 @@ class StorageConfig:
     parallel_ranges: int = option(4, "concurrent ranged GETs per shard")
     range_mib: int = option(8, "size of one ranged GET, MiB")
     direct_ranges: bool = option(True, "S3: send each ranged GET over the client's HTTP session with a presigned "
-                                       "URL (~1/4 of the client CPU per request); false: through the S3 client's "
-                                       "get_object. Requester-pays and SSE-C options always use the client")
+                                       "URL (~0.4x the client CPU per request); false: through the S3 client's "
+                                       "get_object. Requester-pays, SSE-C, ARN and S3 Express reads, and "
+                                       "redirects, always use the client")
     connect_timeout_s: float = option(10.0, "a connection not made within this fails (and is retried)")
     read_timeout_s: float = option(30.0, "a request that receives nothing for this long fails (and is retried)")
     retry: RetryPolicy = option(factory=RetryPolicy, doc="")

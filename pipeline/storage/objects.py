@@ -10,7 +10,6 @@ creates one, so a misspelled bucket is an error, not a new bucket.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import os
@@ -18,12 +17,11 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
 import xxhash
-from fsspec.asyn import sync
 
 from infra.files import atomic_path, require_regular
 from pipeline.errors import ObjectNotAccessible
@@ -84,134 +82,6 @@ def transfer_limit_s(storage: StorageConfig, nbytes: int) -> float:
     bytes at ``MIN_TRANSFER_BYTES_PER_S``. A server that dribbles a byte now and then
     stays under the read timeout for ever; this ends it."""
     return storage.connect_timeout_s + storage.read_timeout_s + nbytes / MIN_TRANSFER_BYTES_PER_S
-
-
-def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
-               put: Callable[[int, bytes], None], limit_s: float | None = None, direct: bool = True) -> int:
-    """Bytes ``[start, end)`` of an object, handed to ``put(offset, chunk)`` as they
-    arrive: on S3 the response body's own chunks, so no buffer of the whole range is
-    allocated (page faults, zeroing) and none is joined (a copy of every byte): on
-    loopback that is ~1/3 of a fetch's CPU. Elsewhere one ``cat_file``.
-
-    On S3 with ``direct`` (``storage.direct_ranges``) the GET goes out over the
-    client's own HTTP session with a presigned URL (``_direct_range``), not through
-    the client's per-request machinery: the same bytes and errors at ~1/4 of the
-    client CPU per request.
-
-    Returns how many bytes the server answered with; compare it with ``end - start``.
-    Nothing past ``end`` is handed over: an answer longer than asked (a server that
-    ignores ranges) stops the read and returns ``end - start + 1``. An answer that
-    announces fewer bytes than asked returns that number without reading them (the
-    object is shorter); a body that ends short of the range without saying so raises
-    ConnectionError (a cut connection: worth a retry). On S3, an answer still
-    arriving after ``limit_s`` is cancelled (no chunk is handed over after this
-    returns) and raises ConnectionError."""
-    if getattr(fs, "async_impl", False) and hasattr(fs, "_call_s3"):
-        ranged = _direct_range if direct and not _needs_the_client(fs) else _s3_range
-        return sync(fs.loop, _range_within, limit_s, ranged, fs, path, start, end, put)
-    data = fs.cat_file(path, start=start, end=end)
-    if data and len(data) <= end - start:
-        put(start, data)
-    return min(len(data), end - start + 1)
-
-
-STREAM_CHUNK = 1 << 20  # the most one read takes where the client cannot hand over its own chunks
-PRESIGN_S = 3600  # a presigned range URL's life; each attempt signs its own, used at once
-
-
-async def _range_within(limit_s: float | None, ranged: Callable[..., Awaitable[int]], fs: Any, path: str,
-                        start: int, end: int, put: Callable[[int, bytes], None]) -> int:
-    try:  # cancelled inside the loop, and waited for: nothing of it runs on beside a retry
-        return await asyncio.wait_for(ranged(fs, path, start, end, put), limit_s)
-    except asyncio.TimeoutError:
-        raise ConnectionError(f"bytes {start}-{end} still arriving after {limit_s:.0f} s (a stalled transfer: "
-                              f"less than {MIN_TRANSFER_BYTES_PER_S // 2**20} MiB/s after the timeouts)") from None
-
-
-async def _s3_range(fs: Any, path: str, start: int, end: int, put: Callable[[int, bytes], None]) -> int:
-    """One ranged GET through the S3 client (``get_object``): the reference path."""
-    bucket, key, version = fs.split_path(path)
-    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                             **({"VersionId": version} if version else {}))
-    body = resp["Body"]
-    try:
-        content = getattr(getattr(body, "_raw_stream", None), "content", None)  # aiohttp's stream, when it is one
-        if content is not None and hasattr(content, "readany"):
-            read = content.readany  # one received chunk as it is: no copy
-        else:
-            async def read() -> bytes:
-                return await body.read(STREAM_CHUNK)
-        return await _deliver(resp.get("ContentLength"), read, start, end, put)
-    finally:
-        body.close()
-
-
-def _needs_the_client(fs: Any) -> bool:
-    """Options that add headers to each GET (requester pays, SSE-C keys): these go
-    through the client, which knows how to send them."""
-    return bool(getattr(fs, "req_kw", None) or getattr(fs, "s3_additional_kwargs", None))
-
-
-async def _direct_range(fs: Any, path: str, start: int, end: int, put: Callable[[int, bytes], None]) -> int:
-    """The GET of ``_s3_range``, presigned by the same client (its credentials,
-    endpoint, region and addressing) and sent over its HTTP session (its
-    connection pool, TLS, proxies and timeouts). botocore's per-request work —
-    events, user agent, endpoint rules, signing headers, parsing the answer —
-    costs ~1.9 client CPU-ms a request on loopback; signing a URL and sending it
-    costs ~0.5. An error answer becomes the exception the client would have
-    raised (``s3fs.errors``), so retries treat both paths alike. The URL carries
-    a signature: no message here includes it."""
-    from botocore.awsrequest import AWSPreparedRequest
-
-    bucket, key, version = fs.split_path(path)
-    await fs.set_session()
-    s3 = await fs.get_s3(bucket)
-    http = getattr(getattr(s3, "_endpoint", None), "http_session", None)
-    if http is None or not hasattr(http, "send"):  # a client built some other way: the reference path
-        return await _s3_range(fs, path, start, end, put)
-    url = await s3.generate_presigned_url("get_object", ExpiresIn=PRESIGN_S, Params={
-        "Bucket": bucket, "Key": key, **({"VersionId": version} if version else {})})
-    resp = await http.send(AWSPreparedRequest("GET", url, {"Range": f"bytes={start}-{end - 1}"}, None, True))
-    raw = resp.raw
-    try:
-        if resp.status_code not in (200, 206):
-            raise await _error_answer(resp.status_code, raw)
-        length = resp.headers.get("content-length", "")
-        return await _deliver(int(length) if length.isdigit() else None, raw.content.readany, start, end, put)
-    finally:
-        raw.close()
-
-
-_ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]{0,200})</\1>")
-
-
-async def _error_answer(status: int, raw: Any) -> Exception:
-    """What the S3 client raises for this error answer (its body's ``Code``, else
-    the status), read from at most 4 KiB of the body."""
-    from botocore.exceptions import ClientError
-    from s3fs.errors import translate_boto_error
-
-    fields = {k.decode(): v.decode("utf-8", "replace") for k, v in _ERROR_FIELD.findall(await raw.content.read(4096))}
-    error = ClientError({"Error": {"Code": fields.get("Code") or str(status),
-                                   "Message": fields.get("Message") or f"HTTP {status}"},
-                         "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
-    return translate_boto_error(error)
-
-
-async def _deliver(announced: object, read: Callable[[], Awaitable[bytes]], start: int, end: int,
-                   put: Callable[[int, bytes], None]) -> int:
-    """A ranged answer's body handed to ``put`` chunk by chunk (``read_range``'s contract)."""
-    if isinstance(announced, int) and announced != end - start:
-        return min(announced, end - start + 1)
-    pos = start
-    while chunk := await read():
-        if len(chunk) > end - pos:
-            return end - start + 1
-        put(pos, chunk)
-        pos += len(chunk)
-    if pos < end:
-        raise ConnectionError(f"the body ended after {pos - start} of the {end - start} bytes asked")
-    return end - start
 
 
 def cat_limited(fs: fsspec.AbstractFileSystem, path: str, limit: int | None,

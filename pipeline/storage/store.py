@@ -2,7 +2,7 @@
 
 Shards are fetched as several ranged GETs in flight, each body's chunks written
 at their offsets into a local file in the cache (``pipeline.storage.cache``) as
-they arrive (``objects.read_range``: no range-sized buffer, no copy to join one),
+they arrive (``ranges.read_range``: no range-sized buffer, no copy to join one),
 hashed in order as the prefix completes, and only handed out once the whole shard
 matches its manifest checksum — so a read that fails halfway is resumed or redone and never
 yields a partial or duplicated sample. The checksum is the manifest's xxh3-128
@@ -52,9 +52,9 @@ from pipeline.storage.objects import (
     file_digests,
     object_etag,
     range_past_the_end,
-    read_range,
     transfer_limit_s,
 )
+from pipeline.storage.ranges import read_range
 from pipeline.storage.retry import ChecksumMismatch
 from pipeline.storage.urls import is_local, join
 

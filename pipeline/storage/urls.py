@@ -63,12 +63,10 @@ def filesystem(url: str, config: StorageConfig | None = None, fresh: bool = Fals
 
 
 def _s3_options(options: dict[str, Any], config: StorageConfig) -> dict[str, Any]:
-    """Timeouts always set, botocore's retries off, SigV4 (botocore would presign the
-    shards' range URLs with SigV2 in older AWS regions, which newer buckets refuse),
-    the endpoint from the environment unless given; what the user put in
-    ``options.config_kwargs`` wins."""
+    """Timeouts always set, botocore's retries off, the endpoint from the environment
+    unless given; what the user put in ``options.config_kwargs`` wins."""
     kwargs = {"connect_timeout": config.connect_timeout_s, "read_timeout": config.read_timeout_s,
-              "retries": {"total_max_attempts": 1}, "signature_version": "s3v4", **options.get("config_kwargs", {})}
+              "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})}
     options = {**options, "config_kwargs": kwargs}
     endpoint = s3_endpoint(options)
     _check_endpoint(endpoint)

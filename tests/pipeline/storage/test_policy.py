@@ -74,24 +74,29 @@ def test_every_client_has_timeouts_and_no_retries_of_its_own():
     assert fs.config_kwargs["retries"] == {"total_max_attempts": 1} and fs.retries == 1
 
 
-def test_range_urls_are_presigned_with_sigv4_unless_the_user_chose():
-    """botocore presigns with SigV2 in older AWS regions unless told otherwise, and
-    S3 buckets created since 2020 refuse SigV2: the shards' presigned range GETs
-    must be SigV4 (signing is local, no server needed)."""
+@pytest.mark.parametrize("region, config, host", [
+    ("us-east-1", {}, "bucket.s3.amazonaws.com"),  # botocore would presign SigV2 here
+    ("eu-central-1", {}, "bucket.s3.eu-central-1.amazonaws.com"),  # ...and the global host here
+    ("us-west-2", {"use_fips_endpoint": True}, "bucket.s3-fips.us-west-2.amazonaws.com"),
+])
+def test_range_urls_are_sigv4_and_go_where_the_clients_own_calls_go(region, config, host):
+    """Presigned range URLs (signed locally, no server needed): SigV4, since buckets
+    made since 2020 refuse SigV2, and the client's regional or FIPS host, not the
+    global one (which bypasses private endpoints a network may require)."""
     from fsspec.asyn import sync
 
-    def presigned(config_kwargs: dict) -> str:
-        options = {"key": "AKIDEXAMPLEKEY", "secret": "example-secret", "skip_instance_cache": True,
-                   "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": config_kwargs}
-        fs, _ = filesystem("s3://bucket/x", StorageConfig(options=options))
+    from pipeline.storage.ranges import presigned_range_url
 
-        async def sign() -> str:
-            await fs.set_session()
-            return await fs.s3.generate_presigned_url("get_object", Params={"Bucket": "bucket", "Key": "x"})
-        return sync(fs.loop, sign)
-
-    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in presigned({})
-    assert "X-Amz-Algorithm" not in presigned({"signature_version": "s3"})  # the user's choice wins
+    options = {"key": "AKIDEXAMPLEKEY", "secret": "example-secret", "skip_instance_cache": True,
+               "client_kwargs": {"region_name": region}, "config_kwargs": config}
+    fs, _ = filesystem("s3://bucket/x", StorageConfig(options=options))
+    _, url = sync(fs.loop, presigned_range_url, fs, "bucket", "x")
+    assert url.startswith(f"https://{host}/x?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDEXAMPLEKEY%2F")
+    assert f"%2F{region}%2Fs3%2Faws4_request" in url
+    sigv2, _ = filesystem("s3://bucket/x", StorageConfig(options={**options, "config_kwargs": {
+        **config, "signature_version": "s3"}}))
+    _, url = sync(fs.loop, presigned_range_url, sigv2, "bucket", "x")
+    assert "AWSAccessKeyId=AKIDEXAMPLEKEY" in url and "X-Amz-Algorithm" not in url  # a version the user set is kept
 
 
 @pytest.mark.parametrize("command", ["inspect", "shard"])
