@@ -17,8 +17,11 @@ would presign SigV2 in older AWS regions, which buckets made since 2020 refuse),
 and the client's regional endpoint, not the global one botocore presigns for.
 Anything it cannot do the same way goes through the client: requester pays and
 other per-request parameters, access-point ARNs, S3 Express buckets, and
-redirects (301, 307, and the 400 of a bucket in another region; the client
-follows them and remembers the bucket's region, which later URLs then use).
+redirects (301, 307, and the 400 of a bucket in another region: the client
+follows them). botocore signs a presigned URL for the client's own region even
+where it knows the bucket's is another, so after one such answer the bucket's
+ranges keep going through that client (s3fs's ``cache_regions: true`` option
+gives each region its client, whose URLs then work).
 An error answer becomes the exception the client raises (``s3fs.errors``), so the
 retry policy treats both paths alike. The URL holds a signature: errors raised
 here carry the URL without its query.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import html
 import http.client
+import logging
 import re
 import weakref
 from collections.abc import Awaitable, Callable
@@ -39,12 +43,14 @@ from fsspec.asyn import sync
 
 from pipeline.storage.objects import MIN_TRANSFER_BYTES_PER_S
 
+log = logging.getLogger(__name__)
 STREAM_CHUNK = 1 << 20  # the most one read takes where the client cannot hand over its own chunks
 PRESIGN_S = 3600  # a presigned URL's life; each attempt signs its own and sends it at once
 ERROR_BODY_LIMIT = 64 * 1024  # the most of an error answer read for its Code and Message
 REDIRECTS = (301, 307, 400)  # answered by the client, which follows them (400: a bucket in another region)
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 _HOOKED: weakref.WeakSet = weakref.WeakSet()  # clients that carry the two presigning handlers
+_REDIRECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> buckets it reads itself
 
 Put = Callable[[int, bytes], None]
 
@@ -113,11 +119,15 @@ def _for_the_client(bucket: str) -> bool:
     return bucket.startswith("arn:") or bucket.endswith("--x-s3")
 
 
+async def _client_for(fs: Any, bucket: str) -> Any:
+    await fs.set_session()
+    return await fs.get_s3(bucket)
+
+
 async def presigned_range_url(fs: Any, bucket: str, key: str, version: str | None = None) -> tuple[Any, str]:
     """The client for ``bucket`` and a GET URL it presigned for ``key``, valid
     ``PRESIGN_S`` seconds, any range."""
-    await fs.set_session()
-    s3 = await fs.get_s3(bucket)
+    s3 = await _client_for(fs, bucket)
     if s3 not in _HOOKED:
         events = s3.meta.events
         events.register_first("choose-signer.s3.GetObject", _sigv4_presign, unique_id="maescale-sigv4-presign")
@@ -152,10 +162,11 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
     bucket, key, version = fs.split_path(path)
     if _for_the_client(bucket):
         return await _client_range(fs, path, start, end, put)
-    s3, url = await presigned_range_url(fs, bucket, key, version)
+    s3 = await _client_for(fs, bucket)
     session = getattr(getattr(s3, "_endpoint", None), "http_session", None)
-    if session is None or not hasattr(session, "send"):  # a client built some other way
-        return await _client_range(fs, path, start, end, put)
+    if session is None or not hasattr(session, "send") or bucket in _REDIRECTED.get(s3, ()):
+        return await _client_range(fs, path, start, end, put)  # a client built some other way, or a redirect
+    _, url = await presigned_range_url(fs, bucket, key, version)
     try:
         resp = await session.send(AWSPreparedRequest("GET", url, {"Range": f"bytes={start}-{end - 1}"}, None, True))
     except HTTPClientError as e:  # its message and fields hold the whole URL, signature included
@@ -164,6 +175,11 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
     try:
         if resp.status_code in REDIRECTS:
             raw.close()
+            if bucket not in _REDIRECTED.setdefault(s3, set()):
+                _REDIRECTED[s3].add(bucket)
+                log.info("s3://%s answered a presigned GET with HTTP %d (a bucket in another region?): its ranges go "
+                         "through the S3 client from now on; storage option cache_regions: true gives each region "
+                         "its own client", bucket, resp.status_code)
             return await _client_range(fs, path, start, end, put)
         if resp.status_code not in (200, 206):
             raise await _error_answer(resp.status_code, raw)
