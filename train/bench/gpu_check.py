@@ -173,6 +173,10 @@ class Check:
             ok = d["images_per_s"] >= 5000 and cores < 2
             said.append(f"{label} {d['images_per_s']:.0f} img/s ({d['after_first_batch_images_per_s']:.0f} after the "
                         f"first batch), {cores:.2f} CPU cores per 1,000 img/s, {'meets' if ok else 'below'} target")
+        alone, host = r["decode"]["dali_graph_only"], r["decode"]["dali_host_side"]
+        said.append(f"DALI alone on inputs read beforehand {alone['images_per_s']:.0f} img/s "
+                    f"({alone['after_first_batch_images_per_s']:.0f} after the first batch), our host side alone "
+                    f"{host['images_per_s']:.0f} img/s")
         late, early = r["epochs"]["dali_late"], r["epochs"]["dali_early"]
         said.append(f"an epoch's first batch waits {early['boundary_wait_s']:.3f} s started early, "
                     f"{late['boundary_wait_s']:.3f} s late")

@@ -123,6 +123,27 @@ def dali_host_side(loader) -> Iterator:
         yield batch
 
 
+def dali_graph_only(loader) -> Iterator:
+    """One epoch of the ``dali`` backend's own graph fed from memory: every batch's
+    inputs are read, checked and planned first (not timed), then DALI decodes them
+    and each output is handed to torch as the loader does. Beside the loader's
+    figure and ``dali_host_side`` it says whether DALI's decoding or our feeding of
+    it sets the rate (on a GPU: is nvJPEG the limit, or the host)."""
+    from pipeline.decode.dali import dali_inputs
+
+    ids, _ = loader._rank_ids()
+    batches = list(loader._prepare(ids, 0))
+    inputs = iter([dali_inputs(batch, loader.plan_crops) for batch in batches])
+
+    def run() -> Iterator:
+        pipe = loader._pipeline(lambda: next(inputs), loader.config.batch_size, 0)
+        for batch in batches:
+            (out,) = pipe.run()
+            yield loader._result(batch, out)
+
+    return run()
+
+
 def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batch: int, workers: int, rounds: int,
                  backends: tuple[str, ...] = ("cpu",), device: str = "cpu") -> dict[str, object]:
     """The per-file PIL baseline vs each backend, same images, same worker/thread
@@ -143,6 +164,7 @@ def bench_decode(shards_url: str, beton_url: str | None, files: list[Path], batc
         runners["dali_backend_whole"] = lambda: build_loader(replace(dali, dali=DaliOptions(decode="whole")), 0, 1,
                                                              device)
         runners["dali_host_side"] = lambda: dali_host_side(build_loader(dali, 0, 1, device))
+        runners["dali_graph_only"] = lambda: dali_graph_only(build_loader(dali, 0, 1, device))
     warmup = {}
     if "ffcv" in backends:
         ffcv = build_loader(replace(cfg, backend="ffcv", url=beton_url), 0, 1, device)
@@ -522,6 +544,7 @@ DECODE_LABELS = (("cpu_backend_uint8", "cpu backend, uint8 out (GPU run)"),
                  ("dali_backend", "dali backend, normalized"),
                  ("dali_backend_whole", "  decode='whole', crop on the device"),
                  ("dali_host_side", "dali host side only (read, check, feed)"),
+                 ("dali_graph_only", "dali graph only (inputs read beforehand)"),
                  ("ffcv_backend", "ffcv backend, normalized"))
 
 

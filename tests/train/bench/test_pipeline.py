@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ def test_bench_pipeline_all_backends_side_by_side(tmp_path):
     dec = r["decode"]
     base = dec["per_file_pil_baseline"]
     for name in ("cpu_backend_uint8", "cpu_backend_host_normalize", "dali_backend", "dali_backend_whole",
-                 "dali_host_side", "ffcv_backend"):
+                 "dali_host_side", "dali_graph_only", "ffcv_backend"):
         assert [run["images"] for run in dec[name]["runs"]] == [48], name
         assert dec[name]["throughput_ratio"] == pytest.approx(dec[name]["images_per_s"] / base["images_per_s"])
         run = dec[name]["runs"][0]  # the pass split at its first batch (16 images): both parts add up to the whole
@@ -67,3 +68,21 @@ def test_bench_pipeline_all_backends_side_by_side(tmp_path):
     assert dec["warmup"]["ffcv_jit_first_batch_s"] > 0  # FFCV's JIT, reported apart
     # DALI's host side alone is part of what the whole DALI CPU-mode run spends
     assert dec["dali_host_side"]["cpu_ms_per_image"] < dec["dali_backend"]["cpu_ms_per_image"]
+
+
+def test_the_dali_graph_alone_decodes_what_the_loader_hands_out(tmp_path):
+    """``dali_graph_only`` (the benchmark's DALI-without-our-feeding figure) runs
+    the backend's own graph on the same inputs: the same batches, pixel for pixel."""
+    from tests.helpers.shards import numbered_shards
+
+    from pipeline.augment import AugmentConfig
+    from pipeline.loader import LoaderConfig, build_loader
+    from train.bench.pipeline import dali_graph_only
+
+    numbered_shards(tmp_path, [7, 6, 5])
+    cfg = LoaderConfig(url=str(tmp_path), backend="dali", batch_size=4, num_workers=1,
+                       augment=AugmentConfig(img_size=32), overlap_epochs=False)
+    loaded = list(build_loader(cfg, 0, 1, "cpu"))
+    alone = list(dali_graph_only(build_loader(cfg, 0, 1, "cpu")))
+    assert [b.ids.tolist() for b in alone] == [b.sample_ids.tolist() for b in loaded]
+    assert len(loaded) == 5 and all(torch.equal(a.images, b.images) for a, b in zip(alone, loaded))
