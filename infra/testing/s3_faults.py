@@ -31,9 +31,10 @@ KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
 # retry's chunks then start at other offsets than the cut attempt's), and a body
 # dribbled a byte every ``seconds`` (under any read timeout: a stall no timeout sees).
 # ``wrong_region``: the 400 S3 answers a request signed for another region than the
-# bucket's; ``empty_416``: a range refused with no body (as a proxy may answer).
+# bucket's; ``request_timeout``: S3's 400 for a request it gave up waiting on (its
+# client retries it); ``empty_416``: a range refused with no body (as a proxy may answer).
 IGNORE_RANGE = ("ignore_range", "ignore_range_unsized")
-MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip", "wrong_region", "empty_416")
+MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip", "wrong_region", "request_timeout", "empty_416")
 
 
 @dataclass
@@ -116,6 +117,11 @@ class FaultInjector:
             body = ERROR_XML.replace(b"{code}", b"AuthorizationQueryParametersError").replace(b"{msg}", msg)
             start_response("400 Bad Request", [("Content-Type", "application/xml"), ("Content-Length", str(len(body))),
                                                ("x-amz-bucket-region", "eu-west-1")])
+            return [body]
+        if fault.kind == "request_timeout":
+            body = ERROR_XML.replace(b"{code}", b"RequestTimeout").replace(b"{msg}", b"Your socket connection to the "
+                                                                          b"server was not read from or written to")
+            start_response("400 Bad Request", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
         if fault.kind == "empty_416":
             start_response("416 Requested Range Not Satisfiable", [("Content-Length", "0")])

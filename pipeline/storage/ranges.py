@@ -19,9 +19,12 @@ Anything it cannot do the same way goes through the client: requester pays and
 other per-request parameters, access-point ARNs, S3 Express buckets, and
 redirects (301, 307, and the 400 of a bucket in another region: the client
 follows them). botocore signs a presigned URL for the client's own region even
-where it knows the bucket's is another, so after one such answer the bucket's
-ranges keep going through that client (s3fs's ``cache_regions: true`` option
-gives each region its client, whose URLs then work).
+where it knows the bucket's is another, so after a 301 or such a 400 the bucket's
+ranges keep going through that client (with the bucket's region set in
+``client_kwargs.region_name``, or s3fs's ``cache_regions: true``, which gives each
+region its client, the URLs work). Other 400s (a timed-out request, an expired
+token) are the client's errors, as on the reference path. The handlers also
+apply to URLs the same client presigns for ``fs.url()`` or ``fs.sign()``.
 An error answer becomes the exception the client raises (``s3fs.errors``), so the
 retry policy treats both paths alike. The URL holds a signature: errors raised
 here carry the URL without its query.
@@ -47,7 +50,10 @@ log = logging.getLogger(__name__)
 STREAM_CHUNK = 1 << 20  # the most one read takes where the client cannot hand over its own chunks
 PRESIGN_S = 3600  # a presigned URL's life; each attempt signs its own and sends it at once
 ERROR_BODY_LIMIT = 64 * 1024  # the most of an error answer read for its Code and Message
-REDIRECTS = (301, 307, 400)  # answered by the client, which follows them (400: a bucket in another region)
+# A bucket in another region than the client's answers 301, or 400 with one of
+# these codes (or its region in a header); 307 is S3's while a new bucket's DNS
+# spreads. The client follows all of them.
+REGION_ERRORS = {"PermanentRedirect", "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError"}
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 _HOOKED: weakref.WeakSet = weakref.WeakSet()  # clients that carry the two presigning handlers
 _REDIRECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> buckets it reads itself
@@ -157,7 +163,7 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
     """The GET of ``_client_range``, presigned by the same client and sent over its
     HTTP session (see the module's docstring)."""
     from botocore.awsrequest import AWSPreparedRequest
-    from botocore.exceptions import HTTPClientError
+    from botocore.exceptions import BotoCoreError
 
     bucket, key, version = fs.split_path(path)
     if _for_the_client(bucket):
@@ -169,36 +175,55 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
     _, url = await presigned_range_url(fs, bucket, key, version)
     try:
         resp = await session.send(AWSPreparedRequest("GET", url, {"Range": f"bytes={start}-{end - 1}"}, None, True))
-    except HTTPClientError as e:  # its message and fields hold the whole URL, signature included
+    except BotoCoreError as e:  # connection errors: their message and fields hold the URL, signature included
+        if "endpoint_url" not in getattr(e, "kwargs", {}):
+            raise
         raise type(e)(**{**e.kwargs, "endpoint_url": url.split("?")[0]}) from None
     raw = resp.raw
     try:
-        if resp.status_code in REDIRECTS:
-            raw.close()
-            if bucket not in _REDIRECTED.setdefault(s3, set()):
-                _REDIRECTED[s3].add(bucket)
-                log.info("s3://%s answered a presigned GET with HTTP %d (a bucket in another region?): its ranges go "
-                         "through the S3 client from now on; storage option cache_regions: true gives each region "
-                         "its own client", bucket, resp.status_code)
-            return await _client_range(fs, path, start, end, put)
-        if resp.status_code not in (200, 206):
-            raise await _error_answer(resp.status_code, raw)
+        status = resp.status_code
+        if status not in (200, 206):
+            fields = await _error_fields(raw)
+            moved_to = resp.headers.get("x-amz-bucket-region")
+            if status in (301, 307) or (status == 400 and (fields.get("Code") in REGION_ERRORS or (
+                    moved_to and moved_to != s3.meta.region_name))):
+                raw.close()
+                if status != 307:
+                    _remember_redirect(s3, bucket, status, fields.get("Code"))
+                return await _client_range(fs, path, start, end, put)
+            raise _client_error(status, fields)
         length = resp.headers.get("content-length", "")
         return await _deliver(int(length) if length.isdigit() else None, raw.content.readany, start, end, put)
     finally:
         raw.close()
 
 
-async def _error_answer(status: int, raw: Any) -> Exception:
-    """The exception the S3 client raises for this error answer: from the body's
-    ``Code`` (at most ``ERROR_BODY_LIMIT`` bytes read), else from the status."""
-    from botocore.exceptions import ClientError
-    from s3fs.errors import translate_boto_error
+def _remember_redirect(s3: Any, bucket: str, status: int, code: str | None) -> None:
+    """From now on this client reads ``bucket`` itself: botocore would sign its
+    URLs for the client's region again."""
+    if bucket not in _REDIRECTED.setdefault(s3, set()):
+        _REDIRECTED[s3].add(bucket)
+        log.info("s3://%s answered a presigned GET with HTTP %d %s (the bucket is in another region than the "
+                 "client's %s): its ranges go through the S3 client from now on; set the storage option "
+                 "client_kwargs.region_name to the bucket's region (or cache_regions: true) for presigned GETs",
+                 bucket, status, code or "", s3.meta.region_name)
 
+
+async def _error_fields(raw: Any) -> dict[str, str]:
+    """``Code`` and ``Message`` of an error answer, from at most ``ERROR_BODY_LIMIT``
+    bytes of its body."""
     body = b""
     while len(body) < ERROR_BODY_LIMIT and (chunk := await raw.content.read(ERROR_BODY_LIMIT - len(body))):
         body += chunk
-    fields = {k.decode(): html.unescape(v.decode("utf-8", "replace")) for k, v in _ERROR_FIELD.findall(body)}
+    return {k.decode(): html.unescape(v.decode("utf-8", "replace")) for k, v in _ERROR_FIELD.findall(body)}
+
+
+def _client_error(status: int, fields: dict[str, str]) -> Exception:
+    """The exception the S3 client raises for this error answer: from its ``Code``,
+    else from the status."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
     error = ClientError({"Error": {"Code": fields.get("Code") or str(status),
                                    "Message": fields.get("Message") or http.client.responses.get(status, "")},
                          "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")

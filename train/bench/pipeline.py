@@ -133,13 +133,14 @@ def dali_graph_only(loader) -> Iterator:
 
     ids, _ = loader._rank_ids()
     batches = list(loader._prepare(ids, 0))
-    inputs = iter([dali_inputs(batch, loader.plan_crops) for batch in batches])
+    inputs = iter([dali_inputs(batch, loader.plan_crops) for batch in batches if batch.keys])  # as the loader feeds
 
     def run() -> Iterator:
         pipe = loader._pipeline(lambda: next(inputs), loader.config.batch_size, 0)
-        for batch in batches:
-            (out,) = pipe.run()
-            yield loader._result(batch, out)
+        for batch in batches:  # a batch whose every sample was skipped is not fed: it comes out empty
+            decoded = loader._result(batch, pipe.run()[0] if batch.keys else None)
+            decoded.images = loader._finish(decoded.images, decoded.ids)
+            yield decoded
 
     return run()
 

@@ -25,7 +25,9 @@ from pipeline.storage.ranges import read_range
 from pipeline.storage.urls import filesystem
 from infra.options import OptionError
 from infra.redact import redact
+from infra.net import free_port
 from infra.testing.s3_faults import SilentEndpoint
+from pipeline.storage.retry import permanent_cause
 from pipeline.storage.store import ShardStore
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
@@ -694,7 +696,44 @@ def test_a_redirect_answer_is_followed_by_the_client_and_an_empty_416_is_past_th
         assert read_range(fs, "faults/redirect/obj.bin", start, end, lambda at, c: got.append((at, c)), 30) == end - start
         assert b"".join(c for _, c in got) == data[start:end] and _tiles(got, start)
     assert faulty_s3.faults.injected == ["empty_416", "wrong_region"] and len(calls) == 2
-    assert "s3://faults answered a presigned GET with HTTP 400" in caplog.text
+    assert "s3://faults answered a presigned GET with HTTP 400 AuthorizationQueryParametersError" in caplog.text
+
+
+@pytest.mark.integration
+def test_any_other_400_is_the_clients_error_and_the_bucket_keeps_its_presigned_gets(faulty_s3):
+    """S3's 400 RequestTimeout is an error of this request, not a redirect: the
+    presigned path raises what the client path raises (a transient error, retried),
+    and the bucket's next ranges are still presigned GETs."""
+    faulty_s3.client().put_object(Bucket="faults", Key="timeout/obj.bin", Body=b"z" * 5000)
+    storage = _config(faulty_s3, Path("/nonexistent"))
+    fs, _ = filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options, "skip_instance_cache": True}))
+    calls = _get_object_calls(fs)
+    faulty_s3.faults.clear()
+    raised = {}
+    for direct in (True, False):
+        faulty_s3.faults.add("request_timeout", match="obj.bin", times=1)
+        with pytest.raises(OSError) as e:
+            read_range(fs, "faults/timeout/obj.bin", 0, 100, lambda at, c: None, 30, direct)
+        raised[direct] = (type(e.value), e.value.errno, str(e.value))
+    assert raised[True] == raised[False] and permanent_cause(e.value) is None  # retried, both ways
+    calls.clear()
+    got = []
+    assert read_range(fs, "faults/timeout/obj.bin", 0, 100, lambda at, c: got.append(c), 30) == 100
+    assert b"".join(got) == b"z" * 100 and calls == []
+
+
+def test_a_presigned_range_to_a_refused_port_names_the_endpoint_not_the_signed_url():
+    """Connection errors of every kind (refused here, a read timeout below) carry
+    the URL without its query."""
+    port = free_port()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIDEXAMPLEKEY", "secret": "example-secret-value",
+            "skip_instance_cache": True}
+    fs, _ = filesystem("s3://refused", StorageConfig(options=opts, connect_timeout_s=1, read_timeout_s=1))
+    with pytest.raises(Exception) as e:
+        read_range(fs, "refused/shard.tar", 0, 10, lambda at, c: None, 10, True)
+    text = f"{e.value!r} {e.value} {vars(e.value)}"
+    assert type(e.value).__name__ == "EndpointConnectionError" and f"127.0.0.1:{port}/refused/shard.tar" in text
+    assert "X-Amz" not in text and "AKIDEXAMPLEKEY" not in text and "?" not in str(e.value)
 
 
 @pytest.mark.integration

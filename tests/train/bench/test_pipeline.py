@@ -73,16 +73,21 @@ def test_bench_pipeline_all_backends_side_by_side(tmp_path):
 def test_the_dali_graph_alone_decodes_what_the_loader_hands_out(tmp_path):
     """``dali_graph_only`` (the benchmark's DALI-without-our-feeding figure) runs
     the backend's own graph on the same inputs: the same batches, pixel for pixel."""
-    from tests.helpers.shards import numbered_shards
+    from tests.helpers.shards import jpeg_bytes, write_raw_shards
 
     from pipeline.augment import AugmentConfig
     from pipeline.loader import LoaderConfig, build_loader
+    from pipeline.plan import PlanConfig
     from train.bench.pipeline import dali_graph_only
 
-    numbered_shards(tmp_path, [7, 6, 5])
-    cfg = LoaderConfig(url=str(tmp_path), backend="dali", batch_size=4, num_workers=1,
-                       augment=AugmentConfig(img_size=32), overlap_epochs=False)
+    samples = [(f"{n:06d}", {"jpg": jpeg_bytes((64, 48), seed=n), "cls": str(n).encode()}) for n in range(18)]
+    for n in range(4, 8):  # the second batch's every sample is no image: skipped, the batch comes out empty
+        samples[n] = (f"{n:06d}", {"jpg": b"<html>not an image</html>", "cls": str(n).encode()})
+    write_raw_shards(tmp_path, [samples[:7], samples[7:13], samples[13:]])
+    cfg = LoaderConfig(url=str(tmp_path), backend="dali", batch_size=4, num_workers=1, max_corrupt_fraction=0.5,
+                       augment=AugmentConfig(img_size=32), plan=PlanConfig(shuffle=False), overlap_epochs=False)
     loaded = list(build_loader(cfg, 0, 1, "cpu"))
     alone = list(dali_graph_only(build_loader(cfg, 0, 1, "cpu")))
     assert [b.ids.tolist() for b in alone] == [b.sample_ids.tolist() for b in loaded]
-    assert len(loaded) == 5 and all(torch.equal(a.images, b.images) for a, b in zip(alone, loaded))
+    assert [len(b.ids) for b in alone] == [4, 0, 4, 4, 2]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(alone, loaded))
