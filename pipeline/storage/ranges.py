@@ -130,19 +130,22 @@ async def _client_for(fs: Any, bucket: str) -> Any:
     return await fs.get_s3(bucket)
 
 
-async def presigned_range_url(fs: Any, bucket: str, key: str, version: str | None = None) -> tuple[Any, str]:
-    """The client for ``bucket`` and a GET URL it presigned for ``key``, valid
-    ``PRESIGN_S`` seconds, any range."""
-    s3 = await _client_for(fs, bucket)
+async def presigned_range_url(fs: Any, bucket: str, key: str, version: str | None = None) -> str:
+    """A GET URL that ``fs``'s client for ``bucket`` presigned for ``key``."""
+    return await _presign(await _client_for(fs, bucket), bucket, key, version)
+
+
+async def _presign(s3: Any, bucket: str, key: str, version: str | None) -> str:
+    """A GET URL the client ``s3`` presigned for ``key``, valid ``PRESIGN_S``
+    seconds, any range."""
     if s3 not in _HOOKED:
         events = s3.meta.events
         events.register_first("choose-signer.s3.GetObject", _sigv4_presign, unique_id="maescale-sigv4-presign")
         events.register_first("before-endpoint-resolution.s3", _regional_presign,
                               unique_id="maescale-regional-presign")
         _HOOKED.add(s3)
-    url = await s3.generate_presigned_url("get_object", ExpiresIn=PRESIGN_S, Params={
+    return await s3.generate_presigned_url("get_object", ExpiresIn=PRESIGN_S, Params={
         "Bucket": bucket, "Key": key, **({"VersionId": version} if version else {})})
-    return s3, url
 
 
 def _sigv4_presign(signature_version: str, **kwargs: Any) -> str | None:
@@ -172,7 +175,7 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
     session = getattr(getattr(s3, "_endpoint", None), "http_session", None)
     if session is None or not hasattr(session, "send") or bucket in _REDIRECTED.get(s3, ()):
         return await _client_range(fs, path, start, end, put)  # a client built some other way, or a redirect
-    _, url = await presigned_range_url(fs, bucket, key, version)
+    url = await _presign(s3, bucket, key, version)
     try:
         resp = await session.send(AWSPreparedRequest("GET", url, {"Range": f"bytes={start}-{end - 1}"}, None, True))
     except BotoCoreError as e:  # connection errors: their message and fields hold the URL, signature included
