@@ -9,6 +9,7 @@ the paper's AMP recipe; ZeRO shards those states.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     """(global rank, local rank, world size) from the launcher's environment
     (deepspeed, torchrun, an srun task of a Slurm job), or a single process when
-    there is none."""
+    there is none. The group is destroyed when the process exits, if nothing did
+    so before: gloo's threads, left to die with the interpreter, may still hold
+    tensors whose release then aborts the process (SIGABRT, "terminate called
+    without an active exception") after a run that ended well."""
     try:
         import deepspeed
     except ImportError as e:
@@ -50,6 +54,8 @@ def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
         if builder is not None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    atexit.unregister(shutdown_distributed)  # once, however many runs this process starts
+    atexit.register(shutdown_distributed)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cuda":
