@@ -8,11 +8,13 @@ Two ways to inject, on GETs of object keys containing ``match``:
 - ``faults.set_rate(0.1, kinds, seed)``: each GET fails with probability ``rate``,
   the kind drawn at random (seeded) — the chaos soak's object store.
 
-``injected`` lists the kinds injected so far; ``object_gets`` counts object GETs.
+``injected`` lists the kinds injected so far; ``object_gets`` counts object GETs and
+``user_agents`` their User-Agent headers.
 """
 
 from __future__ import annotations
 
+import collections
 import random
 import socket
 import struct
@@ -61,6 +63,7 @@ class FaultInjector:
         self.random_faults: FaultRate | None = None
         self.injected: list[str] = []
         self.object_gets = 0
+        self.user_agents: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
     def add(self, kind: str, match: str = ".tar", times: int = 1, seconds: float = 0.0) -> None:
@@ -104,6 +107,7 @@ class FaultInjector:
         if environ["REQUEST_METHOD"] == "GET" and "." in path.rsplit("/", 1)[-1]:
             with self._lock:
                 self.object_gets += 1
+                self.user_agents[environ.get("HTTP_USER_AGENT", "")] += 1
             fault = self._take(path)
         if fault is None:
             return self.app(environ, start_response)

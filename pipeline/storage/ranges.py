@@ -55,7 +55,7 @@ ERROR_BODY_LIMIT = 64 * 1024  # the most of an error answer read for its Code an
 # spreads. The client follows all of them.
 REGION_ERRORS = {"PermanentRedirect", "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError"}
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
-_HOOKED: weakref.WeakSet = weakref.WeakSet()  # clients that carry the two presigning handlers
+_HEADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> what its presigned GETs send
 _REDIRECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> buckets it reads itself
 
 Put = Callable[[int, bytes], None]
@@ -138,14 +138,24 @@ async def presigned_range_url(fs: Any, bucket: str, key: str, version: str | Non
 async def _presign(s3: Any, bucket: str, key: str, version: str | None) -> str:
     """A GET URL the client ``s3`` presigned for ``key``, valid ``PRESIGN_S``
     seconds, any range."""
-    if s3 not in _HOOKED:
+    _headers_of(s3)
+    return await s3.generate_presigned_url("get_object", ExpiresIn=PRESIGN_S, Params={
+        "Bucket": bucket, "Key": key, **({"VersionId": version} if version else {})})
+
+
+def _headers_of(s3: Any) -> dict[str, str]:
+    """The headers every presigned GET of client ``s3`` sends besides its range: the
+    client's own User-Agent (S3's access logs and request metrics, and policies
+    that match on it, see the same caller either way). The first call also puts
+    the two presigning handlers on the client."""
+    if s3 not in _HEADERS:
         events = s3.meta.events
         events.register_first("choose-signer.s3.GetObject", _sigv4_presign, unique_id="maescale-sigv4-presign")
         events.register_first("before-endpoint-resolution.s3", _regional_presign,
                               unique_id="maescale-regional-presign")
-        _HOOKED.add(s3)
-    return await s3.generate_presigned_url("get_object", ExpiresIn=PRESIGN_S, Params={
-        "Bucket": bucket, "Key": key, **({"VersionId": version} if version else {})})
+        agent = getattr(s3, "_user_agent_creator", None)  # botocore builds the header from it per call
+        _HEADERS[s3] = {"User-Agent": agent.to_string()} if agent is not None else {}
+    return _HEADERS[s3]
 
 
 def _sigv4_presign(signature_version: str, **kwargs: Any) -> str | None:
@@ -177,7 +187,8 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
         return await _client_range(fs, path, start, end, put)  # a client built some other way, or a redirect
     url = await _presign(s3, bucket, key, version)
     try:
-        resp = await session.send(AWSPreparedRequest("GET", url, {"Range": f"bytes={start}-{end - 1}"}, None, True))
+        headers = {**_headers_of(s3), "Range": f"bytes={start}-{end - 1}"}
+        resp = await session.send(AWSPreparedRequest("GET", url, headers, None, True))
     except BotoCoreError as e:  # connection errors: their message and fields hold the URL, signature included
         if "endpoint_url" not in getattr(e, "kwargs", {}):
             raise

@@ -741,18 +741,22 @@ def test_a_presigned_range_to_a_refused_port_names_the_endpoint_not_the_signed_u
 def test_a_shard_store_sends_its_ranges_the_way_its_config_says(direct, dataset, faulty_s3, tmp_path):
     """``storage.direct_ranges`` reaches the store: presigned GETs by default, the
     client's ``get_object`` when off; the same GETs reach the server and the
-    shards verify either way."""
+    shards verify either way, and carry the client's own User-Agent."""
     root, manifest = dataset
     faulty_s3.faults.clear()
     store = _store(faulty_s3, tmp_path, direct_ranges=direct, range_mib=1)
     calls = _get_object_calls(store.fs)
-    gets = faulty_s3.faults.object_gets
+    gets, agents = faulty_s3.faults.object_gets, faulty_s3.faults.user_agents.copy()
     for shard in manifest.shards:
         with store.open_shard(shard) as f:
             assert f.read() == (root / shard.name).read_bytes()
     ranges = sum(-(-shard.bytes // 2**20) for shard in manifest.shards)
     assert ranges >= 3 and faulty_s3.faults.object_gets - gets == ranges
     assert len(calls) == (0 if direct else ranges)
+    sent = faulty_s3.faults.user_agents - agents
+    assert len(sent) == 1 and sum(sent.values()) == ranges
+    agent = next(iter(sent))
+    assert agent.startswith("aiobotocore/") and " botocore/" in agent and "aiohttp" not in agent.split()[0]
 
 
 @pytest.mark.integration
