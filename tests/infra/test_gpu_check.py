@@ -26,6 +26,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert [(e[0], e[1]) for e in enc] == [("mae_vit_test_patch4", ""), ("mae_vit_tiny_patch16", ""),
                                           ("mae_vit_test_patch4", " compiled")]
     assert all(float(e[2]) > 0 and float(e[3]) > 2 for e in enc)
+    assert re.search(r"^SUMMARY mae_vit_test_patch4 compiled cpu: .*, first steps \(compiling each block stack\) MAE "
+                     r"\d+ s, baseline \d+ s   \[", out.stdout, re.M)
     # the eager sections say where each step's time went, op family by op family
     families = re.findall(r"^  (matmul|attention) +([\d.]+) +([\d.]+) +[\d.]+x +\S+ +\S+$", out.stdout, re.M)
     assert [f[0] for f in families] == ["attention", "matmul"] * 2 and all(float(v) > 0 for f in families

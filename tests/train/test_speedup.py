@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from model.flops import encoder_speedup_flop_ratio, train_step_flops
-from model.registry import model_config
-from train.speedup import SpeedupConfig, measure_speedup
+from model.registry import create_model, model_config
+from train.speedup import SpeedupConfig, compiled, measure_speedup
 
 
 def test_report_values_are_consistent_with_the_measured_times():
@@ -21,6 +21,7 @@ def test_report_values_are_consistent_with_the_measured_times():
         assert r["p25_s"] <= r["median_s"] <= r["p75_s"]
         assert r["images_per_s"] == pytest.approx(4 / r["median_s"])
         assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU: no known peak, no CUDA allocator
+        assert r["first_step_s"] > 0
     assert report["measured_speedup"] == pytest.approx(base["median_s"] / mae["median_s"])
     mcfg = model_config("mae_vit_test_patch4")
     assert report["flop_ratio"] == pytest.approx(encoder_speedup_flop_ratio(mcfg))
@@ -60,6 +61,26 @@ def test_grad_checkpointing_cuts_saved_activations():
         assert ckpt["results"][name]["activation_bytes"] < plain["results"][name]["activation_bytes"]
 
 
+def test_compiling_the_blocks_compiles_one_graph_per_stack_and_computes_as_eager():
+    """Regional compilation: ViT-Ti's 12 encoder blocks share one graph and its
+    decoder's blocks another, and the step's loss and gradients are eager's."""
+    import torch
+
+    torch.manual_seed(0)
+    eager, regional = create_model("mae_vit_tiny_patch16"), create_model("mae_vit_tiny_patch16")
+    regional.load_state_dict(eager.state_dict())
+    imgs, noise = torch.randn(2, 3, 224, 224), torch.rand(2, eager.cfg.num_patches)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    losses = [model(imgs, 0.75, noise)[0] for model in (eager, compiled(regional, "blocks"))]
+    for loss in losses:
+        loss.backward()
+    assert len(eager.blocks) == 12 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for a, b in zip(eager.parameters(), regional.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_bench_runs_on_cpu():
     report = measure_speedup(SpeedupConfig(model="mae_vit_test_patch4", batch=2, steps=2, warmup=1,
                                                   dtype="bf16", device="cpu"))
@@ -72,6 +93,7 @@ def test_cli_json_output_and_bad_arguments():
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     assert report["config"]["model"] == "mae_vit_test_patch4" and report["device"] == "cpu"
+    assert report["config"]["compile"] == ""
     bad = subprocess.run(cmd[:-1] + ["--model", "mae_vit_nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'mae_vit_nope'" in bad.stderr and "Traceback" not in bad.stderr
     bad = subprocess.run(cmd[:5] + ["--batch", "0"], capture_output=True, text=True)

@@ -116,9 +116,11 @@ class Check:
             mae = r["results"]["mae"]
             mfu = f"{mae['mfu']:.1%}" if mae["mfu"] is not None else "n/a (no known peak for this device)"
             verdict = "meets" if r["measured_speedup"] >= r["flop_ratio"] else "below"
+            first = (f", first steps (compiling each block stack) MAE {mae['first_step_s']:.0f} s, baseline "
+                     f"{r['results']['mask_token_baseline']['first_step_s']:.0f} s" if compiled else "")
             return (f"{model}{' compiled' if compiled else ''} {r['device']}: speedup {r['measured_speedup']:.2f}x "
                     f"(FLOP ratio {r['flop_ratio']:.2f}x, {verdict} target), MAE {mae['images_per_s']:.1f} img/s, "
-                    f"MFU {mfu}")
+                    f"MFU {mfu}{first}")
 
         return Section(name, argv, summarize, min_s=min_s, cap_s=max(min_s * 4, 90), json_stdout=True)
 

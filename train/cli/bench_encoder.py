@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=d.dtype, help="bf16 = autocast, fp32 = plain")
     p.add_argument("--device", type=_device, default=d.device,
                    help="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1' ...")
-    p.add_argument("--compile", action="store_true", help="wrap both models in torch.compile")
+    p.add_argument("--compile", nargs="?", const="blocks", default="", choices=["blocks", "model"],
+                   help="torch.compile both models: each transformer block (the default; a quarter of the "
+                        "whole model's compile time on ViT-B/L) or the whole model")
     p.add_argument("--mask-ratio", type=number(0, 1, open_hi=True), default=d.mask_ratio, help="in [0, 1)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--seed", type=whole(0, 2**32 - 1), default=d.seed)
