@@ -18,14 +18,13 @@ and the client's regional endpoint, not the global one botocore presigns for.
 Anything it cannot do the same way goes through the client: requester pays and
 other per-request parameters, access-point ARNs, S3 Express buckets, and
 redirects (301, 307, and the 400 of a bucket in another region: the client
-follows them). On AWS each bucket has a client of its own region
-(``cache_regions``, see ``urls``), so those are rare: a region set wrong, or
-another server's redirect. botocore signs a presigned URL for the client's own
-region even where it knows the bucket's is another, so after a 301 or such a 400
-the bucket's ranges keep going through that client. Other 400s (a timed-out
-request, an expired token) are the client's errors, as on the reference path.
-Presigned GETs send the client's User-Agent. The handlers also apply to URLs the
-same client presigns for ``fs.url()`` or ``fs.sign()``.
+follows them). botocore signs a presigned URL for the client's own region even
+where it knows the bucket's is another, so after a 301 or such a 400 the bucket's
+ranges keep going through that client (with the bucket's region set in
+``client_kwargs.region_name``, or s3fs's ``cache_regions: true``, which gives each
+region its client, the URLs work). Other 400s (a timed-out request, an expired
+token) are the client's errors, as on the reference path. The handlers also
+apply to URLs the same client presigns for ``fs.url()`` or ``fs.sign()``.
 An error answer becomes the exception the client raises (``s3fs.errors``), so the
 retry policy treats both paths alike. The URL holds a signature: errors raised
 here carry the URL without its query.
@@ -220,7 +219,7 @@ def _remember_redirect(s3: Any, bucket: str, status: int, code: str | None) -> N
         _REDIRECTED[s3].add(bucket)
         log.info("s3://%s answered a presigned GET with HTTP %d %s (the bucket is in another region than the "
                  "client's %s): its ranges go through the S3 client from now on; set the storage option "
-                 "client_kwargs.region_name to the bucket's region (or leave it unset on AWS) for presigned GETs",
+                 "client_kwargs.region_name to the bucket's region (or cache_regions: true) for presigned GETs",
                  bucket, status, code or "", s3.meta.region_name)
 
 

@@ -64,11 +64,7 @@ def filesystem(url: str, config: StorageConfig | None = None, fresh: bool = Fals
 
 def _s3_options(options: dict[str, Any], config: StorageConfig) -> dict[str, Any]:
     """Timeouts always set, botocore's retries off, the endpoint from the environment
-    unless given; what the user put in ``options.config_kwargs`` wins. On AWS's own
-    endpoint s3fs's ``cache_regions`` is on unless the user set it: one HEAD per
-    bucket finds its region, and its requests (presigned ones too) are signed for
-    that region, where a client with no region would sign for us-east-1 and be
-    redirected. s3fs turns it off itself where a region or an endpoint is set."""
+    unless given; what the user put in ``options.config_kwargs`` wins."""
     kwargs = {"connect_timeout": config.connect_timeout_s, "read_timeout": config.read_timeout_s,
               "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})}
     options = {**options, "config_kwargs": kwargs}
@@ -76,8 +72,6 @@ def _s3_options(options: dict[str, Any], config: StorageConfig) -> dict[str, Any
     _check_endpoint(endpoint)
     if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
         options["endpoint_url"] = endpoint
-    if endpoint is None:
-        options.setdefault("cache_regions", True)
     return options
 
 

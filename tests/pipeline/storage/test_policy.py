@@ -99,26 +99,6 @@ def test_range_urls_are_sigv4_and_go_where_the_clients_own_calls_go(region, conf
     assert "AWSAccessKeyId=AKIDEXAMPLEKEY" in url and "X-Amz-Algorithm" not in url  # a version the user set is kept
 
 
-@pytest.mark.parametrize("options, env, cached", [
-    ({}, {}, True),  # AWS, no region: each bucket's region found once, its requests signed for it
-    ({"client_kwargs": {"region_name": "eu-west-1"}}, {}, False),  # the user said where (s3fs turns it off)
-    ({"cache_regions": False}, {}, False),  # the user's choice stands
-    ({"endpoint_url": "http://127.0.0.1:9"}, {}, False),  # another server: regions are AWS's
-    ({}, {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}, False),
-])
-def test_on_aws_each_bucket_is_read_through_a_client_of_its_own_region(options, env, cached, monkeypatch):
-    from fsspec.asyn import sync
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    opts = {"key": "AKIDEXAMPLEKEY", "secret": "example-secret", "skip_instance_cache": True, **options}
-    fs, _ = filesystem("s3://bucket/x", StorageConfig(options=opts))
-    sync(fs.loop, fs.set_session)  # where s3fs settles it (no request is sent)
-    assert fs.cache_regions is cached
-
-
 @pytest.mark.parametrize("command", ["inspect", "shard"])
 def test_an_endpoint_that_never_answers_ends_within_the_deadline(command, src, tmp_path, aws_env, capsys):
     """The issue's case: `mae inspect` stayed silent past 280 s."""
