@@ -23,8 +23,9 @@ where it knows the bucket's is another, so after a 301 or such a 400 the bucket'
 ranges keep going through that client (with the bucket's region set in
 ``client_kwargs.region_name``, or s3fs's ``cache_regions: true``, which gives each
 region its client, the URLs work). Other 400s (a timed-out request, an expired
-token) are the client's errors, as on the reference path. The handlers also
-apply to URLs the same client presigns for ``fs.url()`` or ``fs.sign()``.
+token) are the client's errors, as on the reference path. Presigned GETs send
+the client's User-Agent. The handlers also apply to URLs the same client
+presigns for ``fs.url()`` or ``fs.sign()``.
 An error answer becomes the exception the client raises (``s3fs.errors``), so the
 retry policy treats both paths alike. The URL holds a signature: errors raised
 here carry the URL without its query.
