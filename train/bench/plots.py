@@ -77,7 +77,9 @@ def encoder_figure(reports: list[dict]) -> Any:
 def _encoder_label(r: dict) -> str:
     c = r["config"]
     model = c["model"].removeprefix("mae_vit_").replace("_patch", "/")
-    return f"{model} b{c['batch']} {c['dtype']}{' compiled' if c.get('compile') else ''} ({r['device']})"
+    scope = c.get("compile")  # "blocks", "model", or "" (True: a report from before scopes, the whole model)
+    compiled = f" compiled ({'blocks' if scope == 'blocks' else 'whole'})" if scope else ""
+    return f"{model} b{c['batch']} {c['dtype']}{compiled} ({r['device']})"
 
 
 def pipeline_figure(reports: list[dict]) -> Any:
