@@ -9,10 +9,11 @@ the paper's AMP recipe; ZeRO shards those states.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import gc
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +26,13 @@ from train.config import DeepSpeedConfig, RunConfig
 from train.recipe import param_groups
 
 log = logging.getLogger(__name__)
+EXIT_GRACE_S = 0.2  # see shutdown_distributed
 
 
 def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     """(global rank, local rank, world size) from the launcher's environment
     (deepspeed, torchrun, an srun task of a Slurm job), or a single process when
-    there is none. The group is destroyed when the process exits, if nothing did
-    so before: gloo's threads, left to die with the interpreter, may still hold
-    tensors whose release then aborts the process (SIGABRT, "terminate called
-    without an active exception") after a run that ended well."""
+    there is none. A run that ends well destroys its group (``shutdown_distributed``)."""
     try:
         import deepspeed
     except ImportError as e:
@@ -54,8 +53,6 @@ def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
         if builder is not None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    atexit.unregister(shutdown_distributed)  # once, however many runs this process starts
-    atexit.register(shutdown_distributed)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cuda":
@@ -63,15 +60,43 @@ def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(after_error: bool = False) -> None:
     """Destroy this process's group through DeepSpeed, which also drops the groups it
-    cached (a later run in the same process would otherwise reuse dead ones)."""
+    cached (a later run in the same process would otherwise reuse dead ones).
+
+    Every entry point calls it before its process ends: gloo's threads, left to die
+    with the interpreter, may still hold tensors whose release then aborts the
+    process (SIGABRT, "terminate called without an active exception"). After an
+    error only a gloo group is destroyed: NCCL's destroy waits for this rank's
+    pending collectives, which a failed peer never completes. A failure here is
+    logged, never raised: the run's own outcome stands."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        import deepspeed.comm
+    if not dist.is_initialized() or (after_error and dist.get_backend() != "gloo"):
+        return
+    import deepspeed.comm
 
+    try:
         deepspeed.comm.destroy_process_group()
+    except Exception as e:
+        log.warning("destroying the process group failed (%s: %s)", type(e).__name__, e)
+    gc.collect()
+    # A group that DeepSpeed's engine referenced outlives the destroy (its threads
+    # run on); a gloo worker may still be releasing the last collective's tensors,
+    # which takes the GIL. Give it the GIL while the interpreter is alive.
+    time.sleep(EXIT_GRACE_S)
+
+
+def release_engine(engine: Any) -> None:
+    """Remove what DeepSpeed hung on the model (ZeRO's gradient hooks hold their
+    parameters in cycles through autograd that Python's GC cannot see, and each
+    parameter names its process group), so that the model and the groups go with
+    the loop, while the interpreter is alive, not during its finalization."""
+    if engine is not None and hasattr(engine, "destroy"):
+        try:
+            engine.destroy()
+        except Exception as e:  # the run's outcome stands; this only frees memory sooner
+            log.warning("releasing the DeepSpeed engine failed (%s: %s)", type(e).__name__, e)
 
 
 def all_ranks(value: Any) -> list[Any]:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from infra.redact import describe, redact_logs
 from train.config import RunConfig, load_config
+from train.engine import shutdown_distributed
 from train.errors import exit_code_of, reported_errors
 from train.trainer import RunResult, StopSignal, Trainer
 
@@ -74,7 +75,9 @@ def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
         job()
     except reported_errors() as e:
         log.error("%s", describe(e))
+        shutdown_distributed(after_error=True)
         return exit_code_of(e)
+    shutdown_distributed()
     return 0
 
 

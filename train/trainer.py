@@ -29,7 +29,8 @@ from model.registry import create_model, model_config
 from pipeline.loader import Batch, Loader, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
-from train.engine import agree_across_ranks, any_rank, build_engine, device_for, init_distributed, set_lr
+from train.engine import (agree_across_ranks, any_rank, build_engine, device_for, init_distributed, release_engine,
+                          set_lr)
 from train.errors import ResumeError
 from train.logfiles import open_log, write_run_summary
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
@@ -373,6 +374,7 @@ class Trainer:
                 f.close()
         stop_prometheus(self.prometheus, self.cfg.metrics.linger_s, self.result.stopped_by_signal)
         self._release_lock()
+        release_engine(getattr(self, "engine", None))
 
 
 def mark_last_epoch(loader: Loader, steps_left: int, accum_steps: int, in_window: int) -> None:

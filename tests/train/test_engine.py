@@ -37,34 +37,46 @@ def test_the_engine_computes_in_the_configured_precision(precision, compute):
     assert dtypes["master"] == "torch.float32"  # fp32 master weights either way
 
 
-# Two ranks that end as a run does: collectives, then a normal exit. A probe
-# registered before the group exists runs after the group's own exit handler.
+# Two ranks whose job ends as a run's does, collectives up to the end, run the way
+# every training entry point runs its job. A probe registered before the group
+# exists runs at exit, after ``run_job`` returned.
 ENDS = """
 import atexit, os, sys, torch
 import torch.distributed as dist
 sys.path.insert(0, os.getcwd())
 from train.config import load_config
 from train.engine import init_distributed
+from train.pretrain import run_job
 atexit.register(lambda: open(f"{sys.argv[1]}/rank{os.environ['RANK']}", "w").write(
     "group alive" if dist.is_initialized() else "group destroyed"))
-rank, _, world = init_distributed(load_config("tiny_cpu", []).deepspeed)
-x = torch.ones(1000)
-for _ in range(20):
-    dist.all_reduce(x)
-    dist.all_gather([torch.empty(1000) for _ in range(world)], x)
+
+def job():
+    rank, _, world = init_distributed(load_config("tiny_cpu", []).deepspeed)
+    x = torch.ones(1000)
+    for _ in range(20):
+        dist.all_reduce(x)
+        dist.all_gather([torch.empty(1000) for _ in range(world)], x)
+    if sys.argv[2] == "fails":
+        from train.errors import ResumeError
+        raise ResumeError("a typed error after the collectives")
+
+sys.exit(run_job(job))
 """
 
 
-def test_a_process_group_is_destroyed_before_the_interpreter_ends(tmp_path):
-    """Without it gloo's threads outlive the interpreter and may abort a run that
-    ended well (SIGABRT, "terminate called without an active exception"): 17 of 25
-    two-rank runs of plain torch.distributed did here (torch 2.13, gloo), and 0 of
-    20 that destroyed their group; through DeepSpeed it is rarer (a CI run's
-    fine-tuning fixture). The probe fails without the exit handler every time."""
+@pytest.mark.parametrize("ending, code", [("ends well", 0), ("fails", 1)])
+def test_a_job_destroys_its_gloo_process_group_however_it_ends(ending, code, tmp_path):
+    """Without it gloo's threads outlive the interpreter and may abort the process
+    (SIGABRT, "terminate called without an active exception"): 17 of 25 two-rank
+    runs of plain torch.distributed did here (torch 2.13, gloo), and 0 of 20 that
+    destroyed their group. The probe fails without the call every time. A typed
+    error keeps its exit code (torchrun answers 1 for a failed rank)."""
     script = tmp_path / "ends.py"
     script.write_text(ENDS)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), str(script), str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=180)
-    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-3000:]
+                          str(free_port()), str(script), str(tmp_path), ending.split()[0]], capture_output=True,
+                         text=True, cwd=ROOT, timeout=180)
+    assert out.returncode == code and "terminate called" not in out.stderr, out.stderr[-3000:]
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["group destroyed"] * 2
+    if code:
+        assert "a typed error after the collectives" in out.stderr and "exitcode  : 2" in out.stderr

@@ -91,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logs()  # botocore logs signed requests at DEBUG
+    code = None
     try:
-        return args._run(args)
+        code = args._run(args)
     except reported_errors() as e:
         print(f"mae: error: {one_line(str(e))}", file=sys.stderr)
-        return exit_code_of(e)
+        code = exit_code_of(e)
     except KeyboardInterrupt:
         print("mae: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a command may have started a process group here (a bench)
+            from train.engine import shutdown_distributed
+
+            shutdown_distributed(after_error=code != 0)
+    return code

@@ -43,7 +43,7 @@ from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
 from train.config import flat_config
 from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
-                          set_lr)
+                          release_engine, set_lr)
 from train.errors import EvalInputError, ResumeError, WeightsError, check_classes
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
@@ -455,3 +455,4 @@ class Finetuner:
                         self.result.stopped_by_signal if hasattr(self, "result") else None)
         if self.lock is not None:
             self.lock.release()
+        release_engine(getattr(self, "engine", None))
