@@ -32,7 +32,8 @@ EXIT_GRACE_S = 0.2  # see shutdown_distributed
 def init_distributed(ds: DeepSpeedConfig) -> tuple[int, int, int]:
     """(global rank, local rank, world size) from the launcher's environment
     (deepspeed, torchrun, an srun task of a Slurm job), or a single process when
-    there is none. A run that ends well destroys its group (``shutdown_distributed``)."""
+    there is none. Entry points destroy the group before their process ends
+    (``shutdown_distributed``)."""
     try:
         import deepspeed
     except ImportError as e:
