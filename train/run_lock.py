@@ -8,7 +8,11 @@ thread refreshes the heartbeat every ``stale_after_s / 10`` seconds.
 A lock is stale, and taken over with a warning, when its holder is gone: on this
 host (same boot) its process is not running; on this host after a reboot, always;
 on another host, when its heartbeat is older than ``stale_after_s``. A live one
-is refused with one line naming the holder. The heartbeat thread also notices a
+is refused with one line naming the holder. Take-overs go one at a time, each
+holding ``LOCK.takeover`` (also ``O_EXCL``): of several relaunches that find the
+same dead holder at once, one takes the lock and the others find its new lock
+when their turn comes (without the turn, one could delete the lock another had
+just taken). The heartbeat thread also notices a
 lock that vanished or was taken over (storage unmounted, another run decided this
 one was dead): ``check()`` then raises, and the run stops before its next save.
 """
@@ -22,6 +26,8 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "LOCK"
 UNREADABLE_GRACE_S = 10.0  # a lock file still being written by its creator
 MAX_LOCK_BYTES = 2**20  # a lock is a few hundred bytes
+TAKEOVER_NAME = "LOCK.takeover"
+TAKEOVER_STALE_S = 30.0  # a take-over takes milliseconds: a turn this old was left by a run that died in it
 
 
 @dataclass(frozen=True)
@@ -137,9 +145,8 @@ class RunLock:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for _ in range(5):
-                if self._create():
+                if self._create() or self._take_over_if_stale():
                     break
-                self._take_over_if_stale()
             else:
                 raise CheckpointLockError(f"could not take the lock {self.path}: other runs keep taking it")
             stat = os.stat(self.root)
@@ -168,20 +175,22 @@ class RunLock:
         self.holder = holder
         return True
 
-    def _take_over_if_stale(self) -> None:
+    def _take_over_if_stale(self) -> bool:
+        """Take over a stale lock (True once ours); raise if its holder is live.
+        False: try again (the lock is gone, still being written, or another run
+        changed it meanwhile)."""
         holder = read_holder(self.path)
         if holder is None:
             if not self.path.exists():
-                return
+                return False
             try:
                 require_regular(self.path)
             except NotAFileError as e:
                 raise CheckpointLockError(f"the checkpoint lock {e}: remove it") from None
-            age = time.time() - self.path.stat().st_mtime
-            if age < UNREADABLE_GRACE_S:  # its creator is still writing it
+            if self._unreadable_age() < UNREADABLE_GRACE_S:  # its creator is still writing it
                 time.sleep(0.5)
-                return
-            reason, who = "it is unreadable", f"an unreadable lock ({age:.0f}s old)"
+                return False
+            reason, who = "it is unreadable", f"an unreadable lock ({self._unreadable_age():.0f}s old)"
         else:
             reason, who = stale_reason(holder, self.stale_after_s), holder.describe()
             if reason is None and self._silent(holder):
@@ -192,10 +201,49 @@ class RunLock:
                 raise CheckpointLockError(
                     f"checkpoint.dir {self.root} is in use by another run ({who}, heartbeat {beat:.0f}s ago): "
                     f"stop that run or set another checkpoint.dir")
-        log.warning("taking over the checkpoint lock %s of %s: %s", self.path, who, reason)
-        current = read_holder(self.path)
-        if current == holder:  # nobody took it over in between
+        with self._takeover_turn():
+            current = read_holder(self.path)
+            if current != holder or (holder is None and self._unreadable_age() < UNREADABLE_GRACE_S):
+                return False  # another run took it over first, or it changed: decide afresh
+            log.warning("taking over the checkpoint lock %s of %s: %s", self.path, who, reason)
             self.path.unlink(missing_ok=True)
+            return self._create()
+
+    def _unreadable_age(self) -> float:
+        """Seconds since the lock file was written (0 if it is gone)."""
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    @contextmanager
+    def _takeover_turn(self) -> Iterator[None]:
+        """Hold ``LOCK.takeover`` while replacing a stale lock; wait while another
+        run holds it, and remove one left behind (older than ``TAKEOVER_STALE_S``)."""
+        path, waited = self.root / TAKEOVER_NAME, time.monotonic()
+        while True:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                break
+            except FileExistsError:
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > TAKEOVER_STALE_S:
+                    log.warning("removing %s, left %.0fs ago by a run that stopped while taking over the lock",
+                                path, age)
+                    path.unlink(missing_ok=True)
+                elif time.monotonic() - waited > 2 * TAKEOVER_STALE_S:  # its clock is ahead of ours
+                    raise CheckpointLockError(f"another run has been taking over the lock {self.path} for "
+                                              f"{time.monotonic() - waited:.0f}s: remove {path} if no run is "
+                                              "starting") from None
+                else:
+                    time.sleep(0.05)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
     def _interval(self) -> float:
         return max(0.5, self.stale_after_s / 10)

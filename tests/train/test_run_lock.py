@@ -15,7 +15,8 @@ from tests.helpers.training import wait_for
 
 from infra.files import atomic_write
 from train.errors import CheckpointLockError, CheckpointStorageError
-from train.run_lock import LOCK_NAME, RunLock, read_holder, stale_reason, this_process
+from train import run_lock
+from train.run_lock import LOCK_NAME, TAKEOVER_NAME, TAKEOVER_STALE_S, RunLock, read_holder, stale_reason, this_process
 
 
 def _dead_pid() -> int:
@@ -179,3 +180,78 @@ def test_a_directory_that_cannot_be_written_is_a_storage_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(CheckpointStorageError, match="cannot use checkpoint.dir .*the run needs"):
         RunLock(blocker / "ckpt", stale_after_s=60).acquire()
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+import train.run_lock as run_lock
+from train.errors import CheckpointLockError
+
+real_read = run_lock.read_holder
+def slow_read(path):  # shared storage (NFS) where each read takes a while
+    holder = real_read(path)
+    time.sleep(0.05)
+    return holder
+run_lock.read_holder = slow_read
+root, me = Path(sys.argv[1]), sys.argv[2]
+(root.parent / f"ready-{me}").touch()
+while not (root.parent / "go").exists():
+    time.sleep(0.005)
+lock = run_lock.RunLock(root, stale_after_s=3600)
+try:
+    lock.acquire()
+except CheckpointLockError as e:
+    print("refused" if "in use by another run" in str(e) else f"error {e}")
+    sys.exit(0)
+time.sleep(1.0)  # long enough for every other racer to finish its take-over
+try:
+    lock.check()
+except CheckpointLockError as e:
+    print(f"lost {e}")
+    sys.exit(0)
+print("held")
+lock.release()
+"""
+
+
+@pytest.mark.parametrize("racers", [2, 5])
+def test_relaunches_racing_for_one_stale_lock_leave_it_to_exactly_one(tmp_path, racers):
+    """Several relaunches find the same dead holder at once: one takes the lock over,
+    every other is refused at the start, and none takes over the winner's new lock
+    (storage slowed down as NFS is, so the reads overlap)."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    _write(root / LOCK_NAME, replace(this_process(), pid=_dead_pid(), pid_start=None))
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(root), str(i)], stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.DEVNULL) for i in range(racers)]
+    wait_for(lambda: all((tmp_path / f"ready-{i}").exists() for i in range(racers)), timeout=120)
+    (tmp_path / "go").touch()
+    outcomes = sorted(proc.communicate(timeout=120)[0].strip() for proc in procs)
+    assert outcomes == ["held"] + ["refused"] * (racers - 1), outcomes
+    assert not (root / LOCK_NAME).exists()  # the winner released it
+
+
+def test_a_take_over_turn_left_by_a_dead_run_is_removed(tmp_path, caplog):
+    _write(tmp_path / LOCK_NAME, replace(this_process(), pid=_dead_pid(), pid_start=None))
+    turn = tmp_path / TAKEOVER_NAME
+    turn.touch()
+    old = time.time() - TAKEOVER_STALE_S - 5
+    os.utime(turn, (old, old))
+    lock = RunLock(tmp_path, stale_after_s=3600)
+    lock.acquire()
+    assert read_holder(tmp_path / LOCK_NAME).token == lock.holder.token and not turn.exists()
+    assert "left 3" in caplog.text and "stopped while taking over the lock" in caplog.text
+    lock.release()
+
+
+def test_a_take_over_turn_from_a_clock_far_ahead_is_refused_in_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "TAKEOVER_STALE_S", 0.5)
+    _write(tmp_path / LOCK_NAME, replace(this_process(), pid=_dead_pid(), pid_start=None))
+    turn = tmp_path / TAKEOVER_NAME
+    turn.touch()
+    ahead = time.time() + 3600  # written by a host whose clock runs an hour ahead
+    os.utime(turn, (ahead, ahead))
+    with pytest.raises(CheckpointLockError, match=f"taking over the lock .* remove {turn} if no run is starting"):
+        RunLock(tmp_path, stale_after_s=3600).acquire()
+    assert read_holder(tmp_path / LOCK_NAME).pid != os.getpid()  # the stale lock was left as it was
