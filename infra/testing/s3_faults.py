@@ -15,6 +15,7 @@ Two ways to inject, on GETs of object keys containing ``match``:
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import socket
 import struct
@@ -34,9 +35,12 @@ KINDS = ("slowdown", "error500", "delay", "reset", "truncate", "stall")
 # dribbled a byte every ``seconds`` (under any read timeout: a stall no timeout sees).
 # ``wrong_region``: the 400 S3 answers a request signed for another region than the
 # bucket's; ``request_timeout``: S3's 400 for a request it gave up waiting on (its
-# client retries it); ``empty_416``: a range refused with no body (as a proxy may answer).
+# client retries it); ``empty_416``: a range refused with no body (as a proxy may answer);
+# ``html_403``: a proxy's HTML page refusing the request (no S3 error code); ``other_bytes``:
+# a 206 of the asked length for the range one byte before (after, at offset 0), saying so.
 IGNORE_RANGE = ("ignore_range", "ignore_range_unsized")
-MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip", "wrong_region", "request_timeout", "empty_416")
+MISBEHAVIOURS = (*IGNORE_RANGE, "cut_in_pieces", "drip", "wrong_region", "request_timeout", "empty_416",
+                 "html_403", "other_bytes")
 
 
 @dataclass
@@ -130,6 +134,14 @@ class FaultInjector:
         if fault.kind == "empty_416":
             start_response("416 Requested Range Not Satisfiable", [("Content-Length", "0")])
             return [b""]
+        if fault.kind == "html_403":
+            body = b"<html><body><h1>403 Forbidden</h1>blocked by the proxy</body></html>"
+            start_response("403 Forbidden", [("Content-Type", "text/html"), ("Content-Length", str(len(body)))])
+            return [body]
+        if fault.kind == "other_bytes":
+            first, last = map(int, environ["HTTP_RANGE"].removeprefix("bytes=").split("-"))
+            shift = -1 if first > 0 else 1
+            return self.app({**environ, "HTTP_RANGE": f"bytes={first + shift}-{last + shift}"}, start_response)
         if fault.kind in IGNORE_RANGE:
             whole = {k: v for k, v in environ.items() if k != "HTTP_RANGE"}
             if fault.kind == "ignore_range":
@@ -222,11 +234,14 @@ class FaultyS3:
 
 class SilentEndpoint:
     """A loopback TCP server that accepts every connection and never sends a byte:
-    an endpoint that hangs. ``with SilentEndpoint() as s: s.url``."""
+    an endpoint that hangs. ``with SilentEndpoint() as s: s.url``. With ``answer``,
+    it sends those bytes after the request's first bytes arrive (not HTTP: an
+    endpoint that is some other service), and keeps the connection open."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"") -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.answer = answer
         self.accepted: list = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
@@ -237,6 +252,10 @@ class SilentEndpoint:
             except OSError:
                 return  # closed
             self.accepted.append(conn)
+            if self.answer:
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(self.answer)
 
     def __enter__(self) -> SilentEndpoint:
         self._thread.start()

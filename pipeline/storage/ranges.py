@@ -27,13 +27,16 @@ token) are the client's errors, as on the reference path. Presigned GETs send
 the client's User-Agent. The handlers also apply to URLs the same client
 presigns for ``fs.url()`` or ``fs.sign()``.
 An error answer becomes the exception the client raises (``s3fs.errors``), so the
-retry policy treats both paths alike. The URL holds a signature: errors raised
-here carry the URL without its query.
+retry policy treats both paths alike; one that names no S3 error code (a proxy's
+HTML page) is read by its HTTP status on both paths. The URL holds a signature:
+errors raised here carry the URL without its query, in their message, their
+fields and their context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
 import http.client
 import logging
@@ -56,6 +59,8 @@ ERROR_BODY_LIMIT = 64 * 1024  # the most of an error answer read for its Code an
 # spreads. The client follows all of them.
 REGION_ERRORS = {"PermanentRedirect", "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError"}
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/")
+_SIGNED_QUERY = re.compile(r"\?[^\s'\"<>]*X-Amz-[^\s'\"<>]*")  # a presigned URL's query, up to a quote or space
 _HEADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> what its presigned GETs send
 _REDIRECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> buckets it reads itself
 
@@ -72,12 +77,14 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, p
 
     Returns how many bytes the server answered with; compare it with ``end - start``.
     Nothing past ``end`` is handed over: an answer longer than asked (a server that
-    ignores ranges) stops the read and returns ``end - start + 1``. An answer that
+    ignores ranges), or one whose ``Content-Range`` names other bytes than asked,
+    stops the read and returns ``end - start + 1``. An answer that
     announces fewer bytes than asked returns that number without reading them (the
     object is shorter); a body that ends short of the range without saying so raises
     ConnectionError (a cut connection: worth a retry). On S3, an answer still
     arriving after ``limit_s`` is cancelled (no chunk is handed over after this
-    returns) and raises ConnectionError."""
+    returns) and raises ConnectionError; the client's own timeouts (a read timeout,
+    S3's RequestTimeout) raise as they are."""
     if getattr(fs, "async_impl", False) and hasattr(fs, "_call_s3"):
         ranged = _presigned_range if direct and not _needs_the_client(fs) else _client_range
         return sync(fs.loop, _range_within, limit_s, ranged, fs, path, start, end, put)
@@ -89,18 +96,34 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, p
 
 async def _range_within(limit_s: float | None, ranged: Callable[..., Awaitable[int]], fs: Any, path: str,
                         start: int, end: int, put: Put) -> int:
+    began = asyncio.get_running_loop().time()
     try:  # cancelled inside the loop, and waited for: nothing of it runs on beside a retry
         return await asyncio.wait_for(ranged(fs, path, start, end, put), limit_s)
     except asyncio.TimeoutError:
+        if limit_s is None or asyncio.get_running_loop().time() - began < limit_s:
+            raise  # a timeout of the transfer itself, not this limit
         raise ConnectionError(f"bytes {start}-{end} still arriving after {limit_s:.0f} s (a stalled transfer: "
                               f"less than {MIN_TRANSFER_BYTES_PER_S // 2**20} MiB/s after the timeouts)") from None
 
 
 async def _client_range(fs: Any, path: str, start: int, end: int, put: Put) -> int:
     """One ranged GET through the S3 client (``get_object``): the reference path."""
+    from botocore.exceptions import BotoCoreError
+
     bucket, key, version = fs.split_path(path)
-    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                             **({"VersionId": version} if version else {}))
+    try:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                 **({"VersionId": version} if version else {}))
+    except OSError as e:
+        error = _by_status(e)
+        if error is e:
+            raise
+    except BotoCoreError as e:  # the aiohttp error it wraps holds the request's headers: the session token
+        error = _unsigned(e)
+    else:
+        error = None
+    if error is not None:
+        raise error
     body = resp["Body"]
     try:
         content = getattr(getattr(body, "_raw_stream", None), "content", None)  # aiohttp's stream, when it is one
@@ -109,9 +132,30 @@ async def _client_range(fs: Any, path: str, start: int, end: int, put: Put) -> i
         else:
             async def read() -> bytes:
                 return await body.read(STREAM_CHUNK)
+        if not _answers(resp.get("ContentRange"), start, end):
+            return end - start + 1
         return await _deliver(resp.get("ContentLength"), read, start, end, put)
     finally:
         body.close()
+
+
+def _by_status(error: OSError) -> OSError:
+    """s3fs's error for an answer that named no S3 error code (a proxy's HTML page:
+    an OSError EIO, which would be retried whatever its status) read by its HTTP
+    status instead, as the presigned path reads it: a 403 is then access denied."""
+    response = getattr(error.__cause__, "response", None)
+    if error.errno != errno.EIO or not isinstance(response, dict) or response.get("Error", {}).get("Code"):
+        return error
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _client_error(status, response.get("Error", {})) if isinstance(status, int) else error
+
+
+def _answers(content_range: object, start: int, end: int) -> bool:
+    """False when the answer's ``Content-Range`` names bytes outside ``[start, end)``
+    or not from ``start`` (fewer, to the object's end, is a shorter object: the
+    body's length decides, as it does where the header is absent)."""
+    named = _CONTENT_RANGE.match(content_range) if isinstance(content_range, str) else None
+    return named is None or (int(named[1]) == start and int(named[2]) < end)
 
 
 def _needs_the_client(fs: Any) -> bool:
@@ -190,10 +234,12 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
     try:
         headers = {**_headers_of(s3), "Range": f"bytes={start}-{end - 1}"}
         resp = await session.send(AWSPreparedRequest("GET", url, headers, None, True))
-    except BotoCoreError as e:  # connection errors: their message and fields hold the URL, signature included
-        if "endpoint_url" not in getattr(e, "kwargs", {}):
-            raise
-        raise type(e)(**{**e.kwargs, "endpoint_url": url.split("?")[0]}) from None
+    except BotoCoreError as e:  # connection and HTTP errors: their message and fields hold the signed URL
+        error = _unsigned(e)
+    else:
+        error = None
+    if error is not None:
+        raise error  # raised here, not in the except: its context would hold the signed URL
     raw = resp.raw
     try:
         status = resp.status_code
@@ -207,10 +253,29 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
                     _remember_redirect(s3, bucket, status, fields.get("Code"))
                 return await _client_range(fs, path, start, end, put)
             raise _client_error(status, fields)
+        if not _answers(resp.headers.get("content-range"), start, end):
+            return end - start + 1
         length = resp.headers.get("content-length", "")
         return await _deliver(int(length) if length.isdigit() else None, raw.content.readany, start, end, put)
     finally:
         raw.close()
+
+
+def _unsigned(error: Exception) -> Exception:
+    """``error`` (botocore's, from sending a GET) rebuilt from the text of its
+    fields, a presigned URL's query cut: the message of a connection error, or of
+    the aiohttp error an HTTP client error wraps, holds the signed URL (signature,
+    credential, session token), and that aiohttp error holds the request's
+    headers."""
+    def cut(value: object) -> object:
+        if isinstance(value, BaseException):
+            value = str(value)
+        return _SIGNED_QUERY.sub("", value) if isinstance(value, str) else value
+
+    try:
+        return type(error)(**{name: cut(value) for name, value in getattr(error, "kwargs", {}).items()})
+    except Exception:  # a kind built some other way
+        return ConnectionError(cut(str(error)))
 
 
 def _remember_redirect(s3: Any, bucket: str, status: int, code: str | None) -> None:

@@ -466,7 +466,7 @@ class ShardStore:
                 n = 0
             if n > r[1] - r[0]:
                 raise ObjectChanged(f"bytes {r[0]}-{r[1]}: the server answered with more than the {r[1] - r[0]} "
-                                    "bytes asked (it does not honour ranged GETs)")
+                                    "bytes asked, or with others (it does not honour ranged GETs)")
             if n < r[1] - r[0]:  # a whole answer, so the object itself is shorter: retrying cannot help
                 raise ObjectChanged(f"bytes {r[0]}-{r[1]} of the manifest's {shard.bytes} gave {n}: the "
                                     "object is shorter than the manifest says (replaced or cut since it was written)")
