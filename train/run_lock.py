@@ -1,13 +1,15 @@
 """One writer per checkpoint directory: a lock file naming its holder.
 
 ``checkpoint.dir/LOCK`` is JSON: host, boot id, pid (and the pid's start time, so a
-reused pid is not mistaken for the holder), start time, a heartbeat and a random
-token. It is created with ``O_EXCL``; rank 0 holds it for the whole run and a
+reused pid is not mistaken for the holder, and its PID namespace), start time, a
+heartbeat and a random token. It is created with ``O_EXCL``; rank 0 holds it for the whole run and a
 thread refreshes the heartbeat every ``stale_after_s / 10`` seconds.
 
 A lock is stale, and taken over with a warning, when its holder is gone: on this
-host (same boot) its process is not running; on this host after a reboot, always;
-on another host, when its heartbeat is older than ``stale_after_s``. A live one
+host (same boot, same PID namespace) its process is not running; on this host
+after a reboot, always; on another host, or in another PID namespace of this one
+(a container sharing the host's name: its pids mean nothing here), when its
+heartbeat is older than ``stale_after_s``. A live one
 is refused with one line naming the holder. Take-overs go one at a time, each
 holding ``LOCK.takeover`` (also ``O_EXCL``): of several relaunches that find the
 same dead holder at once, one takes the lock and the others find its new lock
@@ -54,6 +56,7 @@ class LockHolder:
     started: float  # unix time
     heartbeat: float  # unix time of the last refresh
     token: str
+    pid_ns: int | None = None  # the PID namespace's inode (Linux); None: unknown
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -79,6 +82,13 @@ def _process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -92,20 +102,28 @@ def _pid_running(pid: int) -> bool:
 def this_process() -> LockHolder:
     now = time.time()
     return LockHolder(socket.gethostname(), _boot_id(), os.getpid(), _process_start(os.getpid()), now, now,
-                      secrets.token_hex(8))
+                      secrets.token_hex(8), _pid_namespace())
+
+
+def _pids_checkable(holder: LockHolder) -> bool:
+    """The holder's pid can be looked up here: this host, this boot, this PID
+    namespace (as far as either side knows its namespace)."""
+    ours = _pid_namespace()
+    return (holder.host == socket.gethostname() and holder.boot_id == _boot_id()
+            and (holder.pid_ns is None or ours is None or holder.pid_ns == ours))
 
 
 def stale_reason(holder: LockHolder, stale_after_s: float, now: float | None = None) -> str | None:
     """Why ``holder`` no longer holds its lock, or None while it may be running."""
     now = time.time() if now is None else now
-    if holder.host == socket.gethostname() and holder.boot_id == _boot_id():
+    if _pids_checkable(holder):
         if not _pid_running(holder.pid):
             return "its process is not running"
         started = _process_start(holder.pid)
         if holder.pid_start is not None and started != holder.pid_start:
             return "its process is not running (the pid now belongs to another process)"
         return None
-    if holder.host == socket.gethostname():
+    if holder.host == socket.gethostname() and holder.boot_id != _boot_id():
         return "its host restarted since"
     age = now - holder.heartbeat
     return f"no heartbeat for {age:.0f}s (> {stale_after_s:.0f}s)" if age > stale_after_s else None
@@ -115,15 +133,16 @@ def read_holder(path: Path) -> LockHolder | None:
     """The lock's holder; None if the file is missing or not a lock we can read."""
     try:
         data = json.loads(read_regular(path, MAX_LOCK_BYTES))  # a pipe would block the start for good
-        holder = LockHolder(**{k: data[k] for k in LockHolder.__dataclass_fields__})
+        holder = LockHolder(**{k: data[k] for k in LockHolder.__dataclass_fields__ if k != "pid_ns"},
+                            pid_ns=data.get("pid_ns"))  # absent in locks of earlier versions
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return None
     kinds = {"host": str, "boot_id": str, "pid": int, "started": (int, float), "heartbeat": (int, float),
              "token": str}
-    if not all(isinstance(getattr(holder, k), kind) for k, kind in kinds.items()) or not (
-            holder.pid_start is None or isinstance(holder.pid_start, int)):
+    if not all(isinstance(getattr(holder, k), kind) for k, kind in kinds.items()) or not all(
+            getattr(holder, k) is None or isinstance(getattr(holder, k), int) for k in ("pid_start", "pid_ns")):
         return None
     return holder
 
@@ -181,14 +200,18 @@ class RunLock:
         changed it meanwhile)."""
         holder = read_holder(self.path)
         if holder is None:
+            if self.path.is_symlink() and not self.path.exists():
+                raise CheckpointLockError(f"the checkpoint lock {self.path} is a symbolic link to a missing file "
+                                          f"({os.readlink(self.path)}): remove it")
             if not self.path.exists():
                 return False
             try:
                 require_regular(self.path)
             except NotAFileError as e:
                 raise CheckpointLockError(f"the checkpoint lock {e}: remove it") from None
-            if self._unreadable_age() < UNREADABLE_GRACE_S:  # its creator is still writing it
-                time.sleep(0.5)
+            age = self._unreadable_age()
+            if age < UNREADABLE_GRACE_S:  # its creator may still be writing it: give it the grace, then decide
+                time.sleep(UNREADABLE_GRACE_S - age + 0.1)
                 return False
             reason, who = "it is unreadable", f"an unreadable lock ({self._unreadable_age():.0f}s old)"
         else:
@@ -249,9 +272,9 @@ class RunLock:
         return max(0.5, self.stale_after_s / 10)
 
     def _silent(self, holder: LockHolder) -> bool:
-        """A holder on another host that missed several heartbeats: its node may be
-        gone (a relaunch after a node failure), or only slow."""
-        return holder.host != socket.gethostname() and time.time() - holder.heartbeat > 3 * self._interval()
+        """A holder on another host (or PID namespace) that missed several heartbeats:
+        its node may be gone (a relaunch after a node failure), or only slow."""
+        return not _pids_checkable(holder) and time.time() - holder.heartbeat > 3 * self._interval()
 
     def _wait_while_silent(self, holder: LockHolder) -> LockHolder:
         """Wait until the silent ``holder`` goes stale (then it is taken over) or

@@ -255,3 +255,52 @@ def test_a_take_over_turn_from_a_clock_far_ahead_is_refused_in_time(tmp_path, mo
     with pytest.raises(CheckpointLockError, match=f"taking over the lock .* remove {turn} if no run is starting"):
         RunLock(tmp_path, stale_after_s=3600).acquire()
     assert read_holder(tmp_path / LOCK_NAME).pid != os.getpid()  # the stale lock was left as it was
+
+
+def test_a_holder_in_another_pid_namespace_of_this_host_is_judged_by_its_heartbeat(tmp_path, caplog):
+    """A run in a container sharing this host's name and boot (docker --network host,
+    Kubernetes hostNetwork) has pids that mean nothing here: its lock was taken over
+    as soon as its pid was not running here, and the live run died at its next save."""
+    ours = this_process()
+    assert ours.pid_ns is not None  # Linux: /proc/self/ns/pid
+    elsewhere = replace(ours, pid=_dead_pid(), pid_start=None, pid_ns=ours.pid_ns + 1)
+    _write(tmp_path / LOCK_NAME, elsewhere)
+    with pytest.raises(CheckpointLockError, match="in use by another run"):
+        RunLock(tmp_path, stale_after_s=3600).acquire()
+    assert stale_reason(elsewhere, 60) is None
+    assert stale_reason(replace(elsewhere, heartbeat=time.time() - 120), 60).startswith("no heartbeat for 12")
+    assert stale_reason(replace(elsewhere, pid_ns=ours.pid_ns), 60) == "its process is not running"
+    _write(tmp_path / LOCK_NAME, replace(elsewhere, heartbeat=time.time() - 7200))
+    lock = RunLock(tmp_path, stale_after_s=3600)
+    lock.acquire()
+    assert read_holder(tmp_path / LOCK_NAME).token == lock.holder.token and "no heartbeat for 7" in caplog.text
+    lock.release()
+
+
+def test_a_lock_written_before_pid_namespaces_were_recorded_still_reads(tmp_path):
+    holder = replace(this_process(), pid=_dead_pid(), pid_start=None)
+    fields = {k: v for k, v in asdict(holder).items() if k != "pid_ns"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(fields))
+    read = read_holder(tmp_path / LOCK_NAME)
+    assert read is not None and read.pid_ns is None and read.token == holder.token
+    assert stale_reason(read, 60) == "its process is not running"  # judged by its pid, as before
+
+
+def test_a_dangling_symlink_lock_is_refused_naming_it(tmp_path):
+    """It was refused with "other runs keep taking it", though no other run exists."""
+    (tmp_path / LOCK_NAME).symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointLockError, match=f"{LOCK_NAME} is a symbolic link to a missing file .*gone.*remove it"):
+        RunLock(tmp_path, stale_after_s=60).acquire()
+
+
+def test_a_fresh_unreadable_lock_is_given_its_grace_then_taken_over(tmp_path, caplog):
+    """An empty LOCK a few seconds old (a creator still writing it, or one that died
+    doing so) was refused with "other runs keep taking it"; now it is waited for until
+    the grace is over, then taken over."""
+    (tmp_path / LOCK_NAME).write_text("")
+    lock = RunLock(tmp_path, stale_after_s=60)
+    began = time.monotonic()
+    lock.acquire()
+    assert time.monotonic() - began >= 9 and read_holder(tmp_path / LOCK_NAME).token == lock.holder.token
+    assert "it is unreadable" in caplog.text
+    lock.release()
