@@ -182,13 +182,24 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 
 # Fingerprint keys added after checkpoints were written without them (2026-11-30):
 # a checkpoint that lacks one is not compared on it.
-ADDED_FINGERPRINT_KEYS = frozenset({"head_classes", "weights", "weight_decay", "betas", "momentum", "layer_decay"})
+ADDED_FINGERPRINT_KEYS = frozenset({"head_classes", "weights", "weight_decay", "betas", "momentum", "layer_decay",
+                                    "eval_manifest"})
 
 
-def fingerprint_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    """``key: checkpoint value -> this run's value`` for each differing key."""
-    return [f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(saved.keys() | ours.keys())
-            if saved.get(k) != ours.get(k) and (k in saved or k not in ADDED_FINGERPRINT_KEYS)]
+def fingerprint_differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: checkpoint value -> this run's value`` for each differing key; inside
+    a value that is itself a mapping (the model's architecture), each differing
+    key of it (``arch.norm_pix_loss: False -> True``)."""
+    found = []
+    for k in sorted(saved.keys() | ours.keys()):
+        old, new = saved.get(k), ours.get(k)
+        if old == new or (k not in saved and not prefix and k in ADDED_FINGERPRINT_KEYS):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += fingerprint_differences(old, new, f"{prefix}{k}.")
+        else:
+            found.append(f"{prefix}{k}: {old!r} -> {new!r}")
+    return found
 
 
 def checkpoint_bytes(tag_dir: Path) -> int | None:
@@ -311,6 +322,18 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # -- resume
+    def refuse_an_earlier_run(self) -> None:
+        """``checkpoint.resume=false`` in a run that saves: it starts over, so a
+        folder that already holds complete checkpoints is refused, on every rank
+        (its saves would replace the earlier run's of the same steps, and a later
+        resume would take the newest checkpoint of either run)."""
+        tags = complete_tags(self.root) if self.rank == 0 else []
+        raise_first(ResumeError(
+            f"checkpoint.dir {self.root} holds checkpoints of an earlier run (the newest: {tags[-1]}), and "
+            "checkpoint.resume=false starts over: its checkpoints would mix with them and a later resume would "
+            "take the newest of either run. Use another checkpoint.dir, or move those checkpoints away "
+            "(checkpoint.resume=true continues from them)") if tags else None)
+
     def resume(self, engine: Any) -> Resumed | None:
         """Load the newest checkpoint that verifies (None: there is none to resume)."""
         found = self._newest_verified()

@@ -115,9 +115,11 @@ class CheckpointConfig:
     every_steps: int = option(1000, "optimizer steps between checkpoints (and one at the end)")
     keep_last: int = option(3, "complete checkpoints kept")
     enabled: bool = option(True, "false: never save (benchmarks)")
-    resume: bool = option(True, "resume from the newest checkpoint in dir that verifies, if any")
-    lock_stale_s: float = option(300.0, "a LOCK whose holder on another host has not refreshed it for this long "
-                                        "is taken over (on this host: as soon as its process is gone)")
+    resume: bool = option(True, "resume from the newest checkpoint in dir that verifies, if any; false: start "
+                                "over (refused where dir holds an earlier run's checkpoints, and by mae launch slurm)")
+    lock_stale_s: float = option(300.0, "a LOCK whose holder on another host (or in another PID namespace) has not "
+                                        "refreshed it for this long is taken over (on this host: as soon as its "
+                                        "process is gone)")
 
     def __post_init__(self) -> None:
         require_positive(self, "every_steps", "keep_last", "lock_stale_s")

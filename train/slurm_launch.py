@@ -153,7 +153,7 @@ def _pretrain(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
     config = _required(config)
     cfg = load_config(config, args)  # a bad key or value fails here, not on the cluster
     return _training("train.pretrain", job, args, config, (workdir / cfg.checkpoint.dir).resolve(),
-                     cfg.data.num_workers + 2)
+                     cfg.data.num_workers + 2, cfg.checkpoint.resume)
 
 
 def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Path) -> TaskCommand:
@@ -164,13 +164,18 @@ def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
 
     config = _required(config)
     cfg = load_config(config, args, schema=FinetuneConfig)  # a bad key or value fails here, not on the cluster
-    return _training("train.finetune", job, args, config, (workdir / cfg.checkpoint.dir).resolve(), 8)
+    return _training("train.finetune", job, args, config, (workdir / cfg.checkpoint.dir).resolve(), 8,
+                     cfg.checkpoint.resume)
 
 
 def _training(module: str, job: SlurmJobConfig, args: list[str], config: str, run_dir: Path,
-              cpus: int) -> TaskCommand:
+              cpus: int, resume: bool) -> TaskCommand:
     """A training task (pretraining, fine-tuning) writing to ``run_dir``: its
-    run_summary.json tells the job script whether a signal stopped it early."""
+    run_summary.json tells the job script whether a signal stopped it early. Its
+    requeues resume, so ``checkpoint.resume=false`` is refused."""
+    if not resume:
+        raise LaunchError("checkpoint.resume=false: a requeued attempt of this job would start over instead of "
+                          "resuming; start a new run in an empty checkpoint.dir instead")
     return TaskCommand([job.python, "-m", module, "--config", config, *args, f"checkpoint.dir={run_dir}"], cpus,
                        run_dir, {"python": shlex.quote(job.python),
                                  "summary": shlex.quote(str(run_dir / "run_summary.json"))})

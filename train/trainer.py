@@ -29,8 +29,7 @@ from model.registry import create_model, model_config
 from pipeline.loader import Batch, Loader, build_loader
 from train.checkpoint import CheckpointManager
 from train.config import RunConfig, flat_config
-from train.engine import (agree_across_ranks, any_rank, build_engine, device_for, init_distributed, release_engine,
-                          set_lr)
+from train.engine import any_rank, build_engine, device_for, init_distributed, release_engine, set_lr
 from train.errors import ResumeError
 from train.logfiles import open_log, write_run_summary
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
@@ -192,6 +191,8 @@ class Trainer:
         """Continue from the newest checkpoint that verifies: step, data position and
         random streams, so the next step is the one the uninterrupted run took."""
         if not self.cfg.checkpoint.resume:
+            if self.cfg.checkpoint.enabled:
+                self.ckpt.refuse_an_earlier_run()
             return
         resumed = self.ckpt.resume(self.engine)
         if resumed is None:
@@ -230,14 +231,15 @@ class Trainer:
         """Train to ``total_steps`` (epoch after epoch), or until a stop signal."""
         r = self.result
         self.t_start = time.perf_counter()
-        self._micro, self._window, self._gauges_at = 0, [], float("-inf")
+        self._gauges_at = float("-inf")
         self.guard = UpdateGuard(r, self.cfg.faults.max_nonfinite_in_row, self.cfg.checkpoint.every_steps,
-                                 self.derived.total_steps)
+                                 self.derived.total_steps, self.world, self.cfg.faults.inject_nonfinite_at)
+        self.guard.say_if_nothing_left(self.rank)
         self.tracker = open_tracker(self.cfg.log, self.rank, self.cfg.checkpoint.dir, r.step, flat_config(self.cfg))
         self.clock, self.grad_norm = StepClock(), GradNorm(self.engine, enabled=self.tracker.active)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
             mark_last_epoch(self.loader, self.derived.total_steps - r.step, self.cfg.optim.accum_steps,
-                            len(self._window))
+                            len(self.guard.window))
             with closing(iter(self.loader)) as it:  # an exception shuts the loader's workers down
                 for batch, wait, t0 in _timed(it):
                     if self._micro_step(batch, wait, t0, stop) or r.step >= self.derived.total_steps:
@@ -270,39 +272,20 @@ class Trainer:
             if not batch.keys:  # only corrupt samples: the forward still runs (ZeRO-3 gathers in it), its loss NaN
                 warnings.simplefilter("ignore")
             loss, _, _ = self.forward(batch.images, cfg.model.mask_ratio, noise)  # bf16: the engine autocasts
-        if self._micro in cfg.faults.inject_nonfinite_at:
-            loss = loss * float("nan")  # fault drill: a poisoned batch
-        self._micro += 1
         self._log_ids(batch)
         self.micro_steps += 1
-        agreed = agree_across_ranks(loss, stop.received is not None, self.world, len(batch.keys), r.step,
-                                    self._micro - 1)
-        mean_loss, stopping = agreed.mean_loss, agreed.stopping
-        if agreed.skip:  # every rank skips this micro-batch together: no update, no hang
-            self.guard.skipped(agreed.skip)
+        updated = self.guard.update(self.engine, loss, len(batch.keys), wait, stop.received is not None,
+                                    self.grad_norm)
+        if updated is None:
             return False
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
-        self.grad_norm.before_step(boundary)
-        self.engine.step()
-        self.grad_norm.after_step(boundary)
-        self.guard.stepped(self.engine, boundary, r.step)
-        r.images += len(batch.keys) * self.world
-        r.data_wait_s += wait
-        self._window.append(mean_loss)
+        boundary, stopping = updated
         self._record_micro_step(len(batch.keys), wait, t0)
         if not boundary:
             return False
-        step_loss = sum(self._window) / len(self._window)  # mean over the accumulation window
-        self._window = []
-        r.step += 1
-        r.losses.append(step_loss)
+        step_loss = self.guard.close_window()
         self._log_step(step_loss, batch, wait, t0)
         self._record_step(step_loss)
-        r.stopped_by_signal = self.guard.end_step(
-            r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save,
-            lambda: stop.on_any_rank(self.world, self.device))
-        return r.stopped_by_signal is not None
+        return self.guard.after_step(stopping, stop, cfg.checkpoint.enabled, self.save, self.device)
 
     def _log_ids(self, batch: Batch) -> None:
         if self.ids_file:

@@ -88,4 +88,8 @@ def test_meta_must_be_the_recorded_one_and_well_formed(tmp_path):
 
 def test_fingerprint_differences_name_each_key():
     assert fingerprint_differences({"seed": 0, "dataset": "a"}, {"seed": 1, "dataset": "a"}) == ["seed: 0 -> 1"]
+    # inside the architecture: the key that differs, not both whole mappings
+    saved, ours = {"arch": {"depth": 2, "norm_pix_loss": False}}, {"arch": {"depth": 2, "norm_pix_loss": True}}
+    assert fingerprint_differences(saved, ours) == ["arch.norm_pix_loss: False -> True"]
+    assert fingerprint_differences({"arch": {"depth": 2}}, {"arch": 3}) == ["arch: {'depth': 2} -> 3"]
     assert fingerprint_differences({"seed": 0}, {"seed": 0}) == []

@@ -65,3 +65,30 @@ def test_a_batch_the_data_cannot_fill_is_refused(shards, tmp_path):
     assert out.returncode != 0 and message in out.stderr, out.stderr[-3000:]
     assert not OUR_FRAME.search(out.stderr), out.stderr[-3000:]
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step*"))
+
+
+LATE_SIGNAL = """
+import os, signal, sys, time
+from train.pretrain import run_job
+def job():
+    pass
+def late(times):
+    for _ in range(times):  # a scheduler's warning that lands while the ended job exits
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+import train.pretrain as pretrain
+real = pretrain.shutdown_distributed
+pretrain.shutdown_distributed = lambda **kw: (late(int(sys.argv[1])), real(**kw))
+sys.exit(run_job(job))
+"""
+
+
+@pytest.mark.parametrize("signals, code", [(1, 0), (2, 143)])
+def test_a_stop_signal_after_the_job_ended_keeps_its_exit_code(signals, code):
+    """A SIGTERM during the teardown after the final save (summary written) killed the
+    process with 143, which a scheduler counts as a failed job; now it is noted and
+    the exit code stays the job's. A second one still ends the process at once."""
+    out = subprocess.run([sys.executable, "-c", LATE_SIGNAL, str(signals)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == code, out.stderr[-2000:]
+    assert "SIGTERM received while exiting: the job has already ended" in out.stderr

@@ -212,3 +212,28 @@ def test_elastic_resume_of_partitioned_optimizer_state_is_refused_clearly(shards
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "ZeRO-2 optimizer state partitioned over 2 ranks" in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_starting_over_in_a_folder_with_an_earlier_runs_checkpoints_is_refused(shards, single_run, tmp_path):
+    """`checkpoint.resume=false` where an earlier run saved: its saves replaced the
+    earlier run's checkpoint of the same step (calling it a leftover), left the newer
+    ones, and the next resume continued the earlier run's weights without a word.
+    Now refused in one line, before anything is written; the checkpoint is intact."""
+    run = copy_checkpoint(single_run, tmp_path / "earlier", 4)
+    complete = (run / "ckpt" / "step000000004" / "COMPLETE").read_bytes()
+    out = run_cmd(mae_pretrain(shards, run, "checkpoint.resume=false", "optim.lr=5e-4"), run)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "earlier run" in line]
+    assert len(lines) == 1 and "holds checkpoints of an earlier run (the newest: step000000004)" in lines[0]
+    assert (run / "ckpt" / "step000000004" / "COMPLETE").read_bytes() == complete
+    assert sorted(p.name for p in (run / "ckpt").iterdir() if p.name.startswith("step")) == ["step000000004"]
+
+
+def test_a_resume_past_the_last_step_says_it_trains_nothing(shards, single_run, tmp_path):
+    """`schedule.max_steps` lowered below the checkpoint's step: it ended at once, exit 0,
+    without a word (and a summary of 0 images)."""
+    run = copy_checkpoint(single_run, tmp_path / "lowered", 4)
+    out = run_cmd(mae_pretrain(shards, run, "schedule.max_steps=2"), run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("nothing to train: the checkpoint resumed is at step 4, and this run ends at step 2 "
+            "(schedule.max_steps or the epochs were lowered") in out.stderr, out.stderr[-3000:]

@@ -122,6 +122,10 @@ def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
     for arg in ("--signal=USR1@600", "--no-requeue", "--output=/tmp/x.out"):
         with pytest.raises(LaunchError, match=f"'{arg}': the launcher sets {arg.split('=')[0]} itself"):
             job_config(sbatch_args=(arg,))
+    # every requeue would have started over, rewriting the job's own checkpoints
+    for task, config in (("pretrain", "vit_l"), ("finetune", "finetune_tiny_cpu")):
+        with pytest.raises(LaunchError, match="a requeued attempt of this job would start over"):
+            write_job(job_config(task=task), ["checkpoint.resume=false"], config)
     out = _mae("launch", "slurm", "--config", "vit_l", "deepspeed.stage=7", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "deepspeed.stage" in out.stderr
     out = _mae("launch", "slurm", "--task", "shard", "--", "src", "dest", "--bogus", cwd=tmp_path)

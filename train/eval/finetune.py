@@ -42,8 +42,7 @@ from pipeline.loader import Batch, Loader, LoaderConfig, build_loader
 from pipeline.plan import PlanConfig
 from train.checkpoint import CheckpointManager
 from train.config import flat_config
-from train.engine import (adamw, agree_across_ranks, build_engine, device_for, init_distributed, module_state_dict,
-                          release_engine, set_lr)
+from train.engine import adamw, build_engine, device_for, init_distributed, module_state_dict, release_engine, set_lr
 from train.errors import EvalInputError, ResumeError, WeightsError, check_classes
 from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
@@ -222,12 +221,15 @@ class Finetuner:
 
     def _fingerprint(self) -> dict[str, object]:
         """The config's fingerprint, and what the run made of it: the head's class count
-        (the data's, unless model.num_classes says) and the weights it started from. A
-        resume that changes either is refused by name, before DeepSpeed loads a thing."""
+        (the data's, unless model.num_classes says), the weights it started from and
+        the validation set (its manifest's fingerprint: the best checkpoint is chosen
+        by its scores, which another set's would not compare with). A resume that
+        changes any is refused by name, before DeepSpeed loads a thing."""
         weights = self.cfg.model.weights
         if weights and "://" not in weights:
             weights = os.path.abspath(weights)
-        return {**self.cfg.fingerprint(), "head_classes": self.num_classes, "weights": weights or None}
+        validation = {"eval_manifest": self.val_loader.fingerprint} if self.val_loader is not None else {}
+        return {**self.cfg.fingerprint(), "head_classes": self.num_classes, "weights": weights or None, **validation}
 
     def _classes(self, loader: Loader, url: str) -> list[str]:
         classes = loader.manifest.classes
@@ -252,6 +254,8 @@ class Finetuner:
     # ---------------------------------------------------------- checkpoints
     def resume(self) -> None:
         if not self.cfg.checkpoint.resume:
+            if self.cfg.checkpoint.enabled:
+                self.ckpt.refuse_an_earlier_run()
             return
         resumed = self.ckpt.resume(self.engine)
         if resumed is None:
@@ -287,10 +291,11 @@ class Finetuner:
         until a stop signal."""
         r, every = self.result, self.cfg.eval.every_epochs
         self.t_start = time.perf_counter()
-        self._micro, self._window, self._gauges_at = 0, [], float("-inf")
+        self._gauges_at = float("-inf")
         self.tracker = open_tracker(self.cfg.log, self.rank, self.cfg.checkpoint.dir, r.step, flat_config(self.cfg))
         self.guard = UpdateGuard(r, self.cfg.faults.max_nonfinite_in_row, self.cfg.checkpoint.every_steps,
-                                 self.derived.total_steps)
+                                 self.derived.total_steps, self.world, self.cfg.faults.inject_nonfinite_at)
+        self.guard.say_if_nothing_left(self.rank)
         while r.step < self.derived.total_steps and r.stopped_by_signal is None:
             epoch = self.loader.epoch
             if self._train_epoch(stop) and (epoch + 1) % every == 0:
@@ -304,7 +309,7 @@ class Finetuner:
     def _train_epoch(self, stop: StopSignal) -> bool:
         """One epoch (the rest of it after a resume); True if it ran to its end."""
         mark_last_epoch(self.loader, self.derived.total_steps - self.result.step, self.cfg.optim.accum_steps,
-                        len(self._window))
+                        len(self.guard.window))
         if self.val_loader is not None and (self.loader.epoch + 1) % self.cfg.eval.every_epochs == 0:
             self.loader.last_epoch = self.loader.epoch  # an evaluation follows: no next epoch's workers idle through it
         with closing(batches(self.loader)) as it:
@@ -323,38 +328,17 @@ class Finetuner:
         with self.streams.model_stream():  # drop path draws from the saved stream
             logits = self.engine(images)  # bf16: the engine autocasts the forward
         loss = soft_cross_entropy(logits, targets)
-        if self._micro in cfg.faults.inject_nonfinite_at:
-            loss = loss * float("nan")
-        self._micro += 1
-        agreed = agree_across_ranks(loss, stop.received is not None, self.world, len(batch.keys), r.step,
-                                    self._micro - 1)
-        mean_loss, stopping = agreed.mean_loss, agreed.stopping
-        if agreed.skip:  # every rank skips this micro-batch together: no update, no hang
-            self.guard.skipped(agreed.skip)
+        updated = self.guard.update(self.engine, loss, len(batch.keys), wait, stop.received is not None)
+        if updated is None:
             return False
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
-        self.engine.step()
-        self.guard.stepped(self.engine, boundary, r.step)
-        r.images += len(batch.keys) * self.world
-        r.data_wait_s += wait
-        self._window.append(mean_loss)
+        boundary, stopping = updated
         sink().inc("mae_trainer_images_total", len(batch.keys))
         sink().observe("mae_data_wait_seconds", wait)
         sink().observe("mae_step_duration_seconds", time.perf_counter() - t0)
-        return self._end_step(batch, stop, stopping) if boundary else False
-
-    def _end_step(self, batch: Batch, stop: StopSignal, stopping: bool) -> bool:
-        cfg, r = self.cfg, self.result
-        step_loss = sum(self._window) / len(self._window)
-        self._window = []
-        r.step += 1
-        r.losses.append(step_loss)
-        self._record_step(step_loss, batch)
-        r.stopped_by_signal = self.guard.end_step(
-            r.step, stopping, stop.received, cfg.checkpoint.enabled, self.save,
-            lambda: stop.on_any_rank(self.world, self.device))
-        return r.stopped_by_signal is not None
+        if not boundary:
+            return False
+        self._record_step(self.guard.close_window(), batch)
+        return self.guard.after_step(stopping, stop, cfg.checkpoint.enabled, self.save, self.device)
 
     def _labels(self, batch: Batch) -> torch.Tensor:
         labels = batch.labels.to(self.device, non_blocking=True)

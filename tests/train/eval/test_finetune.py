@@ -35,11 +35,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ft-data")
     write_photo_folder(root / "train-src", 96, size=(64, 48), seed=3)
     write_photo_folder(root / "val-src", 35, size=(64, 48), seed=4)
-    for split in ("train", "val"):
+    write_photo_folder(root / "val2-src", 18, size=(64, 48), seed=5)
+    for split in ("train", "val", "val2"):
         write_shards(str(root / f"{split}-src"), str(root / split), ShardWriterConfig(shard_bytes=60_000))
     torch.manual_seed(0)
     export_encoder(create_model("mae_vit_test_patch4"), root / "encoder.safetensors")
-    return {"train": root / "train", "val": root / "val", "encoder": root / "encoder.safetensors"}
+    return {"train": root / "train", "val": root / "val", "val2": root / "val2", "encoder": root / "encoder.safetensors"}
 
 
 def _overrides(data: dict, run: Path, *extra: str) -> list[str]:
@@ -196,16 +197,18 @@ def test_a_batch_the_data_cannot_fill_is_refused(data, tmp_path):
 @pytest.mark.parametrize("change, expected", [
     ("weights", "weights: '{old}' -> '{new}'"),
     ("model.num_classes=12", "head_classes: 9 -> 12"),
+    ("eval.url", "eval_manifest: '"),
 ])
 def test_a_resume_that_changes_the_head_or_the_weights_is_refused_by_name(data, reference, tmp_path, change, expected):
     """Other weights were ignored silently (the run went on from its checkpoint); another
-    class count failed inside DeepSpeed with a state-dict size mismatch."""
+    class count failed inside DeepSpeed with a state-dict size mismatch; another
+    validation set's scores were compared with the first one's to pick the best."""
     import shutil
 
     shutil.copytree(reference / "ckpt", tmp_path / "ckpt")
     new = tmp_path / "other-encoder.safetensors"
     shutil.copy(data["encoder"], new)
-    extra = f"model.weights={new}" if change == "weights" else change
+    extra = {"weights": f"model.weights={new}", "eval.url": f"eval.url={data['val2']}"}.get(change, change)
     out = _run([sys.executable, "-m", "train.cli", "finetune", "--config", "finetune_tiny_cpu",
                 *_overrides(data, tmp_path, extra)], tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
