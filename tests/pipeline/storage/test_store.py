@@ -612,6 +612,26 @@ def _get_object_calls(fs) -> list[str]:
     return calls
 
 
+def _own_fs(faulty_s3):
+    """A filesystem of its own, not fsspec's cached instance: what its client
+    learns (a bucket's redirect) stays in this test."""
+    storage = _config(faulty_s3, Path("/nonexistent"))
+    return filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options,
+                                                                            "skip_instance_cache": True}))[0]
+
+
+def _errors_both_ways(faulty_s3, fs, fault: str, path: str) -> dict[bool, OSError]:
+    """The error each path (presigned: True, the client's: False) raises for one
+    injected ``fault`` on a range of ``path``."""
+    raised = {}
+    for direct in (True, False):
+        faulty_s3.faults.add(fault, match=path.rsplit("/", 1)[-1], times=1)
+        with pytest.raises(OSError) as e:
+            read_range(fs, path, 0, 100, lambda at, c: None, 30, direct)
+        raised[direct] = e.value
+    return raised
+
+
 def _tiles(got: list[tuple[int, bytes]], start: int) -> bool:
     """Chunks handed over in order, each at the offset where the one before ended."""
     return [at for at, _ in got] == [start + sum(len(c) for _, c in got[:i]) for i in range(len(got))]
@@ -692,8 +712,7 @@ def test_a_redirect_answer_is_followed_by_the_client_and_an_empty_416_is_past_th
     caplog.set_level(logging.INFO, logger="pipeline.storage.ranges")
     data = os.urandom(300_000)
     faulty_s3.client().put_object(Bucket="faults", Key="redirect/obj.bin", Body=data)
-    storage = _config(faulty_s3, Path("/nonexistent"))
-    fs, _ = filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options, "skip_instance_cache": True}))
+    fs = _own_fs(faulty_s3)
     calls = _get_object_calls(fs)
     faulty_s3.faults.clear()
     faulty_s3.faults.add("empty_416", match="obj.bin", times=1)
@@ -715,17 +734,12 @@ def test_any_other_400_is_the_clients_error_and_the_bucket_keeps_its_presigned_g
     presigned path raises what the client path raises (a transient error, retried),
     and the bucket's next ranges are still presigned GETs."""
     faulty_s3.client().put_object(Bucket="faults", Key="timeout/obj.bin", Body=b"z" * 5000)
-    storage = _config(faulty_s3, Path("/nonexistent"))
-    fs, _ = filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options, "skip_instance_cache": True}))
+    fs = _own_fs(faulty_s3)
     calls = _get_object_calls(fs)
     faulty_s3.faults.clear()
-    raised = {}
-    for direct in (True, False):
-        faulty_s3.faults.add("request_timeout", match="obj.bin", times=1)
-        with pytest.raises(OSError) as e:
-            read_range(fs, "faults/timeout/obj.bin", 0, 100, lambda at, c: None, 30, direct)
-        raised[direct] = (type(e.value), e.value.errno, str(e.value))
-    assert raised[True] == raised[False] and permanent_cause(e.value) is None  # retried, both ways
+    errors = _errors_both_ways(faulty_s3, fs, "request_timeout", "faults/timeout/obj.bin")
+    raised = {direct: (type(e), e.errno, str(e)) for direct, e in errors.items()}
+    assert raised[True] == raised[False] and all(permanent_cause(e) is None for e in errors.values())  # retried
     calls.clear()
     got = []
     assert read_range(fs, "faults/timeout/obj.bin", 0, 100, lambda at, c: got.append(c), 30) == 100
@@ -756,15 +770,10 @@ def test_a_proxy_page_refusing_a_range_is_access_denied_on_both_paths(faulty_s3)
     by its status, access denied (permanent), where s3fs alone made it an I/O error
     retried for minutes."""
     faulty_s3.client().put_object(Bucket="faults", Key="proxy/obj.bin", Body=b"p" * 5000)
-    storage = _config(faulty_s3, Path("/nonexistent"))
-    fs, _ = filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options, "skip_instance_cache": True}))
+    fs = _own_fs(faulty_s3)
     faulty_s3.faults.clear()
-    raised = {}
-    for direct in (True, False):
-        faulty_s3.faults.add("html_403", match="obj.bin", times=1)
-        with pytest.raises(OSError) as e:
-            read_range(fs, "faults/proxy/obj.bin", 0, 100, lambda at, c: None, 30, direct)
-        raised[direct] = (type(e.value), permanent_cause(e.value))
+    raised = {direct: (type(e), permanent_cause(e)) for direct, e in _errors_both_ways(faulty_s3, fs, "html_403",
+                                                                                       "faults/proxy/obj.bin").items()}
     assert faulty_s3.faults.injected == ["html_403", "html_403"]
     assert raised[True] == raised[False] == (PermissionError, "access denied (check credentials)")
 
@@ -777,8 +786,7 @@ def test_a_read_timeout_is_named_as_itself_not_as_the_transfer_limit(faulty_s3, 
     "still arriving after 60 s" a minute early, and not a TypeError when no limit
     is set."""
     faulty_s3.client().put_object(Bucket="faults", Key="stalled/obj.bin", Body=os.urandom(100_000))
-    storage = _config(faulty_s3, Path("/nonexistent"))
-    fs, _ = filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options, "skip_instance_cache": True}))
+    fs = _own_fs(faulty_s3)
     faulty_s3.faults.clear()
     for direct in (True, False):
         faulty_s3.faults.add("stall", match="obj.bin", times=1, seconds=4)
@@ -799,8 +807,7 @@ def test_an_answer_for_other_bytes_than_asked_is_not_handed_over(faulty_s3, star
     says the server does not honour the range (the store refuses it for good)."""
     data = os.urandom(5000)
     faulty_s3.client().put_object(Bucket="faults", Key="shifted/obj.bin", Body=data)
-    storage = _config(faulty_s3, Path("/nonexistent"))
-    fs, _ = filesystem("s3://faults", dataclasses.replace(storage, options={**storage.options, "skip_instance_cache": True}))
+    fs = _own_fs(faulty_s3)
     faulty_s3.faults.clear()
     for direct in (True, False):
         faulty_s3.faults.add("other_bytes", match="obj.bin", times=1)
