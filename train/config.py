@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -416,10 +417,14 @@ YAML_NULLS = ("null", "Null", "NULL", "~")
 def _override_value(raw: str, hint: Any, item: str) -> Any:
     """An override's value: verbatim for a text field (a path keeps its ``#`` and is
     never read as a date, a bool or null, except YAML's nulls ``null``, ``Null``,
-    ``NULL`` and ``~`` for an optional one, as in a file); parsed as YAML otherwise."""
+    ``NULL`` and ``~`` for an optional one, as in a file); parsed as YAML otherwise.
+    A text's leading ``~/`` is the home folder: the shell expands it in a word of
+    its own, not after ``key=`` (``checkpoint.dir=~/runs`` made a folder named ``~``)."""
     if raw == "":
         return ""
     if _is_text(hint) and not raw.startswith(("'", '"')):
+        if raw.startswith("~/"):
+            return os.path.expanduser(raw)
         return None if raw in YAML_NULLS and type(None) in typing.get_args(hint) else raw
     return _parse_yaml(raw, f"override {_shown(item)}")
 

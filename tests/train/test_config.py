@@ -1,4 +1,5 @@
 import math
+import os
 import re
 from pathlib import Path
 
@@ -117,6 +118,12 @@ def test_numbers_read_as_yaml_1_2_and_text_overrides_as_written(tmp_path):
     assert (cfg.checkpoint.dir, cfg.data.url, cfg.log.run_name) == ("runs/exp #2", "/data/set #1", "2024-05-01")
     assert cfg.data.augment.scale == (0.5, 1.0)
     assert load_config("tiny_cpu", ["log.run_name=null", "data.url='quoted'"]).data.url == "quoted"
+    # the shell leaves ~ alone after key=: it made a folder named ~ in the working directory
+    home = load_config("tiny_cpu", ["checkpoint.dir=~/runs/x", "data.url=~/shards"])
+    assert (home.checkpoint.dir, home.data.url) == (os.path.expanduser("~/runs/x"), os.path.expanduser("~/shards"))
+    assert home.checkpoint.dir.startswith("/") and "~" not in home.checkpoint.dir
+    quoted = load_config("tiny_cpu", ["checkpoint.dir='~/quoted'", "data.url=a~/b"])
+    assert (quoted.checkpoint.dir, quoted.data.url) == ("~/quoted", "a~/b")
     for null in ("null", "Null", "NULL", "~"):  # YAML's nulls unset an optional text field, as in a file
         assert load_config("tiny_cpu", [f"log.run_name={null}"]).log.run_name is None
         assert load_config("tiny_cpu", [f"log.run_name='{null}'"]).log.run_name == null
