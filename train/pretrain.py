@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 
 from infra.redact import describe, redact_logs
 from train.config import RunConfig, load_config
 from train.engine import shutdown_distributed
 from train.errors import exit_code_of, reported_errors
+from train.signals import exiting_with, signals_noted
 from train.trainer import RunResult, StopSignal, Trainer
 
 
@@ -77,30 +76,12 @@ def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
         job()
     except reported_errors() as e:
         log.error("%s", describe(e))
-        _exiting()
-        shutdown_distributed(after_error=True)
+        with signals_noted():
+            shutdown_distributed(after_error=True)
         return exit_code_of(e)
-    _exiting()
-    shutdown_distributed()
+    with signals_noted():
+        shutdown_distributed()
     return 0
-
-
-def _exiting() -> None:
-    """From here to the process's end the job is over (saved, summary written): a
-    stop signal now (a scheduler's time-limit warning) is noted, not fatal, so the
-    exit code stays the job's; a second one still ends the process at once."""
-    def note(signum: int, frame: object) -> None:
-        if note.seen:
-            os._exit(128 + signum)
-        note.seen = True
-        os.write(2, f"{signal.Signals(signum).name} received while exiting: the job has already ended\n".encode())
-
-    note.seen = False
-    if threading.current_thread() is not threading.main_thread():
-        return  # a job run by a program's own thread: its signals are the program's
-    for sig in StopSignal.SIGNALS:
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting_with(main()))

@@ -35,6 +35,7 @@ from train.logfiles import open_log, write_run_summary
 from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
+from train.signals import STOP_SIGNALS
 from train.speedup import peak_flops_for
 from train.step_metrics import EncoderTimer, GradNorm, StepClock, record_memory, start_prometheus, stop_prometheus
 from train.update_guard import UpdateGuard
@@ -68,7 +69,7 @@ class StopSignal:
     ends the process at once, exit 130, without saving: the way out of a start-up
     that hangs."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, saves: bool = True) -> None:
         self.received: str | None = None

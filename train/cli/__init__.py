@@ -85,6 +85,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def console() -> int:
+    """The `mae` command itself: ``main``, then the process ends (stop signals are
+    only noted from here on: the exit code stays the command's)."""
+    from train.signals import exiting_with
+
+    return exiting_with(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_with_overrides(build_parser(argv), argv)
