@@ -327,12 +327,18 @@ class CheckpointManager:
         folder that already holds complete checkpoints is refused, on every rank
         (its saves would replace the earlier run's of the same steps, and a later
         resume would take the newest checkpoint of either run)."""
-        tags = complete_tags(self.root) if self.rank == 0 else []
-        raise_first(ResumeError(
-            f"checkpoint.dir {self.root} holds checkpoints of an earlier run (the newest: {tags[-1]}), and "
-            "checkpoint.resume=false starts over: its checkpoints would mix with them and a later resume would "
-            "take the newest of either run. Use another checkpoint.dir, or move those checkpoints away "
-            "(checkpoint.resume=true continues from them)") if tags else None)
+        error: TrainError | None = None
+        try:
+            tags = complete_tags(self.root) if self.rank == 0 else []
+        except OSError as e:
+            tags, error = [], CheckpointStorageError(f"cannot list checkpoint.dir {self.root}: {e.strerror or e}")
+        if tags:
+            error = ResumeError(
+                f"checkpoint.dir {self.root} holds checkpoints of an earlier run (the newest: {tags[-1]}), and "
+                "checkpoint.resume=false starts over: its checkpoints would mix with them and a later resume would "
+                "take the newest of either run. Use another checkpoint.dir, or move those checkpoints away "
+                "(checkpoint.resume=true continues from them)")
+        raise_first(error)
 
     def resume(self, engine: Any) -> Resumed | None:
         """Load the newest checkpoint that verifies (None: there is none to resume)."""

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -233,31 +233,49 @@ class RunLock:
             return self._create()
 
     def _unreadable_age(self) -> float:
-        """Seconds since the lock file was written (0 if it is gone)."""
+        """Seconds since the lock file was written (0 if it is gone), by the
+        storage's clock."""
         try:
-            return time.time() - self.path.stat().st_mtime
+            return self._storage_now() - self.path.stat().st_mtime
         except FileNotFoundError:
             return 0.0
+
+    def _storage_now(self) -> float:
+        """The storage's clock: the time stamp of a file written now. Ages of files
+        on shared storage are measured against it, not against this host's clock,
+        which may run ahead of or behind the file server's. This host's clock where
+        nothing can be written."""
+        probe = self.root / f".{LOCK_NAME}.clock-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError:
+            return time.time()
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
 
     @contextmanager
     def _takeover_turn(self) -> Iterator[None]:
         """Hold ``LOCK.takeover`` while replacing a stale lock; wait while another
-        run holds it, and remove one left behind (older than ``TAKEOVER_STALE_S``)."""
+        run holds it, and break one left behind (older than ``TAKEOVER_STALE_S``)."""
         path, waited = self.root / TAKEOVER_NAME, time.monotonic()
+        clock: float | None = None  # the storage's clock at ``waited``, read once
         while True:
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 break
             except FileExistsError:
                 try:
-                    age = time.time() - path.stat().st_mtime
+                    turn = path.stat()
                 except FileNotFoundError:
                     continue
+                clock = self._storage_now() if clock is None else clock
+                age = clock + time.monotonic() - waited - turn.st_mtime
                 if age > TAKEOVER_STALE_S:
-                    log.warning("removing %s, left %.0fs ago by a run that stopped while taking over the lock",
-                                path, age)
-                    path.unlink(missing_ok=True)
-                elif time.monotonic() - waited > 2 * TAKEOVER_STALE_S:  # its clock is ahead of ours
+                    self._break_turn(path, turn, age)
+                elif time.monotonic() - waited > 2 * TAKEOVER_STALE_S:  # dated ahead of the storage's clock
                     raise CheckpointLockError(f"another run has been taking over the lock {self.path} for "
                                               f"{time.monotonic() - waited:.0f}s: remove {path} if no run is "
                                               "starting") from None
@@ -267,6 +285,23 @@ class RunLock:
             yield
         finally:
             path.unlink(missing_ok=True)
+
+    def _break_turn(self, path: Path, judged: os.stat_result, age: float) -> None:
+        """Remove the turn judged left behind, and only it: it is renamed aside
+        first, and given back if what was renamed is a turn another run has taken
+        since (two runs breaking the same old turn)."""
+        aside = path.with_name(f"{path.name}.broken-{secrets.token_hex(6)}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # another run broke it first
+        renamed = os.stat(aside)
+        if (renamed.st_ino, renamed.st_mtime_ns) == (judged.st_ino, judged.st_mtime_ns):
+            log.warning("removing %s, left %.0fs ago by a run that stopped while taking over the lock", path, age)
+        else:
+            with suppress(FileExistsError):
+                os.link(aside, path)  # another run's fresh turn: given back as it was
+        aside.unlink(missing_ok=True)
 
     def _interval(self) -> float:
         return max(0.5, self.stale_after_s / 10)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from infra.options import OptionError, option, require, require_choice, require_positive
 from infra.redact import redact
@@ -153,7 +154,7 @@ def _pretrain(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
     config = _required(config)
     cfg = load_config(config, args)  # a bad key or value fails here, not on the cluster
     return _training("train.pretrain", job, args, config, (workdir / cfg.checkpoint.dir).resolve(),
-                     cfg.data.num_workers + 2, cfg.checkpoint.resume)
+                     cfg.data.num_workers + 2, cfg.checkpoint)
 
 
 def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir: Path) -> TaskCommand:
@@ -165,15 +166,15 @@ def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
     config = _required(config)
     cfg = load_config(config, args, schema=FinetuneConfig)  # a bad key or value fails here, not on the cluster
     return _training("train.finetune", job, args, config, (workdir / cfg.checkpoint.dir).resolve(), 8,
-                     cfg.checkpoint.resume)
+                     cfg.checkpoint)
 
 
 def _training(module: str, job: SlurmJobConfig, args: list[str], config: str, run_dir: Path,
-              cpus: int, resume: bool) -> TaskCommand:
+              cpus: int, checkpoint: Any) -> TaskCommand:
     """A training task (pretraining, fine-tuning) writing to ``run_dir``: its
     run_summary.json tells the job script whether a signal stopped it early. Its
-    requeues resume, so ``checkpoint.resume=false`` is refused."""
-    if not resume:
+    requeues resume, so ``checkpoint.resume=false`` is refused where it saves."""
+    if checkpoint.enabled and not checkpoint.resume:
         raise LaunchError("checkpoint.resume=false: a requeued attempt of this job would start over instead of "
                           "resuming; start a new run in an empty checkpoint.dir instead")
     return TaskCommand([job.python, "-m", module, "--config", config, *args, f"checkpoint.dir={run_dir}"], cpus,

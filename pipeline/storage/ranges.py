@@ -60,7 +60,8 @@ ERROR_BODY_LIMIT = 64 * 1024  # the most of an error answer read for its Code an
 REGION_ERRORS = {"PermanentRedirect", "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError"}
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/")
-_SIGNED_QUERY = re.compile(r"\?[^\s'\"<>]*X-Amz-[^\s'\"<>]*")  # a presigned URL's query, up to a quote or space
+# a presigned URL's query (SigV4's X-Amz-*, SigV2's AWSAccessKeyId and Signature), up to a quote or space
+_SIGNED_QUERY = re.compile(r"\?[^\s'\"<>]*(?:X-Amz-|AWSAccessKeyId=|Signature=)[^\s'\"<>]*", re.IGNORECASE)
 _HEADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> what its presigned GETs send
 _REDIRECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> buckets it reads itself
 
@@ -114,12 +115,12 @@ async def _client_range(fs: Any, path: str, start: int, end: int, put: Put) -> i
     try:
         resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
                                  **({"VersionId": version} if version else {}))
+    except BotoCoreError as e:  # the aiohttp error it wraps holds the request's headers: the session token
+        error = _unsigned(e)
     except OSError as e:
         error = _by_status(e)
         if error is e:
             raise
-    except BotoCoreError as e:  # the aiohttp error it wraps holds the request's headers: the session token
-        error = _unsigned(e)
     else:
         error = None
     if error is not None:
@@ -235,7 +236,7 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
         headers = {**_headers_of(s3), "Range": f"bytes={start}-{end - 1}"}
         resp = await session.send(AWSPreparedRequest("GET", url, headers, None, True))
     except BotoCoreError as e:  # connection and HTTP errors: their message and fields hold the signed URL
-        error = _unsigned(e)
+        error = _unsigned(e, url)
     else:
         error = None
     if error is not None:
@@ -261,16 +262,18 @@ async def _presigned_range(fs: Any, path: str, start: int, end: int, put: Put) -
         raw.close()
 
 
-def _unsigned(error: Exception) -> Exception:
+def _unsigned(error: Exception, url: str = "") -> Exception:
     """``error`` (botocore's, from sending a GET) rebuilt from the text of its
     fields, a presigned URL's query cut: the message of a connection error, or of
     the aiohttp error an HTTP client error wraps, holds the signed URL (signature,
     credential, session token), and that aiohttp error holds the request's
-    headers."""
+    headers. ``url``: the presigned URL sent, cut wherever it appears as it is."""
     def cut(value: object) -> object:
         if isinstance(value, BaseException):
             value = str(value)
-        return _SIGNED_QUERY.sub("", value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        return _SIGNED_QUERY.sub("", value.replace(url, url.split("?")[0]) if url else value)
 
     try:
         return type(error)(**{name: cut(value) for name, value in getattr(error, "kwargs", {}).items()})

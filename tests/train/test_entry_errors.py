@@ -4,6 +4,7 @@ pretrain`, `python -m train.pretrain`, torchrun and the DeepSpeed launcher."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,39 @@ def test_a_stop_signal_after_the_job_ended_keeps_its_exit_code(signals, code):
     assert out.returncode == code, out.stderr[-2000:]
     assert "SIGTERM received while exiting: the job has already ended" in out.stderr
     assert out.stdout.strip() == ("restored" if code == 0 else "")
+
+
+STUCK_IN_C = """
+import ctypes
+from train.signals import signals_noted
+libc = ctypes.CDLL(None)
+mutex = ctypes.create_string_buffer(64)  # a zeroed pthread_mutex_t: glibc's initializer
+with signals_noted():
+    libc.pthread_mutex_lock(mutex)
+    print("stuck", flush=True)
+    libc.pthread_mutex_lock(mutex)  # a teardown hung inside a C call: never returns, no Python handler runs
+"""
+
+
+def test_a_second_stop_signal_ends_a_teardown_stuck_in_c():
+    """The first signal is noted even while the main thread is stuck inside a C call,
+    and the second ends the process at once, as the default action would have."""
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_IN_C], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "stuck"
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)  # noted, not fatal
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+    assert "SIGTERM received while exiting: the job has already ended" in proc.stderr.read()
+
+
+def test_an_entry_point_notes_a_stop_signal_until_the_process_ends():
+    script = ("import os, signal, sys\nfrom train.signals import exiting_with\ncode = exiting_with(0)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\nimport time; time.sleep(0.3)\nsys.exit(code)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "SIGTERM received while exiting" in out.stderr, out.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -303,4 +304,39 @@ def test_a_fresh_unreadable_lock_is_given_its_grace_then_taken_over(tmp_path, ca
     lock.acquire()
     assert time.monotonic() - began >= 9 and read_holder(tmp_path / LOCK_NAME).token == lock.holder.token
     assert "it is unreadable" in caplog.text
+    lock.release()
+
+
+def test_a_turn_taken_since_it_was_judged_left_behind_is_given_back(tmp_path, caplog):
+    """Two runs judge the same old turn left behind; the first breaks it and takes a
+    fresh one; the second's break must not remove that fresh turn."""
+    turn = tmp_path / TAKEOVER_NAME
+    turn.touch()
+    old = time.time() - TAKEOVER_STALE_S - 5
+    os.utime(turn, (old, old))
+    judged = turn.stat()
+    lock = RunLock(tmp_path, stale_after_s=60)
+    lock._break_turn(turn, judged, 35.0)  # the first run: the turn it judged, removed
+    assert not turn.exists() and "removing" in caplog.text
+    caplog.clear()
+    turn.touch()  # ... and its fresh turn
+    fresh = turn.stat()
+    lock._break_turn(turn, judged, 35.0)  # the second run, late with the same judgement
+    assert turn.stat().st_ino == fresh.st_ino and "removing" not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TAKEOVER_NAME]  # nothing left aside
+
+
+def test_ages_on_the_storage_go_by_its_clock_not_this_hosts(tmp_path, monkeypatch, caplog):
+    """This host's clock two minutes ahead of the file server's: a turn written a moment
+    ago looked two minutes old and was broken at once, under the run taking over."""
+    monkeypatch.setattr(run_lock, "TAKEOVER_STALE_S", 1.0)
+    _write(tmp_path / LOCK_NAME, replace(this_process(), pid=_dead_pid(), pid_start=None))
+    (tmp_path / TAKEOVER_NAME).touch()  # another run's turn, just taken
+    real = time.time
+    monkeypatch.setattr(run_lock.time, "time", lambda: real() + 120)
+    began = time.monotonic()
+    lock = RunLock(tmp_path, stale_after_s=3600)
+    lock.acquire()
+    assert time.monotonic() - began >= 1.0  # waited for the turn to age by the storage's clock
+    assert re.search(r"left [01]s ago", caplog.text), caplog.text
     lock.release()

@@ -126,6 +126,9 @@ def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
     for task, config in (("pretrain", "vit_l"), ("finetune", "finetune_tiny_cpu")):
         with pytest.raises(LaunchError, match="a requeued attempt of this job would start over"):
             write_job(job_config(task=task), ["checkpoint.resume=false"], config)
+        # a job that saves nothing has nothing to resume: left as asked
+        write_job(job_config(task=task, job_dir=str(tmp_path / task)), ["checkpoint.resume=false",
+                                                                       "checkpoint.enabled=false"], config)
     out = _mae("launch", "slurm", "--config", "vit_l", "deepspeed.stage=7", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "deepspeed.stage" in out.stderr
     out = _mae("launch", "slurm", "--task", "shard", "--", "src", "dest", "--bogus", cwd=tmp_path)

@@ -746,22 +746,23 @@ def test_any_other_400_is_the_clients_error_and_the_bucket_keeps_its_presigned_g
     assert b"".join(got) == b"z" * 100 and calls == []
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_an_endpoint_that_does_not_speak_http_is_named_without_the_signed_url(direct):
+@pytest.mark.parametrize("direct, signature", [(True, "s3v4"), (True, "s3"), (False, "s3v4")])
+def test_an_endpoint_that_does_not_speak_http_is_named_without_the_signed_url(direct, signature):
     """An endpoint that answers something else than HTTP (another service on that
     port): the aiohttp error wrapped in botocore's holds the request's URL; on the
     presigned path its query (signature, credential, session token) is cut from
     the message, every field and every exception behind it."""
     with SilentEndpoint(answer=b"HTTP/1.1 2000 OK\r\n\r\n") as other:
         opts = {"endpoint_url": other.url, "key": "ASIAEXAMPLEKEY", "secret": "example-secret-value",
-                "token": "EXAMPLESESSIONTOKEN", "skip_instance_cache": True}
+                "token": "EXAMPLESESSIONTOKEN", "skip_instance_cache": True,
+                "config_kwargs": {"signature_version": signature}}  # s3: SigV2's AWSAccessKeyId and Signature
         fs, _ = filesystem("s3://other", StorageConfig(options=opts, read_timeout_s=2, connect_timeout_s=2))
         with pytest.raises(Exception) as e:
             read_range(fs, "other/some/shard.tar", 0, 10, lambda at, c: None, 10, direct)
     text = _chain(e.value)
     assert type(e.value).__name__ == "HTTPClientError" and "Bad status line" in str(e.value), text
     assert f"{other.url}/other/some/shard.tar" in str(e.value)
-    assert not re.search("X-Amz|ASIAEXAMPLEKEY|EXAMPLESESSIONTOKEN|example-secret", text), text
+    assert not re.search("X-Amz|Signature=|ASIAEXAMPLEKEY|EXAMPLESESSIONTOKEN|example-secret", text, re.I), text
 
 
 @pytest.mark.integration
