@@ -23,14 +23,16 @@ class Derived:
     world_size: int
     global_batch: int
     lr: float
-    steps_per_epoch: int
+    steps_per_epoch: float  # micro-batches per epoch / accum_steps
     total_steps: int
     warmup_steps: int
 
 
 def micro_batches_per_epoch(cfg: RunConfig, samples: int, world_size: int) -> int:
-    """Whole micro-batches an epoch of ``samples`` (one rank's) gives. A batch the data
-    cannot fill once is refused: its steps would be partial batches under the lr of full ones."""
+    """Micro-batches an epoch of ``samples`` (one rank's) gives, as the loader counts
+    them: its partial last batch too, unless ``data.drop_last``. A batch the data
+    cannot fill once is refused: its steps would be partial batches under the lr of
+    full ones."""
     micro, accum = cfg.data.batch_size, cfg.optim.accum_steps
     if samples == 0:
         raise ConfigError(f"an epoch gives each of the {world_size} ranks no samples: the data holds fewer samples "
@@ -38,18 +40,24 @@ def micro_batches_per_epoch(cfg: RunConfig, samples: int, world_size: int) -> in
     if samples < micro * accum:
         raise ConfigError(f"data.batch_size {micro} x optim.accum_steps {accum} is more than the {samples} samples "
                           f"an epoch gives each of the {world_size} ranks: lower data.batch_size")
-    return samples // micro
+    return samples // micro if cfg.data.drop_last else -(-samples // micro)
 
 
 def derived(cfg: RunConfig, world_size: int, micro_batches_per_epoch: int) -> Derived:
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world_size
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
-    steps_per_epoch = max(1, micro_batches_per_epoch // cfg.optim.accum_steps)
-    total = cfg.schedule.max_steps or int(cfg.schedule.epochs * steps_per_epoch)
-    warmup = int(cfg.schedule.warmup_epochs * steps_per_epoch)
+    # an accumulation window may span two epochs: steps follow the micro-batches, so
+    # schedule.epochs are the data's epochs (a floor per epoch made 4 epochs train 3)
+    steps_per_epoch = micro_batches_per_epoch / cfg.optim.accum_steps
+
+    def steps_in(epochs: float) -> int:  # whole steps, from whole micro-batches (no float drift at 3 x 10/3)
+        return math.floor(epochs * micro_batches_per_epoch + 1e-9) // cfg.optim.accum_steps
+
+    total = cfg.schedule.max_steps or steps_in(cfg.schedule.epochs)
+    warmup = steps_in(cfg.schedule.warmup_epochs)
     if total < 1:
         raise ConfigError(f"schedule.epochs {cfg.schedule.epochs:g} is {cfg.schedule.epochs * steps_per_epoch:.2g} of "
-                          f"an optimizer step ({steps_per_epoch} per epoch): nothing would train; raise it")
+                          f"an optimizer step ({steps_per_epoch:.4g} per epoch): nothing would train; raise it")
     if cfg.optim.min_lr > lr:
         raise ConfigError(f"optim.min_lr {cfg.optim.min_lr:g} is above the peak lr {lr:.3g}: the cosine decay would "
                           "climb; lower optim.min_lr")

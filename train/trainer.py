@@ -155,7 +155,7 @@ class Trainer:
         if self.rank == 0:
             d = self.derived
             log.info("world %d, global batch %d (micro %d x accum %d x world), lr %.3g (blr %.3g), "
-                     "%d steps/epoch, %d steps (%d warmup), ZeRO stage %d, %s",
+                     "%.4g steps/epoch, %d steps (%d warmup), ZeRO stage %d, %s",
                      self.world, d.global_batch, cfg.data.batch_size, cfg.optim.accum_steps, d.lr,
                      cfg.optim.blr, d.steps_per_epoch, d.total_steps, d.warmup_steps,
                      cfg.deepspeed.stage, cfg.deepspeed.precision)

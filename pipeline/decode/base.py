@@ -249,7 +249,13 @@ class PlannedLoader:
         return remaining // bs if self.config.drop_last else -(-remaining // bs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "segments": [list(s) for s in self.segments],
+        """The position: an epoch whose batches are all delivered (a checkpoint at its
+        very end, its iterator not yet finished) is saved as the next one's start,
+        where it resumes anyway, so that a new mix can start there."""
+        epoch, segments = self.epoch, [list(s) for s in self.segments]
+        if len(self) == 0:  # every rank has delivered its whole block: the same consumed count on each
+            epoch, segments = epoch + 1, [[self.world_size, 0]]
+        return {"version": STATE_VERSION, "epoch": epoch, "segments": segments,
                 "dataset": self.fingerprint, "mix": self.manifest.mix_state(), "seed": self.config.plan.seed,
                 "shuffle": self.config.plan.shuffle, "window_shards": self.config.plan.window_shards,
                 "uneven": self.config.plan.uneven}

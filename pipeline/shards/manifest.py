@@ -195,10 +195,14 @@ class _ManifestReader:
             raise self.fail("shards", "must be a list", doc["shards"])
         entries = [_plain_shard(e) or self.shard(e, f"shards[{i}]") for i, e in enumerate(doc["shards"])]
         seen: set[str] = set()
+        digests: dict[str, str] = {}
         for i, s in enumerate(entries):
             if s.name in seen:
                 raise self.fail(f"shards[{i}].name", "repeats an earlier shard", s.name)
             seen.add(s.name)
+            if s.sha256 and digests.setdefault(s.sha256, s.name) != s.name:  # each sample read twice an epoch
+                raise self.fail(f"shards[{i}].sha256", f"equals that of {digests[s.sha256]!r}: the same bytes "
+                                "listed twice under two names", s.name)
         return entries
 
     def shard(self, entry: Any, key: str) -> ShardInfo:

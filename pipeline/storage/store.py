@@ -10,7 +10,8 @@ where it records one (``storage.checksum='xxh3'``, the default: ~1/9 of
 sha256's CPU, and every accidental change is caught) and sha256 otherwise, or
 always with ``checksum='sha256'`` (which also stops someone who can write shards,
 not the manifest, from crafting a collision). Local (file://) datasets are read in place
-and verified once per process.
+and verified once per process, and again where a file was rewritten in place since
+(its inode, size or time stamp changed: `mae shard` run into the folder of a job).
 
 A tar indexed in place without ``--hash`` (`mae index`) has no sha256. Its cache
 entry is named by a digest of (URL, size, ETag, header fingerprint); the object's
@@ -66,6 +67,16 @@ _EVENT_METRICS = {"bytes_fetched": "mae_shard_bytes_fetched_total", "fetch_retry
 def report_event(event: str, n: int) -> None:
     """A store event (bytes fetched, retries, cache hits...) as its metric."""
     sink().inc(_EVENT_METRICS[event], n)
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """What tells a local file from one written in its place: device, inode, size
+    and modification time (empty when it cannot be read)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _mismatch_text(algorithm: str, actual: str, expected: str) -> str:
@@ -225,7 +236,7 @@ class ShardStore:
 
     Remote shards go through the LRU cache, or with ``cache_mode='memory'`` are
     held in memory by their reader; local (file://) shards are read in place and
-    verified once per process.
+    verified once per process (again if rewritten in place).
     """
 
     def __init__(self, url: str, config: StorageConfig | None = None,
@@ -234,7 +245,7 @@ class ShardStore:
         self.folder = ObjectFolder(url, config, self._on_event)  # the manifest's folder
         self.data = self.folder  # the shards' folder (another one for tars indexed in place)
         self.url, self.config = self.folder.url, self.folder.storage
-        self._verified: set[str] = set()
+        self._verified: dict[str, tuple[int, ...]] = {}  # local shard -> the file it was verified as
         self._partial: dict[str, _PartialShard] = {}  # downloads interrupted by a retryable error
         self._mismatch: dict[str, str] = {}  # cache key -> digest of the last wrong download
         self._set_cache()
@@ -317,9 +328,10 @@ class ShardStore:
         a progress bar on a terminal when ``progress``)."""
         if self.local:
             path = Path(join(self.root, shard.name))
-            if shard.name not in self._verified:
+            seen, now = self._verified.get(shard.name), _identity(path)
+            if seen is None or (now and now != seen):  # first read, or rewritten in place since
                 self.data.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
-                self._verified.add(shard.name)
+                self._verified[shard.name] = _identity(path)
             return path
         if self.in_memory:
             raise ShardFetchError(f"shard {shard.name}: this reader needs the shard as a local file, and "

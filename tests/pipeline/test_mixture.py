@@ -172,10 +172,18 @@ def test_changing_the_mix_is_refused_mid_epoch_and_taken_at_an_epoch_boundary(tm
                                                       SourceConfig(url=str(small), samples=30))), 0, 1)
     with pytest.raises(ResumeStateError, match="mid-epoch with data sources .*change the mix at an epoch boundary"):
         other.load_state_dict(mid)
-    for _ in it:
-        pass
-    other.load_state_dict(loader.state_dict())  # epoch 1, nothing consumed: the new mix starts there
+    for _ in range(len(loader)):  # the batches left
+        next(it)
+    # the epoch's last batch delivered, its iterator not yet finished: where a training
+    # loop saves the checkpoint of the epoch's last step. It was refused as mid-epoch.
+    at_the_end = loader.state_dict()
+    assert (at_the_end["epoch"], at_the_end["segments"]) == (1, [[1, 0]])
+    other.load_state_dict(at_the_end)  # epoch 1, nothing consumed: the new mix starts there
     assert other.epoch == 1 and Counter(k.split("/")[0] for k, _, _ in _epoch(other)) == {"big": 25, "small": 30}
+    assert list(it) == [] and loader.state_dict()["epoch"] == 1  # the same position once the iterator ends
+    same = build_loader(_config(big, small), rank=0, world_size=1)
+    same.load_state_dict(at_the_end)
+    assert _epoch(same) == _epoch(loader)  # resuming there reads what the uninterrupted loader reads next
 
 
 def test_a_position_saved_by_plan_version_1_is_refused_clearly(tmp_path):

@@ -271,3 +271,21 @@ def test_an_epoch_with_no_samples_for_a_rank_names_why_not_the_batch_size():
         micro_batches_per_epoch(load_config("tiny_cpu"), 0, 64)
     with pytest.raises(ConfigError, match="is more than the 3 samples an epoch gives each of the 2 ranks: lower"):
         micro_batches_per_epoch(load_config("tiny_cpu"), 3, 2)
+
+
+def test_the_schedule_counts_the_micro_batches_the_loader_gives():
+    """30 samples, batch 4, accum 2: the loader gives 8 micro-batches an epoch (the
+    last of 2 samples), 4 steps. The schedule counted 7 whole ones and floored the
+    steps per epoch to 3, so 4 configured epochs trained 3, warmup and decay stretched."""
+    from train.recipe import micro_batches_per_epoch
+
+    cfg = load_config("tiny_cpu", ["data.batch_size=4", "optim.accum_steps=2", "schedule.epochs=4",
+                                   "schedule.warmup_epochs=1"])
+    assert micro_batches_per_epoch(cfg, 30, 1) == 8
+    assert micro_batches_per_epoch(load_config("tiny_cpu", ["data.batch_size=4", "data.drop_last=true"]), 30, 1) == 7
+    d = derived(cfg, world_size=1, micro_batches_per_epoch=8)
+    assert (d.steps_per_epoch, d.total_steps, d.warmup_steps) == (4, 16, 4)
+    d = derived(cfg, world_size=1, micro_batches_per_epoch=7)  # a window spans two epochs: 28 micro-batches
+    assert (d.steps_per_epoch, d.total_steps, d.warmup_steps) == (3.5, 14, 3)
+    thirds = load_config("tiny_cpu", ["optim.accum_steps=3", "schedule.epochs=3"])
+    assert derived(thirds, world_size=1, micro_batches_per_epoch=10).total_steps == 10  # not 9.999 -> 9

@@ -245,7 +245,7 @@ class Finetuner:
             return
         d, cfg = self.derived, self.cfg
         log.info("fine-tuning %s (%s init) for %d classes at %d px: %.2fM of %.2fM parameters trainable; world %d, "
-                 "global batch %d, lr %.3g (blr %.3g, layer decay %.2f), %s, %d steps/epoch, %d steps (%d warmup), "
+                 "global batch %d, lr %.3g (blr %.3g, layer decay %.2f), %s, %.4g steps/epoch, %d steps (%d warmup), "
                  "ZeRO %d, %s", cfg.model.name, self.result.init, self.num_classes, cfg.img_size, trainable / 1e6,
                  total / 1e6, self.world, d.global_batch, d.lr, cfg.optim.blr,
                  cfg.model.layer_decay, cfg.optim.name, d.steps_per_epoch, d.total_steps, d.warmup_steps,

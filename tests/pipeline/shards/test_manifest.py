@@ -84,6 +84,11 @@ def test_duplicate_shard_names_and_missing_fields_are_named():
     doc["total_samples"], doc["total_bytes"] = 4, 20480
     with pytest.raises(ManifestError, match=r"shards\[1\].name repeats an earlier shard"):
         ShardManifest.from_json(json.dumps(doc))
+    doc = _doc()  # the same bytes under a second name: each of its samples read twice an epoch
+    doc["shards"].append({**doc["shards"][0], "name": "shard-copy.tar"})
+    doc["total_samples"], doc["total_bytes"] = 4, 20480
+    with pytest.raises(ManifestError, match=r"shards\[1\].sha256 equals that of 'shard-000000.tar': the same bytes"):
+        ShardManifest.from_json(json.dumps(doc))
     doc = _doc()
     del doc["shards"][0]["sha256"]
     with pytest.raises(ManifestError, match=r"shards\[0\].sha256 is missing"):

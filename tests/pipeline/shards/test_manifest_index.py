@@ -153,6 +153,7 @@ def _shard(**change) -> ShardManifest:
     (lambda: _shard(name="ok\u202e.tar"), r"shards\[1\].name must be a relative name"),
     (lambda: _shard(name="x" * 1025), "longer than 1024 bytes"),
     (lambda: _shard(name="part-0/shard-000000.tar"), "repeats an earlier shard"),
+    (lambda: _shard(sha256=_manifest().shards[3].sha256), "two shards have the same sha256"),
     (lambda: _shard(samples=-1), r"shards\[1\] has -1 samples"),
     (lambda: _shard(samples=100), r"shards\[1\] has 100 samples in 8192 bytes"),
     (lambda: _shard(bytes=2**41), r"shards\[1\] has 4 samples in 2199023255552 bytes"),

@@ -386,6 +386,23 @@ def test_a_local_shard_removed_after_verification_is_a_named_error(tmp_path):
         store.open_shard(shard)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "dali"])
+def test_a_local_shard_rewritten_in_place_is_verified_again(tmp_path, backend):
+    """`mae shard` run again into the folder of a running job: same names, same
+    counts, other images. The dali backend (and cpu without workers) kept reading
+    with the first epoch's verification, so every planned id named another image."""
+    numbered_shards(tmp_path / "live", [5, 5])
+    cfg = LoaderConfig(url=str(tmp_path / "live"), batch_size=5, num_workers=0, backend=backend,
+                       plan=PlanConfig(window_shards=1), overlap_epochs=False)  # epoch 1 opens after the rewrite
+    loader = build_loader(cfg, rank=0, world_size=1)
+    assert sum(len(b.keys) for b in loader) == 10
+    other = numbered_shards(tmp_path / "other", [5, 5], image_size=(48, 64))
+    for shard in other.shards:  # replaced as a writer does (a new file renamed over); the old manifest stays
+        os.replace(tmp_path / "other" / shard.name, tmp_path / "live" / shard.name)
+    with pytest.raises(ShardFetchError, match=r"checksum mismatch"):
+        sum(len(b.keys) for b in loader)
+
+
 @pytest.mark.integration
 def test_concurrent_readers_download_a_shard_once(dataset, faulty_s3, tmp_path):
     _, manifest = dataset
