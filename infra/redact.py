@@ -18,8 +18,10 @@ from typing import Any
 REDACTED = "<redacted>"
 MIN_SECRET_CHARS = 6  # shorter values (test placeholders) would redact common words
 _ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-_OPTION_SECRETS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-                   "password", "session_token"}
+# A storage option is a credential when its name says so, whatever the filesystem
+# (s3fs's key/secret/token, adlfs's account_key/credential/sas_token, gcsfs's token,
+# an HTTP filesystem's headers: every header value); a *_version name is not.
+_SECRET_NAME = re.compile(r"(?i)key|secret|token|passw|credential|auth|sas|signature|cookie|connection.?string")
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+"),
     re.compile(r"([?&](?:Signature|AWSAccessKeyId|x-amz-security-token)=)[^&\s'\"]+"),  # a SigV2 presigned URL
@@ -37,14 +39,23 @@ _SECRET_PATTERNS = [
 _registered: set[str] = set()
 
 
-def register_secrets(options: Mapping[str, Any]) -> None:
-    """Remember credentials passed as storage options (``key``, ``secret``, ...,
-    also inside ``client_kwargs``), so ``redact`` removes them wherever they show up."""
+def secret_option(name: object, within_headers: bool = False) -> bool:
+    """Whether a storage option of this name (or any header) holds a credential."""
+    text = str(name)
+    return within_headers or (bool(_SECRET_NAME.search(text)) and not text.lower().endswith("_version"))
+
+
+def register_secrets(options: Mapping[str, Any], within_headers: bool = False) -> None:
+    """Remember credentials passed as storage options (``key``, ``secret``,
+    ``account_key``, any header..., also inside ``client_kwargs``), so ``redact``
+    removes them wherever they show up."""
     for name, value in options.items():
         if isinstance(value, Mapping):
-            register_secrets(value)
-        elif name.lower() in _OPTION_SECRETS and isinstance(value, str) and len(value) >= MIN_SECRET_CHARS:
-            _registered.add(value)
+            register_secrets(value, within_headers or str(name).lower() == "headers")
+        elif secret_option(name, within_headers) and isinstance(value, str):
+            for part in (value, *value.split()):  # "Bearer <token>": the token alone, as it may be printed
+                if len(part) >= MIN_SECRET_CHARS:
+                    _registered.add(part)
 
 
 def redact(text: str) -> str:
@@ -57,15 +68,15 @@ def redact(text: str) -> str:
     return text
 
 
-def redact_tree(value: Any) -> Any:
+def redact_tree(value: Any, within_headers: bool = False) -> Any:
     """A JSON-like value (a config as a dict) to write to a file: every string
-    redacted, and the value of every credential key (``secret``, ``key``, ...)
-    replaced whatever it is."""
+    redacted, and the value of every credential key (``secret``, ``account_key``,
+    any header, ...) replaced whatever it is."""
     if isinstance(value, Mapping):
-        return {k: REDACTED if str(k).lower() in _OPTION_SECRETS and v is not None else redact_tree(v)
-                for k, v in value.items()}
+        return {k: REDACTED if secret_option(k, within_headers) and v is not None and not isinstance(v, Mapping)
+                else redact_tree(v, within_headers or str(k).lower() == "headers") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [redact_tree(v) for v in value]
+        return [redact_tree(v, within_headers) for v in value]
     return redact(value) if isinstance(value, str) else value
 
 

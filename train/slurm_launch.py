@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.options import OptionError, option, require, require_choice, require_positive
-from infra.redact import redact
+from infra.redact import redact, register_secrets
 from infra.slurm.script import TASKS, SbatchOptions, job_script, time_limit_s
 from train.errors import LaunchError
 
@@ -153,6 +153,7 @@ def _pretrain(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
 
     config = _required(config)
     cfg = load_config(config, args)  # a bad key or value fails here, not on the cluster
+    register_secrets(cfg.data.storage.options)  # the script must not keep them (checked once written)
     return _training("train.pretrain", job, args, config, (workdir / cfg.checkpoint.dir).resolve(),
                      cfg.data.num_workers + 2, cfg.checkpoint)
 
@@ -165,6 +166,7 @@ def _finetune(job: SlurmJobConfig, args: list[str], config: str | None, workdir:
 
     config = _required(config)
     cfg = load_config(config, args, schema=FinetuneConfig)  # a bad key or value fails here, not on the cluster
+    register_secrets(cfg.data.storage.options)
     return _training("train.finetune", job, args, config, (workdir / cfg.checkpoint.dir).resolve(), 8,
                      cfg.checkpoint)
 

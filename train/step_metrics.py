@@ -69,6 +69,13 @@ def record_memory(device: torch.device) -> None:
         sink().set("mae_host_memory_rss_bytes", int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
+def local_world_size() -> int:
+    """Ranks on this node, as the launcher says: torchrun and our Slurm environment
+    set ``LOCAL_WORLD_SIZE``, the DeepSpeed launcher ``LOCAL_SIZE`` (read alone, a
+    DeepSpeed node listed only local rank 0 for Prometheus to scrape)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
 def start_prometheus(m, rank: int, local_rank: int, world: int, backend: str, run_dir: str):
     """This rank's Prometheus endpoint (``MetricsConfig`` m), installed as the
     process's sink before any loader starts (its workers inherit it), with the
@@ -78,7 +85,7 @@ def start_prometheus(m, rank: int, local_rank: int, world: int, backend: str, ru
         return None
     from infra.prometheus_sink import EndpointError, FolderInUse, PrometheusSink
 
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    local_world = local_world_size()
     if m.port_base + local_world - 1 > 65535:
         raise ConfigError(f"metrics.port_base={m.port_base}: this node's {local_world} ranks serve on port_base + "
                           f"their local rank, up to {m.port_base + local_world - 1}, past the last port (65535)")

@@ -435,3 +435,18 @@ def test_every_run_kind_labels_its_targets_sets_its_world_size_and_a_stop_does_n
     assert world == ['mae_world_size{rank="0"} 4.0']
     assert run == "ft-vit_b"
     assert stop_s < 30  # not the 60 s linger
+
+
+def test_the_ranks_on_a_node_are_read_from_any_launcher(monkeypatch):
+    """The DeepSpeed launcher sets LOCAL_SIZE, not LOCAL_WORLD_SIZE: only local rank 0
+    was listed for Prometheus, and MaeRanksMissing fired for a healthy run."""
+    from train.step_metrics import local_world_size
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    assert local_world_size() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, our Slurm environment
+    assert local_world_size() == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert local_world_size() == 1

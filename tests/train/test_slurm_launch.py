@@ -137,17 +137,21 @@ def test_mistakes_fail_at_launch_not_in_the_queue(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("task, args", [
+    ("pretrain", ["data.url=s3://bucket/shards",
+                  "data.storage.options={headers: {Authorization: Bearer sk_live_SECRETTOKEN123}}"]),
+    ("finetune", ["data.storage.options={account_name: acct, account_key: AZUREKEYVALUE777}"]),
     ("pretrain", ["data.url=s3://AKIDEXAMPLE:wJalrXUtnFEMIsecret@bucket/shards"]),
     ("pretrain", ["data.url=s3://bucket/shards",
                   "data.storage.options={key: AKIDEXAMPLE, secret: wJalrXUtnFEMIsecret}"]),
     ("shard", ["--", "src", "s3://bucket/x", "--endpoint-url", "http://user:wJalrXUtnFEMIsecret@host:9000"]),
 ])
 def test_a_credential_on_the_command_line_is_refused_not_written(task, args, tmp_path):
-    config = ["--config", "tiny_cpu"] if task == "pretrain" else []
+    config = {"pretrain": ["--config", "tiny_cpu"], "finetune": ["--config", "finetune_tiny_cpu"]}.get(task, [])
     out = _mae("launch", "slurm", "--task", task, "--gpus-per-node", "0", *config, *args, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert "holds a credential" in out.stderr and "give it in the environment" in out.stderr
-    assert "wJalrXUtnFEMIsecret" not in out.stderr + out.stdout
+    for secret in ("wJalrXUtnFEMIsecret", "SECRETTOKEN123", "AZUREKEYVALUE777"):
+        assert secret not in out.stderr + out.stdout
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no script, no log folder
 
 

@@ -1,6 +1,7 @@
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -440,6 +441,26 @@ def test_redact_removes_credentials(monkeypatch):
         "(last: NonHttpUrlClientError: <redacted>127.0.0.1:9/x.jpg)")
     for text in ("mae: error: x.py:12: user@example.com", "#SBATCH --signal=B:USR1@90"):  # no credential there
         assert redact(text) == text
+
+
+def test_credentials_under_any_filesystems_names_are_redacted_everywhere():
+    """An HTTP filesystem's Authorization header, adlfs's credential and account_key:
+    outside the old list of names (key, secret, token...), they went in clear into
+    meta.json, TensorBoard, W&B, MLflow and a Slurm script."""
+    from infra.redact import redact_tree, register_secrets
+
+    options = {"headers": {"Authorization": "Bearer sk_live_SECRETTOKEN123", "X-Trace": "visible-trace-id"},
+               "credential": "AZCREDVALUE444", "account_key": "AZUREKEYVALUE777", "account_name": "myaccount",
+               "config_kwargs": {"signature_version": "s3v4"}, "endpoint_url": "https://blob.example.com"}
+    register_secrets(options)
+    text = redact(json.dumps(options))
+    for secret in ("sk_live_SECRETTOKEN123", "AZCREDVALUE444", "AZUREKEYVALUE777", "visible-trace-id"):
+        assert secret not in text and secret not in redact(f"error: header {secret} refused")
+    tree = redact_tree({"data": {"storage": {"options": options}}})["data"]["storage"]["options"]
+    assert tree["headers"] == {"Authorization": "<redacted>", "X-Trace": "<redacted>"}  # any header
+    assert tree["credential"] == tree["account_key"] == "<redacted>"
+    assert (tree["account_name"], tree["config_kwargs"], tree["endpoint_url"]) == (
+        "myaccount", {"signature_version": "s3v4"}, "https://blob.example.com")
 
 
 @pytest.mark.integration
