@@ -10,6 +10,8 @@ wall time. Benchmark figures (``train/bench/plots.py``) use the same ``new_figur
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,8 @@ import numpy as np
 
 from infra.files import atomic_path, read_regular
 from train.errors import EvalInputError
+
+log = logging.getLogger(__name__)
 
 LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red"
 
@@ -48,16 +52,24 @@ def write_image(out: str | Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
+# fields the figures draw: a number each where present (NaN and inf included, but a
+# finite time stamp), within what a run writes (a time stamp of 1e300 broke the
+# axis arithmetic)
+PLOTTED_FIELDS = {"lr": 1e6, "time": 2.0**40, "images_per_s": 1e12, "data_wait_fraction": 1e6, "loss": 1e30}
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Every record of a metrics file, in the order written; a bad line is an
-    ``EvalInputError`` naming it."""
+    ``EvalInputError`` naming it. A torn last line (a run killed while writing it,
+    which its resume cuts) is left out with a warning."""
     records = []
     try:
-        lines = read_regular(path).decode().splitlines()
+        text = read_regular(path).decode()
     except OSError as e:
         raise EvalInputError(f"cannot read the metrics file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise EvalInputError(f"{path} is not a metrics file (JSON lines): it is not UTF-8 text") from None
+    lines = text.splitlines()
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -66,7 +78,16 @@ def read_metrics(path: str | Path) -> list[dict]:
                 raise ValueError  # "1", true, 10**400: no step a run writes
             float(loss)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            if n == len(lines) and not text.endswith("\n") and records:
+                log.warning("%s:%d is a torn record (the run stopped while writing it): left out", path, n)
+                break
             raise EvalInputError(f"{path}:{n} is not a metrics record (JSON with a whole step and a loss)") from None
+        for name, limit in PLOTTED_FIELDS.items():
+            value = record.get(name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    abs(value) > limit and (math.isfinite(value) or name == "time")):
+                raise EvalInputError(f"{path}:{n}: {name} must be a number of at most {limit:g}, got "
+                                     f"{str(value)[:40]!r}")
         records.append(record)
     if not records:
         raise EvalInputError(f"{path} holds no steps")

@@ -59,6 +59,17 @@ def test_bad_metrics_files_are_named(tmp_path):
         path.write_text('{"step": 1, "loss": 1.0}\n' + bad + "\n")
         with pytest.raises(EvalInputError, match=r"metrics.jsonl:2 is not a metrics record"):
             read_metrics(path)
+    # fields the figures draw: a traceback from deep in matplotlib or numpy each
+    for field, bad in (("images_per_s", "null"), ("lr", '"x"'), ("time", "1e300"), ("loss", "1e308")):
+        path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0, "' + field + '": ' + bad + "}\n")
+        with pytest.raises(EvalInputError, match=rf"metrics.jsonl:2: {field} must be a number of at most"):
+            read_metrics(path)
+    # a run killed while writing its last record: plotted without it (its resume cuts it anyway)
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.9}\n')  # torn inside: refused
+    with pytest.raises(EvalInputError, match=r"metrics.jsonl:2 is not a metrics record"):
+        read_metrics(path)
     with pytest.raises(EvalInputError, match="cannot read"):
         read_metrics(tmp_path / "missing.jsonl")
     with pytest.raises(EvalInputError, match="no images_per_s"):
@@ -93,3 +104,9 @@ def test_a_file_that_is_not_a_benchmark_report_is_named(tmp_path):
         load_reports([tmp_path / "other.json"])
     with pytest.raises(EvalInputError, match="broken.json: not a JSON benchmark report"):
         load_reports([tmp_path / "broken.json"])
+    (tmp_path / "nan.json").write_text("NaN")  # a TypeError from the kind check
+    with pytest.raises(EvalInputError, match=r"nan.json: not a report of mae bench .*\(not a JSON object\)"):
+        load_reports([tmp_path / "nan.json"])
+    (tmp_path / "partial.json").write_text('{"measured_speedup": 2.0, "results": {}}')  # the marker, no fields
+    with pytest.raises(EvalInputError, match="a report of mae bench encoder lacks what its figure draws"):
+        plot_reports([tmp_path / "partial.json"], tmp_path / "out")

@@ -21,6 +21,8 @@ MAX_REPORT_BYTES = 64 * 2**20  # a report is kilobytes; a bigger file is somethi
 
 
 def report_kind(report: dict) -> str:
+    if not isinstance(report, dict):
+        raise EvalInputError("not a report of mae bench encoder/train/pipeline (not a JSON object)")
     if "measured_speedup" in report and "results" in report:
         return "encoder"
     if "engine_overhead" in report:
@@ -137,6 +139,14 @@ FIGURES: dict[str, Callable[[list[dict]], Any]] = {
 
 
 def plot_reports(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """One PNG per report kind found: ``<out_dir>/bench_<kind>.png``."""
-    return [save(FIGURES[kind](reports), Path(out_dir) / f"bench_{kind}.png")
-            for kind, reports in load_reports(paths).items()]
+    """One PNG per report kind found: ``<out_dir>/bench_<kind>.png``. A report
+    that has its kind's marker but not the fields its figure draws is named."""
+    written = []
+    for kind, reports in load_reports(paths).items():
+        try:
+            figure = FIGURES[kind](reports)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise EvalInputError(f"a report of mae bench {kind} lacks what its figure draws ({type(e).__name__}: {e}); make "
+                                 f"it again with `mae bench {kind} --json`") from None
+        written.append(save(figure, Path(out_dir) / f"bench_{kind}.png"))
+    return written
