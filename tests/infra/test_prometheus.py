@@ -130,7 +130,7 @@ def _dashboard_exprs() -> list[str]:
 
 
 def _concrete(expr: str) -> str:
-    return expr.replace("$__rate_interval", "5s").replace('"$job"', '".*"')
+    return expr.replace("$__rate_interval", "5s").replace('"$job"', '".*"').replace('"$run"', '".*"')
 
 
 def test_dashboard_json_is_importable():
@@ -143,6 +143,12 @@ def test_dashboard_json_is_importable():
         assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    # one run at a time: every panel blended every run of the job into one line (two runs' losses averaged)
+    run = next(v for v in dash["templating"]["list"] if v["name"] == "run")
+    assert run["query"]["query"] == 'label_values(mae_step{job=~"$job"}, run)' and not run["includeAll"]
+    for expr in _dashboard_exprs():
+        selectors = re.findall(r"\{[^}]*\}", expr)
+        assert selectors and all('run=~"$run"' in sel for sel in selectors), expr
 
 
 def test_every_dashboard_query_passes_promtool(tmp_path):
