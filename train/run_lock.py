@@ -211,7 +211,7 @@ class RunLock:
                 raise CheckpointLockError(f"the checkpoint lock {e}: remove it") from None
             age = self._unreadable_age()
             if age < UNREADABLE_GRACE_S:  # its creator may still be writing it: give it the grace, then decide
-                time.sleep(UNREADABLE_GRACE_S - age + 0.1)
+                time.sleep(min(UNREADABLE_GRACE_S, UNREADABLE_GRACE_S - age) + 0.1)
                 return False
             reason, who = "it is unreadable", f"an unreadable lock ({self._unreadable_age():.0f}s old)"
         else:
@@ -264,7 +264,9 @@ class RunLock:
         clock: float | None = None  # the storage's clock at ``waited``, read once
         while True:
             try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                ours = os.fstat(fd)
+                os.close(fd)
                 break
             except FileExistsError:
                 try:
@@ -284,7 +286,9 @@ class RunLock:
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            with suppress(FileNotFoundError):
+                if os.stat(path).st_ino == ours.st_ino:  # not a turn another run took after breaking ours
+                    path.unlink()
 
     def _break_turn(self, path: Path, judged: os.stat_result, age: float) -> None:
         """Remove the turn judged left behind, and only it: it is renamed aside
