@@ -213,7 +213,7 @@ class RunLock:
             if age < UNREADABLE_GRACE_S:  # its creator may still be writing it: give it the grace, then decide
                 time.sleep(min(UNREADABLE_GRACE_S, UNREADABLE_GRACE_S - age) + 0.1)
                 return False
-            reason, who = "it is unreadable", f"an unreadable lock ({self._unreadable_age():.0f}s old)"
+            reason, who = "it is unreadable", f"an unreadable lock ({age:.0f}s old)"
         else:
             reason, who = stale_reason(holder, self.stale_after_s), holder.describe()
             if reason is None and self._silent(holder):

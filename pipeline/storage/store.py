@@ -331,7 +331,7 @@ class ShardStore:
             seen, now = self._verified.get(shard.name), _identity(path)
             if seen is None or (now and now != seen):  # first read, or rewritten in place since
                 self.data.call(f"shard {shard.name}", lambda: self._verify_local(path, shard))
-                self._verified[shard.name] = _identity(path)
+                self._verified[shard.name] = now  # as it was before the check: a change during it is seen next time
             return path
         if self.in_memory:
             raise ShardFetchError(f"shard {shard.name}: this reader needs the shard as a local file, and "
