@@ -150,10 +150,15 @@ class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/track
     metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
     sample_ids_dir: str | None = option(None, "each rank appends the sample ids of every micro-step to "
                                               "samples_rank<R>.jsonl here (audits: every sample once per epoch)")
+    stall_dump_s: float = option(900.0, "no optimizer step for this long: every thread's stack to stderr, again "
+                                        "each interval while stuck (a hung collective or read, named); 0: off")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the tracking fields' checks
         require_positive(self, "every_steps")
+        require_non_negative(self, "stall_dump_s")
+        require(self.stall_dump_s <= MAX_PAUSE_S, "stall_dump_s", f"must be at most {MAX_PAUSE_S} (a day), got "
+                f"{self.stall_dump_s}")
         require_text(self, "metrics_file", "sample_ids_dir")
 
 

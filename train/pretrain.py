@@ -22,7 +22,7 @@ from infra.redact import describe, redact_logs
 from train.config import RunConfig, load_config
 from train.engine import shutdown_distributed
 from train.errors import exit_code_of, reported_errors
-from train.signals import exiting_with, signals_noted
+from train.signals import exiting_with, signals_noted, stall_watch
 from train.trainer import RunResult, StopSignal, Trainer
 
 
@@ -36,9 +36,10 @@ def run_to_end(cfg, build: Callable):
     checkpoint exists, run it, write its summary (saying whether a stop saved);
     always clean up. The stop signals are caught from the start: one that comes
     while the loop is built or resumes (a preemption notice at start-up) stops it
-    at the end of its first step, saved, rather than killing it."""
+    at the end of its first step, saved, rather than killing it. A job stuck
+    ``log.stall_dump_s`` without a step writes every thread's stack to stderr."""
     saves = cfg.checkpoint.enabled
-    with StopSignal(saves) as stop:
+    with StopSignal(saves) as stop, stall_watch.armed(cfg.log.stall_dump_s):
         loop = build(cfg)
         try:
             loop.resume()

@@ -12,9 +12,11 @@ failed job. A second one still ends the process at once. Light on purpose: the
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
@@ -81,3 +83,53 @@ def _watch(read_end: int) -> None:
                             "ended\n".encode())
     finally:
         os.close(read_end)
+
+
+class StallWatch:
+    """A watcher thread, told of every optimizer step: a job that makes no step for
+    ``seconds`` writes every thread's stack to stderr (after a line that says so),
+    and again every ``seconds`` while it stays stuck. A hung collective, object-store
+    read or loader is then named by its frames long before the process group's
+    30-minute timeout ends the job. The watcher takes the GIL to write, so the
+    frames it reads hold still (faulthandler's own timer reads them from a C thread
+    while they change, and can crash the process it watches); a thread stuck in a
+    C call has released it. One per process."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.last_step = 0.0  # time.monotonic() of the last step (or of arming)
+
+    @contextlib.contextmanager
+    def armed(self, seconds: float) -> Iterator[None]:
+        """Within: watched (``seconds`` 0: not)."""
+        if seconds <= 0:
+            yield
+            return
+        self.seconds, self.last_step = seconds, time.monotonic()
+        ended = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(ended,), name="stall-watch", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            ended.set()
+            watcher.join()
+            self.seconds = 0.0
+
+    def beat(self) -> None:
+        """A step was made: the next dump is ``seconds`` from now."""
+        self.last_step = time.monotonic()
+
+    def _watch(self, ended: threading.Event) -> None:
+        dumped = float("-inf")
+        while not ended.wait(max(0.0, max(self.last_step, dumped) + self.seconds - time.monotonic())):
+            now = time.monotonic()
+            if now < max(self.last_step, dumped) + self.seconds:
+                continue  # a step came meanwhile
+            dumped = now
+            os.write(2, f"process {os.getpid()}: no optimizer step for {now - self.last_step:.0f} s "
+                        f"(log.stall_dump_s={self.seconds:g}); the stack of every thread:\n".encode())
+            faulthandler.dump_traceback(file=2, all_threads=True)
+
+
+stall_watch = StallWatch()

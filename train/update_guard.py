@@ -23,6 +23,7 @@ import torch
 from infra.metrics import sink
 from train.engine import agree_across_ranks
 from train.errors import NonFiniteLossError
+from train.signals import stall_watch
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class UpdateGuard:
 
     def after_step(self, stopping: bool, stop: Any, saving: bool, save: Callable[[], None], device: Any) -> bool:
         """``end_step`` for the step just counted, with the loop's ``StopSignal``:
-        records why the run stops; True to stop now."""
+        records why the run stops; True to stop now. The step re-arms the stall
+        watch (``log.stall_dump_s``)."""
+        stall_watch.beat()
         self.result.stopped_by_signal = self.end_step(self.result.step, stopping, stop.received, saving, save,
                                                       lambda: stop.on_any_rank(self.world, device))
         return self.result.stopped_by_signal is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -48,6 +49,20 @@ def kill_tree(pid: int) -> list[int]:
             except ProcessLookupError:
                 pass
     return pids
+
+
+def abort_with_stacks(pid: int, settle_s: float = 3.0) -> list[int]:
+    """For a job that hangs: SIGABRT to every process below ``pid`` first (with
+    ``PYTHONFAULTHANDLER=1`` in their environment each writes every thread's stack
+    to its stderr, then dies), then ``kill_tree``, so no rank is left running in a
+    session of its own. Returns the pids."""
+    for p in descendants(pid)[1:]:
+        try:
+            os.kill(p, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+    time.sleep(settle_s)
+    return kill_tree(pid)
 
 
 def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from infra.net import free_port
-from infra.testing.processes import kill_tree
+from infra.testing.processes import abort_with_stacks, kill_tree
 from train.chaos import micro_records, per_step, steps_done
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,15 +49,27 @@ def mae_pretrain(shards: Path, run: Path, *extra: str) -> list[str]:
 
 
 def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt") -> subprocess.CompletedProcess:
+    """Run a job to its end. One still running after ``timeout`` fails the test with
+    the stacks of every thread of every process it started (a hang is then named
+    by its frames, not only by its last log line), and leaves nothing running."""
     run.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    (run / log).write_text(out.stdout + out.stderr)
-    return out
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        abort_with_stacks(proc.pid)
+        stdout, stderr = proc.communicate()
+        (run / log).write_text(stdout + stderr)
+        raise AssertionError(f"still running after {timeout:.0f} s; every process's stacks:\n{stderr[-20000:]}") from None
+    (run / log).write_text(stdout + stderr)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def start(cmd: list[str], run: Path) -> subprocess.Popen:
     run.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def wait_for(condition, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
@@ -65,7 +78,10 @@ def wait_for(condition, timeout: float = 180, proc: subprocess.Popen | None = No
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the run ended before the point was reached: {proc.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the run")
+            if proc is None:
+                raise AssertionError("timed out waiting for the run")
+            abort_with_stacks(proc.pid)
+            raise AssertionError(f"timed out waiting for the run; every process's stacks:\n{proc.stdout.read()[-20000:]}")
         time.sleep(0.01)
 
 
