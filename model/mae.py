@@ -65,8 +65,10 @@ class MaskedAutoencoderViT(nn.Module):
         return [self.cls_token, self.mask_token]
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names excluded from weight decay besides biases and norms."""
-        return {"cls_token", "mask_token"}
+        """Parameter names excluded from weight decay besides biases and norms: none.
+        The official pretraining decays the cls and mask tokens (timm's
+        ``add_weight_decay`` with no skip list spares only 1-D parameters)."""
+        return set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (memory for compute)."""
@@ -208,9 +210,6 @@ class MaskTokenBaselineMAE(MaskedAutoencoderViT):
         super().__init__(cfg)
         self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         nn.init.normal_(self.encoder_mask_token, std=0.02)
-
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"encoder_mask_token"}
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None

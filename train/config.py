@@ -55,7 +55,8 @@ class OptimConfig:
     blr: float = option(1.5e-4, "base lr; lr = blr * global_batch / 256")
     lr: float | None = option(None, "absolute lr; overrides blr when set")
     min_lr: float = option(0.0, "floor of the cosine decay")
-    weight_decay: float = option(0.05, "AdamW; not on biases, norms and tokens")
+    weight_decay: float = option(0.05, "AdamW; not on 1-D parameters (biases, norms), nor in fine-tuning on the cls "
+                                               "token and position embedding (as the official MAE)")
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas (the paper: 0.9, 0.95)")
     grad_clip: float | None = option(None, "off, as in the paper")
     accum_steps: int = option(1, "micro-steps per optimizer step")
@@ -217,7 +218,13 @@ class RunConfig:
                 "seed": self.seed, "data_seed": self.data.plan.seed, "dataset": dataset,
                 "zero_stage": self.deepspeed.stage, "precision": self.deepspeed.precision,
                 "offload": [self.deepspeed.offload_optimizer, self.deepspeed.offload_params],
-                **optimizer_settings(self.optim)}
+                "weight_decay_groups": WEIGHT_DECAY_GROUPS, **optimizer_settings(self.optim)}
+
+
+# Which parameters pretraining decays; a checkpoint of other groups holds optimizer
+# state in another layout, so its resume is refused by name (not by DeepSpeed's
+# size mismatch). Earlier versions, which spared the cls and mask tokens, saved none.
+WEIGHT_DECAY_GROUPS = "all but 1-D parameters (tokens decayed, as the official MAE)"
 
 
 def optimizer_settings(optim) -> dict[str, Any]:

@@ -68,8 +68,10 @@ def derived(cfg: RunConfig, world_size: int, micro_batches_per_epoch: int) -> De
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: none on biases, norms (1-D tensors)
-    and the model's tokens (cls/mask tokens; pos embeds are fixed buffers)."""
+    """Weight decay on every parameter but the 1-D ones (biases, norms) and the
+    names the model lists in ``no_weight_decay`` (the classifier's cls token and
+    position embedding; the pretraining MAE lists none: its cls and mask tokens
+    are decayed, as in the official code; its position embedding is a fixed buffer)."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -238,13 +238,18 @@ def test_lr_schedule_warmup_then_half_cosine():
     assert lr_at(2000, d, min_lr) == pytest.approx(0.1)
 
 
-def test_no_weight_decay_on_biases_norms_and_tokens():
+def test_weight_decay_spares_biases_and_norms_only_as_the_official_pretraining():
+    """timm's ``add_weight_decay`` with no skip list (the official main_pretrain.py):
+    the cls and mask tokens (3-D) are decayed."""
     model = create_model("mae_vit_test_patch4")
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= no_decay_names
-    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"norm.weight", "norm.bias", "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"} <= no_decay_names
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= decay_names
+    assert all(p.ndim > 1 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert not any(n == "pos_embed" for n in no_decay_names | {names[id(p)] for p in decay["params"]})

@@ -16,7 +16,7 @@ import torch
 
 from infra.net import free_port
 from pipeline.shards.writer import ShardWriterConfig
-from tests.helpers.training import ROOT, STEPS, ds_launcher, run_cmd, torchrun
+from tests.helpers.training import ROOT, STEPS, ds_launcher, reseal, run_cmd, torchrun
 from tests.helpers.training import metrics as _metrics
 from tests.helpers.training import overrides as _overrides
 from tests.helpers.training import summary as _summary
@@ -119,6 +119,13 @@ def test_mismatched_resume_is_refused(shards, stage_runs, tmp_path):
     assert out.returncode != 0 and "is of model mae_vit_test_patch4, this run is mae_vit_tiny_patch16" in out.stderr
     out = _run(_torchrun(shards, run, "deepspeed.stage=2", "seed=1", "schedule.max_steps=12"), run)
     assert out.returncode != 0 and "seed: 0 -> 1" in out.stderr  # the seed is part of the fingerprint
+    for tag in ("step000000004", "step000000008"):  # as versions that spared the cls and mask tokens wrote them
+        meta = json.loads((run / "ckpt" / tag / "meta.json").read_text())
+        del meta["fingerprint"]["weight_decay_groups"]
+        (run / "ckpt" / tag / "meta.json").write_text(json.dumps(meta))
+        reseal(run / "ckpt" / tag, "meta.json")
+    out = _run(_torchrun(shards, run, "deepspeed.stage=2", "schedule.max_steps=12"), run)
+    assert out.returncode != 0 and "weight_decay_groups: None -> 'all but 1-D parameters" in out.stderr
 
 
 def test_two_nodes_on_loopback_partition_by_global_rank(shards, stage_runs, tmp_path):
