@@ -4,7 +4,8 @@ The DeepSpeed JSON is generated from the one run config; ``deepspeed.raw`` is
 merged into it last (the escape hatch for keys we do not model). Mixed precision
 is torch.autocast (bf16) of the forward, run by the engine (DeepSpeed's
 ``torch_autocast`` section), with fp32 master weights, gradients and AdamW states —
-the paper's AMP recipe; ZeRO shards those states.
+the paper's AMP recipe; ZeRO shards those states. Gradients are averaged across
+ranks in fp32 too, unless ``deepspeed.grad_reduce_dtype=bf16``.
 """
 
 from __future__ import annotations
@@ -147,7 +148,10 @@ def deepspeed_json(cfg: RunConfig) -> dict[str, Any]:
         # torch.autocast around engine(...) is switched off inside the engine unless
         # DeepSpeed's own torch_autocast section enables it (it then autocasts the
         # forward itself): without this, "bf16" runs silently trained in fp32.
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # It also tags the Linear and Conv weights to have their gradients reduced in
+        # bf16; an empty list of such modules keeps every reduction in fp32.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                    **({} if ds.grad_reduce_dtype == "bf16" else {"lower_precision_safe_modules": []})}
     if cfg.optim.grad_clip:
         config["gradient_clipping"] = cfg.optim.grad_clip
     if ds.offload_optimizer:

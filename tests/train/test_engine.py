@@ -16,25 +16,42 @@ import json, sys, torch
 from train.config import load_config
 from train.engine import build_engine, init_distributed
 from model.registry import create_model
-cfg = load_config("tiny_cpu", ["data.augment.img_size=32", f"deepspeed.precision={sys.argv[1]}"])
+cfg = load_config("tiny_cpu", ["data.augment.img_size=32", "deepspeed.stage=2", *sys.argv[1:]])
 init_distributed(cfg.deepspeed)
 model = create_model(cfg.model.name, img_size=32)
 engine = build_engine(cfg, model, 1e-3)
 seen = []
 engine.module.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(str(o.dtype)))
 loss, _, _ = engine(torch.randn(2, 3, 32, 32), 0.75)
-print(json.dumps({"linear_out": seen[0], "loss": str(loss.dtype), "master": str(next(model.parameters()).dtype)}))
+print(json.dumps({"linear_out": seen[0], "loss": str(loss.dtype), "master": str(next(model.parameters()).dtype),
+                  "reduced_in": sorted(str(d) for d in engine.optimizer.ipg_buckets)}))
 """
 
 
-@pytest.mark.parametrize("precision, compute", [("bf16", "torch.bfloat16"), ("fp32", "torch.float32")])
-def test_the_engine_computes_in_the_configured_precision(precision, compute):
-    out = subprocess.run([sys.executable, "-c", PROBE, precision], capture_output=True, text=True, cwd=ROOT,
+@pytest.mark.parametrize("overrides, compute, reduced_in", [
+    (["deepspeed.precision=bf16"], "torch.bfloat16", ["torch.float32"]),  # the paper's fp32 gradient all-reduce
+    (["deepspeed.precision=bf16", "deepspeed.grad_reduce_dtype=bf16"], "torch.bfloat16",
+     ["torch.bfloat16", "torch.float32"]),  # Linear/Conv weights in bf16, norms and tokens in fp32
+    (["deepspeed.precision=fp32"], "torch.float32", ["torch.float32"])])
+def test_the_engine_computes_and_reduces_in_the_configured_precision(overrides, compute, reduced_in):
+    """The ZeRO-2 engine's dtypes: of a Linear layer's output in engine(...), of
+    the master weights, and of the buckets its gradients are reduced in."""
+    out = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True, cwd=ROOT,
                          timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     dtypes = json.loads(out.stdout.strip().splitlines()[-1])
     assert dtypes["linear_out"] == compute  # DeepSpeed disables an outer autocast unless configured
     assert dtypes["master"] == "torch.float32"  # fp32 master weights either way
+    assert dtypes["reduced_in"] == reduced_in
+
+
+def test_a_bf16_reduction_needs_bf16_compute():
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="deepspeed.grad_reduce_dtype bf16 needs deepspeed.precision=bf16"):
+        load_config("tiny_cpu", ["deepspeed.precision=fp32", "deepspeed.grad_reduce_dtype=bf16"])
+    with pytest.raises(ConfigError, match=r"deepspeed.raw sets torch_autocast, which deepspeed.precision \(with deepspeed.grad_reduce_dtype\) decides"):
+        load_config("tiny_cpu", ['deepspeed.raw={"torch_autocast": {"enabled": false}}'])
 
 
 # Two ranks whose job ends as a run's does, collectives up to the end, run the way
