@@ -421,10 +421,10 @@ class CheckpointManager:
                               "checkpoint.dir")
         stage = self.fingerprint.get("zero_stage", 0)
         if meta["world_size"] != self.world_size and stage > 0:
-            raise ResumeError(f"checkpoint {tag_dir} holds ZeRO-{stage} optimizer state partitioned over "
-                              f"{meta['world_size']} ranks, and DeepSpeed cannot re-partition it over "
-                              f"{self.world_size}: relaunch with {meta['world_size']} ranks (ZeRO-0 checkpoints "
-                              "resume on any number)")
+            raise ResumeError(f"checkpoint {tag_dir} holds ZeRO-{stage} optimizer state partitioned for a world "
+                              f"size of {meta['world_size']}, and DeepSpeed cannot re-partition it for "
+                              f"{self.world_size}: relaunch with a world size of {meta['world_size']} (ZeRO-0 "
+                              "checkpoints resume on any, with the same global batch)")
 
     def _set_aside(self, tags: list[str], resumed: str) -> list[str]:
         """Rank 0 renames checkpoints that failed verification to ``<tag>.corrupt``

@@ -102,9 +102,11 @@ class DeepSpeedConfig:
                 "bf16 needs deepspeed.precision=bf16 (an fp32 run reduces what it computes)")
         require(not self.offload_params or self.stage == 3, "offload_params", "needs deepspeed.stage=3")
         require(not self.offload_optimizer or self.stage >= 2, "offload_optimizer", "needs deepspeed.stage >= 2")
-        zero = self.raw.get("zero_optimization")
-        owned = [k for k in RAW_OWNED if k in self.raw] + (["zero_optimization.stage"]
-                                                           if isinstance(zero, dict) and "stage" in zero else [])
+        zero = self.raw.get("zero_optimization", {})
+        if not isinstance(zero, dict):  # DeepSpeed's old boolean form: ZeRO-1 under a stage-0 label
+            raise OptionError("raw", f"sets zero_optimization to {zero!r}; it takes a mapping of ZeRO keys (the "
+                                     "stage is deepspeed.stage)")
+        owned = [k for k in RAW_OWNED if k in self.raw] + [f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero]
         if owned:
             raise OptionError("raw", f"sets {owned[0]}, which {RAW_OWNED[owned[0]]} decides: set that instead (the "
                                      "batch, lr and schedule are computed from the run config)")
@@ -114,8 +116,12 @@ RAW_OWNED = {  # DeepSpeed keys the run config decides; deepspeed.raw may not ch
     "train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "optim.accum_steps",
     "train_batch_size": "data.batch_size x optim.accum_steps x the world size", "gradient_clipping": "optim.grad_clip",
     "optimizer": "optim (the recipe's AdamW or LARS)", "scheduler": "the recipe's lr schedule",
-    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision", "zero_optimization.stage": "deepspeed.stage",
-    "torch_autocast": "deepspeed.precision (with deepspeed.grad_reduce_dtype)"}
+    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision",
+    "torch_autocast": "deepspeed.precision (with deepspeed.grad_reduce_dtype)", "bfloat16": "deepspeed.precision",
+    "amp": "deepspeed.precision", "zero_optimization.stage": "deepspeed.stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_params"}
+RAW_OWNED_ZERO = ("stage", "offload_optimizer", "offload_param")
 
 
 @dataclass

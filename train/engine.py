@@ -24,6 +24,7 @@ from torch import nn
 from infra.net import free_port
 from infra.slurm.env import torch_env_from_slurm
 from train.config import DeepSpeedConfig, RunConfig
+from train.errors import ConfigError
 from train.recipe import param_groups
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,25 @@ def build_engine(cfg: RunConfig, model: nn.Module, lr: float, optimizer: torch.o
 
     if optimizer is None:
         optimizer = adamw(cfg, param_groups(model, cfg.optim.weight_decay), lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_json(cfg))
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_json(cfg))
+    except Exception as e:
+        if not cfg.deepspeed.raw or not _refused_config(e):
+            raise
+        said = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])  # pydantic: the field, 2nd line
+        raise ConfigError(f"deepspeed.raw: DeepSpeed refused the config it was merged into ({type(e).__name__}: "
+                          f"{said[:300]}); fix or remove the raw key") from None
     return engine
+
+
+def _refused_config(e: Exception) -> bool:
+    """DeepSpeed's ways of refusing a config: its own error, pydantic's validation of
+    a section, ZeRO's checks of the keys it reads."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+    from pydantic import ValidationError
+
+    return isinstance(e, (DeepSpeedConfigError, ZeRORuntimeException, ValidationError))
 
 
 def adamw(cfg: RunConfig, groups: list[dict], lr: float) -> torch.optim.AdamW:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from train.config import RunConfig
-from train.errors import ConfigError
+from train.errors import ConfigError, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +88,30 @@ def lr_at(step: int, d: Derived, min_lr: float = 0.0) -> float:
     span = max(1, d.total_steps - d.warmup_steps)
     progress = min(1.0, (step - d.warmup_steps) / span)
     return min_lr + (d.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def refuse_another_global_batch(meta: dict, cfg, d: Derived, where: str) -> None:
+    """A checkpoint's steps are steps of its global batch, and the schedule (total,
+    warmup, the cosine's position) is counted in them: resumed under another global
+    batch, its step N would stand for another number of images. 1 -> 2 ranks ended
+    a 2-epoch run after one epoch with exit 0; 2 -> 1 trained 2.5 epochs with the lr
+    back at its peak. Refused with the way to keep it (``where``: the checkpoint)."""
+    saved = _at(meta, "derived", "global_batch")  # None: written before it was recorded
+    if saved is None or saved == d.global_batch:
+        return
+    was = (f"micro {_at(meta, 'config', 'data', 'batch_size')} x accum {_at(meta, 'config', 'optim', 'accum_steps')} "
+           f"x world {_at(meta, 'world_size')}")
+    raise ResumeError(f"checkpoint {where} trained with a global batch of {saved} images a step ({was}); this run's "
+                      f"is {d.global_batch} (micro {cfg.data.batch_size} x accum {cfg.optim.accum_steps} x world "
+                      f"{d.world_size}), under which its step {meta.get('step')} and the lr schedule would stand for "
+                      f"another number of images. Keep data.batch_size x optim.accum_steps x world = {saved} (e.g. "
+                      "raise optim.accum_steps on fewer ranks), or start a new checkpoint.dir")
+
+
+def _at(tree: object, *keys: str) -> object:
+    """``tree[k1][k2]...`` of a checkpoint's meta.json (untrusted), None where absent."""
+    for k in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(k)
+    return tree

@@ -32,7 +32,7 @@ from train.config import RunConfig, flat_config
 from train.engine import any_rank, build_engine, device_for, init_distributed, release_engine, set_lr
 from train.errors import ResumeError
 from train.logfiles import open_log, write_run_summary
-from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
+from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch, refuse_another_global_batch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.signals import STOP_SIGNALS
@@ -198,6 +198,7 @@ class Trainer:
         resumed = self.ckpt.resume(self.engine)
         if resumed is None:
             return
+        refuse_another_global_batch(resumed.meta, self.cfg, self.derived, self.ckpt.root / resumed.tag)
         state = resumed.meta["trainer"]
         try:
             self.micro_steps = int(state["micro_steps"])

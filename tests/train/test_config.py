@@ -133,7 +133,17 @@ def test_numbers_read_as_yaml_1_2_and_text_overrides_as_written(tmp_path):
     for override, message in [(".seed=1", "an empty name between dots"), ("optim.lr=\u0661\u0662", "does not fit"),
                               ("deepspeed.raw.gradient_accumulation_steps=4", "deepspeed.raw sets "
                                "gradient_accumulation_steps, which optim.accum_steps decides"),
-                              ("deepspeed.raw={zero_optimization: {stage: 3}}", "sets zero_optimization.stage")]:
+                              ("deepspeed.raw={zero_optimization: {stage: 3}}", "sets zero_optimization.stage"),
+                              # DeepSpeed's bf16 alias: logged as fp32, trained into a dtype error deep in torch
+                              ("deepspeed.raw.bfloat16.enabled=true", "sets bfloat16, which deepspeed.precision"),
+                              ("deepspeed.raw.amp.enabled=true", "sets amp, which deepspeed.precision"),
+                              ("deepspeed.raw.torch_autocast.dtype=float16", "sets torch_autocast, which "
+                               "deepspeed.precision"),  # fp16 without a loss scaler, labelled bf16
+                              # the old boolean form: ZeRO-1 under a stage-0 label and fingerprint
+                              ("deepspeed.raw.zero_optimization=true", "sets zero_optimization to True; it takes a "
+                               "mapping"),
+                              ("deepspeed.raw.zero_optimization.offload_optimizer.device=cpu", "sets "
+                               "zero_optimization.offload_optimizer, which deepspeed.offload_optimizer decides")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config("tiny_cpu", [override])
 

@@ -192,12 +192,15 @@ def test_the_dali_backend_resumes_exactly(shards, dali_run, tmp_path):
 
 
 def test_elastic_resume_sees_every_sample_once(shards, stage_runs, tmp_path):
-    """ZeRO-0 checkpoint of 2 ranks at step 4, resumed by one process: the 32
-    samples the two ranks had not read of epoch 0 are read once, none again."""
+    """ZeRO-0 checkpoint of 2 ranks at step 4, resumed by one process accumulating
+    two micro-batches (the same 16 images a step): the 32 samples the two ranks had
+    not read of epoch 0 are read once, none again, and the lr schedule goes on."""
     run = copy_checkpoint(stage_runs[0], tmp_path / "elastic", 4)
-    out = run_cmd(mae_pretrain(shards, run, "deepspeed.stage=0"), run)
+    out = run_cmd(mae_pretrain(shards, run, "deepspeed.stage=0", "optim.accum_steps=2"), run)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "elastic resume from 2 to 1 ranks" in out.stderr
+    ref, got = metrics(stage_runs[0]), metrics(run)
+    assert [got[s]["lr"] for s in range(5, STEPS + 1)] == pytest.approx([ref[s]["lr"] for s in range(5, STEPS + 1)])
     before = [r[-1] for (rank, micro), r in sample_ids(stage_runs[0]).items() if r[-1]["step"] <= 4]
     after = [r[-1] for r in sample_ids(run).values()]
     seen = Counter(i for rec in before + after if rec["epoch"] == 0 for i in rec["ids"])
@@ -205,12 +208,30 @@ def test_elastic_resume_sees_every_sample_once(shards, stage_runs, tmp_path):
     assert summary(run)["step"] == STEPS
 
 
+@pytest.mark.parametrize("launch, extra, now", [
+    ("one process", (), "is 8 (micro 8 x accum 1 x world 1)"),  # 2 -> 1 ranks: the run trained 2.5 epochs
+    ("torchrun", ("optim.accum_steps=2",), "is 32 (micro 8 x accum 2 x world 2)")])  # 1.5 epochs, no warning
+def test_a_resume_under_another_global_batch_is_refused_by_name(launch, extra, now, shards, stage_runs, tmp_path):
+    """A step is a step of the checkpoint's global batch (16 images here): under
+    another, the step counter and the lr schedule would stand for other images."""
+    run = copy_checkpoint(stage_runs[0], tmp_path / "batch", 4)
+    cmd = mae_pretrain if launch == "one process" else torchrun
+    out = run_cmd(cmd(shards, run, "deepspeed.stage=0", *extra), run)
+    assert out.returncode == (2 if launch == "one process" else 1), out.stderr[-3000:]  # torchrun: 1, its footer
+    errors = [line for line in out.stderr.splitlines() if " ERROR train.pretrain" in line]
+    assert len(errors) == (1 if launch == "one process" else 2) and all("trained with a global batch of 16 images a step (micro 8 x accum 1 x world 2); this "
+                          f"run's {now}" in e for e in errors), out.stderr[-3000:]
+    assert "Keep data.batch_size x optim.accum_steps x world = 16" in errors[0]
+    assert not (run / "metrics.jsonl").read_text()  # not one step
+    assert launch != "one process" or "Traceback" not in out.stderr
+
+
 def test_elastic_resume_of_partitioned_optimizer_state_is_refused_clearly(shards, stage_runs, tmp_path):
     run = copy_checkpoint(stage_runs[2], tmp_path / "elastic2", 4)
     out = run_cmd(mae_pretrain(shards, run, "deepspeed.stage=2"), run)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "ZeRO-2 optimizer state partitioned over 2 ranks" in errors[0], out.stderr[-2000:]
+    assert len(errors) == 1 and "ZeRO-2 optimizer state partitioned for a world size of 2" in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
 

@@ -48,7 +48,7 @@ from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
 from train.logfiles import open_log, write_run_summary
-from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch
+from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch, refuse_another_global_batch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.step_metrics import record_memory, start_prometheus, stop_prometheus
@@ -260,6 +260,7 @@ class Finetuner:
         resumed = self.ckpt.resume(self.engine)
         if resumed is None:
             return
+        refuse_another_global_batch(resumed.meta, self.cfg, self.derived, self.ckpt.root / resumed.tag)
         try:
             state = resumed.meta["trainer"]
             self.loader.load_state_dict(state["loader"])
