@@ -2,7 +2,8 @@
 
 Model states per GPU for each ZeRO stage, counted for this trainer's recipe
 (bf16 autocast over fp32 master weights: 4 B weights + 4 B grads + 8 B AdamW per
-parameter, the part a stage shards divided by the GPU count, plus 2 B of autocast
+parameter, and under ZeRO 1-3 4 B more for the optimizer's fp32 copy of each
+partition; the part a stage shards divided by the GPU count, plus 2 B of autocast
 weight copies), next to DeepSpeed's own estimators (which assume 16-bit weights);
 parameters counted on a meta-device model. Activations per GPU from the tensors
 autograd keeps per block (36 bytes per token x width under bf16 autocast, 64 in
@@ -69,20 +70,24 @@ def model_sizes() -> list[dict[str, object]]:
 
 
 def model_states_per_gpu(params: int, stage: int, gpus: int, dtype: str = "fp32") -> float:
-    """fp32 weights, grads and AdamW moments, sharded per stage; under bf16 autocast
-    plus the 16-bit weight copies autocast keeps for the step (not sharded)."""
+    """fp32 weights, grads and AdamW moments, sharded per stage; ZeRO 1-3 also keep
+    an fp32 master copy of each rank's partition apart from the model's own fp32
+    weights (DeepSpeed's optimizer steps the copy, then writes the weights back);
+    under bf16 autocast plus the 16-bit weight copies autocast keeps for the step
+    (not sharded)."""
     weights, grads, adam = 4.0 * params, 4.0 * params, 8.0 * params
-    return _sharded(weights, grads, adam, stage, gpus) + (2.0 * params if dtype == "bf16" else 0.0)
+    master = 0.0 if stage == 0 else 4.0 * params  # stage 0: torch AdamW steps the weights themselves
+    return _sharded(weights, grads, adam + master, stage, gpus) + (2.0 * params if dtype == "bf16" else 0.0)
 
 
-def _sharded(weights: float, grads: float, adam: float, stage: int, gpus: int) -> float:
+def _sharded(weights: float, grads: float, optimizer: float, stage: int, gpus: int) -> float:
     if stage == 0:
-        return weights + grads + adam
+        return weights + grads + optimizer
     if stage == 1:
-        return weights + grads + adam / gpus
+        return weights + grads + optimizer / gpus
     if stage == 2:
-        return weights + (grads + adam) / gpus
-    return (weights + grads + adam) / gpus
+        return weights + (grads + optimizer) / gpus
+    return (weights + grads + optimizer) / gpus
 
 
 def deepspeed_estimate(params: int, largest: int, stage: int, gpus_per_node: int, nodes: int) -> float | None:
