@@ -57,7 +57,7 @@ class UpdateGuard:
         if self.micro in self.inject_at:
             loss = loss * float("nan")  # fault drill: a poisoned batch
         self.micro += 1
-        agreed = agree_across_ranks(loss, stop, self.world, images, r.step, self.micro - 1)
+        agreed = agree_across_ranks(loss, stop, self.world, images, r.step + 1, self.micro - 1)  # the step it is for
         if agreed.skip:  # every rank skips this micro-batch together: no update, no hang
             self.skipped(agreed.skip)
             return None
@@ -68,7 +68,7 @@ class UpdateGuard:
         engine.step()
         if grad_norm is not None:
             grad_norm.after_step(boundary)
-        self.stepped(engine, boundary, r.step)
+        self.stepped(engine, boundary, r.step + 1)
         r.images += images * self.world
         r.data_wait_s += wait
         self.window.append(agreed.mean_loss)

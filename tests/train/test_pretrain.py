@@ -94,7 +94,7 @@ def test_a_poisoned_batch_is_skipped_and_counted(shards, tmp_path):
     summary = _summary(run)
     assert summary["nonfinite_skipped"] == 1 and summary["step"] == STEPS
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run).values())
-    assert "non-finite loss at step 2" in out.stderr
+    assert "non-finite loss at step 3 (micro-step 2)" in out.stderr  # the step it was for, as metrics.jsonl numbers it
 
 
 def test_k_non_finite_in_a_row_stop_with_the_checkpoint_intact(shards, tmp_path):
@@ -102,7 +102,7 @@ def test_k_non_finite_in_a_row_stop_with_the_checkpoint_intact(shards, tmp_path)
     out = _run(_torchrun(shards, run, "faults.inject_nonfinite_at=[5,6,7]", "faults.max_nonfinite_in_row=3",
                          "checkpoint.every_steps=2"), run)
     assert out.returncode != 0
-    assert "3 non-finite losses or skipped updates in a row, the last: non-finite loss at step 5" in out.stderr
+    assert "3 non-finite losses or skipped updates in a row, the last: non-finite loss at step 6" in out.stderr
     assert (run / "ckpt" / "latest").read_text() == "step000000004"
     assert (run / "ckpt" / "step000000004" / "COMPLETE").exists()
 
@@ -230,7 +230,7 @@ def test_a_micro_batch_of_only_corrupt_samples_is_skipped_on_every_rank_in_step(
     out = _run(_torchrun(tmp_path / "ds", run, "data.batch_size=4", "data.plan.shuffle=false", "deepspeed.stage=3",
                          "data.max_corrupt_fraction=0.5", "schedule.max_steps=12"), run)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "1 rank(s) had a micro-batch of only corrupt samples at step 1 (micro-step 1): update skipped" in out.stderr
+    assert "1 rank(s) had a micro-batch of only corrupt samples at step 2 (micro-step 1): update skipped" in out.stderr
     assert _summary(run)["nonfinite_skipped"] == 4  # 12 applied steps: 4 epochs of 4 micro-batches, one skipped each
     records = micro_records(run / "ids")
     for micro in range(16):

@@ -31,6 +31,10 @@ def resolve_tag(path: Path) -> tuple[Path, str]:
     """A run directory (uses its newest complete checkpoint) or one tag directory."""
     if TAG_RE.match(path.name) and (path / COMPLETE).exists():
         return path.parent, path.name
+    if TAG_RE.match(path.name):  # one checkpoint asked for by name: say what it lacks
+        done = ", ".join(complete_tags(path.parent)[-3:]) or "none"
+        what = "is an unfinished save (no COMPLETE)" if path.is_dir() else "does not exist"
+        raise WeightsError(f"checkpoint {path} {what}; complete ones beside it: {done}")
     tag = latest_complete(path)
     if tag is None:
         raise WeightsError(f"no complete checkpoint in {path} (looked for step*/COMPLETE)")

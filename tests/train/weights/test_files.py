@@ -64,3 +64,22 @@ def test_an_export_onto_a_file_says_so(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(WeightsError, match="afile is a file: mae export writes a folder"):
         export(tmp_path / "no-run", tmp_path / "afile")
+
+
+def test_a_checkpoint_asked_for_by_name_says_what_it_lacks(tmp_path):
+    """`mae export run/ckpt/step000000099`: a missing tag and an unfinished save are
+    named as such, with the complete ones beside them (it said "no complete
+    checkpoint in .../step000000099 (looked for step*/COMPLETE)")."""
+    from train.errors import WeightsError
+    from train.weights.consolidate import resolve_tag
+
+    for tag in ("step000000004", "step000000008"):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "COMPLETE").write_text("{}")
+    (tmp_path / "step000000012").mkdir()  # a save killed before its record
+    assert resolve_tag(tmp_path / "step000000008") == (tmp_path, "step000000008")
+    with pytest.raises(WeightsError, match=r"step000000099 does not exist; complete ones beside it: step000000004, "
+                                           r"step000000008$"):
+        resolve_tag(tmp_path / "step000000099")
+    with pytest.raises(WeightsError, match=r"step000000012 is an unfinished save \(no COMPLETE\); complete ones"):
+        resolve_tag(tmp_path / "step000000012")
