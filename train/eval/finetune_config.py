@@ -18,6 +18,7 @@ from typing import Any
 from infra.options import option, require, require_choice, require_text
 from model.classifier import HEADS
 from model.registry import list_models, model_config
+from pipeline.augment import AugmentConfig
 from pipeline.loader import LoaderConfig
 from train.config import (CheckpointConfig, DeepSpeedConfig, FaultConfig, LogConfig, MetricsConfig, OptimConfig,
                           ScheduleConfig, optimizer_settings, require_input_dtype, sized_model_config)
@@ -86,9 +87,28 @@ class EvalConfig:
         require(0 < self.crop_fraction <= 1, "crop_fraction", f"must be in (0, 1], got {self.crop_fraction}")
 
 
+@dataclass(frozen=True)
+class FinetuneAugmentConfig(AugmentConfig):
+    """The fine-tuning recipe's augmentation by default (the official main_finetune.py:
+    RandomResizedCrop 0.08-1, timm's rand-m9-mstd0.5-inc1, random erasing 0.25), so a
+    config that leaves ``data.augment`` out does not silently train without it."""
+
+    scale: tuple[float, float] = option((0.08, 1.0), "RandomResizedCrop area range (fine-tuning: 0.08-1)")
+    rand_augment_layers: int = option(2, "RandAugment ops per image (0: off; the recipe's rand-m9-mstd0.5-inc1: 2)")
+    erase_prob: float = option(0.25, "random erasing probability (the recipe: 0.25): one box of 2-33% of the image "
+                                     "filled with N(0, 1) noise after normalization")
+
+
+@dataclass(frozen=True)
+class FinetuneLoaderConfig(LoaderConfig):
+    """The training split's loader, the fine-tuning recipe's augmentation by default."""
+
+    augment: FinetuneAugmentConfig = option(factory=FinetuneAugmentConfig)
+
+
 @dataclass
 class FinetuneConfig:
-    data: LoaderConfig = option(factory=LoaderConfig)  # the training split
+    data: FinetuneLoaderConfig = option(factory=FinetuneLoaderConfig)  # the training split
     eval: EvalConfig = option(factory=EvalConfig)
     model: ClassifierModelConfig = option(factory=ClassifierModelConfig)
     optim: FinetuneOptimConfig = option(factory=FinetuneOptimConfig)

@@ -42,6 +42,18 @@ def test_linear_probe_presets_are_the_papers_protocol(name):
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (90, 10)
     assert cfg.model.head == "bn_linear" and not cfg.model.global_pool and cfg.model.trainable_blocks == 0
     assert cfg.mixup.prob == 0 and cfg.mixup.label_smoothing == 0 and cfg.data.augment.rand_augment_layers == 0
+    assert cfg.data.augment.erase_prob == 0 and cfg.data.augment.scale == (0.08, 1.0)  # crop + flip only
+    assert cfg.data.batch_size == 512  # BatchNorm's statistics over 512 a GPU, as the official 32-GPU run
+
+
+def test_a_fine_tuning_config_without_augment_keys_gets_the_recipes_augmentation():
+    """Before, it got pretraining's (scale 0.2-1, no RandAugment, no erasing) without
+    a word; pretraining's own default stays."""
+    a = load_config(None, ["data.augment.img_size=32"], FinetuneConfig).data.augment
+    assert (a.scale, a.rand_augment_layers, a.rand_augment_magnitude, a.rand_augment_magnitude_std, a.erase_prob) \
+        == ((0.08, 1.0), 2, 9, 0.5, 0.25) and a.img_size == 32
+    p = load_config(None, ["data.augment.img_size=32"]).data.augment
+    assert (p.scale, p.rand_augment_layers, p.erase_prob) == ((0.2, 1.0), 0, 0)
 
 
 def test_bad_values_name_their_key():
