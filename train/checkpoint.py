@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,8 +341,10 @@ class CheckpointManager:
                 "(checkpoint.resume=true continues from them)")
         raise_first(error)
 
-    def resume(self, engine: Any) -> Resumed | None:
-        """Load the newest checkpoint that verifies (None: there is none to resume)."""
+    def resume(self, engine: Any, check: Callable[[Path, dict[str, Any]], None] | None = None) -> Resumed | None:
+        """Load the newest checkpoint that verifies (None: there is none to resume).
+        ``check(tag_dir, meta)``: the loop's own refusals, before anything is loaded
+        or set aside."""
         found = self._newest_verified()
         if found is None:
             return None
@@ -349,6 +352,8 @@ class CheckpointManager:
         tag_dir = self.root / tag
         meta = read_meta(tag_dir)
         self._check_compatible(tag_dir, meta)
+        if check is not None:
+            check(tag_dir, meta)
         set_aside = self._set_aside([t for t, _ in failed], tag) if failed else []
         RecordingCheckpointEngine.install(engine)  # its loads: plain data, refused by file name
         try:
@@ -415,6 +420,10 @@ class CheckpointManager:
             raise ResumeError(f"checkpoint {tag_dir} is of model {meta['model']}, this run is "
                               f"{self.fingerprint['model']}; use another checkpoint.dir or the same model")
         diffs = fingerprint_differences(meta["fingerprint"], self.fingerprint)
+        if any(d.startswith("weight_decay_groups: None ->") for d in diffs):  # no setting brings the old groups back
+            raise ResumeError(f"checkpoint {tag_dir} was written by a maescale that spared the cls and mask tokens "
+                              "from weight decay (its optimizer state has other groups): finish that run with that "
+                              "version, or start a new checkpoint.dir")
         if diffs:
             raise ResumeError(f"checkpoint {tag_dir} was written with a config that changes the model or optimizer "
                               f"state or the run ({'; '.join(diffs)}); resume with the same settings or start a new "

@@ -100,16 +100,22 @@ class DeepSpeedConfig:
         require_choice(self, "grad_reduce_dtype", ("fp32", "bf16"))
         require(self.grad_reduce_dtype == "fp32" or self.precision == "bf16", "grad_reduce_dtype",
                 "bf16 needs deepspeed.precision=bf16 (an fp32 run reduces what it computes)")
+        require(self.grad_reduce_dtype == "fp32" or self.stage > 0, "grad_reduce_dtype",
+                "bf16 needs deepspeed.stage 1-3 (ZeRO-0 reduces in the weights' fp32)")
         require(not self.offload_params or self.stage == 3, "offload_params", "needs deepspeed.stage=3")
         require(not self.offload_optimizer or self.stage >= 2, "offload_optimizer", "needs deepspeed.stage >= 2")
         zero = self.raw.get("zero_optimization", {})
         if not isinstance(zero, dict):  # DeepSpeed's old boolean form: ZeRO-1 under a stage-0 label
             raise OptionError("raw", f"sets zero_optimization to {zero!r}; it takes a mapping of ZeRO keys (the "
                                      "stage is deepspeed.stage)")
-        owned = [k for k in RAW_OWNED if k in self.raw] + [f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero]
+        enabled = {"offload_optimizer": self.offload_optimizer, "offload_param": self.offload_params}
+        owned = [k for k in RAW_OWNED if k in self.raw] + [
+            f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero and not enabled.get(k)]  # tuning: allowed
         if owned:
-            raise OptionError("raw", f"sets {owned[0]}, which {RAW_OWNED[owned[0]]} decides: set that instead (the "
-                                     "batch, lr and schedule are computed from the run config)")
+            why = " (the batch, lr and schedule are computed from the run config)" if owned[0] in RAW_BATCH else ""
+            raise OptionError("raw", f"sets {owned[0]}, which {RAW_OWNED[owned[0]]} decides: set that instead{why}"
+                                     + (" (with it set, raw may tune its keys, e.g. nvme_path)"
+                                        if owned[0].split(".")[-1] in enabled else ""))
 
 
 RAW_OWNED = {  # DeepSpeed keys the run config decides; deepspeed.raw may not change them behind its back
@@ -118,10 +124,13 @@ RAW_OWNED = {  # DeepSpeed keys the run config decides; deepspeed.raw may not ch
     "optimizer": "optim (the recipe's AdamW or LARS)", "scheduler": "the recipe's lr schedule",
     "bf16": "deepspeed.precision", "fp16": "deepspeed.precision",
     "torch_autocast": "deepspeed.precision (with deepspeed.grad_reduce_dtype)", "bfloat16": "deepspeed.precision",
-    "amp": "deepspeed.precision", "zero_optimization.stage": "deepspeed.stage",
+    "amp": "deepspeed.precision", "communication_data_type": "deepspeed.grad_reduce_dtype",
+    "zero_optimization.stage": "deepspeed.stage",
     "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
     "zero_optimization.offload_param": "deepspeed.offload_params"}
-RAW_OWNED_ZERO = ("stage", "offload_optimizer", "offload_param")
+RAW_OWNED_ZERO = ("stage", "offload_optimizer", "offload_param")  # the offload sections: once the config enables them
+RAW_BATCH = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
+             "scheduler")
 
 
 @dataclass
@@ -164,13 +173,15 @@ class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/track
     metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
     sample_ids_dir: str | None = option(None, "each rank appends the sample ids of every micro-step to "
                                               "samples_rank<R>.jsonl here (audits: every sample once per epoch)")
-    stall_dump_s: float = option(900.0, "no optimizer step for this long: every thread's stack to stderr, again "
-                                        "each interval while stuck (a hung collective or read, named); 0: off")
+    stall_dump_s: float = option(300.0, "no optimizer step for this long: every thread's stack to stderr, again "
+                                        "each interval while stuck (a hung collective or read, named, before the "
+                                        "process group's 10-minute timeout); 0: off, else at least 1")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the tracking fields' checks
         require_positive(self, "every_steps")
-        require_non_negative(self, "stall_dump_s")
+        require(self.stall_dump_s == 0 or self.stall_dump_s >= 1, "stall_dump_s",
+                f"must be 0 (off) or at least 1 (each dump holds the interpreter), got {self.stall_dump_s}")
         require(self.stall_dump_s <= MAX_PAUSE_S, "stall_dump_s", f"must be at most {MAX_PAUSE_S} (a day), got "
                 f"{self.stall_dump_s}")
         require_text(self, "metrics_file", "sample_ids_dir")
@@ -224,7 +235,8 @@ class RunConfig:
         """What a checkpoint must match to be resumed, key by key: the model (its whole
         architecture), the seeds, the data (``dataset``: the manifest's hash), what
         shapes the optimizer state and the settings it keeps (weight decay, betas).
-        Not lr, schedule or world size, which may change."""
+        Not lr or schedule, which may change, nor the world size (ZeRO-0; the global
+        batch is checked on resume by ``recipe.refuse_another_global_batch``)."""
         arch = dataclasses.asdict(model_config(self.model.name, img_size=self.data.augment.img_size,
                                                norm_pix_loss=self.model.norm_pix_loss))
         return {"model": self.model.name, "architecture": arch, "mask_ratio": self.model.mask_ratio,

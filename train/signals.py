@@ -12,11 +12,12 @@ failed job. A second one still ends the process at once. Light on purpose: the
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
@@ -87,49 +88,62 @@ def _watch(read_end: int) -> None:
 
 class StallWatch:
     """A watcher thread, told of every optimizer step: a job that makes no step for
-    ``seconds`` writes every thread's stack to stderr (after a line that says so),
-    and again every ``seconds`` while it stays stuck. A hung collective, object-store
-    read or loader is then named by its frames long before the process group's
-    30-minute timeout ends the job. The watcher takes the GIL to write, so the
-    frames it reads hold still (faulthandler's own timer reads them from a C thread
-    while they change, and can crash the process it watches); a thread stuck in a
-    C call has released it. One per process."""
+    ``seconds`` writes every thread's stack to stderr (after a line naming the rank
+    and pid), and again every ``seconds`` while it stays stuck. A hung collective,
+    object-store read or loader is then named by its frames before the process
+    group's timeout (DeepSpeed's default: 10 minutes) ends the job. The watcher
+    holds the GIL while it reads the frames, so they hold still (faulthandler's own
+    timer reads them from a C thread while they change, and can crash the process
+    it watches); a thread stuck in a C call has released it. Each dump is one write,
+    so the ranks sharing a launcher's stderr do not interleave. One per process: an
+    arming inside another is a no-op."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
         self.last_step = 0.0  # time.monotonic() of the last step (or of arming)
+        self._armed = False
 
     @contextlib.contextmanager
     def armed(self, seconds: float) -> Iterator[None]:
         """Within: watched (``seconds`` 0: not)."""
-        if seconds <= 0:
+        if seconds <= 0 or self._armed:
             yield
             return
-        self.seconds, self.last_step = seconds, time.monotonic()
+        self._armed, self.last_step = True, time.monotonic()
         ended = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(ended,), name="stall-watch", daemon=True)
+        watcher = threading.Thread(target=self._watch, args=(ended, seconds), name="stall-watch", daemon=True)
         watcher.start()
         try:
             yield
         finally:
             ended.set()
             watcher.join()
-            self.seconds = 0.0
+            self._armed = False
 
     def beat(self) -> None:
         """A step was made: the next dump is ``seconds`` from now."""
         self.last_step = time.monotonic()
 
-    def _watch(self, ended: threading.Event) -> None:
+    def _watch(self, ended: threading.Event, seconds: float) -> None:
         dumped = float("-inf")
-        while not ended.wait(max(0.0, max(self.last_step, dumped) + self.seconds - time.monotonic())):
+        while not ended.wait(max(0.0, max(self.last_step, dumped) + seconds - time.monotonic())):
             now = time.monotonic()
-            if now < max(self.last_step, dumped) + self.seconds:
+            if now < max(self.last_step, dumped) + seconds:
                 continue  # a step came meanwhile
             dumped = now
-            os.write(2, f"process {os.getpid()}: no optimizer step for {now - self.last_step:.0f} s "
-                        f"(log.stall_dump_s={self.seconds:g}); the stack of every thread:\n".encode())
-            faulthandler.dump_traceback(file=2, all_threads=True)
+            os.write(2, _stacks(f"rank {os.environ.get('RANK', 0)} (process {os.getpid()}): no optimizer step "
+                                f"for {now - self.last_step:.0f} s (log.stall_dump_s={seconds:g}); the stack of every "
+                                "thread:").encode())
+
+
+def _stacks(header: str) -> str:
+    """``header``, then each thread's name and stack, most recent call last."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = [header]
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue  # the watcher itself
+        parts.append(f"  thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)))
+    return "\n".join(parts) + "\n"
 
 
 stall_watch = StallWatch()

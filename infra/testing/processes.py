@@ -52,17 +52,24 @@ def kill_tree(pid: int) -> list[int]:
 
 
 def abort_with_stacks(pid: int, settle_s: float = 3.0) -> list[int]:
-    """For a job that hangs: SIGABRT to every process below ``pid`` first (with
-    ``PYTHONFAULTHANDLER=1`` in their environment each writes every thread's stack
-    to its stderr, then dies), then ``kill_tree``, so no rank is left running in a
-    session of its own. Returns the pids."""
-    for p in descendants(pid)[1:]:
+    """For a job that hangs: SIGABRT to ``pid`` and every process below it, children
+    first (with ``PYTHONFAULTHANDLER=1`` in their environment each writes every
+    thread's stack to its stderr, then dies), then SIGKILL to each of them and to
+    any found below since, so no rank is left running in a session of its own (one
+    reparented when its parent died is in the first list). Returns the pids."""
+    pids = descendants(pid)
+    for p in reversed(pids):
         try:
             os.kill(p, signal.SIGABRT)
         except ProcessLookupError:
             pass
     time.sleep(settle_s)
-    return kill_tree(pid)
+    for p in dict.fromkeys(pids + descendants(pid)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
 
 
 def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,18 +49,28 @@ def mae_pretrain(shards: Path, run: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train.cli", "pretrain", "--config", "tiny_cpu", *overrides(shards, run, *extra)]
 
 
+def _no_core_files() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an aborted rank leaves no core in the checkout
+
+
+def dumping_stacks() -> dict:
+    """Popen arguments: the job writes every thread's stack when aborted (SIGABRT),
+    and no core; the environment as it is now."""
+    return {"env": dict(os.environ, PYTHONFAULTHANDLER="1"), "preexec_fn": _no_core_files}
+
+
 def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt") -> subprocess.CompletedProcess:
     """Run a job to its end. One still running after ``timeout`` fails the test with
     the stacks of every thread of every process it started (a hang is then named
     by its frames, not only by its last log line), and leaves nothing running."""
     run.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **dumping_stacks())
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         abort_with_stacks(proc.pid)
-        stdout, stderr = proc.communicate()
+        stdout, stderr = proc.communicate(timeout=30)
         (run / log).write_text(stdout + stderr)
         raise AssertionError(f"still running after {timeout:.0f} s; every process's stacks:\n{stderr[-20000:]}") from None
     (run / log).write_text(stdout + stderr)
@@ -68,8 +79,8 @@ def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt
 
 def start(cmd: list[str], run: Path) -> subprocess.Popen:
     run.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **dumping_stacks())
 
 
 def wait_for(condition, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
@@ -81,7 +92,8 @@ def wait_for(condition, timeout: float = 180, proc: subprocess.Popen | None = No
             if proc is None:
                 raise AssertionError("timed out waiting for the run")
             abort_with_stacks(proc.pid)
-            raise AssertionError(f"timed out waiting for the run; every process's stacks:\n{proc.stdout.read()[-20000:]}")
+            raise AssertionError("timed out waiting for the run; every process's stacks:\n"
+                                 f"{proc.communicate(timeout=30)[0][-20000:]}")
         time.sleep(0.01)
 
 

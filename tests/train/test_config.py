@@ -143,9 +143,25 @@ def test_numbers_read_as_yaml_1_2_and_text_overrides_as_written(tmp_path):
                               ("deepspeed.raw.zero_optimization=true", "sets zero_optimization to True; it takes a "
                                "mapping"),
                               ("deepspeed.raw.zero_optimization.offload_optimizer.device=cpu", "sets "
-                               "zero_optimization.offload_optimizer, which deepspeed.offload_optimizer decides")]:
+                               "zero_optimization.offload_optimizer, which deepspeed.offload_optimizer decides"),
+                              ("deepspeed.raw.communication_data_type=bf16", "sets communication_data_type, which "
+                               "deepspeed.grad_reduce_dtype decides")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config("tiny_cpu", [override])
+
+
+def test_raw_may_tune_an_offload_the_config_enables():
+    """NVMe offload, or pinned memory off on a host with a low ``ulimit -l``: keys
+    the config has no option for, merged into the section it writes."""
+    from train.engine import deepspeed_json
+
+    cfg = load_config("tiny_cpu", ["deepspeed.stage=3", "deepspeed.offload_params=true",
+                                   "deepspeed.raw.zero_optimization.offload_param.pin_memory=false",
+                                   "deepspeed.raw.zero_optimization.offload_param.buffer_count=8"])
+    assert deepspeed_json(cfg)["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False,
+                                                                         "buffer_count": 8}
+    with pytest.raises(ConfigError, match="deepspeed.grad_reduce_dtype bf16 needs deepspeed.stage 1-3"):
+        load_config("tiny_cpu", ["deepspeed.stage=0", "deepspeed.precision=bf16", "deepspeed.grad_reduce_dtype=bf16"])
 
 
 def test_a_schedule_that_cannot_train_is_refused():

@@ -223,6 +223,7 @@ def test_a_resume_under_another_global_batch_is_refused_by_name(launch, extra, n
                           f"run's {now}" in e for e in errors), out.stderr[-3000:]
     assert "Keep data.batch_size x optim.accum_steps x world = 16" in errors[0]
     assert not (run / "metrics.jsonl").read_text()  # not one step
+    assert "resumed from" not in out.stderr  # refused before DeepSpeed loaded anything
     assert launch != "one process" or "Traceback" not in out.stderr
 
 

@@ -44,7 +44,27 @@ def test_a_stuck_job_names_its_frames_each_interval_and_a_stepping_one_writes_no
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["stepped", "stuck", "ended"]
     assert out.stderr.count(HEADER) == 2, out.stderr
-    assert out.stderr.count("waiting_on_a_peer") == 2  # the frame that waits, named in each dump
+    assert out.stderr.count("in waiting_on_a_peer") == 2  # the frame that waits, named in each dump
+    assert out.stderr.count("rank 0 (process ") == 2 and "stall-watch" not in out.stderr  # not the watcher itself
+
+
+def test_an_arming_inside_another_is_a_no_op():
+    """The inner one's end leaves the outer watching at its own interval (it had
+    set the shared interval to 0: 18,402 dumps in half a second)."""
+    out = _python("""
+        import threading
+        from train.signals import stall_watch
+
+        def stuck():
+            threading.Event().wait(2.5)
+
+        with stall_watch.armed(1.0):
+            with stall_watch.armed(1.0):
+                pass
+            stuck()
+    """)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count(HEADER) == 2, out.stderr[-2000:]
 
 
 def test_zero_turns_the_watch_off():
@@ -69,7 +89,7 @@ def test_a_training_run_held_inside_a_save_dumps_the_save_and_ends_well(shards, 
     dumps = out.stderr.split(HEADER)[1:]
     assert len(dumps) >= 2, out.stderr[-4000:]  # two 3 s saves (steps 4 and 8)
     assert sum('train/checkpoint.py", line' in d and "in save" in d for d in dumps) >= 2
-    assert "Thread 0x" in dumps[0]  # every thread, not only the main one
+    assert "thread MainThread:" in dumps[0] and "thread checkpoint-lock-heartbeat:" in "".join(dumps)  # every thread
     after_a_step = out.stderr.split("step 1/8", 1)[1]
     first = re.search(r"no optimizer step for (\d+) s", after_a_step)
     assert first and int(first.group(1)) < 3  # each step starts the count again
@@ -78,9 +98,9 @@ def test_a_training_run_held_inside_a_save_dumps_the_save_and_ends_well(shards, 
 def test_the_watch_is_a_config_option_checked_like_the_others():
     from train.config import ConfigError, load_config
 
-    assert load_config("tiny_cpu", []).log.stall_dump_s == 900
+    assert load_config("tiny_cpu", []).log.stall_dump_s == 300  # half DeepSpeed's 10-minute group timeout
     assert load_config("tiny_cpu", ["log.stall_dump_s=0"]).log.stall_dump_s == 0
-    for bad in ("-1", "nan", "1e9"):
+    for bad in ("-1", "nan", "1e9", "0.001"):
         with pytest.raises(ConfigError, match="log.stall_dump_s"):
             load_config("tiny_cpu", [f"log.stall_dump_s={bad}"])
 
@@ -105,3 +125,12 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_single_hung_process_is_aborted_with_its_own_stacks(tmp_path):
+    """`mae pretrain` is one process: the root itself is aborted first, not only
+    what runs below it."""
+    code = "import time\ndef held_in_a_read():\n    time.sleep(120)\nheld_in_a_read()"
+    with pytest.raises(AssertionError, match="still running after 3 s") as failed:
+        run_cmd([sys.executable, "-c", code], tmp_path, timeout=3)
+    assert "held_in_a_read" in str(failed.value)

@@ -257,10 +257,10 @@ class Finetuner:
             if self.cfg.checkpoint.enabled:
                 self.ckpt.refuse_an_earlier_run()
             return
-        resumed = self.ckpt.resume(self.engine)
+        resumed = self.ckpt.resume(self.engine, lambda where, meta: refuse_another_global_batch(meta, self.cfg,
+                                                                                              self.derived, where))
         if resumed is None:
             return
-        refuse_another_global_batch(resumed.meta, self.cfg, self.derived, self.ckpt.root / resumed.tag)
         try:
             state = resumed.meta["trainer"]
             self.loader.load_state_dict(state["loader"])
