@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from infra.options import option, require
+from infra.options import option, require, require_choice
 from pipeline.erasing import draw_erase
 from pipeline.randaugment import draw_rand_augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_STREAM, RANDAUG_STREAM, ERASE_STREAM = 0, 1, 2  # independent per-sample RNG streams
+CROP_SAMPLERS = ("retry", "clamped")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class AugmentConfig:
     scale: tuple[float, float] = option((0.2, 1.0), "RandomResizedCrop area range (the paper: 0.2-1)")
     ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
     flip_prob: float = option(0.5, "horizontal flip probability")
+    crop_sampler: str = option("retry", "'retry': torchvision's RandomResizedCrop (10 draws, then a centre crop); "
+                                        "'clamped': one draw, its sides clamped to the image, as the official linear "
+                                        "probe's (cpu, and dali with data.dali.crop=plan)")
     deterministic: bool = option(False, "centre crop, no flip: for evaluation and cross-backend checks")
     crop_fraction: float = option(1.0, "deterministic mode: centre square's side / the shorter side "
                                        "(0.875 = resize to 256, crop 224)")
@@ -53,6 +57,7 @@ class AugmentConfig:
         require(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "ratio",
                 f"must be [lo, hi] with 0 < lo <= hi, got {list(self.ratio)}")
         require(self.img_size > 0, "img_size", f"must be positive, got {self.img_size}")
+        require_choice(self, "crop_sampler", CROP_SAMPLERS)
         require(0 <= self.flip_prob <= 1, "flip_prob", f"must be in [0, 1], got {self.flip_prob}")
         require(len(self.mean) == 3 and all(0 <= m <= 1 for m in self.mean), "mean",
                 f"must be three numbers in [0, 1] (pixels scaled to 0-1), got {list(self.mean)}")
@@ -122,11 +127,20 @@ def erase_params(cfg: AugmentConfig, seed: int, epoch: int, ids: Sequence[int]) 
     return torch.from_numpy(np.stack(boxes)) if boxes else torch.zeros(0, 5, dtype=torch.int64)
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """(left, top, crop width, crop height) as torchvision's RandomResizedCrop."""
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
+                            ratio: tuple[float, float], sampler: str = "retry") -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) as torchvision's RandomResizedCrop, or
+    (``sampler`` "clamped") as the official MAE linear probe's: one draw of area and
+    aspect, each side clamped to the image, so a draw that does not fit is a crop of
+    the whole side rather than another draw (its areas can fall below ``scale``)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    if sampler == "clamped":
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = min(width, max(1, int(round(math.sqrt(target_area * aspect)))))
+        h = min(height, max(1, int(round(math.sqrt(target_area / aspect)))))
+        return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(*log_ratio))
@@ -154,5 +168,5 @@ def center_crop_box(width: int, height: int, fraction: float = 1.0) -> tuple[int
 def crop_and_flip(width: int, height: int, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
     if cfg.deterministic:
         return center_crop_box(width, height, cfg.crop_fraction), False
-    box = random_resized_crop_box(width, height, rng, cfg.scale, cfg.ratio)
+    box = random_resized_crop_box(width, height, rng, cfg.scale, cfg.ratio, cfg.crop_sampler)
     return box, bool(rng.random() < cfg.flip_prob)

@@ -84,6 +84,10 @@ class LoaderConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require_fraction(self, "max_corrupt_fraction")
         require_choice(self, "dtype", tuple(DTYPES))
+        require(self.augment.crop_sampler == "retry" or self.backend == "cpu" or self.backend == "synthetic"
+                or (self.backend == "dali" and self.dali.crop == "plan"), "augment.crop_sampler",
+                f"{self.augment.crop_sampler!r} needs the cpu backend or dali with data.dali.crop=plan (the "
+                f"{self.backend} backend draws crops its own way)")
         require(self.normalize or not self.augment.erasing, "normalize",
                 "must be true with augment.erase_prob > 0 (erasing fills normalized pixels with N(0, 1) noise)")
         require(all(isinstance(s, SourceConfig) for s in self.sources), "sources", "must be SourceConfig entries")

@@ -72,7 +72,8 @@ def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt
         abort_with_stacks(proc.pid)
         stdout, stderr = proc.communicate(timeout=30)
         (run / log).write_text(stdout + stderr)
-        raise AssertionError(f"still running after {timeout:.0f} s; every process's stacks:\n{stderr[-20000:]}") from None
+        raise AssertionError(f"still running after {timeout:.0f} s; every process's stacks:\n"
+                             f"{stderr[-20000:]}") from None
     (run / log).write_text(stdout + stderr)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 

@@ -50,7 +50,8 @@ def test_a_bf16_reduction_needs_bf16_compute():
 
     with pytest.raises(ConfigError, match="deepspeed.grad_reduce_dtype bf16 needs deepspeed.precision=bf16"):
         load_config("tiny_cpu", ["deepspeed.precision=fp32", "deepspeed.grad_reduce_dtype=bf16"])
-    with pytest.raises(ConfigError, match=r"deepspeed.raw sets torch_autocast, which deepspeed.precision \(with deepspeed.grad_reduce_dtype\) decides"):
+    with pytest.raises(ConfigError, match=r"deepspeed.raw sets torch_autocast, which deepspeed.precision \(with "
+                                          r"deepspeed.grad_reduce_dtype\) decides"):
         load_config("tiny_cpu", ['deepspeed.raw={"torch_autocast": {"enabled": false}}'])
 
 

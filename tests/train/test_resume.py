@@ -219,8 +219,8 @@ def test_a_resume_under_another_global_batch_is_refused_by_name(launch, extra, n
     out = run_cmd(cmd(shards, run, "deepspeed.stage=0", *extra), run)
     assert out.returncode == (2 if launch == "one process" else 1), out.stderr[-3000:]  # torchrun: 1, its footer
     errors = [line for line in out.stderr.splitlines() if " ERROR train.pretrain" in line]
-    assert len(errors) == (1 if launch == "one process" else 2) and all("trained with a global batch of 16 images a step (micro 8 x accum 1 x world 2); this "
-                          f"run's {now}" in e for e in errors), out.stderr[-3000:]
+    said = f"trained with a global batch of 16 images a step (micro 8 x accum 1 x world 2); this run's {now}"
+    assert len(errors) == (1 if launch == "one process" else 2) and all(said in e for e in errors), out.stderr[-3000:]
     assert "Keep data.batch_size x optim.accum_steps x world = 16" in errors[0]
     assert not (run / "metrics.jsonl").read_text()  # not one step
     assert "resumed from" not in out.stderr  # refused before DeepSpeed loaded anything
@@ -232,7 +232,8 @@ def test_elastic_resume_of_partitioned_optimizer_state_is_refused_clearly(shards
     out = run_cmd(mae_pretrain(shards, run, "deepspeed.stage=2"), run)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "ZeRO-2 optimizer state partitioned for a world size of 2" in errors[0], out.stderr[-2000:]
+    assert len(errors) == 1 and "ZeRO-2 optimizer state partitioned for a world size of 2" in errors[0], \
+        out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
 

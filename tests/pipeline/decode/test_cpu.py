@@ -374,6 +374,41 @@ def test_crop_statistics_follow_the_recipe():
     assert 0.45 < np.mean(areas) < 0.65
 
 
+def test_the_clamped_sampler_draws_once_and_clamps_as_the_official_linear_probe():
+    """On a 500x250 image with areas 0.6-1 of it, most draws do not fit: torchvision
+    draws again and then falls back to the centred whole-height crop; the official
+    probe's sampler keeps the one draw, each side clamped to the image, at a random
+    place (an area then below the range is its signature)."""
+    scale, ratio = (0.6, 1.0), (3 / 4, 4 / 3)
+    retry = [random_resized_crop_box(500, 250, np.random.default_rng(i), scale, ratio) for i in range(2000)]
+    clamped = [random_resized_crop_box(500, 250, np.random.default_rng(i), scale, ratio, "clamped")
+               for i in range(2000)]
+    assert all(0 <= x and x + w <= 500 and 0 <= y and y + h <= 250 and w >= 1 and h >= 1 for x, y, w, h in clamped)
+    centred_fallback = (500 - 333) // 2, 0, 333, 250  # torchvision: the widest crop the ratio allows, centred
+    assert retry.count(centred_fallback) > 200 and centred_fallback not in clamped
+    assert sum(h == 250 for _, _, _, h in clamped) > 1000  # the height clamped, the width as drawn
+    smallest = {name: min(w * h for _, _, w, h in boxes) / (500 * 250) for name, boxes in (("retry", retry),
+                                                                                         ("clamped", clamped))}
+    assert smallest["clamped"] < 0.55 and smallest["retry"] >= 0.59  # the range, up to rounding of the sides
+    assert len({x for x, _, _, _ in clamped}) > 100  # placed at random, not centred
+    # one draw of area, one of aspect, two of place: the first two as torchvision's first try
+    x, y, w, h = random_resized_crop_box(500, 250, np.random.default_rng(7), scale, ratio, "clamped")
+    rng = np.random.default_rng(7)
+    area, aspect = 500 * 250 * rng.uniform(*scale), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    assert (w, h) == (min(500, round(np.sqrt(area * aspect))), min(250, round(np.sqrt(area / aspect))))
+
+
+def test_the_clamped_sampler_is_refused_where_a_backend_draws_its_own_crops():
+    from pipeline.loader import DaliOptions
+
+    clamped = AugmentConfig(crop_sampler="clamped")
+    assert LoaderConfig(backend="dali", augment=clamped).augment.crop_sampler == "clamped"  # data.dali.crop=plan
+    for backend, dali in (("ffcv", DaliOptions()), ("dali", DaliOptions(crop="random"))):
+        with pytest.raises(ValueError, match="augment.crop_sampler 'clamped' needs the cpu backend or dali with "
+                                             "data.dali.crop=plan"):
+            LoaderConfig(backend=backend, augment=clamped, dali=dali)
+
+
 def test_flip_rate_is_about_half(ds):
     from pipeline.augment import crop_and_flip
 
