@@ -84,7 +84,7 @@ class LoaderConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require_fraction(self, "max_corrupt_fraction")
         require_choice(self, "dtype", tuple(DTYPES))
-        require(self.augment.crop_sampler == "retry" or self.backend == "cpu" or self.backend == "synthetic"
+        require(self.augment.crop_sampler == "retry" or self.backend in ("cpu", "synthetic")
                 or (self.backend == "dali" and self.dali.crop == "plan"), "augment.crop_sampler",
                 f"{self.augment.crop_sampler!r} needs the cpu backend or dali with data.dali.crop=plan (the "
                 f"{self.backend} backend draws crops its own way)")

@@ -419,11 +419,11 @@ class CheckpointManager:
         if meta["model"] != self.fingerprint["model"]:
             raise ResumeError(f"checkpoint {tag_dir} is of model {meta['model']}, this run is "
                               f"{self.fingerprint['model']}; use another checkpoint.dir or the same model")
-        diffs = fingerprint_differences(meta["fingerprint"], self.fingerprint)
-        if any(d.startswith("weight_decay_groups: None ->") for d in diffs):  # no setting brings the old groups back
+        if "weight_decay_groups" in self.fingerprint.keys() - meta["fingerprint"].keys():  # no setting brings them back
             raise ResumeError(f"checkpoint {tag_dir} was written by a maescale that spared the cls and mask tokens "
                               "from weight decay (its optimizer state has other groups): finish that run with that "
                               "version, or start a new checkpoint.dir")
+        diffs = fingerprint_differences(meta["fingerprint"], self.fingerprint)
         if diffs:
             raise ResumeError(f"checkpoint {tag_dir} was written with a config that changes the model or optimizer "
                               f"state or the run ({'; '.join(diffs)}); resume with the same settings or start a new "

@@ -110,7 +110,8 @@ class DeepSpeedConfig:
                                      "stage is deepspeed.stage)")
         enabled = {"offload_optimizer": self.offload_optimizer, "offload_param": self.offload_params}
         owned = [k for k in RAW_OWNED if k in self.raw] + [
-            f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero and not enabled.get(k)]  # tuning: allowed
+            f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero and not enabled.get(k)]  # an enabled
+        # offload section may be tuned (NVMe path, pinned memory)
         if owned:
             why = " (the batch, lr and schedule are computed from the run config)" if owned[0] in RAW_BATCH else ""
             raise OptionError("raw", f"sets {owned[0]}, which {RAW_OWNED[owned[0]]} decides: set that instead{why}"
@@ -128,7 +129,7 @@ RAW_OWNED = {  # DeepSpeed keys the run config decides; deepspeed.raw may not ch
     "zero_optimization.stage": "deepspeed.stage",
     "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
     "zero_optimization.offload_param": "deepspeed.offload_params"}
-RAW_OWNED_ZERO = ("stage", "offload_optimizer", "offload_param")  # the offload sections: once the config enables them
+RAW_OWNED_ZERO = tuple(k.split(".", 1)[1] for k in RAW_OWNED if k.startswith("zero_optimization."))
 RAW_BATCH = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "optimizer",
              "scheduler")
 

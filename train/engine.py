@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from infra.net import free_port
+from infra.redact import one_line
 from infra.slurm.env import torch_env_from_slurm
 from train.config import DeepSpeedConfig, RunConfig
 from train.errors import ConfigError
@@ -179,7 +180,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, lr: float, optimizer: torch.o
     except Exception as e:
         if not cfg.deepspeed.raw or not _refused_config(e):
             raise
-        said = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])  # pydantic: the field, 2nd line
+        said = one_line("\n".join(str(e).splitlines()[:3]))  # pydantic names the field on its 2nd line
         raise ConfigError(f"deepspeed.raw: DeepSpeed refused the config it was merged into ({type(e).__name__}: "
                           f"{said[:300]}); fix or remove the raw key") from None
     return engine

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -90,7 +92,13 @@ def lr_at(step: int, d: Derived, min_lr: float = 0.0) -> float:
     return min_lr + (d.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def refuse_another_global_batch(meta: dict, cfg, d: Derived, where: str) -> None:
+def same_global_batch(cfg, d: Derived) -> Callable[[Path, dict], None]:
+    """The check ``CheckpointManager.resume`` runs on a checkpoint before loading it:
+    ``refuse_another_global_batch`` for this run."""
+    return lambda where, meta: refuse_another_global_batch(meta, cfg, d, where)
+
+
+def refuse_another_global_batch(meta: dict, cfg, d: Derived, where: Path) -> None:
     """A checkpoint's steps are steps of its global batch, and the schedule (total,
     warmup, the cosine's position) is counted in them: resumed under another global
     batch, its step N would stand for another number of images. 1 -> 2 ranks ended

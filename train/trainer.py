@@ -32,7 +32,7 @@ from train.config import RunConfig, flat_config
 from train.engine import any_rank, build_engine, device_for, init_distributed, release_engine, set_lr
 from train.errors import ResumeError
 from train.logfiles import open_log, write_run_summary
-from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch, refuse_another_global_batch
+from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch, same_global_batch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.signals import STOP_SIGNALS
@@ -195,8 +195,7 @@ class Trainer:
             if self.cfg.checkpoint.enabled:
                 self.ckpt.refuse_an_earlier_run()
             return
-        resumed = self.ckpt.resume(self.engine, lambda where, meta: refuse_another_global_batch(meta, self.cfg,
-                                                                                              self.derived, where))
+        resumed = self.ckpt.resume(self.engine, same_global_batch(self.cfg, self.derived))
         if resumed is None:
             return
         state = resumed.meta["trainer"]

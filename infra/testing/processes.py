@@ -43,12 +43,17 @@ def kill_tree(pid: int) -> list[int]:
     """SIGSTOP then SIGKILL ``pid`` and all its descendants; returns the pids."""
     pids = descendants(pid)
     for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
+        _signal(pids, sig)
     return pids
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    """``sig`` to each of ``pids``; one that has exited meanwhile is skipped."""
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
 
 
 def abort_with_stacks(pid: int, settle_s: float = 3.0) -> list[int]:
@@ -58,17 +63,9 @@ def abort_with_stacks(pid: int, settle_s: float = 3.0) -> list[int]:
     any found below since, so no rank is left running in a session of its own (one
     reparented when its parent died is in the first list). Returns the pids."""
     pids = descendants(pid)
-    for p in reversed(pids):
-        try:
-            os.kill(p, signal.SIGABRT)
-        except ProcessLookupError:
-            pass
+    _signal(pids[::-1], signal.SIGABRT)
     time.sleep(settle_s)
-    for p in dict.fromkeys(pids + descendants(pid)):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _signal(list(dict.fromkeys(pids + descendants(pid))), signal.SIGKILL)
     return pids
 
 

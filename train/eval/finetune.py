@@ -48,7 +48,7 @@ from train.eval.finetune_config import FinetuneConfig
 from train.eval.lars import LARS
 from train.eval.mixup import mix_batch, soft_cross_entropy
 from train.logfiles import open_log, write_run_summary
-from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch, refuse_another_global_batch
+from train.recipe import Derived, derived, lr_at, micro_batches_per_epoch, same_global_batch
 from train.rng import StepStreams
 from train.run_lock import take_run_lock
 from train.step_metrics import record_memory, start_prometheus, stop_prometheus
@@ -257,8 +257,7 @@ class Finetuner:
             if self.cfg.checkpoint.enabled:
                 self.ckpt.refuse_an_earlier_run()
             return
-        resumed = self.ckpt.resume(self.engine, lambda where, meta: refuse_another_global_batch(meta, self.cfg,
-                                                                                              self.derived, where))
+        resumed = self.ckpt.resume(self.engine, same_global_batch(self.cfg, self.derived))
         if resumed is None:
             return
         try:
