@@ -11,10 +11,12 @@ ranks in fp32 too, unless ``deepspeed.grad_reduce_dtype=bf16``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import logging
 import os
 import time
+from collections.abc import KeysView
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,8 +177,11 @@ def build_engine(cfg: RunConfig, model: nn.Module, lr: float, optimizer: torch.o
 
     if optimizer is None:
         optimizer = adamw(cfg, param_groups(model, cfg.optim.weight_decay), lr)
+    config = deepspeed_json(cfg)
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_json(cfg))
+        if cfg.deepspeed.raw:
+            refuse_unread_raw_keys(config, cfg.deepspeed.raw)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     except Exception as e:
         if not cfg.deepspeed.raw or not _refused_config(e):
             raise
@@ -184,6 +189,47 @@ def build_engine(cfg: RunConfig, model: nn.Module, lr: float, optimizer: torch.o
         raise ConfigError(f"deepspeed.raw: DeepSpeed refused the config it was merged into ({type(e).__name__}: "
                           f"{said[:300]}); fix or remove the raw key") from None
     return engine
+
+
+class _ReadKeys(dict):
+    """A config mapping that notes each top-level key looked up (by ``[]``, ``get``,
+    ``in``, or ``in`` on its ``keys()``); iterating it reads no key."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def keys(self) -> KeysView:  # type: ignore[override]
+        return KeysView(self)  # its ``in`` asks this mapping's
+
+
+def refuse_unread_raw_keys(config: dict[str, Any], raw: dict[str, Any]) -> None:
+    """A top-level ``deepspeed.raw`` key that DeepSpeed's config parser never looks
+    up (a typo: ``gradient_clipings``) would be ignored without a word; it is a
+    ``ConfigError`` naming it and the nearest key DeepSpeed reads. The sections
+    DeepSpeed validates refuse their own unknown keys."""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig as Parsed
+
+    seen = _ReadKeys(config)
+    Parsed(seen)
+    unread = [k for k in raw if k not in seen.read]
+    if unread:
+        near = difflib.get_close_matches(unread[0], sorted(k for k in seen.read if isinstance(k, str)), n=1)
+        raise ConfigError(f"deepspeed.raw: DeepSpeed {deepspeed.__version__} reads no key {unread[0]!r}"
+                          + (f" (did you mean {near[0]!r}?)" if near else "") + "; fix or remove it")
 
 
 def _refused_config(e: Exception) -> bool:

@@ -45,17 +45,25 @@ def test_a_config_error_is_one_line_through_every_launcher(kind, override, messa
     assert not OUR_FRAME.search(text), text[-3000:]  # no traceback through our code (torchrun prints its own summary)
 
 
-def test_a_raw_deepspeed_key_deepspeed_refuses_is_one_line(shards, tmp_path):
-    """A typo inside a raw section DeepSpeed validates: its pydantic error, named
-    as the raw key's, instead of a traceback per rank."""
-    cmd = _launch("mae", "--config", "tiny_cpu", f"data.url={shards}", f"checkpoint.dir={tmp_path / 'ckpt'}",
-                  "deepspeed.raw.zero_optimization.overlap_com=true")
+@pytest.mark.parametrize("override, message", [
+    # a typo inside a raw section DeepSpeed validates: its pydantic error, named as the raw key's
+    ("deepspeed.raw.zero_optimization.overlap_com=true",
+     "ConfigError: deepspeed.raw: DeepSpeed refused the config it was merged into (ValidationError: "),
+    # a typo at the top, where DeepSpeed looks keys up and ignores the rest: trained without clipping
+    ("deepspeed.raw.gradient_clipings=1.0", "ConfigError: deepspeed.raw: DeepSpeed 0."),
+])
+def test_a_raw_deepspeed_key_deepspeed_refuses_or_ignores_is_one_line(override, message, shards, tmp_path):
+    """Instead of a traceback per rank, or a run that silently lacks the key."""
+    cmd = _launch("mae", "--config", "tiny_cpu", f"data.url={shards}", f"checkpoint.dir={tmp_path / 'ckpt'}", override)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "ConfigError: deepspeed.raw: DeepSpeed refused the config it was merged into " \
-        "(ValidationError: " in errors[0] and "overlap_com" in errors[0], out.stderr[-3000:]
+    key = override.split("=")[0].rsplit(".", 1)[1]
+    assert len(errors) == 1 and message in errors[0] and key in errors[0], out.stderr[-3000:]
     assert not OUR_FRAME.search(out.stderr) and "Traceback" not in out.stderr
+    if key == "gradient_clipings":
+        assert errors[0].endswith("reads no key 'gradient_clipings' (did you mean 'gradient_clipping'?); fix or "
+                                  "remove it")
 
 
 def test_a_data_error_after_start_up_is_one_line_too(tmp_path):
