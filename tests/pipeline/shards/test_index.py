@@ -50,6 +50,8 @@ def webdataset_tars(root: Path, count: int = 3, per: int = 4, hostile: bool = Tr
                 add(tar, "pic.heic", b"not read")
                 add(tar, "link.jpg", kind=tarfile.SYMTYPE)
                 add(tar, "../evil.jpg", b"x")
+                add(tar, f"images/._{t}000.jpg", b"\x00\x05\x16\x07 AppleDouble")  # macOS's tar, beside images/t000
+                add(tar, ".DS_Store", b"junk")
         expected[name] = samples
     return expected
 
@@ -77,12 +79,13 @@ def test_index_in_place_names_every_reject_and_every_backend_reads_the_samples(t
     assert ("00003.tar", "missing") in reasons
     for n in expected:
         assert {(f"{n}/link.jpg", "not_a_file"), (f"{n}/../evil.jpg", "malformed_member"), (f"{n}/only", "no_image"),
-                (f"{n}/pic", "unsupported_extension")} <= reasons
-    assert len(m.rejects) == 1 + 4 * 3
+                (f"{n}/pic", "unsupported_extension"), (f"{n}/images/._{n[4]}000.jpg", "hidden"),
+                (f"{n}/.DS_Store", "hidden")} <= reasons
+    assert len(m.rejects) == 1 + 6 * 3
     want = [(f"{n}/{k}", label) for n, samples in expected.items() for k, _, label in samples]
     assert read_all(str(tmp_path / "idx"), "cpu") == want
     assert read_all(str(tmp_path / "idx"), "dali") == want
-    assert "12 samples in 3 of 3 tars" in summary.format() and "rejected 13" in summary.format()
+    assert "12 samples in 3 of 3 tars" in summary.format() and "rejected 19" in summary.format()
 
 
 def test_only_headers_are_read(tmp_path):
