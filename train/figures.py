@@ -23,7 +23,7 @@ from train.errors import EvalInputError
 
 log = logging.getLogger(__name__)
 
-LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red"
+LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR, EVAL_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"
 
 
 def new_figure(width: float = 8.0, height: float = 4.5) -> Any:
@@ -94,9 +94,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def by_step(records: list[dict]) -> list[dict]:
-    """The last record of each step, in step order (a resumed run's steps win)."""
-    last = {int(r["step"]): r for r in records}
+def by_step(records: list[dict], evals: bool = False) -> list[dict]:
+    """The last training record of each step, in step order (a resumed run's steps
+    win); with ``evals``, the last evaluation record of each step (fine-tuning
+    writes one per evaluation, ``"eval": true``, its loss the validation loss)."""
+    last = {int(r["step"]): r for r in records if bool(r.get("eval")) == evals}
+    if not evals and not last:
+        raise EvalInputError("the metrics file holds evaluations only, no training step")
     return [last[s] for s in sorted(last)]
 
 
@@ -108,7 +112,8 @@ def loss_curve(records: list[dict], out: str | Path, title: str = "training loss
 
 
 def loss_figure(records: list[dict], title: str = "training loss") -> Any:
-    """Loss per step (raw, and smoothed when long) with the lr on a second axis."""
+    """Loss per step (raw, and smoothed when long) with the lr on a second axis; a
+    fine-tuning run's validation loss as a point per evaluation."""
     steps_ = by_step(records)
     step = np.array([r["step"] for r in steps_], dtype=float)
     loss = np.array([r["loss"] for r in steps_], dtype=float)
@@ -119,7 +124,12 @@ def loss_figure(records: list[dict], title: str = "training loss") -> Any:
     if window > 1:
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(step[window - 1:], smooth, color=LOSS_COLOR, linewidth=2, label=f"mean of {window} steps")
-    ax.set(xlabel="optimizer step", ylabel="loss (masked patches, norm-pix)", title=title)
+    evals = by_step(records, evals=True)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o", color=EVAL_COLOR, label="validation loss")
+    pretraining = any("images_per_s" in r for r in steps_)  # fine-tuning logs none
+    ax.set(xlabel="optimizer step", ylabel="loss (masked patches, norm-pix)" if pretraining else "loss (cross-entropy)",
+           title=title)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if all("lr" in r for r in steps_):

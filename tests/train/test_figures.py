@@ -37,6 +37,28 @@ def test_the_loss_curve_plots_each_steps_last_loss_with_the_lr_on_a_second_axis(
     assert Image.open(tmp_path / "loss.png").size == (800, 450)
 
 
+def test_a_fine_tuning_runs_evaluations_are_points_not_training_steps(tmp_path):
+    """Each evaluation record (the validation loss, at the step of its epoch's end)
+    replaced that step's training loss, and the lr axis went with it."""
+    train = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3, "epoch": (s - 1) // 4, "ids": [s]} for s in range(1, 9)]
+    evals = [{"eval": True, "step": s, "epoch": s // 4 - 1, "loss": 0.9 * s, "top1": 0.5, "top5": 0.9, "samples": 10,
+              "best_top1": 0.5} for s in (4, 8)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train[:4] + evals[:1] + train[4:] + evals[1:]))
+    fig = loss_figure(read_metrics(path))
+    ax, lr_ax = fig.axes
+    steps, losses = ax.lines[0].get_data()
+    assert list(steps) == list(range(1, 9)) and np.allclose(losses, [3.0 - 0.1 * s for s in range(1, 9)])
+    points = ax.lines[-1]
+    assert points.get_label() == "validation loss" and list(points.get_xdata()) == [4, 8]
+    assert np.allclose(points.get_ydata(), [3.6, 7.2]) and ax.get_ylabel() == "loss (cross-entropy)"
+    assert np.allclose(lr_ax.lines[0].get_ydata(), [1e-3] * 8)
+    assert loss_curve(read_metrics(path), tmp_path / "loss.png") == (2.9, pytest.approx(2.2))
+    path.write_text("".join(json.dumps(r) + "\n" for r in evals))
+    with pytest.raises(EvalInputError, match="evaluations only"):
+        loss_figure(read_metrics(path))
+
+
 def test_throughput_and_data_wait_over_wall_time(tmp_path):
     fig = throughput_figure(_records())
     rate_ax, wait_ax = fig.axes
