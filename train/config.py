@@ -170,10 +170,11 @@ class FaultConfig:
 
 @dataclass
 class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/tracking.py
+    """Logging of every training loop (pretraining adds ``sample_ids_dir``)."""
+
     every_steps: int = option(10, "optimizer steps between log lines")
-    metrics_file: str | None = option(None, "JSON lines of per-step metrics (loss, lr, images/s, data wait)")
-    sample_ids_dir: str | None = option(None, "each rank appends the sample ids of every micro-step to "
-                                              "samples_rank<R>.jsonl here (audits: every sample once per epoch)")
+    metrics_file: str | None = option(None, "JSON lines of per-step metrics (pretraining: loss, lr, images/s, data "
+                                            "wait; fine-tuning: loss, lr, epoch, ids, and one line per evaluation)")
     stall_dump_s: float = option(300.0, "no optimizer step for this long: every thread's stack to stderr, again "
                                         "each interval while stuck (a hung collective or read, named, before the "
                                         "process group's 10-minute timeout); 0: off, else at least 1")
@@ -185,26 +186,47 @@ class LogConfig(TrackingConfig):  # log.tensorboard, log.wandb, ...: infra/track
                 f"must be 0 (off) or at least 1 (each dump holds the interpreter), got {self.stall_dump_s}")
         require(self.stall_dump_s <= MAX_PAUSE_S, "stall_dump_s", f"must be at most {MAX_PAUSE_S} (a day), got "
                 f"{self.stall_dump_s}")
-        require_text(self, "metrics_file", "sample_ids_dir")
+        require_text(self, "metrics_file")
+
+
+@dataclass
+class PretrainLogConfig(LogConfig):
+    sample_ids_dir: str | None = option(None, "each rank appends the sample ids of every micro-step to "
+                                              "samples_rank<R>.jsonl here, R in 5 digits (audits: every sample once "
+                                              "per epoch)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_text(self, "sample_ids_dir")
 
 
 @dataclass
 class MetricsConfig:
+    """The Prometheus endpoint of every training loop (pretraining adds the speedup
+    measurement)."""
+
     enabled: bool = option(False, "a Prometheus endpoint per rank at bind:port_base + local_rank")
     port_base: int = option(9400, "rank's port = port_base + local_rank")
     bind: str = option("127.0.0.1", "0.0.0.0 to be scraped from other hosts")
     multiproc_dir: str | None = option(None, "prometheus_client multiprocess files (default: a temp dir)")
     file_sd_dir: str | None = option(None, "local rank 0 writes a Prometheus file_sd target file here")
     linger_s: float = option(0.0, "keep the endpoint up this long after training (short runs: last scrape)")
+
+    def __post_init__(self) -> None:
+        require(1 <= self.port_base <= 65535, "port_base", f"must be a TCP port, got {self.port_base}")
+        require_non_negative(self, "linger_s")
+        require(self.linger_s <= MAX_PAUSE_S, "linger_s", f"must be at most {MAX_PAUSE_S} (a day), got {self.linger_s}")
+        require_text(self, "bind", "multiproc_dir", "file_sd_dir")
+
+
+@dataclass
+class PretrainMetricsConfig(MetricsConfig):
     measure_speedup: bool | None = option(None, "time MAE vs the mask-token baseline at start (None: on a GPU)")
     speedup_steps: int = option(3, "timed steps per side for measure_speedup")
 
     def __post_init__(self) -> None:
-        require(1 <= self.port_base <= 65535, "port_base", f"must be a TCP port, got {self.port_base}")
+        super().__post_init__()
         require_positive(self, "speedup_steps")
-        require_non_negative(self, "linger_s")
-        require(self.linger_s <= MAX_PAUSE_S, "linger_s", f"must be at most {MAX_PAUSE_S} (a day), got {self.linger_s}")
-        require_text(self, "bind", "multiproc_dir", "file_sd_dir")
 
 
 @dataclass
@@ -216,8 +238,8 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = option(factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     faults: FaultConfig = option(factory=FaultConfig)
-    log: LogConfig = option(factory=LogConfig)
-    metrics: MetricsConfig = option(factory=MetricsConfig)
+    log: PretrainLogConfig = option(factory=PretrainLogConfig)
+    metrics: PretrainMetricsConfig = option(factory=PretrainMetricsConfig)
     seed: int = option(0, "model init, mask noise and the model's own random draws (dropout)")
 
     def __post_init__(self) -> None:
