@@ -70,6 +70,11 @@ def test_bad_values_name_their_key():
             ("eval.every_epochs=0", "eval.every_epochs must be > 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config("finetune_tiny_cpu", [override], FinetuneConfig)
+    for override in ("log.sample_ids_dir=ids", "metrics.measure_speedup=true", "metrics.speedup_steps=2"):
+        # pretraining's keys: fine-tuning took them and wrote no ids file, timed nothing
+        with pytest.raises(ConfigError, match=f"unknown config key {override.split('=')[0]}"):
+            load_config("finetune_tiny_cpu", [override], FinetuneConfig)
+    assert load_config("tiny_cpu", ["log.sample_ids_dir=ids", "metrics.speedup_steps=2"]).metrics.speedup_steps == 2
 
 
 def test_readme_finetune_reference_is_current():
