@@ -7,7 +7,7 @@
 Rank, local rank and world size come from the launcher's environment; the sample
 plan partitions data by global rank. A restarted run resumes from the latest
 complete checkpoint by itself; SIGTERM, SIGINT, SIGUSR1 and SIGHUP save and exit
-(``StopSignal``). The loop itself is ``train.trainer``.
+with 128 + the signal (``StopSignal``, ``stop_exit_code``). The loop itself is ``train.trainer``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
 from infra.redact import describe, redact_logs
 from train.config import RunConfig, load_config
-from train.engine import shutdown_distributed
+from train.engine import all_ranks, shutdown_distributed
 from train.errors import exit_code_of, reported_errors
 from train.signals import exiting_with, signals_noted, stall_watch
 from train.trainer import RunResult, StopSignal, Trainer
@@ -36,7 +37,8 @@ def run_to_end(cfg, build: Callable):
     checkpoint exists, run it, write its summary (saying whether a stop saved);
     always clean up. The stop signals are caught from the start: one that comes
     while the loop is built or resumes (a preemption notice at start-up) stops it
-    at the end of its first step, saved, rather than killing it. A job stuck
+    at the end of its first step, saved, rather than killing it; such a run's exit
+    code is 128 + the signal (``stop_exit_code``). A job stuck
     ``log.stall_dump_s`` without a step writes every thread's stack to stderr."""
     saves = cfg.checkpoint.enabled
     with StopSignal(saves) as stop, stall_watch.armed(cfg.log.stall_dump_s):
@@ -47,6 +49,10 @@ def run_to_end(cfg, build: Callable):
             loop.write_summary()
         finally:
             loop.close()
+        if result.stopped_by_signal:
+            # it exits non-zero, and launchers (deepspeed, srun --kill-on-bad-exit) kill
+            # the other ranks once one does: none exits before all have closed
+            all_ranks(None)
     if result.stopped_by_signal:
         logging.getLogger(__name__).warning(
             "stopped by %s at step %d %s", result.stopped_by_signal, result.step,
@@ -55,7 +61,7 @@ def run_to_end(cfg, build: Callable):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny_cpu", help="preset name (tiny_cpu, vit_b, vit_l, vit_h) or YAML file")
+    p.add_argument("--config", default="tiny_cpu", help="preset name (tiny_cpu, demo_cpu, vit_b, vit_l, vit_h) or YAML file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="a.b=value config overrides")
 
@@ -74,7 +80,7 @@ def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
     redact_logs()
     log = logging.getLogger(name)
     try:
-        job()
+        result = job()
     except reported_errors() as e:
         log.error("%s", describe(e))
         with signals_noted():
@@ -82,7 +88,16 @@ def run_job(job: Callable[[], object], name: str = "train.pretrain") -> int:
         return exit_code_of(e)
     with signals_noted():
         shutdown_distributed()
-    return 0
+    return stop_exit_code(getattr(result, "stopped_by_signal", None))
+
+
+def stop_exit_code(signal_name: str | None) -> int:
+    """0 for a run that trained to its end; 128 + the signal for one a stop signal
+    ended early (saved where checkpoints are on): the shell's convention for a
+    process a signal ended, so `mae finetune ... && mae convert ...`, a Kubernetes
+    Job and torchrun see that it did not finish, where exit 0 told them it had. The
+    Slurm job script requeues it (infra/slurm/preamble.sh)."""
+    return 128 + signal.Signals[signal_name].value if signal_name else 0
 
 
 def main(argv: list[str] | None = None) -> int:

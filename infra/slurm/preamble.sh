@@ -42,11 +42,17 @@ requeue() {
   exit 0
 }
 
+# run_summary.json's modification time in ns (0: none yet), taken before the step: a
+# summary left by an earlier attempt is not this step's.
+summary_stamp() {
+  "$1" -c 'import os, sys; print(os.stat(sys.argv[1]).st_mtime_ns if os.path.exists(sys.argv[1]) else 0)' "$2" 2>/dev/null || echo 0
+}
+
 # Requeue when the training step stopped early on a signal its tasks got while this
-# script did not (a preemption notice, `scancel --signal=TERM`): the trainer saved and
-# exited 0, and its run_summary.json says stopped_by_signal.
+# script did not (a preemption notice, `scancel --signal=TERM`): the trainer saved,
+# wrote a run_summary.json that says stopped_by_signal, and exited with 128 + the signal.
 requeue_if_stopped() {
-  if [ "$step_rc" -eq 0 ] && "$1" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("stopped_by_signal") else 1)' "$2" 2>/dev/null; then
+  if [ "$step_rc" -ne 0 ] && "$1" -c 'import json, os, sys; sys.exit(0 if os.stat(sys.argv[1]).st_mtime_ns != int(sys.argv[2]) and json.load(open(sys.argv[1])).get("stopped_by_signal") else 1)' "$2" "$3" 2>/dev/null; then
     requeue "stopped by a signal before the last step"
   fi
 }

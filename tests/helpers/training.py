@@ -78,10 +78,12 @@ def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def start(cmd: list[str], run: Path) -> subprocess.Popen:
+def start(cmd: list[str], run: Path, session: bool = False) -> subprocess.Popen:
+    """The job, running; with ``session``, in a process group of its own (a signal
+    to ``-pid`` reaches the launcher and every rank, as Ctrl-C does)."""
     run.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **dumping_stacks())
+                            start_new_session=session, **dumping_stacks())
 
 
 def wait_for(condition, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:

@@ -100,7 +100,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused(shards, tmp_path):
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
-    assert first.returncode == 0 and summary(run)["stopped_by_signal"] == "SIGINT"
+    assert first.returncode == 130 and summary(run)["stopped_by_signal"] == "SIGINT"
     assert not (run / "ckpt" / "LOCK").exists()
 
 

@@ -165,6 +165,7 @@ def test_each_interruption_checkpoints_requeues_and_resumes_the_remaining_steps(
     for attempt in (1, 2, 3, 4):
         assert f"attempt {attempt} on" in log
     assert "requeueing job" in log and "stopped by a signal before the last step" in log
+    assert log.count("maescale: step exited with 143") == 2  # the TERM and the time limit: saved, not finished
     assert "time limit in 300 s" in log  # the USR1 trap: tasks checkpoint, then requeue
     for stop in stops:  # each attempt resumed from the checkpoint the signal made, at the step it stopped
         assert re.search(rf"resumed from \S+step{stop:09d} \(step {stop}\)", log), (stop, log[-3000:])

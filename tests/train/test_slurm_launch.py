@@ -3,7 +3,9 @@ by bash's own parser and on its content (the real-Slurm runs are test_slurm.py).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -92,7 +94,9 @@ def test_finetune_job_goes_beside_its_checkpoints_with_an_absolute_checkpoint_di
     text = written.script.read_text()
     assert _srun_command(text)[-1] == f"checkpoint.dir={tmp_path}/runs/ft"
     # a TERM to its tasks (a preemption notice) requeues it, as for pretraining: it ended COMPLETED at step 7 of 60
-    assert f"requeue_if_stopped {shlex.quote(sys.executable)} {tmp_path}/runs/ft/run_summary.json" in text
+    summary = f"{shlex.quote(sys.executable)} {tmp_path}/runs/ft/run_summary.json"
+    assert f"summary_before=$(summary_stamp {summary})\nsrun " in text  # an earlier attempt's summary is not this one's
+    assert f'requeue_if_stopped {summary} "$summary_before"' in text
     with pytest.raises(ConfigError, match="unknown config key model.nope"):
         write_job(job_config(task="finetune"), ["model.nope=1"], "finetune_tiny_cpu")
 
@@ -180,3 +184,34 @@ def test_time_limits_read_as_slurm_reads_them():
     for bad in ("48h", "1:2:3:4", "-1", "", "1-", "1.5"):
         with pytest.raises(ValueError, match="not a Slurm time limit"):
             time_limit_s(bad)
+
+
+def _requeue_decision(tmp_path: Path, step_rc: int, before: dict | None, after: dict | None) -> str:
+    """What the job script's requeue_if_stopped decides after a step that exited
+    ``step_rc``, with run_summary.json as ``before`` the step and ``after`` it (None:
+    absent, or untouched when ``before`` is given); the functions are the preamble's own."""
+    preamble = (ROOT / "infra" / "slurm" / "preamble.sh").read_text()
+    functions = "\n".join(re.search(rf"^{name}\(\) {{\n.*?^}}", preamble, re.S | re.M).group(0)
+                          for name in ("summary_stamp", "requeue_if_stopped"))
+    summary = tmp_path / "run_summary.json"
+    summary.unlink(missing_ok=True)
+    if before is not None:
+        summary.write_text(json.dumps(before))
+    step = f"sleep 0.02; printf %s {shlex.quote(json.dumps(after))} > {summary}" if after is not None else "true"
+    script = (f"{functions}\nrequeue() {{ echo \"requeue: $1\"; exit 0; }}\n"  # the decision, not scontrol's part
+              f"before=$(summary_stamp {shlex.quote(sys.executable)} {summary})\n{step}\nstep_rc={step_rc}\n"
+              f"requeue_if_stopped {shlex.quote(sys.executable)} {summary} \"$before\"\necho kept going\n")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_job_requeues_only_a_step_that_stopped_and_saved_in_this_attempt(tmp_path):
+    """The trainer exits 128 + the signal after a saving stop (it said 0). A summary an
+    earlier attempt left, saying it stopped, must not requeue a step that died
+    without writing one (an OOM kill, 137): that looped the job."""
+    stopped, finished = {"stopped_by_signal": "SIGTERM", "step": 4}, {"stopped_by_signal": None, "step": 8}
+    assert _requeue_decision(tmp_path, 143, None, stopped) == "requeue: stopped by a signal before the last step"
+    assert _requeue_decision(tmp_path, 143, stopped, stopped) == "requeue: stopped by a signal before the last step"
+    assert _requeue_decision(tmp_path, 137, stopped, None) == "kept going"  # the earlier attempt's summary
+    assert _requeue_decision(tmp_path, 1, None, finished) == "kept going"
+    assert _requeue_decision(tmp_path, 0, None, finished) == "kept going"
+    assert _requeue_decision(tmp_path, 1, None, None) == "kept going"
