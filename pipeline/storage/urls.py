@@ -55,8 +55,8 @@ def filesystem(url: str, config: StorageConfig | None = None, fresh: bool = Fals
     try:
         fs = fsspec.filesystem(protocol, **options)
     except ImportError as e:
-        extra = {"s3": "s3", "gs": "gcs (pip install gcsfs)"}.get(protocol, protocol)
-        raise ImportError(f"reading {protocol}:// needs an fsspec backend: pip install 'maescale[{extra}]' ({e})") from e
+        install = "pip install 'maescale[s3]'" if protocol == "s3" else "install the fsspec backend it names"
+        raise ImportError(f"reading {protocol}:// needs an fsspec backend: {install} ({e})") from e
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs retries some errors itself; ours decide
     return fs, path
