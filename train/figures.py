@@ -23,7 +23,8 @@ from train.errors import EvalInputError
 
 log = logging.getLogger(__name__)
 
-LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR, EVAL_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"
+LOSS_COLOR, LR_COLOR, RATE_COLOR, WAIT_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:red"
+EVAL_COLOR = "tab:purple"
 
 
 def new_figure(width: float = 8.0, height: float = 4.5) -> Any:

@@ -7,7 +7,8 @@
 Rank, local rank and world size come from the launcher's environment; the sample
 plan partitions data by global rank. A restarted run resumes from the latest
 complete checkpoint by itself; SIGTERM, SIGINT, SIGUSR1 and SIGHUP save and exit
-with 128 + the signal (``StopSignal``, ``stop_exit_code``). The loop itself is ``train.trainer``.
+with 128 + the signal (``StopSignal``, ``stop_exit_code``). The loop itself is
+``train.trainer``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def run_to_end(cfg, build: Callable):
     always clean up. The stop signals are caught from the start: one that comes
     while the loop is built or resumes (a preemption notice at start-up) stops it
     at the end of its first step, saved, rather than killing it; such a run's exit
-    code is 128 + the signal (``stop_exit_code``). A job stuck
-    ``log.stall_dump_s`` without a step writes every thread's stack to stderr."""
+    code is 128 + the signal (``stop_exit_code``). A job stuck ``log.stall_dump_s``
+    without a step writes every thread's stack to stderr."""
     saves = cfg.checkpoint.enabled
     with StopSignal(saves) as stop, stall_watch.armed(cfg.log.stall_dump_s):
         loop = build(cfg)
@@ -61,7 +62,8 @@ def run_to_end(cfg, build: Callable):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny_cpu", help="preset name (tiny_cpu, demo_cpu, vit_b, vit_l, vit_h) or YAML file")
+    p.add_argument("--config", default="tiny_cpu",
+                   help="preset name (tiny_cpu, demo_cpu, vit_b, vit_l, vit_h) or YAML file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="a.b=value config overrides")
 
