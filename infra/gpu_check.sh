@@ -12,15 +12,15 @@
 # whose distribution is missing or older into a private folder (nothing system-wide).
 # The sections, their order and budget are in train/bench/gpu_check.py; each prints a
 # SUMMARY, SKIP or FAIL line, and the JSON reports and logs land in GPU_CHECK_OUT.
-# Env: PYTHON, GPU_CHECK_OUT (report dir), GPU_CHECK_BUDGET_S (default 480),
-#      GPU_CHECK_WHEELS (default .whl in the checkout).
+# Env: PYTHON, GPU_CHECK_OUT (report dir; default $OUT, else a new temporary one),
+#      GPU_CHECK_BUDGET_S (default 480), GPU_CHECK_WHEELS (default .whl in the checkout).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x "$here/.venv/bin/python" ]; then PY="$here/.venv/bin/python"  # made by `make`
 else PY=python3; fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-out=${GPU_CHECK_OUT:-$(mktemp -d)}
+out=${GPU_CHECK_OUT:-${OUT:-$(mktemp -d)}}  # $OUT: the folder a lent device machine sends back
 wheels=${GPU_CHECK_WHEELS:-$here/.whl}
 mkdir -p "$out"
 
@@ -39,7 +39,15 @@ if [ -d "$wheels" ]; then
       rm -f "$joined/$name"
     fi
   done < <(find "$wheels" -type f -name '*.whl.part-aa')
-  find "$wheels" -type f -name '*.whl' -exec cp {} "$joined/" \;
+  while IFS= read -r whl; do  # a whole wheel is checked too where its .sha256 came with it
+    name=$(basename "$whl")
+    sum=$(find "$wheels" -name "$name.sha256" | head -1)
+    cp "$whl" "$joined/"
+    if [ -n "$sum" ] && ! (cd "$joined" && sha256sum --quiet -c "$sum"); then
+      echo "FAIL wheels: $name does not match its .sha256 (damaged on the way?)"
+      rm -f "$joined/$name"
+    fi
+  done < <(find "$wheels" -type f -name '*.whl')
   # A wheel is installed when its distribution is missing or older (version from the file name).
   mapfile -t wanted < <("$PY" - "$joined" <<'PYEOF'
 import sys
@@ -61,11 +69,16 @@ PYEOF
 )
   if [ ${#wanted[@]} -gt 0 ]; then
     echo "installing ${#wanted[@]} wheels into $site: $(for w in "${wanted[@]}"; do basename "$w" | cut -d- -f1-2; done | tr '\n' ' ')"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wanted[@]}" \
-      || echo "FAIL wheels: pip could not install the carried wheels"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wanted[@]}"; then
+      for w in "${wanted[@]}"; do  # one bad wheel must not keep the others out
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$w" \
+          || echo "FAIL wheels: pip could not install $(basename "$w")"
+      done
+    fi
     export PYTHONPATH="$site:$PYTHONPATH"
-    # nvJPEG from its wheel (DALI's nvImageCodec loads it at run time), else the CUDA toolkit's
-    for lib in "$site/nvidia/cu13/lib" /usr/local/cuda/lib64; do
+    # nvJPEG from its wheel (DALI's nvImageCodec loads it at run time), else the CUDA toolkit's:
+    # the last one prepended is searched first
+    for lib in /usr/local/cuda/lib64 "$site/nvidia/cu13/lib"; do
       if [ -d "$lib" ]; then export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
     done
   fi

@@ -29,16 +29,20 @@ download() {
 }
 # DeepSpeed ships an sdist only; its wheel is pure Python (no ops prebuilt).
 "$PY" -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w "$stage"
-download simplejpeg hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions
+# what our code and DeepSpeed import beyond torch (xxhash: every shard read; DeepSpeed
+# imports msgpack, einops, psutil and tqdm at `import deepspeed`); a package the
+# node already has in the same or a newer version is not installed over it
+download simplejpeg xxhash hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
+  typing-extensions msgpack einops psutil tqdm
 # DALI (CUDA 13 build) and what it needs beyond a CUDA PyTorch image. nvCOMP is left
 # out: DALI loads it only for compressed TIFF/HW decompression, never for JPEG.
 download nvidia-dali-cuda130==2.4.0 "nvidia-nvimgcodec-cu13>=0.9,<0.10" nvidia-nvjpeg \
-  astunparse gast optree nvtx makefun "libcst~=1.8"
+  astunparse six gast optree nvtx makefun "libcst~=1.8"
 
 limit=$((part_mb * 1000 * 1000))
 for f in "$stage"/*.whl; do
+  (cd "$stage" && sha256sum "$(basename "$f")" >"$(basename "$f").sha256")  # every wheel: checked on the node
   if [ "$(stat -c %s "$f")" -gt "$limit" ]; then
-    (cd "$stage" && sha256sum "$(basename "$f")" >"$(basename "$f").sha256")
     split -b "$limit" -a 2 "$f" "$f.part-"
     rm "$f"
   fi

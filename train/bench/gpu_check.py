@@ -12,8 +12,10 @@ sections read are made in the background while the GPU runs the first sections.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +44,7 @@ class Scale:
     e2e: tuple[str, tuple[str, ...]]  # (preset, overrides) for the DALI end-to-end run
     e2e_steps: int
     compile_encoders: tuple[tuple[str, int], ...]
+    step_ms: str  # the epochs part's simulated step: its consumer slower than DALI, so DALI can run ahead
 
 
 GPU = Scale(
@@ -50,8 +53,9 @@ GPU = Scale(
     trainers=(("ViT-L", "vit_l", ("data.batch_size=64",)), ("ViT-H", "vit_h", ("data.batch_size=64",))),
     train_steps=30,
     dali_images=6000, dali_args=("--batch", "256", "--workers", "8", "--rounds", "2", "--device", "cuda"),
-    e2e=("vit_l", ("data.batch_size=128", "data.num_workers=8")), e2e_steps=120,
+    e2e=("vit_l", ("data.batch_size=64", "data.num_workers=8")), e2e_steps=120,  # the ViT-L trainer's micro-batch
     compile_encoders=(("mae_vit_large_patch16", 128), ("mae_vit_huge_patch14", 64)),
+    step_ms="200",  # 256 images: 1,280 img/s (the 2026-11-28 H200 decoded 1,710)
 )
 DRY = Scale(
     device="cpu", dtype="fp32",
@@ -61,6 +65,7 @@ DRY = Scale(
     dali_images=48, dali_args=("--batch", "16", "--workers", "2", "--rounds", "1", "--device", "cpu"),
     e2e=("tiny_cpu", ("data.augment.img_size=32", "data.batch_size=8", "data.num_workers=2")), e2e_steps=6,
     compile_encoders=(("mae_vit_test_patch4", 8),),
+    step_ms="100",
 )
 
 
@@ -73,6 +78,11 @@ class Section:
     cap_s: float  # killed after this long
     needs_data: bool = False
     json_stdout: bool = False  # stdout is the JSON report (<name>.json), else it joins the log
+    needs: tuple[str, ...] = ()  # modules it imports beyond torch: skipped at once, named, when one is missing
+
+
+TRAINER_NEEDS = ("deepspeed", "xxhash")
+DALI_NEEDS = ("nvidia.dali", "xxhash", "simplejpeg")
 
 
 class Check:
@@ -81,7 +91,7 @@ class Check:
         self.t0 = time.monotonic()
         self.data = Path(tempfile.mkdtemp(prefix="gpu-check-data-"))  # photos and shards, removed at the end
         self.results: dict[str, dict[str, object]] = {}
-        self.port = 29500
+        self.lines: list[str] = []  # every SUMMARY, SKIP and FAIL line, said again at the end
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -94,9 +104,10 @@ class Check:
         out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[:1] for stage in (2, 3)]
         out.append(Section("dali_decode", [
             PY, "-m", "train.cli", "bench", "pipeline", "--backend", "dali", "--parts", "decode,epochs", "--workdir",
-            str(self.data), "--images", str(s.dali_images), *s.dali_args, "--epochs", "3", "--step-ms", "100",
+            str(self.data), "--images", str(s.dali_images), *s.dali_args, "--epochs", "3", "--step-ms", s.step_ms,
             "--json"],
-            self._dali_summary, min_s=20 if dry else 60, cap_s=300, needs_data=True, json_stdout=True))
+            self._dali_summary, min_s=20 if dry else 60, cap_s=300, needs_data=True, json_stdout=True,
+            needs=DALI_NEEDS))
         out.append(self._e2e())
         out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[1:] for stage in (2, 3)]
         out += [self._encoder(m, b, steps, compiled=True, min_s=30 if dry else 90) for m, b in s.compile_encoders]
@@ -125,12 +136,14 @@ class Check:
         return Section(name, argv, summarize, min_s=min_s, cap_s=max(min_s * 4, 90), json_stdout=True)
 
     def _launch(self, preset: str, overrides: tuple[str, ...], run: Path, steps: int) -> list[str]:
-        self.port += 1
-        return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(self.port),
-                "-m", "train.pretrain", "--config", preset, *overrides,
+        """One process, no launcher (one GPU needs none; torchrun's start-up and its
+        ranks' own sessions, which a kill of its group misses, are spared); a run
+        stuck a minute without a step writes its stacks into the section's log."""
+        return [PY, "-m", "train.pretrain", "--config", preset, *overrides,
                 "optim.accum_steps=1", f"deepspeed.precision={self.scale.dtype}", f"schedule.max_steps={steps}",
                 "schedule.warmup_epochs=0", "checkpoint.enabled=false", f"checkpoint.dir={run}",
-                f"log.metrics_file={run}/metrics.jsonl", "log.every_steps=10", "metrics.measure_speedup=false"]
+                f"log.metrics_file={run}/metrics.jsonl", "log.every_steps=10", "metrics.measure_speedup=false",
+                "log.stall_dump_s=60"]
 
     def _trainer(self, label: str, preset: str, overrides: tuple[str, ...], stage: int) -> Section:
         name = f"train_{preset}_zero{stage}"
@@ -146,7 +159,7 @@ class Check:
                     f"MFU {mfu}, peak memory {peak}, final loss {s['final_loss']:.4f}")
 
         dry = self.scale is DRY
-        return Section(name, argv, summarize, min_s=20 if dry else 45, cap_s=240)
+        return Section(name, argv, summarize, min_s=20 if dry else 45, cap_s=240, needs=TRAINER_NEEDS)
 
     def _e2e(self) -> Section:
         preset, overrides = self.scale.e2e
@@ -161,7 +174,7 @@ class Check:
                     f"{s['data_wait_share']:.2%} of step time (target < 1%), final loss {s['final_loss']:.4f}")
 
         return Section("e2e_dali", argv, summarize, min_s=30 if self.scale is DRY else 60, cap_s=300,
-                       needs_data=True)
+                       needs_data=True, needs=tuple(dict.fromkeys(TRAINER_NEEDS + DALI_NEEDS)))
 
     def _dali_summary(self) -> str:
         from train.bench.pipeline import format_report
@@ -172,7 +185,8 @@ class Check:
         for name, label in (("dali_backend", "roi decode"), ("dali_backend_whole", "whole decode")):
             d = r["decode"][name]
             cores = d["cpu_ms_per_image"]  # CPU-ms per image = CPU cores per 1,000 img/s
-            ok = d["images_per_s"] >= 5000 and cores < 2
+            # judged past the first batch: a pass of 6,000 images also holds the graph's ~1.7 s start
+            ok = d["after_first_batch_images_per_s"] >= 5000 and cores < 2
             said.append(f"{label} {d['images_per_s']:.0f} img/s ({d['after_first_batch_images_per_s']:.0f} after the "
                         f"first batch), {cores:.2f} CPU cores per 1,000 img/s, {'meets' if ok else 'below'} target")
         alone, host = r["decode"]["dali_graph_only"], r["decode"]["dali_host_side"]
@@ -182,7 +196,8 @@ class Check:
         late, early = r["epochs"]["dali_late"], r["epochs"]["dali_early"]
         said.append(f"an epoch's first batch waits {early['boundary_wait_s']:.3f} s started early, "
                     f"{late['boundary_wait_s']:.3f} s late")
-        return f"dali {r['device']}: " + "; ".join(said) + " (>= 5,000 img/s with < 2 cores per 1,000 img/s)"
+        return (f"dali {r['device']}: " + "; ".join(said) + " (>= 5,000 img/s after the first batch with < 2 cores "
+                "per 1,000 img/s)")
 
     # ---- running
     def run(self) -> int:
@@ -207,6 +222,7 @@ class Check:
                 prep.wait()
             shutil.rmtree(self.data, ignore_errors=True)
         (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=1))
+        print("gpu_check: the results again (each section's output is above)\n" + "\n".join(self.lines), flush=True)
         failed = [n for n, r in self.results.items() if r["status"] == "FAIL"]
         print(f"gpu_check: {len(self.results) - len(failed)} of {len(self.results)} sections without failure "
               f"in {time.monotonic() - self.t0:.0f} s; reports in {self.out}", flush=True)
@@ -225,10 +241,19 @@ class Check:
 
     def _skip(self, sec: Section, why: str) -> None:
         self.results[sec.name] = {"status": "SKIP", "why": why}
-        print(f"SKIP {sec.name}: {why}", flush=True)
+        self._say(f"SKIP {sec.name}: {why}")
+
+    def _say(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
 
     def _run_section(self, sec: Section) -> None:
         left = self.left()
+        missing = [m for m in sec.needs if not importable(m)]
+        if missing:
+            self._skip(sec, f"needs {', '.join(missing)}, which this Python lacks (bring its wheel: "
+                            "infra/gpu_wheels.sh)")
+            return
         if left < sec.min_s:
             self._skip(sec, f"{left:.0f} s of the budget left, it needs about {sec.min_s:.0f} s")
             return
@@ -247,25 +272,41 @@ class Check:
                 rc = f"unreadable report ({type(e).__name__}: {e})"
             else:
                 self.results[sec.name] = {"status": "SUMMARY", "summary": summary, "seconds": round(took, 1)}
-                print(f"SUMMARY {summary}   [{took:.0f} s]", flush=True)
+                self._say(f"SUMMARY {summary}   [{took:.0f} s]")
                 return
         tail = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
         print("\n".join(tail))
         self.results[sec.name] = {"status": "FAIL", "why": str(rc), "seconds": round(took, 1), "log_tail": tail}
-        print(f"FAIL {sec.name}: {'exceeded ' + str(round(timeout)) + ' s' if rc == 'timeout' else rc} "
-              f"[{took:.0f} s]; log: {log}", flush=True)
+        self._say(f"FAIL {sec.name}: {'exceeded ' + str(round(timeout)) + ' s' if rc == 'timeout' else rc} "
+                  f"[{took:.0f} s]; log: {log}")
+
+
+def importable(module: str) -> bool:
+    """``module`` can be imported here (found, not imported)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _no_core_files() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an aborted section leaves no core file behind
 
 
 def run_bounded(argv: list[str], stdout, stderr, timeout: float) -> int | str:
-    """Run ``argv`` in its own process group; on timeout kill the whole group
-    (torchrun's workers too, so none keeps holding the GPU) and return "timeout"."""
+    """Run ``argv``; on timeout every process it started gets SIGABRT (each writes
+    its threads' stacks into the section's log), then SIGKILL, so none keeps
+    holding the GPU; returns "timeout"."""
+    from infra.testing.processes import abort_with_stacks
+
     if stdout is subprocess.STDOUT:
         stdout, stderr = stderr, subprocess.STDOUT
-    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"}, preexec_fn=_no_core_files)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        abort_with_stacks(proc.pid)
         proc.wait()
         return "timeout"
 
