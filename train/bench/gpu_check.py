@@ -106,7 +106,7 @@ class Check:
             PY, "-m", "train.cli", "bench", "pipeline", "--backend", "dali", "--parts", "decode,epochs", "--workdir",
             str(self.data), "--images", str(s.dali_images), *s.dali_args, "--epochs", "3", "--step-ms", s.step_ms,
             "--json"],
-            self._dali_summary, min_s=20 if dry else 60, cap_s=300, needs_data=True, json_stdout=True,
+            self._dali_summary, min_s=20 if dry else 90, cap_s=300, needs_data=True, json_stdout=True,
             needs=DALI_NEEDS))
         out.append(self._e2e())
         out += [self._trainer(label, preset, over, stage) for label, preset, over in s.trainers[1:] for stage in (2, 3)]
