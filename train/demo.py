@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ import torch
 from infra.files import claim_folder
 from infra.net import free_port
 from train.errors import TrainError
+from train.signals import STOP_SIGNALS
 
 MODEL = "mae_vit_mini_patch4"
 
@@ -138,8 +140,10 @@ def pretrain(cfg: DemoConfig, data_url: str, env: dict[str, str]) -> dict:
         if tty:
             print()
     if proc.returncode != 0:
-        raise DemoError(f"demo: pretraining failed (exit {proc.returncode}); last lines of {log_path}:\n"
-                         + "\n".join(log_path.read_text().splitlines()[-25:]))
+        what = (f"was stopped by {signal.Signals(proc.returncode - 128).name} (exit {proc.returncode})"
+                if proc.returncode - 128 in STOP_SIGNALS else f"failed (exit {proc.returncode})")
+        raise DemoError(f"demo: pretraining {what}; last lines of {log_path}:\n"
+                        + "\n".join(log_path.read_text().splitlines()[-25:]))
     summary = json.loads((run / "run_summary.json").read_text())
     summary["prometheus"] = {"port": port, "scraped": scraped}
     return summary
