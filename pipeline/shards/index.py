@@ -53,6 +53,7 @@ from pipeline.shards.manifest import (
 from pipeline.shards.report import classes_line, reject_lines, throughput_line
 from pipeline.shards.tar_format import (
     SampleIndex,
+    TarMember,
     group_samples,
     usable_samples,
     walk_tar,
@@ -293,9 +294,10 @@ def index_object(folder: ObjectFolder, obj: TarObject, cfg: IndexConfig) -> dict
     reader = RangeReader(folder, obj, cfg.read_ahead)
     try:
         walk = walk_tar(reader, obj.size, obj.name, strict=False)
-        samples, dropped = usable_samples(group_samples(walk.members, obj.name))
+        grouped = group_samples(walk.members, obj.name)
+        samples, dropped = usable_samples(grouped)
         rejects = [(f"{obj.name}{m}" if m.startswith("@") else f"{obj.name}/{m}", r) for m, r in walk.problems]
-        rejects += [(f"{obj.name}/{k}", r) for k, r in dropped]
+        rejects += [(f"{obj.name}/{k}", r) for k, r in _hidden_named(dropped, grouped, walk.members)]
         labels, names = _labels(reader, samples, obj.name, LabelRule(cfg.label_from), rejects)
     finally:
         reader.close()
@@ -304,6 +306,21 @@ def index_object(folder: ObjectFolder, obj: TarObject, cfg: IndexConfig) -> dict
             "headers_sha256": walk.headers_sha256, **digests, "rejects": rejects, "max_label": labels,
             "class_names": sorted(names), "requests": reader.requests,
             "bytes_read": reader.bytes + (obj.size if cfg.hash else 0)}
+
+
+def _hidden_named(dropped: list[tuple[str, str]], grouped: list[SampleIndex],
+                  members: list[TarMember]) -> list[tuple[str, str]]:
+    """The dropped samples' (key, reason), where a sample made only of hidden files
+    (macOS's ``._x.jpg`` beside ``x.jpg``, ``.DS_Store``: their keys are their
+    folders' names) is one ``hidden`` reject per file, under the file's own name.
+    The grouping, and so every reader's samples, stays as it was."""
+    hidden = {m.offset: shown(m.name) for m in members if m.name.rpartition("/")[2].startswith(".")}
+    by_key = {s.key: s for s in grouped}
+    out = []
+    for key, reason in dropped:
+        names = [hidden.get(offset) for offset, _ in by_key[key].members.values()]
+        out += [(name, "hidden") for name in names] if all(names) else [(key, reason)]
+    return out
 
 
 def _labels(read_at: Callable[[int, int], bytes], samples: list[SampleIndex], shard: str, rule: LabelRule,

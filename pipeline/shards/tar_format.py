@@ -202,9 +202,6 @@ class _Walker:
         if kind not in tarfile.REGULAR_TYPES or kind == tarfile.GNUTYPE_SPARSE:
             self.skip(shown(name), "not_a_file", f"member {name!r} is not a regular file")
             return
-        if not self.strict and _hidden(name):  # macOS's ._x.jpg beside x.jpg: never a sample, as in `mae shard`
-            self.problems.append((shown(name), "hidden"))
-            return
         try:
             split_member_name(name, self.shard)
         except ShardFormatError as e:
@@ -214,14 +211,6 @@ class _Walker:
             log.debug("%s", e)
             return
         self.members.append(TarMember(name, data, size))
-
-
-def _hidden(name: str) -> bool:
-    """A hidden file ('._x.jpg', '.DS_Store'), whose key would be its folder's name.
-    Skipping it leaves the samples of tars indexed before the same: such a member
-    was never one (but for a file named just '.jpg' or the like). A file in a hidden
-    folder ('.cache/x.jpg') is still a sample, as those tars count it."""
-    return name.rpartition("/")[2].startswith(".")
 
 
 def _octal(field: bytes) -> int:

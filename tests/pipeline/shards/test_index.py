@@ -88,6 +88,26 @@ def test_index_in_place_names_every_reject_and_every_backend_reads_the_samples(t
     assert "12 samples in 3 of 3 tars" in summary.format() and "rejected 19" in summary.format()
 
 
+def test_macos_hidden_files_are_named_rejects_and_the_samples_stay_as_indexed_before(tmp_path):
+    """bsdtar on macOS writes an AppleDouble ``._name`` before each file. Each was an
+    unsupported_extension named by its folder ("a.tar/d", "a.tar/d#2"); it is a
+    ``hidden`` reject under its own name. The samples stay what the walk gave before
+    (each ``._`` member still ends the sample before it: k.jpg and k.png are two),
+    so manifests indexed earlier keep matching their tars."""
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "a.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("d/k.jpg", "d/k.png"):
+            add(tar, f"d/._{name[2:]}", b"\x00\x05\x16\x07 AppleDouble")
+            add(tar, name, jpeg_bytes((40, 30), seed=len(name) + name.count("p")))
+        add(tar, ".DS_Store", b"junk")
+    index_tars(str(tmp_path / "tars"), str(tmp_path / "idx"), IndexConfig())
+    m = ShardManifest.from_json((tmp_path / "idx/manifest.json").read_text())
+    assert m.shards[0].samples == 2
+    assert sorted((r.source, r.reason) for r in m.rejects) == [
+        ("a.tar/.DS_Store", "hidden"), ("a.tar/d/._k.jpg", "hidden"), ("a.tar/d/._k.png", "hidden")]
+    assert [k for k, _ in read_all(str(tmp_path / "idx"))] == ["a.tar/d/k", "a.tar/d/k#2"]
+
+
 def test_only_headers_are_read(tmp_path):
     """Bytes read = one 512-byte block per header (end marker included) + each .cls's bytes."""
     expected = webdataset_tars(tmp_path / "tars", count=1, per=6, hostile=False, fmt=tarfile.USTAR_FORMAT, long=15)
