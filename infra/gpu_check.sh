@@ -69,11 +69,20 @@ PYEOF
 )
   if [ ${#wanted[@]} -gt 0 ]; then
     echo "installing ${#wanted[@]} wheels into $site: $(for w in "${wanted[@]}"; do basename "$w" | cut -d- -f1-2; done | tr '\n' ' ')"
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wanted[@]}"; then
-      for w in "${wanted[@]}"; do  # one bad wheel must not keep the others out
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$w" \
-          || echo "FAIL wheels: pip could not install $(basename "$w")"
+    install() { "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$@"; }
+    if ! install "$site" "${wanted[@]}"; then
+      # One bad wheel must not keep the others out: find it on its own, then install the
+      # rest together again (one at a time into one folder, pip skips a top-level folder
+      # that is already there: DALI, nvImageCodec and nvJPEG all go under nvidia/).
+      good=()
+      for w in "${wanted[@]}"; do
+        probe=$(mktemp -d /tmp/gpu-check-probe.XXXX)
+        if install "$probe" "$w" >/dev/null 2>&1; then good+=("$w")
+        else echo "FAIL wheels: pip could not install $(basename "$w")"; fi
+        rm -rf "$probe"
       done
+      rm -rf "$site" && mkdir -p "$site"
+      if [ ${#good[@]} -gt 0 ]; then install "$site" "${good[@]}" || echo "FAIL wheels: pip could not install the others"; fi
     fi
     export PYTHONPATH="$site:$PYTHONPATH"
     # nvJPEG from its wheel (DALI's nvImageCodec loads it at run time), else the CUDA toolkit's:

@@ -47,6 +47,8 @@ def run_to_end(cfg, build: Callable):
         try:
             loop.resume()
             result = loop.run(stop)
+            if result.stopped_by_signal:  # the ranks agreed to stop; each records the signal one of them got
+                result.stopped_by_signal = next((s for s in all_ranks(stop.received) if s), result.stopped_by_signal)
             loop.write_summary()
         finally:
             loop.close()
@@ -99,7 +101,9 @@ def stop_exit_code(signal_name: str | None) -> int:
     process a signal ended, so `mae finetune ... && mae convert ...`, a Kubernetes
     Job and torchrun see that it did not finish, where exit 0 told them it had. The
     Slurm job script requeues it (infra/slurm/preamble.sh)."""
-    return 128 + signal.Signals[signal_name].value if signal_name else 0
+    if not signal_name:
+        return 0
+    return 128 + signal.Signals.__members__.get(signal_name, signal.SIGTERM).value
 
 
 def main(argv: list[str] | None = None) -> int:

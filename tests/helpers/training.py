@@ -41,8 +41,8 @@ def ds_launcher(shards: Path, run: Path, *extra: str) -> list[str]:
     """The DeepSpeed launcher, one CPU thread per rank as torchrun gives (it leaves
     the default; CPU kernels round differently with another thread count)."""
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    return ["env", "OMP_NUM_THREADS=1", str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "train.pretrain",
-            "--config", "tiny_cpu", *overrides(shards, run, *extra)]
+    return ["env", "OMP_NUM_THREADS=1", str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
+            "--module", "train.pretrain", "--config", "tiny_cpu", *overrides(shards, run, *extra)]
 
 
 def mae_pretrain(shards: Path, run: Path, *extra: str) -> list[str]:
@@ -78,12 +78,15 @@ def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def start(cmd: list[str], run: Path, session: bool = False) -> subprocess.Popen:
+def start(cmd: list[str], run: Path, session: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
     """The job, running; with ``session``, in a process group of its own (a signal
-    to ``-pid`` reaches the launcher and every rank, as Ctrl-C does)."""
+    to ``-pid`` reaches the launcher and every rank, as Ctrl-C does); ``env`` added
+    to the environment."""
     run.mkdir(parents=True, exist_ok=True)
+    popen = dumping_stacks()
+    popen["env"].update(env or {})
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=session, **dumping_stacks())
+                            start_new_session=session, **popen)
 
 
 def wait_for(condition, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:

@@ -72,9 +72,9 @@ def test_gpu_check_skips_what_no_longer_fits_the_budget(tmp_path):
     assert len(re.findall(r"^SKIP \S+: \d+ s of the budget left, it needs about \d+ s", out.stdout, re.M)) == 2 * 7
 
 
-def _wheel(path: Path, name: str, version: str, body: str) -> None:
-    """A minimal, valid pure-Python wheel with one module."""
-    files = {f"{name}.py": body,
+def _wheel(path: Path, name: str, version: str, body: str, module: str | None = None) -> None:
+    """A minimal, valid pure-Python wheel with one module (``module``: its path in the wheel)."""
+    files = {module or f"{name}.py": body,
              f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
              f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = [f"{n},sha256={hashlib.sha256(c.encode()).hexdigest()},{len(c)}" for n, c in files.items()]
@@ -145,7 +145,9 @@ def test_a_damaged_whole_wheel_is_refused_and_a_bad_one_keeps_no_other_out(tmp_p
     data[40] ^= 0xFF  # inside the first member's compressed bytes
     damaged.write_bytes(bytes(data))
     (wheels / "gpucheckbroken-1.0-py3-none-any.whl").write_bytes(b"not a zip file")  # no .sha256 came with it
-    _wheel(wheels / "gpucheckgood-3.0-py3-none-any.whl", "gpucheckgood", "3.0", "VALUE = 3\n")
+    for part in ("a", "b"):  # two wheels under one top-level folder, as DALI, nvImageCodec and nvJPEG under nvidia/
+        _wheel(wheels / f"gpuchecks{part}-3.0-py3-none-any.whl", f"gpuchecks{part}", "3.0", f"VALUE = '{part}'\n",
+               module=f"gpucheckshared/{part}.py")
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
     out = subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env, timeout=180)
     assert out.returncode == 0, out.stderr
@@ -153,9 +155,9 @@ def test_a_damaged_whole_wheel_is_refused_and_a_bad_one_keeps_no_other_out(tmp_p
     assert fails == ["gpucheckdamaged-1.0-py3-none-any.whl does not match its .sha256 (damaged on the way?)",
                      "pip could not install gpucheckbroken-1.0-py3-none-any.whl"], out.stdout
     pythonpath = re.search(r"^wheels: PYTHONPATH=(\S+)", out.stdout, re.M).group(1)
-    check = subprocess.run([sys.executable, "-c", "import gpucheckgood; print(gpucheckgood.VALUE)"],
+    check = subprocess.run([sys.executable, "-c", "from gpucheckshared import a, b; print(a.VALUE + b.VALUE)"],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
-    assert check.stdout.strip() == "3", check.stderr
+    assert check.stdout.strip() == "ab", check.stderr
 
 
 def test_an_overrun_section_leaves_no_process_behind_and_says_where_it_hung(tmp_path):

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from infra.net import free_port
 from tests.helpers.training import (STEPS, all_losses, assert_same_weights, copy_checkpoint, ds_launcher,
-                                    final_weights, kill_9, mae_pretrain, metrics, run_cmd, sample_ids, saving, start,
-                                    steps_logged, summary, torchrun, wait_for)
+                                    final_weights, kill_9, mae_pretrain, metrics, overrides, run_cmd, sample_ids,
+                                    saving, start, steps_logged, summary, torchrun, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -182,6 +184,28 @@ def test_sigterm_then_restart_is_exact(launch, shards, stage_runs, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     assert resumed_step(out.stderr) == stopped["step"]
     assert_exact(run, stage_runs[3], resumed_at=stopped["step"])
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_its_exit_code(shards, tmp_path):
+    """Two ranks started as a Kubernetes pod or an srun task starts them (no launcher),
+    one of them preempted. Every rank saves at the same step and exits 143; the one
+    that got no signal crashed on the way out (its summary named "signal on another
+    rank", which is no signal) with a traceback and exit 1."""
+    run = tmp_path / "one-preempted"
+    port = free_port()
+    procs = [start([sys.executable, "-m", "train.pretrain", "--config", "tiny_cpu",
+                    *overrides(shards, run, "deepspeed.stage=2", "faults.slow_save_s=1")], run,
+                   env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    wait_for(lambda: steps_logged(run) >= 2, proc=procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-3000:] + outs[1][-3000:]
+    assert not any("Traceback" in out for out in outs), outs[0][-3000:]
+    stopped = summary(run)  # rank 0's, which got no signal
+    assert stopped["stopped_by_signal"] == "SIGTERM" and 2 <= stopped["step"] < STEPS
+    assert (run / "ckpt" / f"step{stopped['step']:09d}" / "COMPLETE").exists()
 
 
 def test_the_dali_backend_resumes_exactly(shards, dali_run, tmp_path):
