@@ -140,9 +140,7 @@ def pretrain(cfg: DemoConfig, data_url: str, env: dict[str, str]) -> dict:
         if tty:
             print()
     if proc.returncode != 0:
-        what = (f"was stopped by {signal.Signals(proc.returncode - 128).name} (exit {proc.returncode})"
-                if proc.returncode - 128 in STOP_SIGNALS else f"failed (exit {proc.returncode})")
-        raise DemoError(f"demo: pretraining {what}; last lines of {log_path}:\n"
+        raise DemoError(f"demo: pretraining {ended(proc.returncode)}; last lines of {log_path}:\n"
                         + "\n".join(log_path.read_text().splitlines()[-25:]))
     summary = json.loads((run / "run_summary.json").read_text())
     summary["prometheus"] = {"port": port, "scraped": scraped}
@@ -253,6 +251,14 @@ DEMO_PROBE = ("model.head=bn_linear", "model.global_pool=false", "model.trainabl
               "deepspeed.stage=0")
 
 
+def ended(code: int) -> str:
+    """How a training run with a non-zero exit ``code`` ended: a stop signal's code
+    (128 + it: saved, not finished) or a failure."""
+    if code - 128 in STOP_SIGNALS:
+        return f"was stopped by {signal.Signals(code - 128).name} (exit {code})"
+    return f"failed (exit {code})"
+
+
 def finetune_digits(cfg: DemoConfig, urls: dict[str, str], encoder: Path) -> dict[str, dict]:
     """Short `mae finetune` runs on the digits, in this process: name -> run summary."""
     from train.finetune import main as finetune_main
@@ -271,8 +277,9 @@ def finetune_digits(cfg: DemoConfig, urls: dict[str, str], encoder: Path) -> dic
                     f"model.name={MODEL}", *DEMO_FINETUNE, f"schedule.epochs={cfg.finetune_epochs}", f"seed={cfg.seed}",
                     f"checkpoint.dir={out}", "checkpoint.enabled=false", "log.every_steps=1000", *extra]
             say(cfg, f"$ mae finetune {shlex.join(argv)}")
-            if finetune_main(argv):
-                raise DemoError(f"demo: fine-tuning ({name}) failed")
+            code = finetune_main(argv)
+            if code:
+                raise DemoError(f"demo: fine-tuning ({name}) {ended(code)}")
             results[name] = json.loads((out / "run_summary.json").read_text())
     return results
 

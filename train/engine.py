@@ -225,6 +225,9 @@ def refuse_unread_raw_keys(config: dict[str, Any], raw: dict[str, Any]) -> None:
 
     seen = _ReadKeys(config)
     Parsed(seen)
+    # deepspeed.initialize reads these itself; the engine gets the plain dict, which
+    # its checkpoints pickle (a class of ours there would fail weights_only loading)
+    seen.read.update(("data_parallel_size", "sequence_parallel_size"))
     unread = [k for k in raw if k not in seen.read]
     if unread:
         near = difflib.get_close_matches(unread[0], sorted(k for k in seen.read if isinstance(k, str)), n=1)

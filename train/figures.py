@@ -128,7 +128,7 @@ def loss_figure(records: list[dict], title: str = "training loss") -> Any:
     evals = by_step(records, evals=True)
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o", color=EVAL_COLOR, label="validation loss")
-    pretraining = any("images_per_s" in r for r in steps_)  # fine-tuning logs none
+    pretraining = any("step_time_s" in r for r in steps_)  # every pretraining record has it, fine-tuning's none
     ax.set(xlabel="optimizer step", ylabel="loss (masked patches, norm-pix)" if pretraining else "loss (cross-entropy)",
            title=title)
     ax.grid(alpha=0.3)

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from infra.net import free_port
+from train.config import load_config
+from train.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,3 +100,19 @@ def test_a_job_destroys_its_gloo_process_group_however_it_ends(ending, code, tmp
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["group destroyed"] * 2
     if code:
         assert "a typed error after the collectives" in out.stderr and "exitcode  : 2" in out.stderr
+
+
+def test_a_raw_key_deepspeed_never_reads_is_refused_and_the_keys_it_reads_pass():
+    """DeepSpeed ignores a top-level key it does not know: a typo trained without it."""
+    from train.engine import deepspeed_json, refuse_unread_raw_keys
+
+    real = [f"deepspeed.raw.{key}" for key in (
+        "flops_profiler.enabled=false", "comms_logger.enabled=false", "aio.block_size=1048576",
+        "activation_checkpointing.partition_activations=false", "tensorboard.enabled=false",
+        "checkpoint.tag_validation=Ignore", "memory_breakdown=false", "dump_state=false",
+        "data_parallel_size=1", "sequence_parallel_size=1")]  # the last two: deepspeed.initialize reads them
+    cfg = load_config("tiny_cpu", real)
+    refuse_unread_raw_keys(deepspeed_json(cfg), cfg.deepspeed.raw)
+    cfg = load_config("tiny_cpu", [*real, "deepspeed.raw.zero_optimisation.stage=1"])
+    with pytest.raises(ConfigError, match=r"reads no key 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"):
+        refuse_unread_raw_keys(deepspeed_json(cfg), cfg.deepspeed.raw)
