@@ -47,8 +47,6 @@ def run_to_end(cfg, build: Callable):
         try:
             loop.resume()
             result = loop.run(stop)
-            if result.stopped_by_signal:  # the ranks agreed to stop; each records the signal one of them got
-                result.stopped_by_signal = next((s for s in all_ranks(stop.received) if s), result.stopped_by_signal)
             loop.write_summary()
         finally:
             loop.close()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from infra.metrics import sink
-from train.engine import agree_across_ranks
+from train.engine import agree_across_ranks, all_ranks
 from train.errors import NonFiniteLossError
 from train.signals import stall_watch
 
@@ -125,9 +125,13 @@ class UpdateGuard:
 
     def after_step(self, stopping: bool, stop: Any, saving: bool, save: Callable[[], None], device: Any) -> bool:
         """``end_step`` for the step just counted, with the loop's ``StopSignal``:
-        records why the run stops; True to stop now. The step re-arms the stall
-        watch (``log.stall_dump_s``)."""
+        records why the run stops (every rank the same signal: the one the first
+        rank that got one got; its exit code is 128 + it); True to stop now. The
+        step re-arms the stall watch (``log.stall_dump_s``)."""
         stall_watch.beat()
-        self.result.stopped_by_signal = self.end_step(self.result.step, stopping, stop.received, saving, save,
-                                                      lambda: stop.on_any_rank(self.world, device))
-        return self.result.stopped_by_signal is not None
+        why = self.end_step(self.result.step, stopping, stop.received, saving, save,
+                            lambda: stop.on_any_rank(self.world, device))
+        if why is not None:  # every rank stops here; a collective once, at the stop
+            why = next((s for s in all_ranks(stop.received) if s), why)
+        self.result.stopped_by_signal = why
+        return why is not None
