@@ -11,6 +11,7 @@ the others dying and react, e.g. by a graceful save), then SIGKILLs them.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -54,6 +55,16 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def _no_core_files() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an aborted process leaves no core file behind
+
+
+def dumping_stacks() -> dict:
+    """Popen arguments for a job ``abort_with_stacks`` may end: it writes every
+    thread's stack when aborted (SIGABRT), and no core; the environment as it is now."""
+    return {"env": dict(os.environ, PYTHONFAULTHANDLER="1"), "preexec_fn": _no_core_files}
 
 
 def abort_with_stacks(pid: int, settle_s: float = 3.0) -> list[int]:

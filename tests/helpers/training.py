@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -17,7 +15,7 @@ from pathlib import Path
 import torch
 
 from infra.net import free_port
-from infra.testing.processes import abort_with_stacks, kill_tree
+from infra.testing.processes import abort_with_stacks, dumping_stacks, kill_tree
 from train.chaos import micro_records, per_step, steps_done
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,16 +45,6 @@ def ds_launcher(shards: Path, run: Path, *extra: str) -> list[str]:
 
 def mae_pretrain(shards: Path, run: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train.cli", "pretrain", "--config", "tiny_cpu", *overrides(shards, run, *extra)]
-
-
-def _no_core_files() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an aborted rank leaves no core in the checkout
-
-
-def dumping_stacks() -> dict:
-    """Popen arguments: the job writes every thread's stack when aborted (SIGABRT),
-    and no core; the environment as it is now."""
-    return {"env": dict(os.environ, PYTHONFAULTHANDLER="1"), "preexec_fn": _no_core_files}
 
 
 def run_cmd(cmd: list[str], run: Path, timeout: float = 240, log: str = "log.txt") -> subprocess.CompletedProcess:

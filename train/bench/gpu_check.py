@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -289,20 +287,15 @@ def importable(module: str) -> bool:
         return False
 
 
-def _no_core_files() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an aborted section leaves no core file behind
-
-
 def run_bounded(argv: list[str], stdout, stderr, timeout: float) -> int | str:
     """Run ``argv``; on timeout every process it started gets SIGABRT (each writes
     its threads' stacks into the section's log), then SIGKILL, so none keeps
     holding the GPU; returns "timeout"."""
-    from infra.testing.processes import abort_with_stacks
+    from infra.testing.processes import abort_with_stacks, dumping_stacks
 
     if stdout is subprocess.STDOUT:
         stdout, stderr = stderr, subprocess.STDOUT
-    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, start_new_session=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"}, preexec_fn=_no_core_files)
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, start_new_session=True, **dumping_stacks())
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
