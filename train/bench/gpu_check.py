@@ -208,12 +208,7 @@ class Check:
             for sec in self.sections():
                 if self.only and not any(sec.name.startswith(o) for o in self.only):
                     continue
-                if sec.needs_data and self.left() >= sec.min_s:
-                    why = self._wait_for_data(prep, sec)
-                    if why:
-                        self._skip(sec, why)
-                        continue
-                self._run_section(sec)
+                self._run_section(sec, prep)
         finally:
             if prep.poll() is None:
                 prep.kill()
@@ -245,13 +240,20 @@ class Check:
         self.lines.append(line)
         print(line, flush=True)
 
-    def _run_section(self, sec: Section) -> None:
-        left = self.left()
+    def _run_section(self, sec: Section, prep: subprocess.Popen | None = None) -> None:
+        """Run ``sec`` unless a module it needs is missing, the budget left is short,
+        or (once both hold) its photos/shards from ``prep`` do not come in time."""
         missing = [m for m in sec.needs if not importable(m)]
         if missing:
             self._skip(sec, f"needs {', '.join(missing)}, which this Python lacks (bring its wheel: "
                             "infra/gpu_wheels.sh)")
             return
+        if sec.needs_data and self.left() >= sec.min_s:
+            why = self._wait_for_data(prep, sec)
+            if why:
+                self._skip(sec, why)
+                return
+        left = self.left()
         if left < sec.min_s:
             self._skip(sec, f"{left:.0f} s of the budget left, it needs about {sec.min_s:.0f} s")
             return
