@@ -30,23 +30,25 @@ if [ -d "$wheels" ]; then
   site=$(mktemp -d /tmp/gpu-check-site.XXXX)
   joined="$site.wheels"
   mkdir -p "$joined"
+  # keep $joined/NAME only if it matches its .sha256; a joined wheel must have one (a
+  # missing part leaves no other sign), a whole one is checked where one came with it
+  checked() {  # NAME SUM-REQUIRED(yes|no) WHAT-THE-FAIL-LINE-SAYS
+    local sum
+    sum=$(find "$wheels" -name "$1.sha256" | head -1)
+    if [ -z "$sum" ] && [ "$2" = no ]; then return 0; fi
+    if [ -z "$sum" ] || ! (cd "$joined" && sha256sum --quiet -c "$sum"); then
+      echo "FAIL wheels: $1 $3"
+      rm -f "$joined/$1"
+    fi
+  }
   while IFS= read -r first; do
     name=$(basename "${first%.part-aa}")
     find "$wheels" -name "$name.part-*" -printf '%f %p\n' | sort | cut -d' ' -f2- | xargs cat >"$joined/$name"
-    sum=$(find "$wheels" -name "$name.sha256" | head -1)
-    if [ -z "$sum" ] || ! (cd "$joined" && sha256sum --quiet -c "$sum"); then
-      echo "FAIL wheels: $name joined from its parts does not match its .sha256 (a part missing or damaged?)"
-      rm -f "$joined/$name"
-    fi
+    checked "$name" yes "joined from its parts does not match its .sha256 (a part missing or damaged?)"
   done < <(find "$wheels" -type f -name '*.whl.part-aa')
-  while IFS= read -r whl; do  # a whole wheel is checked too where its .sha256 came with it
-    name=$(basename "$whl")
-    sum=$(find "$wheels" -name "$name.sha256" | head -1)
+  while IFS= read -r whl; do
     cp "$whl" "$joined/"
-    if [ -n "$sum" ] && ! (cd "$joined" && sha256sum --quiet -c "$sum"); then
-      echo "FAIL wheels: $name does not match its .sha256 (damaged on the way?)"
-      rm -f "$joined/$name"
-    fi
+    checked "$(basename "$whl")" no "does not match its .sha256 (damaged on the way?)"
   done < <(find "$wheels" -type f -name '*.whl')
   # A wheel is installed when its distribution is missing or older (version from the file name).
   mapfile -t wanted < <("$PY" - "$joined" <<'PYEOF'
