@@ -108,10 +108,10 @@ class DeepSpeedConfig:
         if not isinstance(zero, dict):  # DeepSpeed's old boolean form: ZeRO-1 under a stage-0 label
             raise OptionError("raw", f"sets zero_optimization to {zero!r}; it takes a mapping of ZeRO keys (the "
                                      "stage is deepspeed.stage)")
+        # an offload section the config enables may be tuned in raw (NVMe path, pinned memory)
         enabled = {"offload_optimizer": self.offload_optimizer, "offload_param": self.offload_params}
         owned = [k for k in RAW_OWNED if k in self.raw] + [
-            f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero and not enabled.get(k)]  # an enabled
-        # offload section may be tuned (NVMe path, pinned memory)
+            f"zero_optimization.{k}" for k in RAW_OWNED_ZERO if k in zero and not enabled.get(k)]
         if owned:
             why = " (the batch, lr and schedule are computed from the run config)" if owned[0] in RAW_BATCH else ""
             raise OptionError("raw", f"sets {owned[0]}, which {RAW_OWNED[owned[0]]} decides: set that instead{why}"
