@@ -84,9 +84,28 @@ def _wheel(path: Path, name: str, version: str, body: str, module: str | None = 
             z.writestr(n, c)
 
 
+def _sum_beside(whl: Path, dest: Path) -> None:
+    """``whl``'s .sha256 in ``dest``, as infra/gpu_wheels.sh writes it."""
+    (dest / f"{whl.name}.sha256").write_text(f"{hashlib.sha256(whl.read_bytes()).hexdigest()}  {whl.name}\n")
+
+
+def _wheels_only(wheels: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``gpu_check.sh --wheels-only`` on the wheels under ``wheels``."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
+    return subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _with_installed(out: subprocess.CompletedProcess, code: str) -> subprocess.CompletedProcess:
+    """Python ``code`` run with the private folder the script installed into."""
+    pythonpath = re.search(r"^wheels: PYTHONPATH=(\S+)", out.stdout, re.M).group(1)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": pythonpath})
+
+
 def _split(whl: Path, dest: Path, parts: int) -> list[Path]:
     data = whl.read_bytes()
-    (dest / f"{whl.name}.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {whl.name}\n")
+    _sum_beside(whl, dest)
     size = -(-len(data) // parts)
     out = []
     for i in range(parts):
@@ -105,14 +124,10 @@ def test_split_wheels_are_joined_verified_and_installed_privately(tmp_path):
     _wheel(big, "gpucheckbig", "1.0", "VALUE = 'joined from parts'\n" + "# padding\n" * 5000)
     _split(big, wheels, 3)
     _wheel(wheels / "gpuchecksmall-2.0-py3-none-any.whl", "gpuchecksmall", "2.0", "VALUE = 2\n")
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
-    out = subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env, timeout=120)
+    out = _wheels_only(wheels)
     assert out.returncode == 0, out.stderr
     assert "FAIL" not in out.stdout, out.stdout
-    pythonpath = re.search(r"^wheels: PYTHONPATH=(\S+)", out.stdout, re.M).group(1)
-    check = subprocess.run([sys.executable, "-c", "import gpucheckbig, gpuchecksmall; "
-                            "print(gpucheckbig.VALUE, gpuchecksmall.VALUE)"],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
+    check = _with_installed(out, "import gpucheckbig, gpuchecksmall; print(gpucheckbig.VALUE, gpuchecksmall.VALUE)")
     assert check.stdout.strip() == "joined from parts 2", check.stderr
 
 
@@ -125,8 +140,7 @@ def test_a_damaged_part_is_refused_by_its_sha256(tmp_path):
     data = bytearray(part.read_bytes())
     data[10] ^= 0xFF
     part.write_bytes(bytes(data))
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
-    out = subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env, timeout=120)
+    out = _wheels_only(wheels)
     assert re.search(r"^FAIL wheels: gpucheckbad-1.0-py3-none-any.whl joined from its parts does not match its "
                      r"\.sha256", out.stdout, re.M), out.stdout
     assert "installing" not in out.stdout  # nothing left to install
@@ -139,8 +153,7 @@ def test_a_damaged_whole_wheel_is_refused_and_a_bad_one_keeps_no_other_out(tmp_p
     wheels.mkdir()
     damaged = wheels / "gpucheckdamaged-1.0-py3-none-any.whl"
     _wheel(damaged, "gpucheckdamaged", "1.0", "VALUE = 1\n")
-    (wheels / f"{damaged.name}.sha256").write_text(f"{hashlib.sha256(damaged.read_bytes()).hexdigest()}  "
-                                                   f"{damaged.name}\n")
+    _sum_beside(damaged, wheels)
     data = bytearray(damaged.read_bytes())
     data[40] ^= 0xFF  # inside the first member's compressed bytes
     damaged.write_bytes(bytes(data))
@@ -148,15 +161,12 @@ def test_a_damaged_whole_wheel_is_refused_and_a_bad_one_keeps_no_other_out(tmp_p
     for part in ("a", "b"):  # two wheels under one top-level folder, as DALI, nvImageCodec and nvJPEG under nvidia/
         _wheel(wheels / f"gpuchecks{part}-3.0-py3-none-any.whl", f"gpuchecks{part}", "3.0", f"VALUE = '{part}'\n",
                module=f"gpucheckshared/{part}.py")
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(wheels)}
-    out = subprocess.run(["bash", str(SCRIPT), "--wheels-only"], capture_output=True, text=True, env=env, timeout=180)
+    out = _wheels_only(wheels, timeout=180)
     assert out.returncode == 0, out.stderr
     fails = re.findall(r"^FAIL wheels: (.*)$", out.stdout, re.M)
     assert fails == ["gpucheckdamaged-1.0-py3-none-any.whl does not match its .sha256 (damaged on the way?)",
                      "pip could not install gpucheckbroken-1.0-py3-none-any.whl"], out.stdout
-    pythonpath = re.search(r"^wheels: PYTHONPATH=(\S+)", out.stdout, re.M).group(1)
-    check = subprocess.run([sys.executable, "-c", "from gpucheckshared import a, b; print(a.VALUE + b.VALUE)"],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
+    check = _with_installed(out, "from gpucheckshared import a, b; print(a.VALUE + b.VALUE)")
     assert check.stdout.strip() == "ab", check.stderr
 
 
